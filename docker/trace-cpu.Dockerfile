@@ -1,0 +1,13 @@
+# Trace image for the cpu backend (TorchScript). Build context: the repository root.
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
+WORKDIR /opt/neuronserve
+COPY pyproject.toml README.md ./
+COPY src ./src
+# The CPU build of torch first, so nothing pulls a CUDA build.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install . \
+ && useradd --create-home --uid 10001 neuronserve
+USER neuronserve
+WORKDIR /workspace
+ENTRYPOINT []

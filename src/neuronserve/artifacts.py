@@ -1,0 +1,200 @@
+"""The artifact directory and its ``manifest.json``: what the tracer writes, what serving trusts.
+
+A directory ``<output_dir>/<model>/<backend>/`` holds ``model-b{B}-s{S}.pt`` per compiled shape,
+the tokenizer and model config, and ``manifest.json`` recording versions, compiler arguments,
+shapes, input/output names, verification figures and the sha256 of every file.
+:func:`load_manifest` refuses tampered, missing or mismatched artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from neuronserve.models import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """Artifacts are missing, tampered with or do not match this host; the message says which."""
+
+
+def artifact_name(batch_size: int, sequence_length: int) -> str:
+    return f"model-b{batch_size}-s{sequence_length}.pt"
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    """One compiled static shape."""
+
+    batch_size: int
+    sequence_length: int
+    file: str
+    cache_key: str
+    output_shapes: dict[str, list[int]]
+    verification: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "sequence_length": self.sequence_length,
+            "file": self.file,
+            "cache_key": self.cache_key,
+            "output_shapes": self.output_shapes,
+            "verification": self.verification,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShapeEntry:
+        return cls(
+            batch_size=int(data["batch_size"]),
+            sequence_length=int(data["sequence_length"]),
+            file=str(data["file"]),
+            cache_key=str(data["cache_key"]),
+            output_shapes={k: [int(x) for x in v] for k, v in data["output_shapes"].items()},
+            verification={k: float(v) for k, v in data["verification"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything serving needs to know about a traced model."""
+
+    model: dict[str, Any]
+    backend: str
+    versions: dict[str, str]
+    compiler_args: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    shapes: tuple[ShapeEntry, ...]
+    tolerance: dict[str, float]
+    files: dict[str, str]
+    created_at: str
+    format: int = FORMAT_VERSION
+    directory: Path = field(default=Path(), compare=False)
+
+    @property
+    def task(self) -> str:
+        return str(self.model["task"])
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({s.batch_size for s in self.shapes}))
+
+    @property
+    def sequence_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted({s.sequence_length for s in self.shapes}))
+
+    def shape(self, batch_size: int, sequence_length: int) -> ShapeEntry:
+        for entry in self.shapes:
+            if (entry.batch_size, entry.sequence_length) == (batch_size, sequence_length):
+                return entry
+        raise KeyError(f"this is a bug: no compiled shape b{batch_size} s{sequence_length}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "created_at": self.created_at,
+            "model": self.model,
+            "backend": self.backend,
+            "versions": self.versions,
+            "compiler_args": self.compiler_args,
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "shapes": [s.to_json() for s in self.shapes],
+            "tolerance": self.tolerance,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> Manifest:
+        return cls(
+            format=int(data["format"]),
+            created_at=str(data["created_at"]),
+            model=dict(data["model"]),
+            backend=str(data["backend"]),
+            versions={k: str(v) for k, v in data["versions"].items()},
+            compiler_args=str(data["compiler_args"]),
+            input_names=tuple(data["input_names"]),
+            output_names=tuple(data["output_names"]),
+            shapes=tuple(ShapeEntry.from_json(s) for s in data["shapes"]),
+            tolerance={k: float(v) for k, v in data["tolerance"].items()},
+            files={k: str(v) for k, v in data["files"].items()},
+            directory=directory,
+        )
+
+
+def write_manifest(manifest: Manifest, directory: Path) -> Path:
+    """Write ``manifest.json`` atomically (a reader never sees half a file)."""
+    path = directory / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse ``manifest.json`` without checking files (see :func:`load_manifest`)."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST_NAME}; run `neuronserve trace` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if int(data.get("format", -1)) != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path}: manifest format {data.get('format')!r}, this neuronserve reads format "
+                f"{FORMAT_VERSION}; re-run `neuronserve trace --force`"
+            )
+        return Manifest.from_json(data, directory)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(
+            f"{path}: unreadable manifest ({exc}); re-run `neuronserve trace --force`"
+        ) from exc
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+", maxsplit=1)[0].split(".")[:2])
+
+
+def load_manifest(directory: Path, backend: str | None = None) -> Manifest:
+    """Read and verify an artifact directory for serving.
+
+    Refuses: a missing manifest or file; any file whose sha256 differs from the manifest (tampered
+    or truncated); a file in a shape entry that the manifest does not checksum; a backend other
+    than ``backend``; a torch whose major.minor differs from the one that traced (TorchScript
+    archives are not portable across them).
+    """
+    manifest = read_manifest(directory)
+    if backend is not None and manifest.backend != backend:
+        raise ArtifactError(
+            f"{directory}: artifacts were traced for backend {manifest.backend}, not {backend}; "
+            f"trace again with trace.backend={backend}"
+        )
+    problems: list[str] = []
+    for entry in manifest.shapes:
+        if entry.file not in manifest.files:
+            problems.append(f"{entry.file} is not checksummed in the manifest")
+    for name, expected in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name} does not match its sha256 (modified or truncated)")
+    if problems:
+        raise ArtifactError(
+            f"{directory}: refusing to serve: " + "; ".join(problems) + "; re-run `neuronserve trace --force`"
+        )
+    traced_torch = manifest.versions.get("torch", "")
+    installed = metadata.version("torch")
+    if _major_minor(traced_torch) != _major_minor(installed):
+        raise ArtifactError(
+            f"{directory}: traced with torch {traced_torch} but torch {installed} is installed; "
+            "trace again on this host"
+        )
+    return manifest

@@ -1,0 +1,96 @@
+"""Backends and how one is chosen. See ``base.Backend`` for the protocol."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from neuronserve.backends.base import Backend, BackendError, CoreSet, LoadedModel
+
+if TYPE_CHECKING:
+    from neuronserve.config import TraceSettings
+
+__all__ = ["Backend", "BackendError", "CoreSet", "LoadedModel", "choose_backend", "create_backend"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("cpu", "neuronx", "neuron")
+
+
+def _sdk_importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _neuron_devices() -> list[str]:
+    return sorted(glob.glob("/dev/neuron[0-9]*"))
+
+
+def choose_backend(
+    requested: str,
+    *,
+    sdk_importable: Callable[[str], bool] = _sdk_importable,
+    devices: Callable[[], Sequence[str]] = _neuron_devices,
+) -> tuple[str, str]:
+    """Resolve ``trace.backend`` to a concrete backend; returns (name, why)."""
+    if requested in BACKENDS:
+        return requested, f"trace.backend={requested}"
+    if requested != "auto":
+        raise BackendError(f"unknown backend {requested!r}; use auto, {', '.join(BACKENDS)}")
+    found = list(devices())
+    if not found:
+        return "cpu", "auto: no /dev/neuron* devices on this host, using cpu"
+    if sdk_importable("torch_neuronx"):
+        return "neuronx", f"auto: torch_neuronx is importable and {len(found)} Neuron device(s) exist"
+    if sdk_importable("torch_neuron"):
+        return "neuron", f"auto: torch_neuron is importable and {len(found)} Neuron device(s) exist"
+    return "cpu", (
+        f"auto: {len(found)} Neuron device(s) exist but neither torch_neuronx nor torch_neuron is "
+        "installed, using cpu (install the Neuron SDK to use them)"
+    )
+
+
+def create_backend(name: str, trace: TraceSettings) -> Backend:
+    """Instantiate a concrete backend with its compiler settings."""
+    if name == "cpu":
+        from neuronserve.backends.cpu import CpuBackend
+
+        return CpuBackend()
+    if name == "neuronx":
+        from neuronserve.backends.neuronx import NeuronxBackend
+
+        return NeuronxBackend(trace.neuronx_compiler_args)
+    if name == "neuron":
+        from neuronserve.backends.neuron import NeuronBackend
+
+        return NeuronBackend(trace.neuron_compiler_args, trace.neuron_dynamic_batch)
+    raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+
+
+def compiler_args_for(name: str, trace: TraceSettings) -> str:
+    """The compiler arguments that affect an artifact of backend ``name`` (part of its cache key)."""
+    if name == "neuronx":
+        return trace.neuronx_compiler_args
+    if name == "neuron":
+        return f"{trace.neuron_compiler_args} dynamic_batch_size={trace.neuron_dynamic_batch}".strip()
+    return ""
+
+
+def prepare_process(name: str, cores: CoreSet, copies: int, tag: str) -> int:
+    """Pin this process to ``cores`` before any model loads; returns torch threads per copy.
+
+    Neuron: sets NEURON_RT_VISIBLE_CORES and NEURON_PROCESS_TAG, which the runtime reads once
+    when the SDK is first imported, so this must run before that import. cpu: CPU affinity.
+    """
+    if name == "cpu":
+        from neuronserve.backends.cpu import pin_process
+
+        return pin_process(cores, copies)
+    from neuronserve.backends.sdk import neuron_environment
+
+    os.environ.update(neuron_environment(cores, tag))
+    log.info("pinned to NeuronCores %s with tag %s", cores, tag)
+    return 1

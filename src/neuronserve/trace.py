@@ -1,0 +1,396 @@
+"""The trace stage: compile a model at a grid of static shapes, verify each against eager PyTorch,
+and write artifacts plus ``manifest.json``.
+
+Up-to-date shapes are skipped without importing torch or loading the model: a shape is up to
+date when the previous manifest lists it with the same cache key (model sha256, task, backend,
+SDK and torch versions, compiler arguments, shape) and its file still has the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from neuronserve.artifacts import (
+    MANIFEST_NAME,
+    ArtifactError,
+    Manifest,
+    ShapeEntry,
+    artifact_name,
+    read_manifest,
+    write_manifest,
+)
+from neuronserve.backends import choose_backend, compiler_args_for, create_backend
+from neuronserve.models import (
+    SERVING_FILES,
+    EagerModel,
+    ModelSourceError,
+    default_name,
+    load_eager,
+    model_sha256,
+    resolve_source,
+    sample_inputs,
+    sha256_file,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from neuronserve.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class VerificationError(RuntimeError):
+    """A traced shape's outputs differ from eager PyTorch beyond the configured tolerance."""
+
+
+@dataclass(frozen=True)
+class TraceReport:
+    """What one run of the tracer did."""
+
+    manifest: Manifest
+    directory: Path
+    backend_reason: str
+    compiled: tuple[tuple[int, int], ...]
+    skipped: tuple[tuple[int, int], ...]
+
+
+def cache_key(
+    *,
+    model_sha: str,
+    task: str,
+    backend: str,
+    versions: dict[str, str],
+    compiler_args: str,
+    batch_size: int,
+    sequence_length: int,
+) -> str:
+    """The identity of one compiled shape: change any input and the shape is compiled again."""
+    payload = {
+        "model_sha256": model_sha,
+        "task": task,
+        "backend": backend,
+        "versions": {k: v for k, v in sorted(versions.items()) if k != "python"},
+        "compiler_args": compiler_args,
+        "shape": [batch_size, sequence_length],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def compare_outputs(traced: tuple[torch.Tensor, ...], eager: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Max absolute difference and the smallest per-row cosine similarity over all outputs."""
+    import torch
+
+    if len(traced) != len(eager):
+        raise VerificationError(f"traced model returned {len(traced)} outputs, eager {len(eager)}")
+    max_abs = 0.0
+    min_cos = 1.0
+    for t, e in zip(traced, eager, strict=True):
+        if t.shape != e.shape:
+            raise VerificationError(f"traced output shape {tuple(t.shape)} != eager {tuple(e.shape)}")
+        t32, e32 = t.detach().float(), e.detach().float()
+        max_abs = max(max_abs, float((t32 - e32).abs().max()))
+        rows_t, rows_e = t32.reshape(t32.shape[0], -1), e32.reshape(e32.shape[0], -1)
+        cos = torch.nn.functional.cosine_similarity(rows_t, rows_e, dim=1, eps=1e-12)
+        min_cos = min(min_cos, float(cos.min()))
+    return {"max_abs_diff": max_abs, "min_cosine": min_cos}
+
+
+def _versions(sdk_versions: dict[str, str]) -> dict[str, str]:
+    versions = {
+        "python": platform.python_version(),
+        "torch": metadata.version("torch"),
+        "transformers": metadata.version("transformers"),
+        "neuronserve": metadata.version("neuronserve"),
+    }
+    versions.update(sdk_versions)
+    return versions
+
+
+def _copy_serving_files(model_dir: Path, out_dir: Path) -> None:
+    for rel in SERVING_FILES:
+        src = model_dir / rel
+        if src.is_file():
+            dest = out_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+
+
+def _model_info(source: str, name: str, model_sha: str, task: str, model_dir: Path) -> dict[str, Any]:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    info: dict[str, Any] = {
+        "source": source,
+        "name": name,
+        "sha256": model_sha,
+        "task": task,
+        "model_type": config.get("model_type", ""),
+        "hidden_size": config.get("hidden_size"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+    }
+    if task == "text-classification":
+        id2label = config.get("id2label") or {}
+        info["id2label"] = {str(k): str(v) for k, v in id2label.items()}
+    return info
+
+
+def _verify_shape(
+    *, compiled: Any, eager: EagerModel, task: str, batch_size: int, seq: int, tolerance: dict[str, float]
+) -> dict[str, float]:
+    import torch
+
+    worst = {"max_abs_diff": 0.0, "min_cosine": 1.0}
+    # Two input sets: the traced example and a rotation with other texts and padding patterns.
+    for offset in (0, batch_size + 1):
+        inputs = sample_inputs(eager, task, batch_size, seq, offset=offset)
+        with torch.no_grad():
+            expected = tuple(eager.module(*inputs))
+        figures = compare_outputs(compiled.run(inputs), expected)
+        worst["max_abs_diff"] = max(worst["max_abs_diff"], figures["max_abs_diff"])
+        worst["min_cosine"] = min(worst["min_cosine"], figures["min_cosine"])
+    if worst["max_abs_diff"] > tolerance["max_abs_diff"] or worst["min_cosine"] < tolerance["min_cosine"]:
+        raise VerificationError(
+            f"shape b{batch_size} s{seq}: traced outputs differ from eager PyTorch "
+            f"(max abs diff {worst['max_abs_diff']:.3g}, allowed {tolerance['max_abs_diff']:.3g}; "
+            f"min cosine {worst['min_cosine']:.6f}, required {tolerance['min_cosine']:.6f}); "
+            "check the compiler arguments (e.g. --auto-cast none) or loosen trace.max_abs_diff / "
+            "trace.min_cosine"
+        )
+    return worst
+
+
+def _output_shapes(compiled: Any, eager: EagerModel, task: str, b: int, s: int) -> dict[str, list[int]]:
+    outputs = compiled.run(sample_inputs(eager, task, b, s))
+    return {n: list(t.shape) for n, t in zip(eager.output_names, outputs, strict=True)}
+
+
+def run_trace(
+    settings: Settings,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    emit: Callable[[str], None] | None = None,
+) -> TraceReport:
+    """Trace ``settings.model`` at every configured shape; see the module docstring."""
+    say = emit or (lambda line: log.info("%s", line))
+    backend_name, reason = choose_backend(settings.trace.backend)
+    backend = create_backend(backend_name, settings.trace)
+    sdk_versions = backend.versions()  # raises BackendError naming the install step if missing
+    say(f"backend: {backend_name} ({reason})")
+
+    task = settings.model.task
+    model_dir = resolve_source(settings.model.source)
+    name = settings.model.name or default_name(settings.model.source)
+    out_dir = settings.path(settings.trace.output_dir) / name / backend_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model_sha = model_sha256(model_dir)
+    versions = _versions(sdk_versions)
+    compiler_args = compiler_args_for(backend_name, settings.trace)
+    tolerance = {"max_abs_diff": settings.trace.max_abs_diff, "min_cosine": settings.trace.min_cosine}
+    shapes = [(b, s) for s in settings.trace.sequence_lengths for b in settings.trace.batch_sizes]
+    keys = {
+        (b, s): cache_key(
+            model_sha=model_sha,
+            task=task,
+            backend=backend_name,
+            versions=versions,
+            compiler_args=compiler_args,
+            batch_size=b,
+            sequence_length=s,
+        )
+        for b, s in shapes
+    }
+
+    previous = _previous_manifest(out_dir)
+    entries, hashes = ({}, {}) if force else _up_to_date(previous, keys, out_dir)
+    todo = [shape for shape in shapes if shape not in entries]
+    skipped = tuple(shape for shape in shapes if shape in entries)
+    for b, s in skipped:
+        say(f"b{b} s{s}: up to date, skipped")
+
+    if todo:
+        max_positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+        too_long = [s for s in settings.trace.sequence_lengths if max_positions and s > max_positions]
+        if too_long:
+            raise ModelSourceError(
+                f"trace.sequence_lengths {too_long} exceed the model's max_position_embeddings "
+                f"{max_positions}; use lengths up to {max_positions}"
+            )
+        compiled, input_names = _compile_shapes(
+            backend=backend,
+            model_dir=model_dir,
+            out_dir=out_dir,
+            task=task,
+            todo=todo,
+            keys=keys,
+            tolerance=tolerance,
+            progress=progress,
+            say=say,
+        )
+        entries.update(compiled)
+        _copy_serving_files(model_dir, out_dir)
+    elif previous is not None and _same_shape_set(previous, shapes):
+        say(f"all {len(shapes)} shapes up to date in {out_dir}")
+        return TraceReport(previous, out_dir, reason, (), skipped)
+    else:
+        # Only removals: every remaining shape was traced before, with the same tokenizer.
+        assert previous is not None, "this is a bug: shapes skipped without a previous manifest"
+        input_names = previous.input_names
+
+    # Remove artifacts of shapes that are no longer configured (only files this tracer named).
+    if previous is not None:
+        current = {artifact_name(b, s) for b, s in shapes}
+        for entry in previous.shapes:
+            if entry.file not in current:
+                (out_dir / entry.file).unlink(missing_ok=True)
+
+    files = _checksum_files(out_dir, hashes)
+    manifest = Manifest(
+        model=_model_info(settings.model.source, name, model_sha, task, model_dir),
+        backend=backend_name,
+        versions=versions,
+        compiler_args=compiler_args,
+        input_names=input_names,
+        output_names=_output_names(task),
+        shapes=tuple(entries[shape] for shape in shapes),
+        tolerance=tolerance,
+        files=files,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        directory=out_dir,
+    )
+    write_manifest(manifest, out_dir)
+    return TraceReport(manifest, out_dir, reason, tuple(todo), skipped)
+
+
+def _previous_manifest(out_dir: Path) -> Manifest | None:
+    try:
+        return read_manifest(out_dir)
+    except ArtifactError:
+        return None
+
+
+def _up_to_date(
+    previous: Manifest | None, keys: dict[tuple[int, int], str], out_dir: Path
+) -> tuple[dict[tuple[int, int], ShapeEntry], dict[str, str]]:
+    """Shapes of the previous manifest with the same cache key whose file is unchanged."""
+    entries: dict[tuple[int, int], ShapeEntry] = {}
+    hashes: dict[str, str] = {}
+    if previous is None:
+        return entries, hashes
+    for entry in previous.shapes:
+        shape = (entry.batch_size, entry.sequence_length)
+        path = out_dir / entry.file
+        if keys.get(shape) != entry.cache_key or not path.is_file():
+            continue
+        digest = sha256_file(path)
+        if digest == previous.files.get(entry.file):
+            hashes[entry.file] = digest
+            entries[shape] = entry
+    return entries, hashes
+
+
+def _same_shape_set(previous: Manifest, shapes: list[tuple[int, int]]) -> bool:
+    return [(e.batch_size, e.sequence_length) for e in previous.shapes] == shapes
+
+
+def _output_names(task: str) -> tuple[str, ...]:
+    from neuronserve.models import TASK_OUTPUTS
+
+    return TASK_OUTPUTS[task]
+
+
+def _compile_shapes(
+    *,
+    backend: Any,
+    model_dir: Path,
+    out_dir: Path,
+    task: str,
+    todo: list[tuple[int, int]],
+    keys: dict[tuple[int, int], str],
+    tolerance: dict[str, float],
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...]]:
+    from tqdm import tqdm
+
+    eager = load_eager(model_dir, task)
+    done: dict[tuple[int, int], ShapeEntry] = {}
+    bar = tqdm(todo, desc="tracing", unit="shape", disable=not progress, file=sys.stderr)
+    for b, s in bar:
+        bar.set_postfix_str(f"b{b} s{s}")
+        dest = out_dir / artifact_name(b, s)
+        tmp = dest.with_name(dest.name + ".tmp")
+        example = sample_inputs(eager, task, b, s)
+        try:
+            with _quiet_tracing():
+                compiled = backend.compile(eager.module, example, tmp)
+            figures = _verify_shape(
+                compiled=compiled, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
+            )
+            output_shapes = _output_shapes(compiled, eager, task, b, s)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, dest)
+        done[(b, s)] = ShapeEntry(
+            batch_size=b,
+            sequence_length=s,
+            file=dest.name,
+            cache_key=keys[(b, s)],
+            output_shapes=output_shapes,
+            verification=figures,
+        )
+        say(
+            f"b{b} s{s}: compiled and verified (max abs diff {figures['max_abs_diff']:.2e}, "
+            f"min cosine {figures['min_cosine']:.6f})"
+        )
+    bar.close()
+    return done, eager.input_names
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence warnings that tracing a HF model always raises and that verification covers.
+
+    transformers' mask code compares tensor *shapes* (constant at a static shape), which
+    torch.jit reports as a TracerWarning; verification then runs other texts and padding
+    patterns through the artifact, so a genuinely data-dependent branch would fail there.
+    """
+    from torch.jit._trace import TracerWarning
+
+    from neuronserve.backends.base import torchscript_quietly
+
+    with torchscript_quietly(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=TracerWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _checksum_files(out_dir: Path, known: dict[str, str]) -> dict[str, str]:
+    """sha256 of every file in the artifact directory except the manifest and scratch files."""
+    files: dict[str, str] = {}
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir).as_posix()
+        if (
+            not path.is_file()
+            or rel == MANIFEST_NAME
+            or rel.endswith(".tmp")
+            or any(part.startswith(".") for part in Path(rel).parts)
+        ):
+            continue
+        files[rel] = known.get(rel) or sha256_file(path)
+    return files

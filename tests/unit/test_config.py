@@ -1,0 +1,138 @@
+"""Settings: the properties syntax, typed values, overrides, typo protection, generated docs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neuronserve.config import (
+    ConfigError,
+    Settings,
+    build_settings,
+    load_settings,
+    parse_properties,
+    render_reference,
+    render_template,
+)
+from tests.conftest import REPO
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None, environ={})
+    assert settings.trace.batch_sizes == (1, 8)
+    assert settings.trace.sequence_lengths == (32, 128)
+    assert settings.trace.backend == "auto"
+    assert settings.model.source == "bundled:all-MiniLM-L6-v2"
+
+
+def test_properties_syntax() -> None:
+    text = (
+        "# comment\n"
+        "! also a comment\n"
+        "a.one = 1\n"
+        "a.two: two words  \n"
+        "a.three  3\n"
+        "a.long=first,\\\n"
+        "       second\n"
+        "a.escaped=tab\\there\\u0041\n"
+        "a.empty=\n"
+    )
+    parsed = {k: v for k, (v, _) in parse_properties(text).items()}
+    assert parsed == {
+        "a.one": "1",
+        "a.two": "two words",
+        "a.three": "3",
+        "a.long": "first,second",
+        "a.escaped": "tab\thereA",
+        "a.empty": "",
+    }
+
+
+def test_duplicate_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"a\.b is set twice \(first at f:1\)"):
+        parse_properties("a.b=1\na.b=2\n", source="f")
+
+
+def test_file_values_are_typed(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.properties"
+    cfg.write_text("trace.batch_sizes=16, 1,4\ntrace.neuron_dynamic_batch=yes\ntrace.min_cosine=0.99\n")
+    settings = load_settings(cfg, environ={})
+    assert settings.trace.batch_sizes == (1, 4, 16)
+    assert settings.trace.neuron_dynamic_batch is True
+    assert settings.trace.min_cosine == pytest.approx(0.99)
+    assert settings.base_dir == tmp_path
+
+
+def test_env_overrides_file_and_set_overrides_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.properties"
+    cfg.write_text("trace.backend=cpu\ntrace.batch_sizes=2\n")
+    env = {"NEURONSERVE_TRACE__BACKEND": "neuronx", "NEURONSERVE_TRACE__BATCH_SIZES": "4"}
+    settings = load_settings(cfg, environ=env, overrides=["trace.batch_sizes=8"])
+    assert settings.trace.backend == "neuronx"
+    assert settings.trace.batch_sizes == (8,)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("trace.batch_size=4", "unknown key trace.batch_size; did you mean trace.batch_sizes?"),
+        ("trace.backend=neuronz", "must be one of auto, cpu, neuronx, neuron (did you mean neuron?)"),
+        ("trace.batch_sizes=one", "must be a whole number; got 'one'"),
+        ("trace.batch_sizes=0", "must be at least 1; got 0"),
+        ("trace.batch_sizes=1,1", "lists a value twice"),
+        ("trace.batch_sizes=", "needs at least one value"),
+        ("trace.min_cosine=2", "must be at most 1; got 2"),
+        ("trace.neuron_dynamic_batch=maybe", "must be true or false"),
+        ("model.task=summarization", "must be one of feature-extraction"),
+        ("serving.port=1", "keys start with one of: model., trace."),
+    ],
+)
+def test_bad_values_say_how_to_fix(assignment: str, message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(None, environ={}, overrides=[assignment])
+    assert message in str(excinfo.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(None, environ={}, overrides=["trace.batch_size=4", "trace.min_cosine=x"])
+    assert "trace.batch_sizes" in str(excinfo.value)
+    assert "trace.min_cosine must be a number" in str(excinfo.value)
+
+
+def test_env_typo_is_caught() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean trace\.sequence_lengths"):
+        load_settings(None, environ={"NEURONSERVE_TRACE__SEQUENCE_LENGTH": "64"})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist; pass --config PATH"):
+        load_settings(tmp_path / "nope.properties", environ={})
+
+
+def test_set_needs_an_equals_sign() -> None:
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        load_settings(None, environ={}, overrides=["trace.backend"])
+
+
+def test_template_round_trips_to_the_defaults(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.properties"
+    cfg.write_text(render_template())
+    assert load_settings(cfg, environ={}) == Settings(base_dir=tmp_path)
+
+
+def test_committed_config_is_the_generated_template() -> None:
+    committed = (REPO / "config.properties").read_text()
+    assert committed == render_template(), "regenerate: neuronserve config --template > config.properties"
+
+
+def test_readme_reference_is_in_sync() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert render_reference() in readme, "update README from: neuronserve config --reference"
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    settings = build_settings({"trace.output_dir": ("out", "t")}, base_dir=tmp_path)
+    assert settings.path(settings.trace.output_dir) == tmp_path / "out"

@@ -1,0 +1,59 @@
+"""The exact trace container a Neuron host would get (no engine needed to check the spec)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuronserve.containers import docker_engine, trace_container_spec
+
+
+def _spec(tmp_path: Path, backend: str, devices: list[str], model_dir: Path | None = None) -> dict[str, Any]:
+    (tmp_path / "config.properties").write_text("")
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return trace_container_spec(
+        backend=backend,
+        repo=tmp_path,
+        config_path=tmp_path / "config.properties",
+        output_dir=tmp_path / "out",
+        devices=devices,
+        uid=1000,
+        gid=1000,
+        model_dir=model_dir,
+    )
+
+
+def test_neuronx_trace_container(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "neuronx", ["/dev/neuron0", "/dev/neuron1"])
+    assert spec["image"] == "neuronserve-trace-neuronx:latest"
+    assert spec["devices"] == ["/dev/neuron0:/dev/neuron0:rwm", "/dev/neuron1:/dev/neuron1:rwm"]
+    assert spec["user"] == "1000:1000"
+    assert spec["volumes"] == {
+        str(tmp_path / "config.properties"): {"bind": "/workspace/config.properties", "mode": "ro"},
+        str(tmp_path / "out"): {"bind": "/workspace/trace-models", "mode": "rw"},
+    }
+    assert spec["command"][:4] == ["neuronserve", "trace", "--runner", "local"]
+    assert "trace.backend=neuronx" in spec["command"]
+    assert "trace.output_dir=/workspace/trace-models" in spec["command"]
+
+
+def test_cpu_trace_container_has_no_devices_and_mounts_a_local_model(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    spec = _spec(tmp_path, "cpu", [], model_dir=model)
+    assert "devices" not in spec
+    assert spec["volumes"][str(model)] == {"bind": "/workspace/model", "mode": "ro"}
+    assert "model.source=/workspace/model" in spec["command"]
+
+
+def test_neuron_backend_without_devices_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="needs /dev/neuron"):
+        _spec(tmp_path, "neuron", [])
+
+
+def test_no_engine_here_is_reported_not_raised() -> None:
+    engine = docker_engine(timeout_s=1)
+    assert engine.client is None
+    assert engine.reason.startswith("no Docker engine reachable")

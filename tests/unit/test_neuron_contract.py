@@ -1,0 +1,181 @@
+"""Contract tests: the neuronx and neuron backends against stand-in SDK modules that record calls.
+
+The stand-ins implement the documented signatures (shared/reference/neuron.md §5) and compile
+with torch.jit.trace, so the whole tracer (verification, manifest) runs through each backend.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+
+from neuronserve.artifacts import load_manifest
+from neuronserve.backends.base import CoreSet
+from neuronserve.positional import PositionalModel
+from neuronserve.trace import run_trace
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.contract
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+
+def _stand_in_neuronx(recorder: Recorder) -> types.ModuleType:
+    module = types.ModuleType("torch_neuronx")
+
+    def trace(
+        func: Any,
+        example_inputs: Any,
+        *_: Any,
+        input_output_aliases: Any = None,
+        compiler_workdir: Any = None,
+        compiler_args: Any = None,
+        partitioner_config: Any = None,
+        inline_weights_to_neff: bool = True,
+        cpu_backend: bool = False,
+    ) -> torch.jit.ScriptModule:
+        recorder.calls.append(
+            {
+                "func": func,
+                "inputs": [(tuple(t.shape), t.dtype) for t in example_inputs],
+                "compiler_args": compiler_args,
+                "compiler_workdir": compiler_workdir,
+            }
+        )
+        return cast(torch.jit.ScriptModule, torch.jit.trace(func, example_inputs, check_trace=False))
+
+    module.trace = trace  # type: ignore[attr-defined]
+    return module
+
+
+def _stand_in_neuron(recorder: Recorder) -> types.ModuleType:
+    module = types.ModuleType("torch_neuron")
+
+    def trace(
+        func: Any,
+        example_inputs: Any,
+        *,
+        compiler_args: Any = None,
+        compiler_timeout: Any = None,
+        compiler_workdir: Any = None,
+        dynamic_batch_size: bool = False,
+        **kwargs: Any,
+    ) -> torch.jit.ScriptModule:
+        recorder.calls.append(
+            {
+                "func": func,
+                "inputs": [(tuple(t.shape), t.dtype) for t in example_inputs],
+                "compiler_args": compiler_args,
+                "compiler_workdir": compiler_workdir,
+                "dynamic_batch_size": dynamic_batch_size,
+                "extra": kwargs,
+            }
+        )
+        return cast(torch.jit.ScriptModule, torch.jit.trace(func, example_inputs, check_trace=False))
+
+    module.trace = trace  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "question-answering"])
+def test_neuronx_trace_contract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path], task: str
+) -> None:
+    recorder = Recorder()
+    monkeypatch.setitem(sys.modules, "torch_neuronx", _stand_in_neuronx(recorder))
+    model_dir = tiny_model(tmp_path / "m", task)
+    args = "--model-type transformer --auto-cast none --optlevel 2"
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        model__task=task,
+        trace__backend="neuronx",
+        trace__batch_sizes="1,2",
+        trace__sequence_lengths="16",
+        trace__neuronx_compiler_args=args,
+    )
+    report = run_trace(settings, progress=False, emit=lambda _l: None)
+
+    assert [c["inputs"][0][0] for c in recorder.calls] == [(1, 16), (2, 16)]
+    for call in recorder.calls:
+        assert isinstance(call["func"], PositionalModel)
+        assert not call["func"].training
+        # input order is the manifest's: input_ids, attention_mask, token_type_ids
+        assert call["inputs"] == [(call["inputs"][0][0], torch.int64)] * 3
+        assert call["compiler_args"] == shlex.split(args)
+        assert Path(call["compiler_workdir"]).parent == report.directory
+    manifest = load_manifest(report.directory, backend="neuronx")
+    assert manifest.input_names == ("input_ids", "attention_mask", "token_type_ids")
+    assert manifest.compiler_args == args
+    assert report.directory.name == "neuronx"
+    assert [(s.batch_size, s.file) for s in manifest.shapes] == [
+        (1, "model-b1-s16.pt"),
+        (2, "model-b2-s16.pt"),
+    ]
+    assert all(s.verification["min_cosine"] > 0.9999 for s in manifest.shapes)
+    # What was saved loads back through the backend once the process owns its cores.
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "0")
+    from neuronserve.backends.neuronx import NeuronxBackend
+
+    loaded = NeuronxBackend().load(report.directory / "model-b1-s16.pt", CoreSet.parse("0"))
+    out = loaded.run(tuple(torch.ones(1, 16, dtype=torch.int64) for _ in range(3)))
+    assert out[0].shape[:2] == (1, 16)
+
+
+def test_neuron_trace_contract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    recorder = Recorder()
+    monkeypatch.setitem(sys.modules, "torch_neuron", _stand_in_neuron(recorder))
+    model_dir = tiny_model(tmp_path / "m", "text-classification", token_types=False)
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        model__task="text-classification",
+        trace__backend="neuron",
+        trace__batch_sizes="4",
+        trace__sequence_lengths="32",
+        trace__neuron_compiler_args="--neuroncore-pipeline-cores 4",
+        trace__neuron_dynamic_batch="true",
+    )
+    report = run_trace(settings, progress=False, emit=lambda _l: None)
+    (call,) = recorder.calls
+    assert call["inputs"] == [((4, 32), torch.int64), ((4, 32), torch.int64)]  # no token_type_ids
+    assert call["compiler_args"] == ["--neuroncore-pipeline-cores", "4"]
+    assert call["dynamic_batch_size"] is True
+    assert call["extra"] == {}
+    manifest = load_manifest(report.directory, backend="neuron")
+    assert manifest.input_names == ("input_ids", "attention_mask")
+    assert manifest.compiler_args == "--neuroncore-pipeline-cores 4 dynamic_batch_size=True"
+    assert manifest.shapes[0].output_shapes == {"logits": [4, 3]}
+
+
+def test_compiler_args_are_part_of_the_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    recorder = Recorder()
+    monkeypatch.setitem(sys.modules, "torch_neuronx", _stand_in_neuronx(recorder))
+    model_dir = tiny_model(tmp_path / "m", "feature-extraction")
+    common = {
+        "model__source": str(model_dir),
+        "trace__backend": "neuronx",
+        "trace__batch_sizes": "1",
+        "trace__sequence_lengths": "16",
+    }
+    run_trace(make_settings(tmp_path, **common), progress=False, emit=lambda _l: None)
+    run_trace(make_settings(tmp_path, **common), progress=False, emit=lambda _l: None)
+    assert len(recorder.calls) == 1  # second run skipped
+    changed = make_settings(tmp_path, **common, trace__neuronx_compiler_args="--auto-cast none")
+    report = run_trace(changed, progress=False, emit=lambda _l: None)
+    assert len(recorder.calls) == 2
+    assert report.compiled == ((1, 16),)

@@ -1,0 +1,205 @@
+"""The tracer on tiny random models: tasks, caching, stale shapes, verification failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuronserve import trace as trace_module
+from neuronserve.artifacts import load_manifest
+from neuronserve.backends.base import torchscript_quietly
+from neuronserve.backends.cpu import CpuBackend
+from neuronserve.models import ModelSourceError
+from neuronserve.trace import VerificationError, compare_outputs, run_trace
+from tests.conftest import make_settings
+
+
+def _quiet(_line: str) -> None:
+    return None
+
+
+def test_classification_trace(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    model_dir = tiny_model(tmp_path / "clf", "text-classification")
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        model__task="text-classification",
+        trace__backend="cpu",
+        trace__batch_sizes="1,2",
+        trace__sequence_lengths="16",
+    )
+    report = run_trace(settings, progress=False, emit=_quiet)
+    manifest = load_manifest(report.directory, backend="cpu")
+    assert report.directory == tmp_path / "trace-models" / "clf" / "cpu"
+    assert manifest.task == "text-classification"
+    assert manifest.model["id2label"] == {"0": "LABEL_A", "1": "LABEL_B", "2": "LABEL_C"}
+    assert manifest.output_names == ("logits",)
+    assert [s.output_shapes for s in manifest.shapes] == [{"logits": [1, 3]}, {"logits": [2, 3]}]
+    for entry in manifest.shapes:
+        assert entry.verification["max_abs_diff"] < 1e-4
+        assert entry.verification["min_cosine"] > 0.9999
+    # serving needs the tokenizer and config beside the artifacts
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        assert name in manifest.files
+
+
+def test_qa_trace_uses_token_type_ids(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    model_dir = tiny_model(tmp_path / "qa", "question-answering")
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        model__task="question-answering",
+        trace__backend="cpu",
+        trace__batch_sizes="2",
+        trace__sequence_lengths="32",
+    )
+    manifest = run_trace(settings, progress=False, emit=_quiet).manifest
+    assert manifest.input_names == ("input_ids", "attention_mask", "token_type_ids")
+    assert manifest.shapes[0].output_shapes == {"start_logits": [2, 32], "end_logits": [2, 32]}
+    # the traced graph really uses token_type_ids: changing them changes the answer logits
+    with torchscript_quietly():
+        module = torch.jit.load(str(manifest.directory / "model-b2-s32.pt"))
+    ids = torch.randint(5, 50, (2, 32))
+    mask = torch.ones(2, 32, dtype=torch.long)
+    zeros = torch.zeros(2, 32, dtype=torch.long)
+    assert not torch.allclose(module(ids, mask, zeros)[0], module(ids, mask, torch.ones_like(zeros))[0])
+
+
+def test_rerun_skips_force_redoes_and_stale_shapes_go(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    common = {"model__source": str(model_dir), "trace__backend": "cpu", "trace__sequence_lengths": "16"}
+    first = run_trace(
+        make_settings(tmp_path, **common, trace__batch_sizes="1,2"), progress=False, emit=_quiet
+    )
+    assert first.compiled == ((1, 16), (2, 16))
+    manifest_text = (first.directory / "manifest.json").read_text()
+
+    again = run_trace(
+        make_settings(tmp_path, **common, trace__batch_sizes="1,2"), progress=False, emit=_quiet
+    )
+    assert again.compiled == ()
+    assert again.skipped == ((1, 16), (2, 16))
+    assert (first.directory / "manifest.json").read_text() == manifest_text  # untouched
+
+    forced = run_trace(
+        make_settings(tmp_path, **common, trace__batch_sizes="1,2"), force=True, progress=False, emit=_quiet
+    )
+    assert forced.compiled == ((1, 16), (2, 16))
+
+    fewer = run_trace(
+        make_settings(tmp_path, **common, trace__batch_sizes="2,4"), progress=False, emit=_quiet
+    )
+    assert fewer.compiled == ((4, 16),)
+    assert fewer.skipped == ((2, 16),)
+    assert not (first.directory / "model-b1-s16.pt").exists()
+    assert [s.batch_size for s in load_manifest(first.directory).shapes] == [2, 4]
+
+
+def test_modified_artifact_is_recompiled(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    common = {
+        "model__source": str(model_dir),
+        "trace__backend": "cpu",
+        "trace__batch_sizes": "1",
+        "trace__sequence_lengths": "16",
+    }
+    first = run_trace(make_settings(tmp_path, **common), progress=False, emit=_quiet)
+    artifact = first.directory / "model-b1-s16.pt"
+    artifact.write_bytes(artifact.read_bytes()[:-10])
+    again = run_trace(make_settings(tmp_path, **common), progress=False, emit=_quiet)
+    assert again.compiled == ((1, 16),)
+    load_manifest(first.directory)
+
+
+def test_changed_weights_invalidate_the_cache(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    common = {
+        "model__source": str(model_dir),
+        "trace__backend": "cpu",
+        "trace__batch_sizes": "1",
+        "trace__sequence_lengths": "16",
+    }
+    first = run_trace(make_settings(tmp_path, **common), progress=False, emit=_quiet)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-5
+    (model_dir / "config.json").write_text(json.dumps(config))
+    again = run_trace(make_settings(tmp_path, **common), progress=False, emit=_quiet)
+    assert again.compiled == ((1, 16),)
+    assert again.manifest.model["sha256"] != first.manifest.model["sha256"]
+
+
+class _DriftingBackend(CpuBackend):
+    """A compiler that silently changes results, which verification must catch."""
+
+    def compile(self, module: torch.nn.Module, example_inputs: Any, dest: Path) -> Any:
+        loaded = super().compile(module, example_inputs, dest)
+
+        class Drift:
+            def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                return tuple(t + 0.5 * torch.randn_like(t) for t in loaded.run(inputs))
+
+        return Drift()
+
+
+def test_verification_failure_keeps_no_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: _DriftingBackend())
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        trace__backend="cpu",
+        trace__batch_sizes="1",
+        trace__sequence_lengths="16",
+    )
+    with pytest.raises(
+        VerificationError, match=r"b1 s16: traced outputs differ from eager PyTorch \(max abs diff"
+    ):
+        run_trace(settings, progress=False, emit=_quiet)
+    out = tmp_path / "trace-models" / "fe" / "cpu"
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.tmp"))
+
+
+def test_compare_outputs_figures() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    figures = compare_outputs((a,), (b,))
+    assert figures["max_abs_diff"] == pytest.approx(2.0)
+    assert figures["min_cosine"] == pytest.approx(0.0)
+    with pytest.raises(VerificationError, match="shape"):
+        compare_outputs((a,), (b[:1],))
+
+
+def test_too_long_sequence_is_refused(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")  # max_position_embeddings=128
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        trace__backend="cpu",
+        trace__batch_sizes="1",
+        trace__sequence_lengths="256",
+    )
+    with pytest.raises(ModelSourceError, match="exceed the model's max_position_embeddings 128"):
+        run_trace(settings, progress=False, emit=_quiet)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("bundled:nope", "no bundled model of that name"),
+        ("/does/not/exist", "no such model directory"),
+        ("someorg/somemodel", "the hub is offline"),
+    ],
+)
+def test_bad_model_sources(tmp_path: Path, source: str, message: str) -> None:
+    settings = make_settings(tmp_path, model__source=source, trace__backend="cpu")
+    with pytest.raises(ModelSourceError, match=message):
+        run_trace(settings, progress=False, emit=_quiet)
