@@ -22,9 +22,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from neuronserve.artifacts import ArtifactError
     from neuronserve.backends.base import BackendError
     from neuronserve.models import ModelSourceError
+    from neuronserve.serving.tokenization import TokenizerMissingError
     from neuronserve.trace import VerificationError
 
-    return (ConfigError, BackendError, ModelSourceError, ArtifactError, VerificationError)
+    return (
+        ConfigError,
+        BackendError,
+        ModelSourceError,
+        ArtifactError,
+        VerificationError,
+        TokenizerMissingError,
+    )
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +120,20 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from neuronserve.serving.runner import run, serve_overrides
+
+    extra = serve_overrides(
+        port=args.port,
+        cores=args.cores,
+        copies=args.copies,
+        name=args.name,
+        artifacts=args.artifacts,
+        mode=args.mode,
+    )
+    return run(args.config, [*args.overrides, *extra])
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from neuronserve.artifacts import load_manifest
 
@@ -182,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=("trace",), default="trace")
     _add_config_args(p)
     p.set_defaults(func=cmd_image_build)
+
+    p = sub.add_parser("serve", help="run one model server (gunicorn + one uvicorn worker, or uvicorn)")
+    _add_config_args(p)
+    p.add_argument("--port", type=int, help="serve.port")
+    p.add_argument("--cores", help="serve.cores, NEURON_RT_VISIBLE_CORES syntax (e.g. 0-1)")
+    p.add_argument("--copies", type=int, help="serve.models_per_server")
+    p.add_argument("--name", help="serve.name (the x-server header)")
+    p.add_argument("--artifacts", help="serve.artifacts (an artifact directory)")
+    p.add_argument("--mode", choices=("gunicorn", "uvicorn"), help="serve.mode")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("manifest", help="verify an artifact directory and summarise its manifest")
     p.add_argument("directory", help="e.g. trace-models/all-MiniLM-L6-v2/cpu")

@@ -114,12 +114,81 @@ class TraceSettings:
     )
 
 
+ServeMode = Literal["gunicorn", "uvicorn"]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``serve.*``: one model server (deploy sets cores, port and name per server)."""
+
+    host: str = setting("127.0.0.1", "Address the server binds; loopback by default, nginx faces clients.")
+    port: int = setting(8081, "TCP port of the server.", minimum=1, maximum=65535)
+    name: str = setting("", "Server name sent in the x-server header; empty means host:port.")
+    cores: str = setting(
+        "",
+        "Cores this server owns, NEURON_RT_VISIBLE_CORES syntax (0-1); empty means every core "
+        "available to the process.",
+    )
+    artifacts: str = setting(
+        "",
+        "Artifact directory to serve; empty means <trace.output_dir>/<model name>/<backend>.",
+    )
+    models_per_server: int = setting(
+        2, "Model copies in each server, each driven by its own thread.", minimum=1, maximum=64
+    )
+    max_batch_size: int = setting(
+        0,
+        "Largest batch the batcher forms; 0 means the largest compiled batch size, 1 turns batching off.",
+        minimum=0,
+        maximum=1024,
+    )
+    max_batch_delay_ms: float = setting(
+        1.0,
+        "How long a free copy may wait for a fuller batch, only while every other copy is busy.",
+        minimum=0.0,
+        maximum=1000.0,
+    )
+    max_queue: int = setting(
+        256, "Inputs waiting for a copy before new requests get 429.", minimum=1, maximum=1_000_000
+    )
+    request_timeout_ms: int = setting(
+        30000, "Default per-request deadline; expired requests get 504.", minimum=1, maximum=3_600_000
+    )
+    max_request_timeout_ms: int = setting(
+        120000,
+        "The largest deadline a request may ask for with parameters.timeout_ms.",
+        minimum=1,
+        maximum=3_600_000,
+    )
+    max_inputs_per_request: int = setting(
+        64, "Inputs (texts or question/context pairs) one request may carry.", minimum=1, maximum=100_000
+    )
+    max_body_bytes: int = setting(
+        1_048_576, "Largest request body in bytes; larger bodies get 413.", minimum=1024, maximum=1 << 30
+    )
+    api_key: str = setting(
+        "",
+        "When set, inference and /info require Authorization: Bearer <key> (or x-api-key).",
+        secret=True,
+    )
+    drain_timeout_s: float = setting(
+        30.0,
+        "On SIGTERM: how long in-flight requests may take to finish before the server exits.",
+        minimum=0.0,
+        maximum=3600.0,
+    )
+    mode: ServeMode = setting(
+        "gunicorn", "gunicorn (one uvicorn worker, for production) or uvicorn (development)."
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every section of ``config.properties``; built once per process, passed down, served at /info."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     trace: TraceSettings = field(default_factory=TraceSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
     # Where the settings came from; relative paths in the settings resolve against this.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
 
@@ -377,8 +446,12 @@ def build_settings(values: Mapping[str, tuple[str, str]], base_dir: Path | None 
 
 def _check_consistency(settings: Settings) -> None:
     """Rules that span several keys."""
-    # Placeholder for cross-key rules added by later sections (serve, deploy).
-    del settings
+    serve = settings.serve
+    if serve.request_timeout_ms > serve.max_request_timeout_ms:
+        raise ConfigError(
+            f"serve.request_timeout_ms ({serve.request_timeout_ms}) exceeds serve.max_request_timeout_ms "
+            f"({serve.max_request_timeout_ms}); raise the cap or lower the default"
+        )
 
 
 def find_config(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:

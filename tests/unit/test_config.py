@@ -86,7 +86,8 @@ def test_env_overrides_file_and_set_overrides_env(tmp_path: Path) -> None:
         ("trace.min_cosine=2", "must be at most 1; got 2"),
         ("trace.neuron_dynamic_batch=maybe", "must be true or false"),
         ("model.task=summarization", "must be one of feature-extraction"),
-        ("serving.port=1", "keys start with one of: model., trace."),
+        ("serving.port=1", "did you mean serve.port?"),
+        ("foo.bar=1", "keys start with one of: model., trace., serve."),
     ],
 )
 def test_bad_values_say_how_to_fix(assignment: str, message: str) -> None:

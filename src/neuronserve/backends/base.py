@@ -71,8 +71,17 @@ class CoreSet:
         return cls(tuple(ids))
 
     def __str__(self) -> str:
-        first, last = self.ids[0], self.ids[-1]
-        return str(first) if first == last else f"{first}-{last}"
+        """Compact ``NEURON_RT_VISIBLE_CORES`` syntax: ``0-3``, or ``0,2-3`` for CPU sets."""
+        parts: list[str] = []
+        start = prev = self.ids[0]
+        for core in (*self.ids[1:], None):
+            if core is not None and core == prev + 1:
+                prev = core
+                continue
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            if core is not None:
+                start = prev = core
+        return ",".join(parts)
 
     def __len__(self) -> int:
         return len(self.ids)

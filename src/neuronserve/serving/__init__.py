@@ -1,0 +1,1 @@
+"""The model server: routes, admission, batching over compiled shapes, copies, metrics."""

@@ -1,0 +1,300 @@
+"""The FastAPI application: routes only. Everything starts in ``create_app(settings)``.
+
+Routes validate, hand inputs to the engine, await, and format; model code never runs on the
+event loop. Every error is a :class:`ServeError` mapped to its status in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
+
+from neuronserve import __version__
+from neuronserve.config import Settings, load_settings
+from neuronserve.serving import formats, handlers
+from neuronserve.serving.engine import Engine
+from neuronserve.serving.errors import ServeError
+from neuronserve.serving.metrics import ServerMetrics
+from neuronserve.serving.middleware import ServingMiddleware
+from neuronserve.serving.schemas import EmbeddingsRequest, ErrorBody, PredictRequest, PredictResponse
+from neuronserve.serving.v2 import HEADER_LENGTH
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+
+
+def _error_responses(settings: Settings) -> dict[int | str, dict[str, Any]]:
+    s = settings.serve
+    return {
+        401: {"model": ErrorBody, "description": "Missing or wrong API key (when serve.api_key is set)."},
+        404: {"model": ErrorBody, "description": "Unknown model name."},
+        413: {
+            "model": ErrorBody,
+            "description": f"Body over {s.max_body_bytes} bytes or more than {s.max_inputs_per_request} inputs.",
+        },
+        422: {
+            "model": ErrorBody,
+            "description": "Malformed JSON, wrong types, empty inputs, or an input longer than the largest "
+            "compiled sequence length without parameters.truncate; `field` names the culprit.",
+        },
+        429: {
+            "model": ErrorBody,
+            "description": f"More than {s.max_queue} inputs waiting; retry after the Retry-After header.",
+        },
+        503: {"model": ErrorBody, "description": "Model copies still loading, or the server is draining."},
+        504: {
+            "model": ErrorBody,
+            "description": f"No answer within the deadline ({s.request_timeout_ms} ms default).",
+        },
+    }
+
+
+class ServingApp(FastAPI):
+    """FastAPI with the serving middleware outermost, in front of FastAPI's own layers.
+
+    Every request passes it first (ids, API key, body limit, metrics); the hot inference routes
+    are answered there without FastAPI's routing and exception layers.
+    """
+
+    serving_options: dict[str, Any]
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return ServingMiddleware(super().build_middleware_stack(), **self.serving_options)
+
+
+def _response(reply: handlers.Reply) -> Response:
+    return Response(reply.body, status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the server for ``settings``: verifies the artifacts now, loads copies at startup."""
+    server_name = settings.serve.name or f"{settings.serve.host}:{settings.serve.port}"
+    metrics = ServerMetrics(server_name)
+    engine = Engine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        _install_drain(app, engine)
+        yield
+        engine.close()
+
+    app = ServingApp(
+        title="neuronserve",
+        version=__version__,
+        description=f"Serving {engine.model_name} ({engine.task_name}) on {engine.backend_name}.",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.serving_options = dict(
+        server_name=server_name,
+        max_body_bytes=settings.serve.max_body_bytes,
+        api_key=settings.serve.api_key,
+        metrics=metrics,
+        draining=lambda: engine.draining,
+        # The hot routes skip FastAPI's routing layers; the FastAPI routes below document them
+        # and run the same handlers.
+        fast_routes={
+            "/predict": lambda body, receive: handlers.predict(engine, body, receive),
+            "/v1/embeddings": lambda body, receive: handlers.embeddings(engine, body, receive),
+        },
+    )
+    errors = _error_responses(settings)
+
+    @app.exception_handler(ServeError)
+    async def serve_error(_request: Request, exc: ServeError) -> Response:
+        return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        kind = (
+            "not_found"
+            if exc.status_code == 404
+            else "method_not_allowed"
+            if exc.status_code == 405
+            else "invalid_request"
+        )
+        error = ServeError(kind, str(exc.detail))
+        return Response(error.body(), status_code=exc.status_code, media_type=JSON)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc, extra={"request_id": request.state.request_id})
+        error = ServeError("internal_error", "internal error; see the server log")
+        return Response(error.body(), status_code=error.status, media_type=JSON)
+
+    @app.post(
+        "/predict",
+        summary="Run the model on one input or a list (every task).",
+        response_model=PredictResponse,
+        responses=errors,
+    )
+    async def predict(request: Request) -> Response:
+        return _response(await handlers.predict(engine, await request.body(), request.receive))
+
+    @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings.", responses=errors)
+    async def embeddings(request: Request) -> Response:
+        return _response(await handlers.embeddings(engine, await request.body(), request.receive))
+
+    # --- Open Inference Protocol (KServe v2) ---------------------------------------------------
+
+    @app.get("/v2", summary="v2 server metadata.")
+    async def v2_server() -> dict[str, Any]:
+        return {"name": "neuronserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="v2 liveness.")
+    async def v2_live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", summary="v2 readiness: every copy loaded and warmed.")
+    async def v2_ready() -> Response:
+        return Response(status_code=200 if engine.ready else 503)
+
+    @app.get("/v2/models/{model}", summary="v2 model metadata.", responses=errors)
+    @app.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
+    async def v2_model(model: str, version: str | None = None) -> dict[str, Any]:
+        formats.check_model(engine, model)
+        return formats.v2_metadata(engine)
+
+    @app.get("/v2/models/{model}/ready", summary="v2 model readiness.", responses=errors)
+    async def v2_model_ready(model: str) -> Response:
+        formats.check_model(engine, model)
+        return Response(status_code=200 if engine.ready else 503)
+
+    @app.post("/v2/models/{model}/infer", summary="v2 inference with BYTES text inputs.", responses=errors)
+    @app.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)
+    async def v2_infer(model: str, request: Request, version: str | None = None) -> Response:
+        body = await request.body()
+        reply = await handlers.v2_infer(
+            engine, model, body, request.headers.get(HEADER_LENGTH), request.receive
+        )
+        return _response(reply)
+
+    # --- health, info, metrics -------------------------------------------------------------
+
+    @app.get("/health", summary="Liveness: the process answers.")
+    async def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get(
+        "/ready", summary="Readiness: every copy loaded and warmed on every compiled shape.", responses=errors
+    )
+    async def ready() -> Response:
+        body = {"status": engine.state, "copies_ready": engine.copies_ready, "copies": engine.copies}
+        if engine.ready:
+            return Response(orjson.dumps(body), media_type=JSON)
+        message = engine.load_error or f"not ready: {engine.state}"
+        error = {"error": message, "type": "unavailable", **body}
+        return Response(orjson.dumps(error), status_code=503, media_type=JSON)
+
+    @app.get(
+        "/info", summary="Effective settings (secrets redacted), model, shapes and copies.", responses=errors
+    )
+    async def info() -> dict[str, Any]:
+        m = engine.manifest
+        return {
+            "server": server_name,
+            "state": engine.state,
+            "model": m.model,
+            "backend": engine.backend_name,
+            "versions": m.versions,
+            "artifacts": str(m.directory),
+            "shapes": [{"batch_size": s.batch_size, "sequence_length": s.sequence_length} for s in m.shapes],
+            "batch_sizes_in_use": list(engine.batch_sizes),
+            "cores": str(engine.cores),
+            "copies": engine.copies,
+            "threads_per_copy": engine.threads_per_copy,
+            "measured_ms": {f"b{b}-s{s}": round(c * 1000, 3) for (b, s), c in sorted(engine.costs.items())},
+            "settings": settings.as_dict(redact=True),
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics.")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _document_bodies(app, {"/predict": PredictRequest, "/v1/embeddings": EmbeddingsRequest})
+    return app
+
+
+def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+    """Routes parse their bodies themselves (fast path, our error shape); document them anyway."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in bodies.items():
+                body_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body_schema.pop("$defs", {}))
+                components[model.__name__] = body_schema
+                ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {JSON: {"schema": ref}},
+                }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _install_drain(app: FastAPI, engine: Engine) -> None:
+    """On SIGTERM: ready and new requests turn 503, in-flight requests finish, then exit.
+
+    The runner (``neuronserve serve``, or the gunicorn worker class) puts a ``request_exit``
+    callable on ``app.state`` that stops the server cleanly (exit status 0); without it the
+    previous handler (uvicorn's) is called.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+    timeout = engine.settings.serve.drain_timeout_s
+
+    def stop() -> None:
+        request_exit: Callable[[], None] | None = getattr(app.state, "request_exit", None)
+        if request_exit is not None:
+            request_exit()
+        elif callable(previous):
+            previous(signal.SIGTERM, None)
+
+    async def drain() -> None:
+        finished = await engine.wait_idle(timeout)
+        if finished:
+            log.info("drained: no request in flight; exiting")
+        else:
+            log.warning("drain timeout (%.1fs) passed with requests in flight; exiting", timeout)
+        stop()
+
+    def begin() -> None:
+        if engine.draining:  # a second SIGTERM: stop now
+            stop()
+            return
+        log.info("SIGTERM: draining (ready and new requests answer 503)")
+        engine.begin_drain()
+        app.state.drain_task = loop.create_task(drain())
+
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: loop.call_soon_threadsafe(begin))
+
+
+def app_from_environment() -> FastAPI:
+    """The gunicorn entry point: settings from $NEURONSERVE_CONFIG and NEURONSERVE_* variables."""
+    from neuronserve.serving.logs import configure_logging
+
+    configure_logging()
+    return create_app(load_settings(None))

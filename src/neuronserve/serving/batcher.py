@@ -1,0 +1,249 @@
+"""The batcher: the one owner of queued work, shared by the event loop and the copy threads.
+
+The event loop ``submit``s work items (never blocking: a full queue raises :class:`QueueFullError`).
+Each copy thread calls ``next_batch`` when it is free and gets a :class:`Batch` for one compiled
+shape:
+
+- the sequence bucket is that of the oldest waiting item (first come, first served); items of
+  smaller buckets fill any remaining rows, since they fit the larger length;
+- the batch size is the compiled size with the lowest measured cost *per real item* for what is
+  waiting (warm-up measures every shape), so two waiting items on a {1, 8} grid go to two copies
+  at batch 1 rather than one batch-8 run that is three quarters padding;
+- a free copy takes whatever is waiting now; it waits up to ``max_delay_s`` for a fuller batch
+  only while every other copy is busy, so an idle copy never sits next to a waiting request.
+
+Expired and cancelled items are dropped before they reach a copy (``on_drop`` answers them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFullError(Exception):
+    """The queue is at capacity; answer 429."""
+
+    def __init__(self, depth: int, capacity: int) -> None:
+        super().__init__(f"queue full ({depth} of {capacity} inputs waiting)")
+        self.depth = depth
+        self.capacity = capacity
+
+
+class BatcherClosedError(Exception):
+    """The batcher no longer accepts work (the server is draining)."""
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One input waiting for a copy (a request with k inputs makes k items).
+
+    ``length`` picks the sequence bucket; ``payload`` is the tokenized input and the options the
+    task needs afterwards; ``handle`` lets the owner answer it (an asyncio future). ``cancelled``
+    is set by the event loop when the client leaves or the deadline passes.
+    """
+
+    length: int
+    deadline: float
+    payload: Any
+    handle: Any = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    dispatched_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Work for one call of one compiled shape: ``len(items) <= batch_size`` real rows."""
+
+    sequence_length: int
+    batch_size: int
+    items: tuple[WorkItem, ...]
+
+
+DropReason = str  # "expired" or "cancelled"
+
+
+class Batcher:
+    """See the module docstring. All public methods are thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        sequence_lengths: Sequence[int],
+        batch_sizes: Sequence[int],
+        max_queue: int,
+        max_delay_s: float,
+        copies: int,
+        on_drop: Callable[[list[tuple[WorkItem, DropReason]]], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not sequence_lengths or not batch_sizes:
+            raise ValueError("this is a bug: the batcher needs at least one compiled shape")
+        self.sequence_lengths = tuple(sorted(sequence_lengths))
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        self.max_queue = max_queue
+        self.max_delay_s = max_delay_s
+        self.copies = copies
+        self._on_drop = on_drop
+        self._clock = clock
+        self._queues: dict[int, deque[WorkItem]] = {s: deque() for s in self.sequence_lengths}
+        self._size = 0
+        self._idle = 0  # copies waiting in next_batch
+        self._closed = False
+        self._costs: dict[tuple[int, int], float] = {}
+        self._cond = threading.Condition()
+
+    # --- event loop side ------------------------------------------------------------------
+
+    def bucket(self, length: int) -> int:
+        """The smallest compiled sequence length that fits ``length`` tokens."""
+        for s in self.sequence_lengths:
+            if length <= s:
+                return s
+        raise ValueError(f"this is a bug: {length} tokens exceed every compiled length (validate first)")
+
+    def submit(self, items: Iterable[WorkItem]) -> None:
+        """Queue all of ``items`` or none of them."""
+        batch = list(items)
+        buckets = [self.bucket(item.length) for item in batch]
+        with self._cond:
+            if self._closed:
+                raise BatcherClosedError()
+            if self._size + len(batch) > self.max_queue:
+                raise QueueFullError(self._size, self.max_queue)
+            for item, s in zip(batch, buckets, strict=True):
+                self._queues[s].append(item)
+            self._size += len(batch)
+            self._cond.notify(len(batch))
+
+    @property
+    def depth(self) -> int:
+        return self._size
+
+    def set_costs(self, costs: dict[tuple[int, int], float]) -> None:
+        """Seconds per call of each compiled (batch size, sequence length), from warm-up.
+
+        Measurements on a busy host are noisy, and one bad figure must not switch batching off,
+        so two physical facts are enforced per sequence length: a larger batch never costs less
+        in total than a smaller one, nor more per item.
+        """
+        fixed = dict(costs)
+        for seq in {s for _b, s in fixed}:
+            sizes = sorted(b for b, s in fixed if s == seq)
+            for smaller, larger in itertools.pairwise(sizes):
+                low, high = fixed[(smaller, seq)], fixed[(larger, seq)]
+                fixed[(larger, seq)] = min(max(high, low), low * larger / smaller)
+        with self._cond:
+            self._costs = fixed
+
+    def close(self) -> None:
+        """Refuse new work; copies drain what is queued, then ``next_batch`` returns None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # --- copy thread side -----------------------------------------------------------------
+
+    def next_batch(self) -> Batch | None:
+        """Block until there is work; None once closed and empty."""
+        dropped: list[tuple[WorkItem, DropReason]] = []
+        try:
+            with self._cond:
+                while True:
+                    now = self._clock()
+                    self._purge(now, dropped)
+                    if self._size == 0:
+                        if self._closed:
+                            return None
+                        self._wait(None)
+                        continue
+                    batch, wait_until = self._select(now)
+                    if batch is not None:
+                        return batch
+                    self._wait(wait_until - now)
+        finally:
+            if dropped:
+                self._on_drop(dropped)
+
+    def _wait(self, timeout: float | None) -> None:
+        self._idle += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._idle -= 1
+
+    def _purge(self, now: float, dropped: list[tuple[WorkItem, DropReason]]) -> None:
+        for queue in self._queues.values():
+            if not queue or not any(i.cancelled or i.deadline <= now for i in queue):
+                continue
+            keep: deque[WorkItem] = deque()
+            for item in queue:
+                if item.cancelled:
+                    dropped.append((item, "cancelled"))
+                elif item.deadline <= now:
+                    dropped.append((item, "expired"))
+                else:
+                    keep.append(item)
+            self._size -= len(queue) - len(keep)
+            queue.clear()
+            queue.extend(keep)
+
+    def choose_batch_size(self, waiting: int, sequence_length: int) -> int:
+        """The compiled batch size with the lowest cost per real item for ``waiting`` items."""
+        costs = [self._costs.get((b, sequence_length)) for b in self.batch_sizes]
+        if any(c is None for c in costs):
+            # Before warm-up has measured: the smallest size that holds everything waiting.
+            return next((b for b in self.batch_sizes if b >= waiting), self.batch_sizes[-1])
+        # Ties go to the larger size: the same modelled throughput in fewer dispatches, and a size
+        # that runs gets measured again (see observe), so an inflated warm-up figure corrects itself.
+        per_item = [
+            (float(c or 0.0) / min(waiting, b), -b) for b, c in zip(self.batch_sizes, costs, strict=True)
+        ]
+        return -min(per_item)[1]
+
+    def observe(self, batch_size: int, sequence_length: int, seconds: float) -> None:
+        """Lower a shape's cost when a real run was faster (interference only ever adds time)."""
+        shape = (batch_size, sequence_length)
+        with self._cond:
+            if shape in self._costs and seconds < self._costs[shape]:
+                self._costs[shape] = seconds
+
+    def _select(self, now: float) -> tuple[Batch | None, float]:
+        heads = [(q[0].enqueued_at, s) for s, q in self._queues.items() if q]
+        oldest_at, seq = min(heads)
+        fits = [s for s in self.sequence_lengths if s <= seq]
+        waiting = sum(len(self._queues[s]) for s in fits)
+        size = self.choose_batch_size(waiting, seq)
+        largest = self.batch_sizes[-1]
+        if (
+            waiting < size
+            and size <= largest
+            and self.max_delay_s > 0
+            and self._idle == 0
+            and now < oldest_at + self.max_delay_s
+            and not self._closed
+        ):
+            return None, oldest_at + self.max_delay_s
+        taken: list[WorkItem] = []
+        self._take(seq, size, taken)
+        for s in sorted((s for s in fits if s != seq), key=self._head_time):
+            self._take(s, size, taken)
+        self._size -= len(taken)
+        for item in taken:
+            item.dispatched_at = now
+        return Batch(seq, size, tuple(taken)), now
+
+    def _head_time(self, seq: int) -> float:
+        queue = self._queues[seq]
+        return queue[0].enqueued_at if queue else float("inf")
+
+    def _take(self, seq: int, size: int, taken: list[WorkItem]) -> None:
+        queue = self._queues[seq]
+        while queue and len(taken) < size:
+            taken.append(queue.popleft())

@@ -1,0 +1,135 @@
+"""Model copies: each owned by one thread that loads, warms and then runs batches forever.
+
+The event loop never runs model code. A copy loads one artifact per compiled shape, runs every
+shape a few times (TorchScript optimises on its first calls) and records the median time per
+shape, which the batcher uses to choose batch sizes. A copy is ready only after all of that.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuronserve.artifacts import Manifest
+from neuronserve.backends.base import Backend, CoreSet, LoadedModel
+from neuronserve.serving.batcher import Batch, Batcher
+from neuronserve.serving.tasks import Task
+
+log = logging.getLogger(__name__)
+
+WARMUP_CALLS = 6  # the first two calls of a TorchScript graph profile and optimise it
+MEASURED_CALLS = 4  # the last calls; their minimum is the shape's cost (interference only adds time)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one copy did with one batch: per-item results, or the error that hit all of them."""
+
+    batch: Batch
+    results: list[Any] | None
+    error: BaseException | None
+    inference_s: float
+    copy: int
+
+
+def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Pad a batch to its compiled shape; returns (inputs in manifest order, attention mask)."""
+    b, s = batch.batch_size, batch.sequence_length
+    ids = np.zeros((b, s), dtype=np.int64)
+    mask = np.zeros((b, s), dtype=np.int64)
+    types = np.zeros((b, s), dtype=np.int64)
+    for row, item in enumerate(batch.items):
+        enc = item.payload[0]
+        n = enc.length
+        ids[row, :n] = enc.ids
+        mask[row, :n] = 1
+        types[row, :n] = enc.type_ids
+    by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    tensors = tuple(torch.from_numpy(by_name[name]) for name in input_names)
+    return tensors, torch.from_numpy(mask)
+
+
+class CopyWorker(threading.Thread):
+    """One model copy: loads every compiled shape, warms up, then serves the batcher."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        backend: Backend,
+        manifest: Manifest,
+        cores: CoreSet,
+        task: Task,
+        batcher: Batcher,
+        on_ready: Callable[[int, dict[tuple[int, int], float]], None],
+        on_failed: Callable[[int, BaseException], None],
+        on_outcome: Callable[[BatchOutcome], None],
+    ) -> None:
+        super().__init__(name=f"copy-{index}", daemon=True)
+        self.index = index
+        self._backend = backend
+        self._manifest = manifest
+        self._cores = cores
+        self._task = task
+        self._batcher = batcher
+        self._on_ready = on_ready
+        self._on_failed = on_failed
+        self._on_outcome = on_outcome
+        self._models: dict[tuple[int, int], LoadedModel] = {}
+
+    def run(self) -> None:
+        try:
+            costs = self._load_and_warm()
+        except BaseException as exc:
+            log.exception("copy %d failed to load", self.index)
+            self._on_failed(self.index, exc)
+            return
+        self._on_ready(self.index, costs)
+        self._serve()
+
+    def _load_and_warm(self) -> dict[tuple[int, int], float]:
+        directory: Path = self._manifest.directory
+        for entry in self._manifest.shapes:
+            shape = (entry.batch_size, entry.sequence_length)
+            self._models[shape] = self._backend.load(directory / entry.file, self._cores)
+        costs: dict[tuple[int, int], float] = {}
+        names = self._manifest.input_names
+        for (b, s), model in self._models.items():
+            inputs = tuple(torch.ones((b, s), dtype=torch.int64) for _ in names)
+            times = []
+            for _ in range(WARMUP_CALLS):
+                started = time.perf_counter()
+                model.run(inputs)
+                times.append(time.perf_counter() - started)
+            costs[(b, s)] = min(times[-MEASURED_CALLS:])
+        log.info(
+            "copy %d ready: %s",
+            self.index,
+            ", ".join(f"b{b} s{s} {c * 1000:.1f}ms" for (b, s), c in sorted(costs.items())),
+        )
+        return costs
+
+    def _serve(self) -> None:
+        names = self._manifest.input_names
+        while (batch := self._batcher.next_batch()) is not None:
+            started = time.perf_counter()
+            try:
+                inputs, mask = build_inputs(batch, names)
+                model = self._models[(batch.batch_size, batch.sequence_length)]
+                outputs = model.run(inputs)
+                results = self._task.results(outputs, mask, [item.payload for item in batch.items])
+                outcome = BatchOutcome(batch, results, None, time.perf_counter() - started, self.index)
+            except Exception as exc:  # a failed batch answers its items; the copy lives on
+                log.exception(
+                    "copy %d: batch b%d s%d failed", self.index, batch.batch_size, batch.sequence_length
+                )
+                outcome = BatchOutcome(batch, None, exc, time.perf_counter() - started, self.index)
+            self._on_outcome(outcome)

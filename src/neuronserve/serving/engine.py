@@ -1,0 +1,341 @@
+"""The engine: what routes call to run inputs through the model.
+
+It owns the verified artifacts, the tokenizer, the batcher and the copy threads, and the
+server's lifecycle state (loading, ready, draining). Routes validate, call :meth:`Engine.infer`
+and format; they never touch tensors. Results come back from copy threads through
+``loop.call_soon_threadsafe``, once per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neuronserve.artifacts import Manifest, load_manifest
+from neuronserve.backends import choose_backend, create_backend, prepare_process
+from neuronserve.backends.base import CoreSet
+from neuronserve.config import ConfigError, Settings
+from neuronserve.models import default_name
+from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
+from neuronserve.serving.copies import BatchOutcome, CopyWorker
+from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable
+from neuronserve.serving.metrics import ServerMetrics
+from neuronserve.serving.tasks import ItemOptions, task_for
+from neuronserve.serving.tokenization import Encoded, TextEncoder
+
+log = logging.getLogger(__name__)
+
+# Inputs up to this many characters are tokenized on the event loop (microseconds); larger ones
+# go to a tokenizer thread so the loop never stalls on long texts.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+def artifacts_directory(settings: Settings) -> Path:
+    """``serve.artifacts``, or the trace output for the configured model and backend."""
+    if settings.serve.artifacts:
+        return settings.path(settings.serve.artifacts)
+    backend, _ = choose_backend(settings.trace.backend)
+    name = settings.model.name or default_name(settings.model.source)
+    return settings.path(settings.trace.output_dir) / name / backend
+
+
+def server_cores(settings: Settings, backend: str) -> CoreSet:
+    """The cores this server owns: ``serve.cores``, else (cpu) every CPU the process may use."""
+    if settings.serve.cores:
+        try:
+            return CoreSet.parse(settings.serve.cores)
+        except ValueError as exc:
+            raise ConfigError(f"serve.cores {exc}") from None
+    if backend != "cpu":
+        raise ConfigError("serve.cores must name this server's NeuronCores (e.g. 0-1); deploy sets it")
+    return CoreSet(tuple(sorted(os.sched_getaffinity(0))))
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """Results in input order plus the timings the response headers report."""
+
+    outputs: list[Any]
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class _ItemResult:
+    value: Any
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class Engine:
+    """See the module docstring. Create it, then ``start()`` it inside the running event loop."""
+
+    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        directory = artifacts_directory(settings)
+        self.manifest: Manifest = load_manifest(directory)
+        self.backend_name = self.manifest.backend
+        self.model_name = str(self.manifest.model["name"])
+        self.task_name = self.manifest.task
+        self.cores = server_cores(settings, self.backend_name)
+        self.copies = settings.serve.models_per_server
+        self.batch_sizes = self._allowed_batch_sizes()
+        self.max_sequence_length = max(self.manifest.sequence_lengths)
+        self.encoder = TextEncoder(directory, self.max_sequence_length)
+        self.task = task_for(self.task_name, directory)
+        self.batcher = Batcher(
+            sequence_lengths=self.manifest.sequence_lengths,
+            batch_sizes=self.batch_sizes,
+            max_queue=settings.serve.max_queue,
+            max_delay_s=settings.serve.max_batch_delay_ms / 1000.0,
+            copies=self.copies,
+            on_drop=self._on_drop,
+        )
+        self.threads_per_copy = 0
+        self.draining = False
+        self.load_error: str | None = None
+        self._ready: set[int] = set()
+        self._costs: dict[tuple[int, int], float] = {}
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        metrics.describe_server(
+            model=self.model_name, backend=self.backend_name, cores=str(self.cores), copies=self.copies
+        )
+        metrics.track_queue_depth(lambda: self.batcher.depth)
+
+    def _allowed_batch_sizes(self) -> tuple[int, ...]:
+        limit = self.settings.serve.max_batch_size
+        compiled = self.manifest.batch_sizes
+        allowed = tuple(b for b in compiled if limit == 0 or b <= limit)
+        if not allowed:
+            raise ConfigError(
+                f"serve.max_batch_size={limit} but the smallest compiled batch size is {compiled[0]}; "
+                f"trace with trace.batch_sizes including {limit} or raise serve.max_batch_size"
+            )
+        return allowed
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Pin the process, then load and warm every copy in its own thread (ready comes later)."""
+        self._loop = asyncio.get_running_loop()
+        tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
+        self.threads_per_copy = prepare_process(self.backend_name, self.cores, self.copies, tag)
+        backend = create_backend(self.backend_name, self.settings.trace)
+        for index in range(self.copies):
+            CopyWorker(
+                index=index,
+                backend=backend,
+                manifest=self.manifest,
+                cores=self.cores,
+                task=self.task,
+                batcher=self.batcher,
+                on_ready=self._on_copy_ready,
+                on_failed=self._on_copy_failed,
+                on_outcome=self._on_outcome,
+            ).start()
+
+    @property
+    def ready(self) -> bool:
+        return len(self._ready) == self.copies and not self.draining and self.load_error is None
+
+    @property
+    def state(self) -> str:
+        if self.load_error is not None:
+            return "failed"
+        if self.draining:
+            return "draining"
+        return "ready" if len(self._ready) == self.copies else "loading"
+
+    @property
+    def copies_ready(self) -> int:
+        return len(self._ready)
+
+    @property
+    def costs(self) -> dict[tuple[int, int], float]:
+        return dict(self._costs)
+
+    def begin_drain(self) -> None:
+        """Stop taking work: ready and new requests answer 503; queued work still runs."""
+        self.draining = True
+        self.batcher.close()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.batcher.close()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- copy thread callbacks (run in copy threads) ----------------------------------------
+
+    def _on_copy_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
+        assert self._loop is not None, "this is a bug: a copy started before the engine"
+        self._loop.call_soon_threadsafe(self._mark_ready, index, costs)
+
+    def _mark_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
+        for shape, cost in costs.items():  # the slowest copy's figure is the safe one to plan with
+            self._costs[shape] = max(cost, self._costs.get(shape, 0.0))
+        self.batcher.set_costs(self._costs)
+        self._ready.add(index)
+        self.metrics.copies_ready.set(len(self._ready))
+        if self.ready:
+            log.info("all %d copies ready on cores %s", self.copies, self.cores)
+
+    def _on_copy_failed(self, index: int, exc: BaseException) -> None:
+        assert self._loop is not None, "this is a bug: a copy started before the engine"
+        message = f"copy {index} failed to load: {type(exc).__name__}: {exc}"
+        self._loop.call_soon_threadsafe(setattr, self, "load_error", message)
+
+    def _on_outcome(self, outcome: BatchOutcome) -> None:
+        m = self.metrics
+        real = len(outcome.batch.items)
+        m.inference_duration.observe(outcome.inference_s)
+        if outcome.error is None:
+            self.batcher.observe(outcome.batch.batch_size, outcome.batch.sequence_length, outcome.inference_s)
+        m.batch_size.observe(real)
+        m.padding_rows.inc(outcome.batch.batch_size - real)
+        m.copy_inferences.labels(copy=str(outcome.copy)).inc()
+        m.copy_items.labels(copy=str(outcome.copy)).inc(real)
+        for item in outcome.batch.items:
+            m.queue_duration.observe(item.dispatched_at - item.enqueued_at)
+        assert self._loop is not None, "this is a bug: a copy started before the engine"
+        self._loop.call_soon_threadsafe(self._resolve, outcome)
+
+    def _on_drop(self, dropped: list[tuple[WorkItem, str]]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._resolve_dropped, dropped)
+
+    # --- event loop side ----------------------------------------------------------------------
+
+    def _resolve(self, outcome: BatchOutcome) -> None:
+        size = len(outcome.batch.items)
+        for i, item in enumerate(outcome.batch.items):
+            future: asyncio.Future[_ItemResult] = item.handle
+            if future.done():
+                continue
+            if outcome.error is not None or outcome.results is None:
+                future.set_exception(ServeError("internal_error", "inference failed; see the server log"))
+            else:
+                queue_s = item.dispatched_at - item.enqueued_at
+                future.set_result(_ItemResult(outcome.results[i], queue_s, outcome.inference_s, size))
+
+    def _resolve_dropped(self, dropped: list[tuple[WorkItem, str]]) -> None:
+        for item, reason in dropped:
+            future: asyncio.Future[_ItemResult] = item.handle
+            if future.done():
+                continue
+            if reason == "expired":
+                future.set_exception(deadline("the request's deadline passed while it waited for a copy"))
+            else:
+                future.cancel()
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue is likely to have room: queue depth over measured throughput."""
+        per_item = [c / b for (b, _s), c in self._costs.items() if b == self.batch_sizes[-1]]
+        seconds_per_item = max(per_item) if per_item else 0.01
+        return max(1, math.ceil(self.batcher.depth * seconds_per_item / self.copies))
+
+    def encode(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
+        if inputs and isinstance(inputs[0], tuple):
+            return self.encoder.encode_pairs(inputs, truncate=truncate)
+        return self.encoder.encode(inputs, truncate=truncate)  # type: ignore[arg-type]
+
+    def check_available(self) -> None:
+        if self.draining:
+            self.metrics.rejections.labels(reason="draining").inc()
+            raise unavailable("the server is shutting down; retry on another server")
+        if not self.ready:
+            self.metrics.rejections.labels(reason="not_ready").inc()
+            raise unavailable(self.load_error or "model copies are still loading; retry shortly")
+
+    async def infer(
+        self,
+        inputs: list[str] | list[tuple[str, str]],
+        options: list[ItemOptions],
+        *,
+        truncate: bool,
+        timeout_s: float,
+        pending: list[asyncio.Future[Any]] | None = None,
+    ) -> InferResult:
+        """Tokenize, queue and await ``inputs``; raises ServeError for every refusal.
+
+        The futures of the queued items are appended to ``pending`` so that whoever watches the
+        client can cancel them; a cancelled item is dropped before it reaches a copy.
+        """
+        self.check_available()
+        started = time.monotonic()
+        size = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
+        if size <= INLINE_TOKENIZE_CHARS:
+            encoded = self.encode(inputs, truncate=truncate)
+        else:
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(
+                self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate)
+            )
+        loop = asyncio.get_running_loop()
+        expires = started + timeout_s
+        items = [
+            WorkItem(length=enc.length, deadline=expires, payload=(enc, opt), handle=loop.create_future())
+            for enc, opt in zip(encoded, options, strict=True)
+        ]
+        try:
+            self.batcher.submit(items)
+        except QueueFullError as exc:
+            self.metrics.rejections.labels(reason="queue_full").inc()
+            raise overloaded(f"server overloaded: {exc}; retry later", self.retry_after_s()) from None
+        except BatcherClosedError:
+            self.metrics.rejections.labels(reason="draining").inc()
+            raise unavailable("the server is shutting down; retry on another server") from None
+        if pending is not None:
+            pending.extend(item.handle for item in items)
+        tokens = sum(enc.length for enc in encoded)
+        self.metrics.input_tokens.inc(tokens)
+        self._inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.inc()
+        answered = False
+        try:
+            waiter = items[0].handle if len(items) == 1 else asyncio.gather(*(i.handle for i in items))
+            done = await asyncio.wait_for(waiter, max(0.0, expires - time.monotonic()))
+            answered = True
+        except TimeoutError:
+            self.metrics.rejections.labels(reason="deadline").inc()
+            raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
+        finally:
+            if not answered:  # timed out, failed or the client left: never run what nobody awaits
+                for item in items:
+                    item.cancelled = True
+                    if not item.handle.done():
+                        item.handle.cancel()
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+            if self._inflight == 0:
+                self._idle.set()
+        results: list[_ItemResult] = [done] if len(items) == 1 else list(done)
+        return InferResult(
+            outputs=[r.value for r in results],
+            queue_ms=max(r.queue_s for r in results) * 1000.0,
+            inference_ms=max(r.inference_s for r in results) * 1000.0,
+            batch_size=max(r.batch_size for r in results),
+            tokens=tokens,
+        )

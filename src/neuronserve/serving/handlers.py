@@ -1,0 +1,136 @@
+"""The inference handlers: request bytes in, a :class:`Reply` out.
+
+Both the FastAPI routes (which own the OpenAPI documentation) and the middleware's fast path
+for the hot routes call these, so there is one implementation of each protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from neuronserve.serving import formats
+from neuronserve.serving.engine import Engine, InferResult
+from neuronserve.serving.errors import ServeError, validation
+from neuronserve.serving.schemas import EmbeddingsRequest, PredictRequest
+from neuronserve.serving.tasks import ItemOptions
+from neuronserve.serving.v2 import encode_infer, parse_infer
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+JSON = "application/json"
+CLIENT_CLOSED = 499  # nginx's code for "the client closed the request"; nobody reads the answer
+
+_UNION_TAG = re.compile(r"^[A-Z]|[\[\-]")  # pydantic names union branches like "list[QAInput]"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str = JSON
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_TAG.search(part):
+            path += f".{part}" if path else part
+    return path or "body"
+
+
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body; the 422 names the most specific field at fault."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors[0]["type"] == "json_invalid":
+            raise validation("body", f"malformed JSON: {errors[0]['msg']}") from None
+        deepest = max(errors, key=lambda e: len(e["loc"]))
+        where = _field_path(deepest["loc"])
+        if len(errors) > 1 and len(deepest["loc"]) <= 2:  # the value fits no branch of a union
+            if any(e["type"] == "too_short" for e in errors):
+                raise validation(where, "must not be an empty list") from None
+            raise validation(
+                where, "must be a non-empty string, a list of them, or {question, context} objects"
+            ) from None
+        raise validation(where, deepest["msg"]) from None
+
+
+async def _run(
+    engine: Engine,
+    receive: Receive,
+    inputs: list[str] | list[tuple[str, str]],
+    options: list[ItemOptions],
+    *,
+    truncate: bool,
+    timeout_s: float,
+) -> InferResult:
+    watch = formats.DisconnectWatch(receive)
+    try:
+        return await engine.infer(
+            inputs, options, truncate=truncate, timeout_s=timeout_s, pending=watch.futures
+        )
+    finally:
+        watch.close()
+
+
+async def predict(engine: Engine, body: bytes, receive: Receive) -> Reply:
+    request = parse_body(PredictRequest, body)
+    inputs, options = formats.predict_inputs(engine, request)
+    timeout = formats.timeout_seconds(engine, request.parameters.timeout_ms, "parameters.timeout_ms")
+    try:
+        result = await _run(
+            engine, receive, inputs, options, truncate=request.parameters.truncate, timeout_s=timeout
+        )
+    except asyncio.CancelledError:
+        return Reply(CLIENT_CLOSED, b"")
+    return Reply(200, formats.predict_body(engine, result), formats.timing_headers(result))
+
+
+async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
+    if engine.task_name != "feature-extraction":
+        raise ServeError("not_found", f"this server's model is {engine.task_name}; use POST /predict")
+    request = parse_body(EmbeddingsRequest, body)
+    formats.check_model(engine, request.model)
+    dim = engine.manifest.model.get("hidden_size")
+    if request.dimensions is not None and request.dimensions != dim:
+        raise validation(
+            "dimensions", f"this model's embeddings have {dim} dimensions; omit it or send {dim}"
+        )
+    inputs = request.input if isinstance(request.input, list) else [request.input]
+    formats.check_count(len(inputs), engine.settings.serve.max_inputs_per_request, "input")
+    timeout = formats.timeout_seconds(engine, None, "timeout")
+    try:
+        result = await _run(
+            engine, receive, inputs, [ItemOptions()] * len(inputs), truncate=False, timeout_s=timeout
+        )
+    except asyncio.CancelledError:
+        return Reply(CLIENT_CLOSED, b"")
+    body_out = formats.embeddings_body(engine, result, request.encoding_format)
+    return Reply(200, body_out, formats.timing_headers(result))
+
+
+async def v2_infer(
+    engine: Engine, model: str, body: bytes, header_length: str | None, receive: Receive
+) -> Reply:
+    formats.check_model(engine, model)
+    parsed = parse_infer(body, header_length)
+    inputs, options = formats.v2_inputs(engine, parsed)
+    timeout = formats.timeout_seconds(engine, None, "timeout")
+    try:
+        result = await _run(engine, receive, inputs, options, truncate=False, timeout_s=timeout)
+    except asyncio.CancelledError:
+        return Reply(CLIENT_CLOSED, b"")
+    tensors = formats.v2_outputs(engine, result, parsed.requested)
+    out, headers = encode_infer(engine.model_name, parsed.id, tensors, parsed.binary_outputs)
+    media = headers.pop("content-type")
+    return Reply(200, out, {**headers, **formats.timing_headers(result)}, media)

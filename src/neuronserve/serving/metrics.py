@@ -1,0 +1,93 @@
+"""The server's Prometheus metrics, in a registry of its own (prefix ``neuronserve_``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """Every metric one server exports. Thread-safe (copy threads update some of them)."""
+
+    def __init__(self, server: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"server": server}
+        r = self.registry
+        self.requests = Counter(
+            "neuronserve_requests", "HTTP requests by route and status code", ["route", "code"], registry=r
+        ).labels  # call with route=, code=
+        self.request_duration = Histogram(
+            "neuronserve_request_duration_seconds",
+            "Time from request to response",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "neuronserve_queue_duration_seconds",
+            "Time an input waited for a copy",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "neuronserve_inference_duration_seconds",
+            "Time of one model call (a whole batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "neuronserve_batch_size", "Real inputs per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.padding_rows = Counter(
+            "neuronserve_padding_rows",
+            "Batch rows that were padding (compiled size minus real inputs)",
+            registry=r,
+        )
+        self.queue_depth = Gauge("neuronserve_queue_depth", "Inputs waiting for a copy", registry=r)
+        self.inflight = Gauge("neuronserve_inflight_requests", "Requests being answered", registry=r)
+        self.rejections = Counter(
+            "neuronserve_rejections", "Requests refused, by reason", ["reason"], registry=r
+        )
+        self.copies_ready = Gauge("neuronserve_copies_ready", "Model copies loaded and warmed", registry=r)
+        self.copy_inferences = Counter(
+            "neuronserve_copy_inferences", "Model calls per copy", ["copy"], registry=r
+        )
+        self.copy_items = Counter("neuronserve_copy_items", "Real inputs run per copy", ["copy"], registry=r)
+        self.input_tokens = Counter("neuronserve_input_tokens", "Tokens of accepted inputs", registry=r)
+        self.info = Gauge(
+            "neuronserve_server_info",
+            "Constant 1, labelled with what this server runs",
+            ["server", "model", "backend", "cores", "copies"],
+            registry=r,
+        )
+        self._server = labels["server"]
+
+    def describe_server(self, *, model: str, backend: str, cores: str, copies: int) -> None:
+        self.info.labels(
+            server=self._server, model=model, backend=backend, cores=cores, copies=str(copies)
+        ).set(1)
+
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(depth)

@@ -1,0 +1,156 @@
+"""Per-task work after the model: pooling, label scores, answer spans. Runs in copy threads.
+
+Each task turns the raw outputs of one padded batch into one result per real row; padding rows
+and padding tokens never enter a result, so ``run([x, x, x])[i] == run([x])[0]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from neuronserve.serving.tokenization import Encoded
+
+
+@dataclass(frozen=True)
+class ItemOptions:
+    """Per-input options carried from the request to the task."""
+
+    normalize: bool | None = None
+    top_k: int | None = None
+    context: str | None = None  # question-answering: the text answers are cut from
+
+
+class Task(Protocol):
+    """Turns one batch's model outputs into one result per real row."""
+
+    def results(
+        self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
+    ) -> list[Any]: ...
+
+
+class FeatureExtraction:
+    """Sentence embeddings: pooling per the model's sentence-transformers config (mean by default)."""
+
+    def __init__(self, mode: str, normalize: bool) -> None:
+        if mode not in {"mean", "cls", "max"}:
+            raise ValueError(f"this is a bug: unknown pooling mode {mode!r}")
+        self.mode = mode
+        self.normalize = normalize
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> FeatureExtraction:
+        mode, normalize = "mean", False
+        pooling = directory / "1_Pooling" / "config.json"
+        if pooling.is_file():
+            config = json.loads(pooling.read_text(encoding="utf-8"))
+            if config.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif config.get("pooling_mode_max_tokens"):
+                mode = "max"
+        modules = directory / "modules.json"
+        if modules.is_file():
+            types = [m.get("type", "") for m in json.loads(modules.read_text(encoding="utf-8"))]
+            normalize = any(t.endswith("Normalize") for t in types)
+        return cls(mode, normalize)
+
+    def results(
+        self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
+    ) -> list[Any]:
+        n = len(items)
+        hidden = outputs[0][:n].float()
+        m = mask[:n].unsqueeze(-1).to(hidden.dtype)
+        if self.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.mode == "max":
+            pooled = hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+        else:
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        wants = [self.normalize if opt.normalize is None else opt.normalize for _, opt in items]
+        if any(wants):
+            normed = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+            flags = torch.tensor(wants).unsqueeze(1)
+            pooled = torch.where(flags, normed, pooled)
+        array = pooled.numpy().astype(np.float32, copy=False)
+        return [array[i] for i in range(n)]
+
+
+class TextClassification:
+    """Scores per label (softmax, or sigmoid for multi-label models), best first."""
+
+    def __init__(self, id2label: dict[int, str], multi_label: bool) -> None:
+        self.labels = [id2label[i] for i in sorted(id2label)]
+        self.multi_label = multi_label
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> TextClassification:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+        multi = config.get("problem_type") == "multi_label_classification"
+        return cls(id2label, multi)
+
+    def results(
+        self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
+    ) -> list[Any]:
+        del mask
+        logits = outputs[0][: len(items)].float()
+        scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        out: list[Any] = []
+        for row, (_, opt) in zip(scores.numpy(), items, strict=True):
+            order = np.argsort(-row, kind="stable")[: opt.top_k or 1]
+            out.append([{"label": self.labels[i], "score": float(row[i])} for i in order])
+        return out
+
+
+class QuestionAnswering:
+    """The best answer span inside the context, its character offsets and its probability."""
+
+    def __init__(self, max_answer_tokens: int = 30) -> None:
+        self.max_answer_tokens = max_answer_tokens
+
+    def results(
+        self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
+    ) -> list[Any]:
+        del mask
+        n = len(items)
+        starts, ends = outputs[0][:n].float().numpy(), outputs[1][:n].float().numpy()
+        return [self._best(starts[i], ends[i], enc, opt.context or "") for i, (enc, opt) in enumerate(items)]
+
+    def _best(self, start: np.ndarray, end: np.ndarray, enc: Encoded, context: str) -> dict[str, Any]:
+        assert enc.sequence_ids is not None and enc.offsets is not None, "this is a bug: QA needs offsets"
+        ctx = np.array([sid == 1 for sid in enc.sequence_ids], dtype=bool)
+        if not ctx.any():
+            return {"answer": "", "start": 0, "end": 0, "score": 0.0}
+        length = len(enc.sequence_ids)
+        s_logits = np.where(ctx, start[:length], -np.inf)
+        e_logits = np.where(ctx, end[:length], -np.inf)
+        s_prob = np.exp(s_logits - s_logits.max())
+        s_prob /= s_prob.sum()
+        e_prob = np.exp(e_logits - e_logits.max())
+        e_prob /= e_prob.sum()
+        # score[i, j] = P(start=i) * P(end=j) for i <= j < i + max_answer_tokens
+        scores = np.triu(np.outer(s_prob, e_prob))
+        scores = np.tril(scores, self.max_answer_tokens - 1)
+        i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        char_start, char_end = enc.offsets[i][0], enc.offsets[j][1]
+        return {
+            "answer": context[char_start:char_end],
+            "start": int(char_start),
+            "end": int(char_end),
+            "score": float(scores[i, j]),
+        }
+
+
+def task_for(task: str, directory: Path) -> Task:
+    if task == "feature-extraction":
+        return FeatureExtraction.from_directory(directory)
+    if task == "text-classification":
+        return TextClassification.from_directory(directory)
+    if task == "question-answering":
+        return QuestionAnswering()
+    raise ValueError(f"this is a bug: unknown task {task!r}")

@@ -1,0 +1,231 @@
+"""A real server (subprocess on loopback) serving the traced bundled all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.servers import RunningServer, start_server
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France.",
+    "Inferentia chips run transformer encoders at low cost per inference, and a serving stack "
+    "that batches requests dynamically keeps every NeuronCore busy while bounding latency.",
+    "Hi",
+]
+
+
+@pytest.fixture(scope="module")
+def server(bundled_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with start_server(
+        bundled_artifacts, tmp_path_factory.mktemp("srv"), "serve.max_inputs_per_request=16"
+    ) as running:
+        yield running
+
+
+def _predict(url: str, inputs: Any, **params: Any) -> httpx.Response:
+    return httpx.post(f"{url}/predict", json={"inputs": inputs, "parameters": params}, timeout=60)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_embeddings_match_sentence_transformers(server: RunningServer) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from neuronserve.models import resolve_source
+
+    reference = SentenceTransformer(str(resolve_source("bundled:all-MiniLM-L6-v2")), device="cpu").encode(
+        TEXTS
+    )
+    response = _predict(server.url, TEXTS)
+    assert response.status_code == 200, response.text
+    served = np.array(response.json()["outputs"], dtype=np.float32)
+    assert served.shape == (4, 384)
+    for ref, got in zip(reference, served, strict=True):
+        assert _cos(ref, got) >= 0.9999
+    assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)  # the model's Normalize module
+
+
+def test_batch_invariance(server: RunningServer) -> None:
+    x = TEXTS[0]
+    alone = np.array(_predict(server.url, [x]).json()["outputs"][0])
+    together = np.array(_predict(server.url, [x, x, x]).json()["outputs"])
+    mixed = np.array(_predict(server.url, [TEXTS[2], x, TEXTS[3], x]).json()["outputs"])
+    for row in [*together, mixed[1], mixed[3]]:
+        assert np.allclose(row, alone, atol=1e-5)
+
+
+def test_concurrent_clients_are_batched(server: RunningServer) -> None:
+    sizes: Counter[int] = Counter()
+    codes: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client(_: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for _ in range(6):
+                r = c.post("/predict", json={"inputs": TEXTS[1]})
+                with lock:
+                    codes[r.status_code] += 1
+                    sizes[int(r.headers["x-batch-size"])] += 1
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        list(pool.map(client, range(16)))
+    assert codes == Counter({200: 96})
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field", "words"),
+    [
+        (b"{not json", 422, "body", "malformed JSON"),
+        (b'{"inputs": 5}', 422, "inputs", "must be a non-empty string"),
+        (b'{"inputs": []}', 422, "inputs", "must not be an empty list"),
+        (b'{"inputs": ["ok", ""]}', 422, "inputs[1]", "at least 1 character"),
+        (b'{"inputs": ["ok", 3]}', 422, "inputs[1]", "valid string"),
+        (b'{"inputs": "ok", "extra": 1}', 422, "extra", "Extra inputs"),
+        (
+            b'{"inputs": "ok", "parameters": {"timeout_ms": 999999999}}',
+            422,
+            "parameters.timeout_ms",
+            "max_request_timeout_ms",
+        ),
+        (b'{"inputs": [{"question": "q", "context": "c"}]}', 422, "inputs", "takes strings"),
+        (b'{"inputs": [' + b",".join([b'"x"'] * 17) + b"]}", 413, "inputs", "max_inputs_per_request (16)"),
+        (
+            b'{"inputs": "' + b"word " * 300 + b'"}',
+            422,
+            "inputs[0]",
+            "exceed the largest compiled sequence length 128",
+        ),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(
+    server: RunningServer, body: bytes, status: int, field: str, words: str
+) -> None:
+    r = httpx.post(
+        f"{server.url}/predict", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == status, r.text
+    payload = r.json()
+    assert payload["field"] == field
+    assert words in payload["error"]
+    assert set(payload) == {"error", "type", "field"}
+
+
+def test_too_long_input_is_truncated_only_when_asked(server: RunningServer) -> None:
+    long_text = "word " * 300
+    r = _predict(server.url, long_text, truncate=True)
+    assert r.status_code == 200
+    assert len(r.json()["outputs"][0]) == 384
+
+
+def test_body_limit(server: RunningServer) -> None:
+    big = b'{"inputs": "' + b"a" * 1_100_000 + b'"}'
+    r = httpx.post(f"{server.url}/predict", content=big, timeout=30)
+    assert r.status_code == 413
+    assert r.json()["field"] == "body"
+
+    def chunks() -> Iterator[bytes]:  # no content-length: the limit applies while streaming
+        yield b'{"inputs": "'
+        for _ in range(20):
+            yield b"a" * 60_000
+        yield b'"}'
+
+    r = httpx.post(f"{server.url}/predict", content=chunks(), timeout=30)
+    assert r.status_code == 413
+
+
+def test_headers_on_every_answer(server: RunningServer) -> None:
+    ok = httpx.post(f"{server.url}/predict", json={"inputs": "hello"}, headers={"x-request-id": "abc-123"})
+    bad = httpx.post(f"{server.url}/predict", json={"inputs": 5})
+    missing = httpx.get(f"{server.url}/nope")
+    for r in (ok, bad, missing):
+        for header in ("x-request-id", "x-server", "x-queue-ms", "x-inference-ms", "x-batch-size"):
+            assert header in r.headers, (r.status_code, header)
+    assert ok.headers["x-request-id"] == "abc-123"
+    assert float(ok.headers["x-inference-ms"]) > 0
+    assert missing.status_code == 404
+    assert missing.json()["type"] == "not_found"
+
+
+def test_openai_client(server: RunningServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    created = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[:2])
+    vectors = np.array([d.embedding for d in created.data])
+    expected = np.array(_predict(server.url, TEXTS[:2]).json()["outputs"])
+    assert vectors.shape == (2, 384)
+    assert np.allclose(vectors, expected, atol=1e-6)
+    assert created.usage.prompt_tokens > 0
+    as_floats = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[0], encoding_format="float")
+    assert np.allclose(as_floats.data[0].embedding, expected[0], atol=1e-6)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="other-model", input="x")
+
+
+def test_tritonclient_http(server: RunningServer) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert client.is_server_live()
+    assert client.is_model_ready("all-MiniLM-L6-v2")
+    meta = client.get_model_metadata("all-MiniLM-L6-v2")
+    assert meta["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    expected = np.array(_predict(server.url, TEXTS[:3]).json()["outputs"])
+    for binary in (True, False):
+        text = httpclient.InferInput("text", [3], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in TEXTS[:3]], dtype=object), binary_data=binary)
+        output = httpclient.InferRequestedOutput("embedding", binary_data=binary)
+        result = client.infer("all-MiniLM-L6-v2", [text], outputs=[output])
+        got = result.as_numpy("embedding")
+        assert got.shape == (3, 384)
+        assert np.allclose(got, expected, atol=1e-5)
+    with pytest.raises(Exception, match="not found"):
+        client.get_model_metadata("other")
+
+
+def test_ready_info_metrics_openapi(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready", "copies_ready": 2, "copies": 2}
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["backend"] == "cpu"
+    assert info["copies"] == 2
+    assert set(info["measured_ms"]) == {"b1-s32", "b8-s32", "b1-s128", "b8-s128"}
+    assert info["settings"]["serve"]["api_key"] == ""
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        'neuronserve_requests_total{code="200",route="/predict"}',
+        "neuronserve_request_duration_seconds_bucket",
+        "neuronserve_queue_duration_seconds_count",
+        "neuronserve_inference_duration_seconds_count",
+        "neuronserve_batch_size_bucket",
+        "neuronserve_queue_depth",
+        "neuronserve_inflight_requests",
+        "neuronserve_copies_ready 2.0",
+        'neuronserve_copy_inferences_total{copy="0"}',
+        'neuronserve_rejections_total{reason="too_large"}',
+    ):
+        assert name in metrics, name
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    predict = spec["paths"]["/predict"]["post"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PredictRequest"
+    }
+    assert {"413", "422", "429", "503", "504"} <= set(predict["responses"])
+    assert "max_inputs_per_request" not in predict["responses"]["413"]["description"]  # figures, not names
+    assert "16 inputs" in predict["responses"]["413"]["description"]
+    for path in ("/v1/embeddings", "/v2/models/{model}/infer", "/ready", "/info", "/metrics"):
+        assert path in spec["paths"]

@@ -1,0 +1,168 @@
+"""The batcher with a virtual clock: buckets, batch-size choice, expiry, delay, drain."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    clock: Clock, *, max_queue: int = 100, delay: float = 0.0, sizes: tuple[int, ...] = (1, 8)
+) -> tuple[Batcher, list[Any]]:
+    dropped: list[Any] = []
+    batcher = Batcher(
+        sequence_lengths=(32, 128),
+        batch_sizes=sizes,
+        max_queue=max_queue,
+        max_delay_s=delay,
+        copies=2,
+        on_drop=dropped.extend,
+        clock=clock,
+    )
+    return batcher, dropped
+
+
+def item(clock: Clock, length: int, deadline_in: float = 10.0) -> WorkItem:
+    return WorkItem(length=length, deadline=clock.now + deadline_in, payload=length, enqueued_at=clock.now)
+
+
+def test_smallest_bucket_that_fits() -> None:
+    batcher, _ = make(Clock())
+    assert [batcher.bucket(n) for n in (1, 32, 33, 128)] == [32, 32, 128, 128]
+    with pytest.raises(ValueError, match="this is a bug"):
+        batcher.bucket(129)
+
+
+def test_oldest_bucket_first_and_smaller_items_fill_rows() -> None:
+    clock = Clock()
+    batcher, _ = make(clock)
+    long_item = item(clock, 100)
+    batcher.submit([long_item])
+    clock.now += 0.001
+    shorts = [item(clock, 10) for _ in range(3)]
+    batcher.submit(shorts)
+    batch = batcher.next_batch()
+    assert batch is not None
+    # without measured costs: the smallest size holding all 4 waiting items
+    assert (batch.sequence_length, batch.batch_size) == (128, 8)
+    assert batch.items == (long_item, *shorts)
+    assert batcher.depth == 0
+
+
+def test_batch_size_by_measured_cost_per_item() -> None:
+    clock = Clock()
+    batcher, _ = make(clock)
+    batcher.set_costs({(1, 32): 0.010, (8, 32): 0.030, (1, 128): 0.05, (8, 128): 0.4})
+    assert batcher.choose_batch_size(1, 32) == 1
+    assert batcher.choose_batch_size(2, 32) == 1  # 10 ms/item beats 15 ms/item
+    assert batcher.choose_batch_size(3, 32) == 8  # a tie (10 ms/item): fewer dispatches
+    assert batcher.choose_batch_size(4, 32) == 8  # 7.5 ms/item
+    assert batcher.choose_batch_size(20, 32) == 8
+    batcher.submit([item(clock, 10), item(clock, 10)])
+    first = batcher.next_batch()
+    assert first is not None and (first.batch_size, len(first.items)) == (1, 1)
+    assert batcher.depth == 1  # the other waits for the next free copy
+
+
+def test_full_queue_refuses_all_or_nothing() -> None:
+    clock = Clock()
+    batcher, _ = make(clock, max_queue=3)
+    batcher.submit([item(clock, 5), item(clock, 5)])
+    with pytest.raises(QueueFullError, match="2 of 3"):
+        batcher.submit([item(clock, 5), item(clock, 5)])
+    assert batcher.depth == 2
+
+
+def test_expired_and_cancelled_items_never_reach_a_copy() -> None:
+    clock = Clock()
+    batcher, dropped = make(clock)
+    expiring = item(clock, 5, deadline_in=0.5)
+    cancelled = item(clock, 5)
+    kept = item(clock, 5)
+    batcher.submit([expiring, cancelled, kept])
+    cancelled.cancelled = True
+    clock.now += 1.0
+    batch = batcher.next_batch()
+    assert batch is not None and batch.items == (kept,)
+    assert sorted((reason, i is expiring) for i, reason in dropped) == [
+        ("cancelled", False),
+        ("expired", True),
+    ]
+
+
+def test_delay_only_while_every_other_copy_is_busy() -> None:
+    clock = Clock()
+    batcher, _ = make(clock, delay=0.002)
+    batcher.submit([item(clock, 5), item(clock, 5)])  # 2 waiting, batch 8 chosen: room to fill
+    # No copy is idle (this caller is the only one asking): it may wait for a fuller batch...
+    decision, wait_until = batcher._select(clock.now)
+    assert decision is None and wait_until == pytest.approx(clock.now + 0.002)
+    # ...but once the delay has passed it takes what is there.
+    clock.now += 0.003
+    decision, _ = batcher._select(clock.now)
+    assert decision is not None and len(decision.items) == 2
+
+
+def test_a_full_batch_never_waits() -> None:
+    clock = Clock()
+    batcher, _ = make(clock, delay=10.0)
+    batcher.submit([item(clock, 5)])  # batch 1 holds it: nothing to wait for
+    decision, _ = batcher._select(clock.now)
+    assert decision is not None
+
+
+def test_an_idle_copy_means_no_waiting() -> None:
+    clock = Clock()
+    batcher, _ = make(clock, delay=10.0)
+    batcher._idle = 1  # another copy is waiting for work
+    batcher.submit([item(clock, 5)])
+    decision, _ = batcher._select(clock.now)
+    assert decision is not None
+
+
+def test_blocking_hand_off_between_threads() -> None:
+    batcher, _ = make(Clock())
+    got: list[Any] = []
+    worker = threading.Thread(target=lambda: got.append(batcher.next_batch()))
+    worker.start()
+    batcher.submit([WorkItem(length=5, deadline=1e12, payload="x", enqueued_at=100.0)])
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert got[0].items[0].payload == "x"
+
+
+def test_close_drains_then_stops() -> None:
+    clock = Clock()
+    batcher, _ = make(clock)
+    batcher.submit([item(clock, 5)])
+    batcher.close()
+    with pytest.raises(BatcherClosedError):
+        batcher.submit([item(clock, 5)])
+    assert batcher.next_batch() is not None  # queued work still runs
+    assert batcher.next_batch() is None
+
+
+def test_noisy_costs_cannot_switch_batching_off() -> None:
+    batcher, _ = make(Clock())
+    # warm-up of batch 8 ran while something else hogged the core: 20x its real cost
+    batcher.set_costs({(1, 32): 0.010, (8, 32): 0.600, (1, 128): 0.05, (8, 128): 0.01})
+    assert batcher._costs[(8, 32)] == pytest.approx(0.080)  # capped: never dearer per item
+    assert batcher._costs[(8, 128)] == pytest.approx(0.05)  # never cheaper in total than batch 1
+    assert batcher.choose_batch_size(8, 32) == 8  # the tie goes to the batch
+    batcher.observe(8, 32, 0.040)  # a real run shows the true cost
+    assert batcher._costs[(8, 32)] == pytest.approx(0.040)
+    batcher.observe(8, 32, 0.500)  # a slow run (interference) never raises it
+    assert batcher._costs[(8, 32)] == pytest.approx(0.040)
+    assert batcher.choose_batch_size(2, 32) == 1  # 10 ms/item beats 40/2 = 20 ms/item

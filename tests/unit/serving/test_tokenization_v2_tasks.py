@@ -1,0 +1,153 @@
+"""Tokenization never truncates silently; the v2 codec; task post-processing invariants."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from neuronserve.models import resolve_source
+from neuronserve.serving.errors import STATUS, ServeError
+from neuronserve.serving.tasks import FeatureExtraction, ItemOptions, QuestionAnswering, TextClassification
+from neuronserve.serving.tokenization import Encoded, TextEncoder
+from neuronserve.serving.v2 import V2Tensor, encode_infer, parse_infer
+
+BUNDLED = resolve_source("bundled:all-MiniLM-L6-v2")
+
+
+def test_bundled_tokenizer_file_truncates_and_pads_but_serving_does_not() -> None:
+    baked = json.loads((BUNDLED / "tokenizer.json").read_text())
+    assert baked["truncation"]["max_length"] == 128  # the trap this guards against
+    encoder = TextEncoder(BUNDLED, 128)
+    (short,) = encoder.encode(["hello world"], truncate=False)
+    assert short.length == 4  # [CLS] hello world [SEP], not padded to 128
+    with pytest.raises(ServeError) as excinfo:
+        encoder.encode(["ok", "word " * 200], truncate=False)
+    assert excinfo.value.field == "inputs[1]"
+    assert "202 tokens exceed the largest compiled sequence length 128" in excinfo.value.message
+    (cut,) = encoder.encode(["word " * 200], truncate=True)
+    assert cut.length == 128
+
+
+def test_pairs_keep_offsets_and_cut_only_the_context() -> None:
+    encoder = TextEncoder(BUNDLED, 32)
+    (pair,) = encoder.encode_pairs([("who?", "the fox " * 40)], truncate=True)
+    assert pair.length == 32
+    assert pair.sequence_ids is not None and pair.sequence_ids.count(0) == 2  # the question, whole
+    with pytest.raises(ServeError, match="question is longer"):
+        encoder.encode_pairs([("why " * 40, "c")], truncate=True)
+
+
+def test_v2_binary_round_trip() -> None:
+    texts = ["héllo", "world"]
+    raw = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+    header = json.dumps(
+        {
+            "id": "r1",
+            "inputs": [
+                {
+                    "name": "text",
+                    "shape": [2],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "embedding", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    request = parse_infer(header + raw, str(len(header)))
+    assert request.inputs == {"text": texts}
+    assert request.binary_outputs == {"embedding"}
+    matrix = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body, headers = encode_infer(
+        "m", "r1", [V2Tensor("embedding", "FP32", [2, 3], matrix)], request.binary_outputs
+    )
+    json_len = int(headers["inference-header-content-length"])
+    meta = json.loads(body[:json_len])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 24
+    assert np.array_equal(np.frombuffer(body[json_len:], dtype=np.float32).reshape(2, 3), matrix)
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}, "inputs.text"),
+        (
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+            "inputs.text.datatype",
+        ),
+        ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [""]}]}, "inputs.text"),
+        ({"inputs": []}, "inputs"),
+    ],
+)
+def test_v2_bad_requests_name_the_field(doc: dict[str, Any], field: str) -> None:
+    with pytest.raises(ServeError) as excinfo:
+        parse_infer(json.dumps(doc).encode(), None)
+    assert excinfo.value.field == field
+    assert excinfo.value.status == 422
+
+
+def test_error_taxonomy_statuses() -> None:
+    assert STATUS["overloaded"] == 429 and STATUS["deadline_exceeded"] == 504 and STATUS["unavailable"] == 503
+    with pytest.raises(ValueError, match="this is a bug"):
+        ServeError("teapot", "no")
+
+
+def _enc(n: int) -> Encoded:
+    return Encoded(ids=np.ones(n, dtype=np.int64), type_ids=np.zeros(n, dtype=np.int64))
+
+
+def test_mean_pooling_ignores_padding_tokens_and_rows() -> None:
+    task = FeatureExtraction("mean", normalize=False)
+    hidden = torch.randn(4, 6, 3)
+    mask = torch.zeros(4, 6, dtype=torch.long)
+    mask[0, :2] = 1
+    mask[1, :5] = 1
+    out = task.results((hidden,), mask, [(_enc(2), ItemOptions()), (_enc(5), ItemOptions(normalize=True))])
+    assert len(out) == 2  # padding rows 2 and 3 produce nothing
+    assert np.allclose(out[0], hidden[0, :2].mean(0).numpy(), atol=1e-6)
+    assert np.isclose(np.linalg.norm(out[1]), 1.0)
+    hidden[0, 2:] = 1e6  # garbage in padding positions must not matter
+    again = task.results((hidden,), mask, [(_enc(2), ItemOptions())])
+    assert np.allclose(again[0], out[0], atol=1e-6)
+
+
+def test_pooling_config_is_read_from_the_sentence_transformers_files(tmp_path: Path) -> None:
+    task = FeatureExtraction.from_directory(BUNDLED)
+    assert (task.mode, task.normalize) == ("mean", True)
+    assert (
+        FeatureExtraction.from_directory(tmp_path).mode,
+        FeatureExtraction.from_directory(tmp_path).normalize,
+    ) == ("mean", False)
+
+
+def test_classification_top_k() -> None:
+    task = TextClassification({0: "neg", 1: "pos", 2: "neutral"}, multi_label=False)
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    (labels,) = task.results((logits,), torch.ones(1, 1), [(_enc(1), ItemOptions(top_k=2))])
+    assert [x["label"] for x in labels] == ["pos", "neutral"]
+    assert labels[0]["score"] == pytest.approx(float(torch.softmax(logits, -1)[0, 1]))
+
+
+def test_qa_span_is_inside_the_context() -> None:
+    context = "Paris is the capital"
+    enc = Encoded(
+        ids=np.ones(7, dtype=np.int64),
+        type_ids=np.zeros(7, dtype=np.int64),
+        offsets=[(0, 0), (0, 5), (0, 0), (0, 5), (6, 8), (9, 12), (13, 20)],
+        sequence_ids=[None, 0, None, 1, 1, 1, 1],
+    )
+    start = torch.full((1, 8), -5.0)
+    end = torch.full((1, 8), -5.0)
+    start[0, 1] = 10.0  # the best start logit is in the question: must be ignored
+    start[0, 3] = 5.0
+    end[0, 3] = 5.0
+    (answer,) = QuestionAnswering().results(
+        (start, end), torch.ones(1, 8), [(enc, ItemOptions(context=context))]
+    )
+    assert answer["answer"] == "Paris" and (answer["start"], answer["end"]) == (0, 5)
