@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: venv test lint typecheck unit demo clean
+.PHONY: venv system-deps test lint typecheck unit demo clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+system-deps:
+	./scripts/system-deps.sh
+
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
@@ -26,7 +29,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: venv
+unit: venv system-deps
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit

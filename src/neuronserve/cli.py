@@ -21,6 +21,8 @@ EXIT_FAILURE = 1
 def _user_errors() -> tuple[type[BaseException], ...]:
     from neuronserve.artifacts import ArtifactError
     from neuronserve.backends.base import BackendError
+    from neuronserve.deploy.inventory import InventoryError
+    from neuronserve.deploy.local import DeployError
     from neuronserve.models import ModelSourceError
     from neuronserve.serving.tokenization import TokenizerMissingError
     from neuronserve.trace import VerificationError
@@ -32,6 +34,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ArtifactError,
         VerificationError,
         TokenizerMissingError,
+        DeployError,
+        InventoryError,
     )
 
 
@@ -134,6 +138,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args.config, [*args.overrides, *extra])
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from neuronserve.deploy.commands import deploy
+
+    return deploy(_settings(args), args.config, dry_run=args.dry_run, emit_compose=args.emit_compose)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from neuronserve.deploy.commands import status
+
+    return status(_settings(args))
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from neuronserve.deploy.commands import cleanup
+
+    return cleanup(_settings(args))
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from neuronserve.artifacts import load_manifest
 
@@ -215,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("gunicorn", "uvicorn"), help="serve.mode")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("deploy", help="start every server of the plan behind nginx and wait until ready")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--emit-compose", metavar="FILE", help="write the deployment as a compose file and stop")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("status", help="state, readiness, cores, port and restarts of each server")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cleanup", help="stop the deployment and remove exactly what it made")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cleanup)
+
     p = sub.add_parser("manifest", help="verify an artifact directory and summarise its manifest")
     p.add_argument("directory", help="e.g. trace-models/all-MiniLM-L6-v2/cpu")
     p.add_argument("--backend", help="also require artifacts of this backend")
@@ -235,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll is noise
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

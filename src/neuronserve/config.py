@@ -182,6 +182,36 @@ class ServeSettings:
     )
 
 
+Launcher = Literal["local", "docker"]
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """``deploy.*``: how the host's cores become servers behind one endpoint."""
+
+    name: str = setting("neuronserve", "Deployment name: its run directory, labels and process tags.")
+    cores: str = setting(
+        "", "Cores to deploy on (NEURON_RT_VISIBLE_CORES syntax, e.g. 0-7); empty means every core found."
+    )
+    cores_per_server: int = setting(1, "Cores each server owns (contiguous).", minimum=1, maximum=1024)
+    servers: str = setting(
+        "max",
+        "max (as many servers as fit), auto (one server owning every core) or a number (an error if "
+        "more than fit).",
+    )
+    host: str = setting("127.0.0.1", "Address the endpoint (nginx) listens on.")
+    port: int = setting(8080, "Port of the endpoint (nginx).", minimum=1, maximum=65535)
+    base_port: int = setting(8081, "Server i listens on base_port + i (loopback).", minimum=1, maximum=65535)
+    launcher: Launcher = setting("local", "local (supervisord + nginx on this host) or docker (containers).")
+    run_dir: str = setting(
+        "run", "Where local deployments keep configs, logs and sockets: <run_dir>/<name>/."
+    )
+    ready_timeout_s: float = setting(
+        300.0, "How long deploy waits for every server's /ready.", minimum=1.0, maximum=7200.0
+    )
+    docker_image: str = setting("", "Serving image; empty means neuronserve-serve-<backend>:latest.")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every section of ``config.properties``; built once per process, passed down, served at /info."""
@@ -189,6 +219,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     trace: TraceSettings = field(default_factory=TraceSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    deploy: DeploySettings = field(default_factory=DeploySettings)
     # Where the settings came from; relative paths in the settings resolve against this.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
 
@@ -446,6 +477,11 @@ def build_settings(values: Mapping[str, tuple[str, str]], base_dir: Path | None 
 
 def _check_consistency(settings: Settings) -> None:
     """Rules that span several keys."""
+    deploy = settings.deploy
+    if deploy.servers not in {"max", "auto"} and not (deploy.servers.isdigit() and int(deploy.servers) > 0):
+        raise ConfigError(f"deploy.servers must be max, auto or a positive number; got {deploy.servers!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", deploy.name):
+        raise ConfigError(f"deploy.name {deploy.name!r}: use letters, digits, '.', '_' or '-' (at most 63)")
     serve = settings.serve
     if serve.request_timeout_ms > serve.max_request_timeout_ms:
         raise ConfigError(

@@ -282,8 +282,7 @@ def _install_drain(app: FastAPI, engine: Engine) -> None:
         stop()
 
     def begin() -> None:
-        if engine.draining:  # a second SIGTERM: stop now
-            stop()
+        if engine.draining:  # gunicorn forwards the signal too; SIGINT or SIGQUIT force an exit
             return
         log.info("SIGTERM: draining (ready and new requests answer 503)")
         engine.begin_drain()

@@ -71,8 +71,9 @@ def gunicorn_command(settings: Settings, python: str = sys.executable) -> list[s
         f"{s.host}:{s.port}",
         "--graceful-timeout",
         str(int(s.drain_timeout_s) + 10),
+        # The worker's heartbeat; an orphaned worker (its master killed) also exits within this.
         "--timeout",
-        "120",
+        "30",
         "--keep-alive",
         "75",
         "--log-level",

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# neuronserve deploy for the deployment configured in config.properties (deploy.*); extra
+# arguments go to `neuronserve deploy` (e.g. --set deploy.name=other, --config my.properties).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make --no-print-directory -s venv system-deps 2>&1  # setup output on stdout: stderr is for errors
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+exec .venv/bin/neuronserve deploy "$@"

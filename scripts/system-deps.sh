@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the Debian packages neuronserve runs (nginx for deployments) when they are missing.
+set -euo pipefail
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing ${missing[*]} (apt-get)"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# The package starts a system nginx on port 80; neuronserve runs its own per deployment.
+if command -v service >/dev/null 2>&1; then service nginx stop >/dev/null 2>&1 || true; fi

@@ -1,0 +1,1 @@
+"""Deployment: inventory of cores, the plan of servers, and the launchers that run it."""

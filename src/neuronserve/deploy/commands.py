@@ -1,0 +1,115 @@
+"""``neuronserve deploy | status | cleanup``: one deployment's lifecycle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+from neuronserve.artifacts import load_manifest
+from neuronserve.config import Settings, find_config
+from neuronserve.deploy import local
+from neuronserve.deploy.inventory import detect
+from neuronserve.deploy.local import DeployError
+from neuronserve.deploy.plan import Plan, make_plan
+
+
+def plan_for(settings: Settings) -> tuple[Plan, Path]:
+    from neuronserve.serving.engine import artifacts_directory
+
+    artifacts = artifacts_directory(settings)
+    if not (artifacts / "manifest.json").is_file():
+        raise DeployError(f"no artifacts in {artifacts}; run ./trace-model/run.sh first")
+    manifest = load_manifest(artifacts)  # refuses tampered or mismatched artifacts before anything starts
+    return make_plan(settings, detect(manifest.backend), manifest.backend), artifacts
+
+
+def deploy(settings: Settings, config: str | None, *, dry_run: bool, emit_compose: str | None) -> int:
+    plan, artifacts = plan_for(settings)
+    print(plan.table())
+    if emit_compose:
+        from neuronserve.deploy import docker
+
+        docker.write_compose(Path(emit_compose), docker.container_specs(settings, plan, artifacts), plan)
+        print(f"wrote {emit_compose}")
+        return 0
+    if dry_run:
+        return 0
+    config_path = find_config(config, os.environ)
+    config_abs = config_path.resolve() if config_path is not None else None
+    if settings.deploy.launcher == "docker":
+        return _deploy_docker(settings, plan, artifacts)
+    rd = local.start(settings, plan, artifacts, config_abs)
+    try:
+        local.wait_ready(settings, plan, rd)
+    except BaseException:
+        local.stop(rd)
+        raise
+    print(f"ready: http://{plan.host}:{plan.port} ({len(plan.servers)} servers; logs in {rd.path / 'logs'})")
+    return 0
+
+
+def _deploy_docker(settings: Settings, plan: Plan, artifacts: Path) -> int:
+    from neuronserve import containers
+    from neuronserve.deploy import docker
+
+    engine = containers.docker_engine()
+    if engine.client is None:
+        raise DeployError(f"{engine.reason}; start Docker, or use deploy.launcher=local")
+    docker.launch(engine.client, docker.container_specs(settings, plan, artifacts), plan)
+    print(f"started {len(plan.servers)} server containers and nginx; endpoint http://{plan.host}:{plan.port}")
+    return 0
+
+
+def status(settings: Settings) -> int:
+    rd = local.run_dir(settings)
+    if local.supervisord_pid(rd) is None:
+        print(f"deployment {settings.deploy.name!r} is not running")
+        return 3
+    import json
+
+    plan = json.loads(rd.plan.read_text())
+    processes = {p["name"]: p for p in local.Supervisor(rd).processes()}
+    restarts = local.restarts(rd)
+    print(f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts")
+    with httpx.Client(timeout=2) as client:
+        for server in plan["servers"]:
+            info = processes.get(server["name"], {})
+            try:
+                ready = (
+                    "yes"
+                    if client.get(f"http://127.0.0.1:{server['port']}/ready").status_code == 200
+                    else "no"
+                )
+            except httpx.HTTPError:
+                ready = "down"
+            print(
+                f"{server['name']:<12}{info.get('statename', '?'):<10}{ready:<8}{server['cores']:<8}"
+                f"{server['port']:<7}{info.get('pid', 0):<9}{restarts.get(server['name'], 0)}"
+            )
+        nginx = processes.get("nginx", {})
+        print(
+            f"{'nginx':<12}{nginx.get('statename', '?'):<10}{'':<8}{'':<8}{plan['port']:<7}{nginx.get('pid', 0):<9}{restarts.get('nginx', 0)}"
+        )
+    print(f"endpoint http://{plan['host']}:{plan['port']}")
+    return 0
+
+
+def cleanup(settings: Settings) -> int:
+    if settings.deploy.launcher == "docker":
+        from neuronserve import containers
+        from neuronserve.deploy import docker
+
+        engine = containers.docker_engine()
+        if engine.client is None:
+            raise DeployError(f"{engine.reason}; nothing to clean up without an engine")
+        removed = docker.cleanup(engine.client, settings.deploy.name)
+        print(f"removed {removed} containers of deployment {settings.deploy.name!r}")
+        return 0
+    rd = local.run_dir(settings)
+    if local.stop(rd):
+        print(f"stopped deployment {settings.deploy.name!r} and removed {rd.path}")
+    else:
+        print(f"deployment {settings.deploy.name!r} is not running; nothing to clean up")
+    return 0

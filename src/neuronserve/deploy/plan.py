@@ -1,0 +1,129 @@
+"""The plan: which contiguous cores, devices, port and copies each server gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neuronserve.backends.base import CoreSet
+from neuronserve.config import ConfigError, Settings
+from neuronserve.deploy.inventory import Inventory
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    index: int
+    name: str
+    cores: CoreSet
+    devices: tuple[int, ...]
+    port: int
+    copies: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    deployment: str
+    backend: str
+    host: str
+    port: int
+    servers: tuple[ServerPlan, ...]
+    cores_per_device: int | None
+    idle_cores: tuple[int, ...]
+
+    def table(self) -> str:
+        """The plan as a text table, for --dry-run and after deploy."""
+        rows = [f"{'server':<12}{'cores':<10}{'devices':<12}{'port':<8}copies"]
+        for s in self.servers:
+            devices = ",".join(str(d) for d in s.devices) or "-"
+            rows.append(f"{s.name:<12}{s.cores!s:<10}{devices:<12}{s.port:<8}{s.copies}")
+        idle = f"; idle cores: {CoreSet(self.idle_cores)}" if self.idle_cores else ""
+        rows.append(
+            f"endpoint http://{self.host}:{self.port}  backend {self.backend}  {len(self.servers)} servers{idle}"
+        )
+        return "\n".join(rows)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _say_list(items: list[int]) -> str:
+    words = [str(i) for i in items]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _chosen_cores(settings: Settings, inventory: Inventory) -> tuple[int, ...]:
+    d = settings.deploy
+    if not d.cores:
+        return inventory.cores
+    try:
+        chosen = CoreSet.parse(d.cores).ids
+    except ValueError as exc:
+        raise ConfigError(f"deploy.cores {exc}") from None
+    missing = [c for c in chosen if c not in inventory.cores]
+    if missing:
+        raise ConfigError(
+            f"deploy.cores {d.cores}: cores {missing} are not on this host (it has {CoreSet(inventory.cores)})"
+        )
+    return chosen
+
+
+def _layout(settings: Settings, total: int) -> tuple[int, int]:
+    """(cores per server, number of servers) for ``total`` cores."""
+    d = settings.deploy
+    if d.servers == "auto":
+        return total, 1
+    per_server = d.cores_per_server
+    if per_server > total:
+        raise ConfigError(f"deploy.cores_per_server {per_server} exceeds the {total} cores available")
+    fits = total // per_server
+    if d.servers == "max":
+        if total % per_server:
+            raise ConfigError(
+                f"{total} cores / cores_per_server {per_server} leaves {total % per_server} idle: use "
+                f"{_say_list(_divisors(total))} (or deploy.servers=N to leave cores idle on purpose)"
+            )
+        return per_server, fits
+    count = int(d.servers)
+    if count > fits:
+        raise ConfigError(
+            f"deploy.servers={count} needs {count * per_server} cores but {total} are available; "
+            f"at most {fits} servers of {per_server} cores fit"
+        )
+    return per_server, count
+
+
+def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
+    """Contiguous core ranges per server; errors say what would fit."""
+    d = settings.deploy
+    chosen = _chosen_cores(settings, inventory)
+    per_server, count = _layout(settings, len(chosen))
+    servers = []
+    for i in range(count):
+        ids = tuple(chosen[i * per_server : (i + 1) * per_server])
+        if backend != "cpu" and ids != tuple(range(ids[0], ids[0] + len(ids))):
+            raise ConfigError(
+                f"server {i} would own cores {ids}, which are not contiguous; deploy.cores must be a range"
+            )
+        port = d.base_port + i
+        if port == d.port:
+            raise ConfigError(f"server {i} port {port} collides with deploy.port; move deploy.base_port")
+        servers.append(
+            ServerPlan(
+                index=i,
+                name=f"server-{i}",
+                cores=CoreSet(ids),
+                devices=inventory.devices_for(ids),
+                port=port,
+                copies=settings.serve.models_per_server,
+            )
+        )
+    used = {c for s in servers for c in s.cores.ids}
+    return Plan(
+        deployment=d.name,
+        backend=backend,
+        host=d.host,
+        port=d.port,
+        servers=tuple(servers),
+        cores_per_device=inventory.cores_per_device,
+        idle_cores=tuple(c for c in chosen if c not in used),
+    )

@@ -1,0 +1,128 @@
+"""The exact containers and generated configs a deployment would create."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuronserve.deploy.docker import compose_document, container_specs
+from neuronserve.deploy.local import RunDir, render_supervisord_conf
+from neuronserve.deploy.nginx import render_nginx_conf
+from neuronserve.deploy.plan import make_plan
+from tests.conftest import make_settings
+from tests.unit.deploy.test_inventory_plan import load
+
+
+def _specs(tmp_path: Path, shape: str, backend: str, per_server: str) -> list[dict[str, Any]]:
+    settings = make_settings(tmp_path, deploy__cores_per_server=per_server, deploy__name="bert")
+    plan = make_plan(settings, load(shape), backend)
+    return container_specs(settings, plan, tmp_path / "art")
+
+
+def test_inf2_48xlarge_one_core_per_server(tmp_path: Path) -> None:
+    specs = _specs(tmp_path, "inf2.48xlarge", "neuronx", "1")
+    servers = [s for s in specs if "devices" in s]
+    assert len(servers) == 24
+    s5 = servers[5]  # core 5 lives on device 2 (2 cores per device), seen as neuron0, core 1
+    assert s5["name"] == "bert-server-5"
+    assert s5["devices"] == ["/dev/neuron2:/dev/neuron0:rwm"]
+    assert s5["environment"]["NEURONSERVE_SERVE__CORES"] == "1"
+    assert s5["environment"]["NEURONSERVE_SERVE__PORT"] == "8080"
+    assert s5["volumes"] == {str((tmp_path / "art").resolve()): {"bind": "/artifacts", "mode": "ro"}}
+    assert s5["labels"] == {
+        "neuronserve.deployment": "bert",
+        "neuronserve.server": "server-5",
+        "neuronserve.cores": "5",
+    }
+    assert s5["restart_policy"] == {"Name": "unless-stopped"}
+    assert s5["user"] == "10001:10001" and s5["cap_drop"] == ["ALL"]
+    assert s5["network"] == "bert-net"
+    nginx = specs[-1]
+    assert nginx["ports"] == {"8080/tcp": ("127.0.0.1", 8080)}
+    assert "server bert-server-23:8080" in nginx["nginx_conf"]
+
+
+def test_inf2_48xlarge_two_cores_per_server(tmp_path: Path) -> None:
+    servers = [s for s in _specs(tmp_path, "inf2.48xlarge", "neuronx", "2") if "devices" in s]
+    assert len(servers) == 12
+    assert servers[3]["devices"] == ["/dev/neuron3:/dev/neuron0:rwm"]
+    assert servers[3]["environment"]["NEURONSERVE_SERVE__CORES"] == "0-1"
+    assert servers[3]["labels"]["neuronserve.cores"] == "6-7"
+
+
+@pytest.mark.parametrize(
+    ("per_server", "index", "devices", "cores"),
+    [
+        ("1", 6, ["/dev/neuron1:/dev/neuron0:rwm"], "2"),
+        ("2", 3, ["/dev/neuron1:/dev/neuron0:rwm"], "2-3"),
+        ("8", 1, ["/dev/neuron2:/dev/neuron0:rwm", "/dev/neuron3:/dev/neuron1:rwm"], "0-7"),
+    ],
+)
+def test_inf1_6xlarge(tmp_path: Path, per_server: str, index: int, devices: list[str], cores: str) -> None:
+    servers = [s for s in _specs(tmp_path, "inf1.6xlarge", "neuron", per_server) if "devices" in s]
+    assert servers[index]["devices"] == devices
+    assert servers[index]["environment"]["NEURONSERVE_SERVE__CORES"] == cores
+    assert servers[index]["image"] == "neuronserve-serve-neuron:latest"
+
+
+def test_compose_file_mirrors_the_specs(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, deploy__cores_per_server="2", deploy__name="bert")
+    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    doc = compose_document(container_specs(settings, plan, tmp_path), plan)
+    json.dumps(doc)  # serialisable (JSON is YAML)
+    server = doc["services"]["bert-server-0"]
+    assert server["devices"] == ["/dev/neuron0:/dev/neuron0:rwm"]
+    assert server["environment"]["NEURONSERVE_SERVE__CORES"] == "0-1"
+    assert doc["services"]["bert-nginx"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert "least_conn" in doc["configs"]["nginx_conf"]["content"]
+
+
+def test_nginx_conf(tmp_path: Path) -> None:
+    conf = render_nginx_conf(
+        listen_host="127.0.0.1",
+        listen_port=8080,
+        upstreams=["127.0.0.1:8081", "127.0.0.1:8082"],
+        run_dir=tmp_path,
+        max_body_bytes=1048576,
+        read_timeout_s=125,
+        user=None,
+    )
+    for directive in (
+        "least_conn;",
+        "server 127.0.0.1:8081 max_fails=1 fail_timeout=2s;",
+        "keepalive 64;",
+        "proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
+        "proxy_next_upstream_tries 3;",
+        "client_max_body_size 1048576;",
+        "proxy_read_timeout 125s;",
+        "listen 127.0.0.1:8080",
+        f"pid {tmp_path}/nginx/nginx.pid;",
+        "proxy_set_header X-Request-ID $neuronserve_request_id;",
+    ):
+        assert directive in conf, directive
+
+
+def test_supervisord_conf(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, serve__drain_timeout_s="20")
+    from neuronserve.deploy.inventory import Inventory
+
+    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+    conf = render_supervisord_conf(
+        settings=settings,
+        plan=plan,
+        rd=RunDir(tmp_path / "run"),
+        artifacts=tmp_path / "art",
+        config=None,
+        nginx="/usr/sbin/nginx",
+        python="/py",
+        passthrough_env={"PATH": "/bin"},
+    )
+    assert "[program:server-0]" in conf and "[program:server-1]" in conf and "[program:nginx]" in conf
+    assert 'NEURONSERVE_SERVE__CORES="1"' in conf
+    assert 'NEURONSERVE_SERVE__PORT="8082"' in conf
+    assert "autorestart=true" in conf
+    assert "stopwaitsecs=35" in conf  # drain timeout + 15
+    assert "stopasgroup=false" in conf  # gunicorn forwards TERM; the worker must not get two
