@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Debian packages (nginx for deployments, hey for comparisons), installed when missing.
 system-deps:
 	./scripts/system-deps.sh
 
@@ -34,9 +35,8 @@ unit: venv system-deps
 
 test: lint typecheck unit
 
-demo: venv
-	./trace-model/build.sh
-	./trace-model/run.sh
+demo: venv system-deps
+	./scripts/demo.sh
 
 clean:
 	rm -rf trace-models run results .mypy_cache .ruff_cache .pytest_cache

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.integration.servers import free_port, wait_ready  # noqa: E402
 
-from bench.lean_client import build_request, run_closed_loop  # noqa: E402
+from neuronserve.loadgen.http import Payload, StepPlan, Target, run_step  # noqa: E402
+from neuronserve.loadgen.stats import percentile  # noqa: E402
 
 BATCH_SIZES = "1,8,32"
 SEQUENCE_LENGTHS = "16,128"
@@ -227,12 +228,16 @@ class Server:
 
 def served(port: int, texts: list[str], concurrency: int, duration_s: float) -> tuple[float, float, float]:
     """(requests/s, p50 seconds, mean x-batch-size) in a closed loop."""
-    requests = [build_request(port, "/predict", orjson.dumps({"inputs": t})) for t in texts]
-    result = run_closed_loop(port, requests, concurrency, duration_s, warmup_s=min(3.0, duration_s / 3))
-    bad = {k: v for k, v in result.statuses.items() if k != 200}
+    import asyncio
+
+    payloads = [Payload(orjson.dumps({"inputs": t}), 0) for t in texts]
+    plan = StepPlan("closed", concurrency, duration_s, warmup_s=min(3.0, duration_s / 3))
+    records = asyncio.run(run_step(plan, [Target("127.0.0.1", port, "/predict")], payloads, {}))
+    bad = [r.error for r in records if r.error]
     if bad:
-        raise RuntimeError(f"non-200 answers during the benchmark: {bad}")
-    return result.throughput, result.percentile(50), statistics.mean(result.batch_sizes)
+        raise RuntimeError(f"non-200 answers during the benchmark: {sorted(set(bad))}")
+    latencies = sorted(r.latency_s for r in records)
+    return len(records) / duration_s, percentile(latencies, 50), statistics.mean(r.batch_size for r in records)
 
 
 def one_run(

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install the Debian packages neuronserve runs (nginx for deployments) when they are missing.
+# Install the Debian packages neuronserve runs when they are missing: nginx (deployments) and hey
+# (bench/loadgen_vs_hey.py).
 set -euo pipefail
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v hey >/dev/null 2>&1 || missing+=(hey)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing Debian packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2

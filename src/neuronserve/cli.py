@@ -156,6 +156,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return cleanup(_settings(args))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from neuronserve.loadgen.cli import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from neuronserve.artifacts import load_manifest
 
@@ -250,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="stop the deployment and remove exactly what it made")
     _add_config_args(p)
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("bench", help="the load client (same options as run_apis.py)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("manifest", help="verify an artifact directory and summarise its manifest")
     p.add_argument("directory", help="e.g. trace-models/all-MiniLM-L6-v2/cpu")

@@ -212,6 +212,63 @@ class DeploySettings:
     docker_image: str = setting("", "Serving image; empty means neuronserve-serve-<backend>:latest.")
 
 
+LoadMode = Literal["closed", "open"]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """``bench.*``: the load client (run_apis.py, neuronserve bench) and its report."""
+
+    target: str = setting(
+        "", "Comma-separated server URLs (client-side round robin); empty means the deployment endpoint."
+    )
+    route: Literal["/predict", "/v1/embeddings", "v2"] = setting(
+        "/predict", "Route to load: /predict, /v1/embeddings or v2."
+    )
+    mode: LoadMode = setting(
+        "closed", "closed (a sweep of concurrency levels) or open (a sweep of Poisson rates)."
+    )
+    concurrency: tuple[int, ...] = setting(
+        (1, 2, 4, 8, 16, 32), "Closed-loop concurrency levels.", minimum=1, maximum=100_000
+    )
+    rates: tuple[float, ...] = setting(
+        (5.0, 10.0, 20.0, 40.0), "Open-loop request rates (requests/s).", minimum=0.001
+    )
+    duration_s: float = setting(10.0, "Measured seconds per step.", minimum=0.1, maximum=86400.0)
+    warmup_s: float = setting(
+        2.0, "Seconds of load before each step's measurement (not counted).", minimum=0.0
+    )
+    requests: int = setting(
+        0, "Stop each step after this many measured requests (0: by duration).", minimum=0
+    )
+    timeout_s: float = setting(30.0, "Client timeout per request.", minimum=0.01)
+    processes: int = setting(
+        1, "Processes to spread the load over, so the client is never the bottleneck.", minimum=1, maximum=256
+    )
+    dataset: str = setting("", "JSON lines, CSV or text file of inputs; empty uses built-in sample texts.")
+    text_field: str = setting("text", "Field of each JSON line or CSV row that holds the text.")
+    token_buckets: str = setting(
+        "",
+        "Token-length buckets such as 1-32,33-128 (one run per bucket, lengths from the model's tokenizer).",
+    )
+    latency_budget_ms: float = setting(1000.0, "p95 latency a step must stay under.", minimum=0.0)
+    error_budget: float = setting(
+        0.01, "Error rate a step must stay under (0.01 = 1%).", minimum=0.0, maximum=1.0
+    )
+    cost_budget: float = setting(
+        0.0, "Dollars per million requests a step must stay under (0: none).", minimum=0.0
+    )
+    instance_type: str = setting(
+        "inf2.xlarge", "Instance type for the cost figures (a key of the price table)."
+    )
+    instance_count: int = setting(1, "Instances serving the load, for the cost figures.", minimum=1)
+    pricing_file: str = setting(
+        "", "An edited copy of the packaged price table; empty uses the packaged one."
+    )
+    output_dir: str = setting("results", "Where reports go: <output_dir>/<name>-<timestamp>/.")
+    name: str = setting("bench", "Name of the run (the report directory's prefix).")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every section of ``config.properties``; built once per process, passed down, served at /info."""
@@ -220,6 +277,7 @@ class Settings:
     trace: TraceSettings = field(default_factory=TraceSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    bench: BenchSettings = field(default_factory=BenchSettings)
     # Where the settings came from; relative paths in the settings resolve against this.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
 
@@ -378,7 +436,7 @@ def _convert(spec: KeySpec, raw: str) -> Any:
         items = tuple(_scalar(item_type, p, spec) for p in parts)
         if len(set(items)) != len(items):
             raise ValueError(f"lists a value twice: {value!r}; list each once")
-        return tuple(sorted(items)) if item_type is int else items
+        return tuple(sorted(items)) if item_type in (int, float) else items
     return _scalar(spec.type, value, spec)
 
 

@@ -4,8 +4,9 @@ The event loop ``submit``s work items (never blocking: a full queue raises :clas
 Each copy thread calls ``next_batch`` when it is free and gets a :class:`Batch` for one compiled
 shape:
 
-- the sequence bucket is that of the oldest waiting item (first come, first served); items of
-  smaller buckets fill any remaining rows, since they fit the larger length;
+- the sequence bucket is that of the oldest waiting item (first come, first served); the batch
+  size is chosen for that bucket's own items, and items of smaller buckets only fill rows that
+  would otherwise be padding (a long text never drags short ones into a long batch);
 - the batch size is the compiled size with the lowest measured cost *per real item* for what is
   waiting (warm-up measures every shape), so two waiting items on a {1, 8} grid go to two copies
   at batch 1 rather than one batch-8 run that is three quarters padding;
@@ -217,13 +218,14 @@ class Batcher:
     def _select(self, now: float) -> tuple[Batch | None, float]:
         heads = [(q[0].enqueued_at, s) for s, q in self._queues.items() if q]
         oldest_at, seq = min(heads)
-        fits = [s for s in self.sequence_lengths if s <= seq]
-        waiting = sum(len(self._queues[s]) for s in fits)
-        size = self.choose_batch_size(waiting, seq)
-        largest = self.batch_sizes[-1]
+        # The size is chosen for the bucket's own items: shorter items may only take rows that
+        # would otherwise be padding, never turn a short batch into a long one.
+        own = len(self._queues[seq])
+        size = self.choose_batch_size(own, seq)
+        smaller = [s for s in self.sequence_lengths if s < seq]
+        available = own + sum(len(self._queues[s]) for s in smaller)
         if (
-            waiting < size
-            and size <= largest
+            available < size
             and self.max_delay_s > 0
             and self._idle == 0
             and now < oldest_at + self.max_delay_s
@@ -232,7 +234,7 @@ class Batcher:
             return None, oldest_at + self.max_delay_s
         taken: list[WorkItem] = []
         self._take(seq, size, taken)
-        for s in sorted((s for s in fits if s != seq), key=self._head_time):
+        for s in sorted(smaller, key=self._head_time):
             self._take(s, size, taken)
         self._size -= len(taken)
         for item in taken:

@@ -72,8 +72,10 @@ class CopyWorker(threading.Thread):
         on_ready: Callable[[int, dict[tuple[int, int], float]], None],
         on_failed: Callable[[int, BaseException], None],
         on_outcome: Callable[[BatchOutcome], None],
+        measure_lock: threading.Lock,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
+        self._measure_lock = measure_lock
         self.index = index
         self._backend = backend
         self._manifest = manifest
@@ -104,12 +106,17 @@ class CopyWorker(threading.Thread):
         names = self._manifest.input_names
         for (b, s), model in self._models.items():
             inputs = tuple(torch.ones((b, s), dtype=torch.int64) for _ in names)
-            times = []
-            for _ in range(WARMUP_CALLS):
-                started = time.perf_counter()
+            for _ in range(WARMUP_CALLS - MEASURED_CALLS):
                 model.run(inputs)
-                times.append(time.perf_counter() - started)
-            costs[(b, s)] = min(times[-MEASURED_CALLS:])
+            # Copies of a server share its cores: timed one at a time, or each figure would
+            # include the other copies' work (and mislead the batcher for as long as it runs).
+            with self._measure_lock:
+                times = []
+                for _ in range(MEASURED_CALLS):
+                    started = time.perf_counter()
+                    model.run(inputs)
+                    times.append(time.perf_counter() - started)
+            costs[(b, s)] = min(times)
         log.info(
             "copy %d ready: %s",
             self.index,

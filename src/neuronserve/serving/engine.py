@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ class Engine:
         tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
         self.threads_per_copy = prepare_process(self.backend_name, self.cores, self.copies, tag)
         backend = create_backend(self.backend_name, self.settings.trace)
+        measure_lock = threading.Lock()
         for index in range(self.copies):
             CopyWorker(
                 index=index,
@@ -147,6 +149,7 @@ class Engine:
                 on_ready=self._on_copy_ready,
                 on_failed=self._on_copy_failed,
                 on_outcome=self._on_outcome,
+                measure_lock=measure_lock,
             ).start()
 
     @property

@@ -45,20 +45,39 @@ def test_smallest_bucket_that_fits() -> None:
         batcher.bucket(129)
 
 
-def test_oldest_bucket_first_and_smaller_items_fill_rows() -> None:
+def test_oldest_bucket_first_and_smaller_items_fill_only_padding_rows() -> None:
     clock = Clock()
     batcher, _ = make(clock)
-    long_item = item(clock, 100)
-    batcher.submit([long_item])
+    batcher.set_costs({(1, 32): 0.01, (8, 32): 0.03, (1, 128): 0.05, (8, 128): 0.08})
+    longs = [item(clock, 100), item(clock, 100)]
+    batcher.submit(longs)
     clock.now += 0.001
     shorts = [item(clock, 10) for _ in range(3)]
     batcher.submit(shorts)
     batch = batcher.next_batch()
     assert batch is not None
-    # without measured costs: the smallest size holding all 4 waiting items
+    # two long items: batch 8 is cheaper per item (40 vs 50 ms); its 6 spare rows take the shorts
     assert (batch.sequence_length, batch.batch_size) == (128, 8)
-    assert batch.items == (long_item, *shorts)
+    assert batch.items == (*longs, *shorts)
     assert batcher.depth == 0
+
+
+def test_a_long_item_does_not_drag_short_ones_into_a_long_batch() -> None:
+    clock = Clock()
+    batcher, _ = make(clock)
+    batcher.set_costs({(1, 32): 0.023, (8, 32): 0.090, (1, 128): 0.098, (8, 128): 0.357})
+    long_item = item(clock, 100)
+    batcher.submit([long_item])
+    clock.now += 0.001
+    batcher.submit([item(clock, 10) for _ in range(7)])
+    first = batcher.next_batch()
+    assert first is not None and (first.sequence_length, first.batch_size, first.items) == (
+        128,
+        1,
+        (long_item,),
+    )
+    second = batcher.next_batch()
+    assert second is not None and (second.sequence_length, second.batch_size, len(second.items)) == (32, 8, 7)
 
 
 def test_batch_size_by_measured_cost_per_item() -> None:

@@ -1,0 +1,1 @@
+"""Load generation: closed and open loop clients, statistics and reports."""

@@ -1,0 +1,210 @@
+"""``python run_apis.py`` and ``neuronserve bench``: sweep load against servers, write a report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from neuronserve import __version__
+from neuronserve.config import ConfigError, Settings, load_settings
+from neuronserve.loadgen.client import Sweep, run_sweep
+from neuronserve.loadgen.http import Target
+from neuronserve.loadgen.payloads import (
+    Bucket,
+    PayloadError,
+    TokenCounter,
+    build_payloads,
+    load_texts,
+    parse_buckets,
+)
+from neuronserve.loadgen.report import compare, write_all
+from neuronserve.loadgen.stats import Budgets, Pricing, decide, knee
+
+SHORTCUTS = {
+    "target": "bench.target",
+    "route": "bench.route",
+    "mode": "bench.mode",
+    "concurrency": "bench.concurrency",
+    "rates": "bench.rates",
+    "duration": "bench.duration_s",
+    "warmup": "bench.warmup_s",
+    "requests": "bench.requests",
+    "processes": "bench.processes",
+    "dataset": "bench.dataset",
+    "buckets": "bench.token_buckets",
+    "name": "bench.name",
+    "output": "bench.output_dir",
+    "instance_type": "bench.instance_type",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_apis.py",
+        description="Sweep concurrency (closed loop) or request rate (open loop, Poisson) against "
+        "neuronserve servers and write a report: requests.csv, summary.json, report.md, plots.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="config.properties (bench.* keys)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--target", help="server URL(s), comma-separated (default: the deployment endpoint)")
+    parser.add_argument("--route", choices=("/predict", "/v1/embeddings", "v2"))
+    parser.add_argument("--mode", choices=("closed", "open"))
+    parser.add_argument("--concurrency", help="closed-loop levels, e.g. 1,4,16")
+    parser.add_argument("--rates", help="open-loop rates (req/s), e.g. 5,10,20")
+    parser.add_argument("--duration", help="measured seconds per step")
+    parser.add_argument("--warmup", help="warm-up seconds per step (not counted)")
+    parser.add_argument("--requests", help="measured requests per step instead of a duration")
+    parser.add_argument("--processes", help="client processes")
+    parser.add_argument("--dataset", help="JSON lines, CSV or text file of inputs")
+    parser.add_argument("--buckets", help="token-length buckets, e.g. 1-32,33-128 (one run each)")
+    parser.add_argument("--name", help="run name (report directory prefix)")
+    parser.add_argument("--output", help="results directory")
+    parser.add_argument("--instance-type", dest="instance_type", help="for the cost figures")
+    parser.add_argument("--model", help="model name for the v2 route (default: from the server's /info)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="print a regression table between two runs"
+    )
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    extra = [
+        f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items() if getattr(args, name) is not None
+    ]
+    return load_settings(args.config, overrides=[*args.overrides, *extra])
+
+
+def _headers(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.serve.api_key}"} if settings.serve.api_key else {}
+
+
+def _server_info(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    try:
+        response = httpx.get(f"{url}/info", headers=headers, timeout=5)
+        return dict(response.json()) if response.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def _artifacts(settings: Settings) -> Path | None:
+    from neuronserve.serving.engine import artifacts_directory
+
+    try:
+        directory = artifacts_directory(settings)
+    except Exception:
+        return None
+    return directory if directory.is_dir() else None
+
+
+def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
+    b = settings.bench
+    urls = [u.strip() for u in b.target.split(",") if u.strip()] or [
+        f"http://{settings.deploy.host}:{settings.deploy.port}"
+    ]
+    headers = _headers(settings)
+    info = _server_info(urls[0].rstrip("/"), headers)
+    path: str = b.route
+    if b.route == "v2":
+        name = model or (info.get("model") or {}).get("name")
+        if not name:
+            raise ConfigError(
+                "the v2 route needs a model name: pass --model NAME (the server's /info did not say)"
+            )
+        path = f"/v2/models/{name}/infer"
+    targets = [Target.parse(u, path) for u in urls]
+    pricing = Pricing.load(settings.path(b.pricing_file) if b.pricing_file else None)
+    dollars = pricing.per_hour(b.instance_type, b.instance_count)
+    budgets = Budgets(b.latency_budget_ms, b.error_budget, b.cost_budget)
+    levels = tuple(float(x) for x in (b.concurrency if b.mode == "closed" else b.rates))
+    sweep = Sweep(
+        b.mode, levels, b.duration_s, b.warmup_s, b.requests, b.timeout_s, b.processes, budgets, dollars
+    )
+    counter = TokenCounter(_artifacts(settings))
+    texts = load_texts(str(settings.path(b.dataset)) if b.dataset else "", b.text_field)
+    buckets: list[Bucket | None] = [*parse_buckets(b.token_buckets)] or [None]
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    written = []
+    for bucket in buckets:
+        payloads = build_payloads(texts, b.route, counter, bucket)
+        suffix = f"-{bucket.low}-{bucket.high}" if bucket else ""
+        label = f"[{bucket.label}] " if bucket else ""
+        steps, rows = run_sweep(sweep, targets, payloads, headers, progress=progress, name=label)
+        knee_index = knee(steps)
+        decision = decide(steps, budgets)
+        token_counts = sorted(p.tokens for p in payloads)
+        summary: dict[str, Any] = {
+            "name": f"{b.name}{suffix}",
+            "started_at": stamp,
+            "config": {
+                "targets": urls,
+                "route": path,
+                "mode": b.mode,
+                "levels": list(levels),
+                "duration_s": b.duration_s,
+                "warmup_s": b.warmup_s,
+                "requests": b.requests,
+                "timeout_s": b.timeout_s,
+                "processes": b.processes,
+                "inputs": b.dataset or "built-in sample texts",
+                "payloads": len(payloads),
+                "token_unit": counter.unit,
+                "token_range": f"{token_counts[0]}-{token_counts[-1]}",
+                "budgets": {
+                    "latency_p95_ms": b.latency_budget_ms,
+                    "error_rate": b.error_budget,
+                    "cost_per_million": b.cost_budget,
+                },
+                "instance_type": b.instance_type,
+                "instance_count": b.instance_count,
+                "dollars_per_hour": dollars,
+            },
+            "environment": {
+                "client host": platform.node(),
+                "client CPUs": os.cpu_count(),
+                "python": platform.python_version(),
+                "neuronserve": __version__,
+                "server backend": info.get("backend", "unknown (no /info)"),
+                "server model": (info.get("model") or {}).get("name", "unknown"),
+                "server shapes": ", ".join(
+                    f"b{s['batch_size']}xs{s['sequence_length']}" for s in info.get("shapes", [])
+                )
+                or "unknown",
+                "server copies": info.get("copies", "unknown"),
+            },
+            "pricing": {"source": pricing.source, "date": pricing.date},
+            "knee": knee_index,
+            "decision": decision,
+            "monitoring": os.environ.get("NEURONSERVE_MONITORING_NOTE", ""),
+        }
+        directory = settings.path(b.output_dir) / f"{b.name}{suffix}-{stamp}"
+        report = write_all(directory, summary, steps, rows, counter.unit)
+        from neuronserve.loadgen.report import steps_table
+
+        print(steps_table(steps, knee_index, decision["best"]))
+        print(f"report: {report}")
+        print(f"decision: {decision['verdict']}")
+        written.append(report)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.compare:
+        print(compare(Path(args.compare[0]), Path(args.compare[1])))
+        return 0
+    try:
+        settings = _settings(args)
+        run(settings, model=args.model, progress=not args.no_progress)
+    except (ConfigError, PayloadError, ValueError) as exc:
+        print(f"run_apis: {exc}", file=sys.stderr)
+        return 2
+    return 0
