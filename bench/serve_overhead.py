@@ -36,7 +36,7 @@ from tests.integration.servers import free_port, wait_ready  # noqa: E402
 from neuronserve.loadgen.http import Payload, StepPlan, Target, run_step  # noqa: E402
 from neuronserve.loadgen.stats import percentile  # noqa: E402
 
-BATCH_SIZES = "1,8,32"
+BATCH_SIZES = "1,2,4,8,16,32"
 SEQUENCE_LENGTHS = "16,128"
 WORDS = [
     "serving",
@@ -237,7 +237,11 @@ def served(port: int, texts: list[str], concurrency: int, duration_s: float) -> 
     if bad:
         raise RuntimeError(f"non-200 answers during the benchmark: {sorted(set(bad))}")
     latencies = sorted(r.latency_s for r in records)
-    return len(records) / duration_s, percentile(latencies, 50), statistics.mean(r.batch_size for r in records)
+    return (
+        len(records) / duration_s,
+        percentile(latencies, 50),
+        statistics.mean(r.batch_size for r in records),
+    )
 
 
 def one_run(

@@ -162,6 +162,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from neuronserve.backends.base import CoreSet
+    from neuronserve.monitor.run import resolve_sources, serve
+    from neuronserve.serving.engine import artifacts_directory
+
+    settings = _settings(args)
+    backend = args.backend
+    if backend is None:
+        from neuronserve.artifacts import read_manifest
+
+        backend = read_manifest(artifacts_directory(settings)).backend
+    cpus = list(CoreSet.parse(args.cpus).ids) if args.cpus else None
+    return serve(
+        settings,
+        resolve_sources(settings, backend),
+        cpus=cpus,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+    )
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from neuronserve.monitor import dashboards
+    from neuronserve.monitor.prometheus import render_prometheus_yml
+
+    root = Path(args.output)
+    for path in dashboards.write(root / "grafana" / "dashboards"):
+        print(f"wrote {path}")
+    (root / "prometheus").mkdir(parents=True, exist_ok=True)
+    (root / "prometheus" / "prometheus.yml").write_text(render_prometheus_yml(5.0))
+    print(f"wrote {root / 'prometheus' / 'prometheus.yml'}")
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from neuronserve.deploy.local import run_dir
+    from neuronserve.monitor.top import run as run_top
+
+    settings = _settings(args)
+    m = settings.monitor
+    exporter = f"http://{m.host}:{m.port}/metrics" if m.enabled else None
+    return run_top(run_dir(settings).path, exporter, args.interval, args.once)
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from neuronserve.artifacts import load_manifest
 
@@ -209,7 +252,7 @@ def format_manifest_summary(manifest: object) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per command
     parser = argparse.ArgumentParser(prog="neuronserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neuronserve {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -260,6 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the load client (same options as run_apis.py)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "monitor", help="the Prometheus exporter (neuron-monitor, host, replay or stdin sources)"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--backend",
+        choices=("cpu", "neuronx", "neuron"),
+        help="for monitor.sources=auto (default: the artifacts')",
+    )
+    p.add_argument("--cpus", help="CPUs whose utilization the host source reports (default: all)")
+    p.add_argument("--run-dir", help="a local deployment's run directory, for per-server CPU and memory")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("dashboards", help="generate the Grafana dashboards and prometheus.yml")
+    p.add_argument("--output", default="monitor", help="the monitor/ directory")
+    p.set_defaults(func=cmd_dashboards)
+
+    p = sub.add_parser(
+        "top", help="a live view of the deployment: per-server rate, latency, queue; per-core use"
+    )
+    _add_config_args(p)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("manifest", help="verify an artifact directory and summarise its manifest")
     p.add_argument("directory", help="e.g. trace-models/all-MiniLM-L6-v2/cpu")

@@ -212,6 +212,28 @@ class DeploySettings:
     docker_image: str = setting("", "Serving image; empty means neuronserve-serve-<backend>:latest.")
 
 
+@dataclass(frozen=True)
+class MonitorSettings:
+    """``monitor.*``: the metrics exporter, Prometheus and dashboards."""
+
+    enabled: bool = setting(True, "Run the exporter as part of every local deployment.")
+    sources: str = setting(
+        "auto",
+        "Comma-separated exporter sources: neuron-monitor, stdin, replay, host; auto means host on "
+        "cpu deployments and neuron-monitor on Neuron ones.",
+    )
+    replay_file: str = setting("", "JSON-lines neuron-monitor reports for the replay source (demos, tests).")
+    period_s: float = setting(
+        5.0, "neuron-monitor period and host sampling interval.", minimum=0.1, maximum=3600.0
+    )
+    host: str = setting("127.0.0.1", "Address the exporter listens on.")
+    port: int = setting(9110, "Port of the exporter.", minimum=1, maximum=65535)
+    neuron_monitor: str = setting("neuron-monitor", "The neuron-monitor executable (aws-neuronx-tools).")
+    prometheus: bool = setting(False, "Also run Prometheus (Debian package) in local deployments.")
+    prometheus_port: int = setting(9090, "Port of the deployment's Prometheus.", minimum=1, maximum=65535)
+    scrape_interval_s: float = setting(5.0, "Prometheus scrape interval.", minimum=0.5, maximum=3600.0)
+
+
 LoadMode = Literal["closed", "open"]
 
 
@@ -277,6 +299,7 @@ class Settings:
     trace: TraceSettings = field(default_factory=TraceSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     # Where the settings came from; relative paths in the settings resolve against this.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)

@@ -47,6 +47,13 @@ def deploy(settings: Settings, config: str | None, *, dry_run: bool, emit_compos
         local.stop(rd)
         raise
     print(f"ready: http://{plan.host}:{plan.port} ({len(plan.servers)} servers; logs in {rd.path / 'logs'})")
+    m = settings.monitor
+    if m.enabled:
+        print(f"metrics: exporter http://{m.host}:{m.port}/metrics, servers http://127.0.0.1:<port>/metrics")
+    if m.prometheus:
+        print(
+            f"prometheus: http://127.0.0.1:{m.prometheus_port} (targets in {rd.path / 'prometheus' / 'targets'})"
+        )
     return 0
 
 

@@ -92,6 +92,27 @@ def server_environment(
     return env
 
 
+def _all_cores(plan: Plan) -> str:
+    from neuronserve.backends.base import CoreSet
+
+    return str(CoreSet(tuple(sorted({c for s in plan.servers for c in s.cores.ids}))))
+
+
+def section_environment(settings: Settings, section: str) -> dict[str, str]:
+    """Every key of one settings section as NEURONSERVE_* variables (paths made absolute)."""
+    from neuronserve.config import format_value, key_specs
+
+    env = {}
+    for spec in key_specs().values():
+        if spec.section != section:
+            continue
+        value = getattr(getattr(settings, section), spec.name)
+        if spec.name.endswith("_file") and value:
+            value = str(settings.path(value))
+        env[f"NEURONSERVE_{section.upper()}__{spec.name.upper()}"] = format_value(value)
+    return env
+
+
 def _supervisor_env(env: dict[str, str]) -> str:
     return ",".join(f'{k}="{v}"' for k, v in sorted(env.items()))
 
@@ -148,6 +169,35 @@ def render_supervisord_conf(
             f"stdout_logfile={rd.log(server.name)}",
             "stdout_logfile_maxbytes=20MB",
             "stdout_logfile_backups=2",
+        ]
+    if settings.monitor.enabled:
+        lines += [
+            "",
+            "[program:exporter]",
+            f"command={python} -m neuronserve.cli monitor --backend {plan.backend} --cpus {_all_cores(plan)} --run-dir {rd.path}",
+            f"environment={_supervisor_env({**passthrough_env, **section_environment(settings, 'monitor')})}",
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=1",
+            "stopsignal=TERM",
+            "stopwaitsecs=10",
+            "redirect_stderr=true",
+            f"stdout_logfile={rd.log('exporter')}",
+        ]
+    if settings.monitor.prometheus:
+        prom = rd.path / "prometheus"
+        lines += [
+            "",
+            "[program:prometheus]",
+            f"command={shutil.which('prometheus') or '/usr/bin/prometheus'} --config.file={prom / 'prometheus.yml'} "
+            f"--storage.tsdb.path={prom / 'data'} --web.listen-address=127.0.0.1:{settings.monitor.prometheus_port}",
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=1",
+            "stopsignal=TERM",
+            "stopwaitsecs=30",
+            "redirect_stderr=true",
+            f"stdout_logfile={rd.log('prometheus')}",
         ]
     lines += [
         "",
@@ -226,7 +276,20 @@ def write_run_dir(settings: Settings, plan: Plan, artifacts: Path, config: Path 
         )
     )
     rd.plan.write_text(json.dumps(plan_to_json(plan), indent=2) + "\n")
+    _write_prometheus(settings, plan, rd)
     return rd
+
+
+def _write_prometheus(settings: Settings, plan: Plan, rd: RunDir) -> None:
+    """File-SD targets for Prometheus (the committed monitor/prometheus/prometheus.yml reads
+    them), and this deployment's own prometheus.yml when it runs Prometheus itself."""
+    from neuronserve.monitor.prometheus import render_prometheus_yml, write_targets
+
+    m = settings.monitor
+    prom = rd.path / "prometheus"
+    servers = {f"{settings.deploy.name}-{s.name}": f"127.0.0.1:{s.port}" for s in plan.servers}
+    write_targets(prom, settings.deploy.name, servers, f"{m.host}:{m.port}" if m.enabled else None)
+    (prom / "prometheus.yml").write_text(render_prometheus_yml(m.scrape_interval_s))
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -270,6 +333,11 @@ def start(settings: Settings, plan: Plan, artifacts: Path, config: Path | None) 
         )
     busy = [f"{plan.host}:{plan.port}"] if port_in_use(plan.host, plan.port) else []
     busy += [f"127.0.0.1:{s.port}" for s in plan.servers if port_in_use("127.0.0.1", s.port)]
+    m = settings.monitor
+    if m.enabled and port_in_use(m.host, m.port):
+        busy.append(f"{m.host}:{m.port} (monitor.port)")
+    if m.prometheus and port_in_use("127.0.0.1", m.prometheus_port):
+        busy.append(f"127.0.0.1:{m.prometheus_port} (monitor.prometheus_port)")
     if busy:
         raise DeployError(
             f"ports in use: {', '.join(busy)}; stop what holds them or change deploy.port / deploy.base_port"

@@ -105,6 +105,43 @@ def _artifacts(settings: Settings) -> Path | None:
     return directory if directory.is_dir() else None
 
 
+def monitoring_snapshot(settings: Settings, directory: Path) -> str:
+    """Save the deployment's metrics right after the run; returns the report's note on them."""
+    import json
+
+    from neuronserve.deploy.local import run_dir
+
+    directory.mkdir(parents=True, exist_ok=True)
+    m = settings.monitor
+    sources: dict[str, str] = {}
+    plan_file = run_dir(settings).plan
+    if plan_file.is_file():
+        for server in json.loads(plan_file.read_text())["servers"]:
+            sources[server["name"]] = f"http://127.0.0.1:{server['port']}/metrics"
+    if m.enabled:
+        sources["exporter"] = f"http://{m.host}:{m.port}/metrics"
+    saved = []
+    for name, url in sources.items():
+        try:
+            response = httpx.get(url, timeout=3)
+        except httpx.HTTPError:
+            continue
+        if response.status_code == 200:
+            (directory / f"metrics-{name}.txt").write_text(response.text)
+            saved.append(f"[{name}](metrics-{name}.txt) from {url}")
+    if not saved:
+        return "No metrics endpoint of a local deployment was reachable; nothing was saved."
+    lines = ["Live metrics during the run came from:", *[f"- {s}" for s in saved]]
+    if m.prometheus:
+        lines.append(
+            f"- Prometheus at http://127.0.0.1:{m.prometheus_port} (targets in {run_dir(settings).path / 'prometheus'})"
+        )
+    lines.append(
+        "Snapshots were taken right after the last step. Dashboards: monitor/grafana/dashboards/*.json."
+    )
+    return "\n".join(lines)
+
+
 def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
     b = settings.bench
     urls = [u.strip() for u in b.target.split(",") if u.strip()] or [
@@ -183,9 +220,9 @@ def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
             "pricing": {"source": pricing.source, "date": pricing.date},
             "knee": knee_index,
             "decision": decision,
-            "monitoring": os.environ.get("NEURONSERVE_MONITORING_NOTE", ""),
         }
         directory = settings.path(b.output_dir) / f"{b.name}{suffix}-{stamp}"
+        summary["monitoring"] = monitoring_snapshot(settings, directory)
         report = write_all(directory, summary, steps, rows, counter.unit)
         from neuronserve.loadgen.report import steps_table
 

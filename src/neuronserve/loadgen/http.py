@@ -204,6 +204,24 @@ async def run_step(
 Keep = Callable[[float, Record], None]
 
 
+async def _exchange(
+    conn: Connection, raw: bytes, *, timeout_s: float, payload: Payload, intended: float, t0: float
+) -> Record:
+    """Send one request on ``conn`` and record it; latency runs from ``intended``."""
+    sent = time.perf_counter()
+    status, error, headers = await _send(conn, raw, timeout_s)
+    return _record(
+        intended=intended - t0,
+        sent=sent - t0,
+        done=time.perf_counter() - t0,
+        status=status,
+        error=error,
+        headers=headers,
+        payload=payload,
+        target=conn.target,
+    )
+
+
 async def _closed(
     *,
     plan: StepPlan,
@@ -226,19 +244,15 @@ async def _closed(
                     conn = Connection(target)
                 p_i = (n // len(targets)) % len(payloads)
                 sent = time.perf_counter()
-                status, error, headers = await _send(conn, raws[t_i][p_i], plan.timeout_s)
-                now = time.perf_counter()
                 keep(
                     sent,
-                    _record(
-                        intended=sent - t0,
-                        sent=sent - t0,
-                        done=now - t0,
-                        status=status,
-                        error=error,
-                        headers=headers,
+                    await _exchange(
+                        conn,
+                        raws[t_i][p_i],
+                        timeout_s=plan.timeout_s,
                         payload=payloads[p_i],
-                        target=target,
+                        intended=sent,
+                        t0=t0,
                     ),
                 )
                 n += int(plan.level)
@@ -268,24 +282,12 @@ async def _open(
         p_i = (n // len(targets)) % len(payloads)
         pool = idle[t_i]
         conn = pool.pop() if pool else Connection(targets[t_i])
-        sent = time.perf_counter()
-        status, error, headers = await _send(conn, raws[t_i][p_i], plan.timeout_s)
-        now = time.perf_counter()
+        record = await _exchange(
+            conn, raws[t_i][p_i], timeout_s=plan.timeout_s, payload=payloads[p_i], intended=intended, t0=t0
+        )
         if conn.writer is not None:
             pool.append(conn)
-        keep(
-            intended,
-            _record(
-                intended=intended - t0,
-                sent=sent - t0,
-                done=now - t0,
-                status=status,
-                error=error,
-                headers=headers,
-                payload=payloads[p_i],
-                target=targets[t_i],
-            ),
-        )
+        keep(intended, record)
 
     for n, offset in enumerate(poisson_arrivals(plan.level, plan.seed)):
         intended = loop_start + offset

@@ -50,6 +50,16 @@ def steps_table(steps: list[StepSummary], knee_index: int | None, best: int | No
     return "\n".join(rows)
 
 
+def _save(fig: Any, ax: Any, path: Path, grid_axis: str = "both") -> str:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3, axis=grid_axis)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plot(
     directory: Path,
     steps: list[StepSummary],
@@ -82,33 +92,21 @@ def plot(
         ax.plot([k.rps], [k.latency_ms["p95"]], "r*", markersize=16, label=f"knee ({xlabel} {k.level:g})")
         ax.legend()
     ax.set(xlabel="throughput (req/s)", ylabel="p95 latency (ms)", title="Throughput vs p95 latency")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(directory / "throughput_vs_p95.png", dpi=110)
-    names.append("throughput_vs_p95.png")
-    plt.close(fig)
+    names.append(_save(fig, ax, directory / "throughput_vs_p95.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for q in ("p50", "p95", "p99"):
         ax.plot(levels, [s.latency_ms[q] for s in steps], "o-", label=q)
     ax.set(xlabel=xlabel, ylabel="latency (ms)", title="Latency percentiles")
     ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(directory / "latency_percentiles.png", dpi=110)
-    names.append("latency_percentiles.png")
-    plt.close(fig)
+    names.append(_save(fig, ax, directory / "latency_percentiles.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ok = [(r.tokens, r.latency_s * 1000) for _i, r in rows if not r.error]
     if ok:
         ax.scatter([t for t, _ in ok], [lat for _, lat in ok], s=4, alpha=0.3)
     ax.set(xlabel=f"input {token_unit}", ylabel="latency (ms)", title=f"Latency vs input {token_unit}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(directory / "latency_vs_tokens.png", dpi=110)
-    names.append("latency_vs_tokens.png")
-    plt.close(fig)
+    names.append(_save(fig, ax, directory / "latency_vs_tokens.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(
@@ -116,11 +114,7 @@ def plot(
         [100 * s.error_rate for s in steps],
     )
     ax.set(xlabel=xlabel, ylabel="errors (%)", title="Error rate")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(directory / "error_rate.png", dpi=110)
-    names.append("error_rate.png")
-    plt.close(fig)
+    names.append(_save(fig, ax, directory / "error_rate.png", grid_axis="y"))
     return names
 
 

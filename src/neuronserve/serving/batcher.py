@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see _explore)
+
 
 class QueueFullError(Exception):
     """The queue is at capacity; answer 429."""
@@ -98,6 +100,7 @@ class Batcher:
         self._idle = 0  # copies waiting in next_batch
         self._closed = False
         self._costs: dict[tuple[int, int], float] = {}
+        self._dispatches = 0
         self._cond = threading.Condition()
 
     # --- event loop side ------------------------------------------------------------------
@@ -221,7 +224,7 @@ class Batcher:
         # The size is chosen for the bucket's own items: shorter items may only take rows that
         # would otherwise be padding, never turn a short batch into a long one.
         own = len(self._queues[seq])
-        size = self.choose_batch_size(own, seq)
+        size = self._explore(self.choose_batch_size(own, seq), own)
         smaller = [s for s in self.sequence_lengths if s < seq]
         available = own + sum(len(self._queues[s]) for s in smaller)
         if (
@@ -240,6 +243,17 @@ class Batcher:
         for item in taken:
             item.dispatched_at = now
         return Batch(seq, size, tuple(taken)), now
+
+    def _explore(self, size: int, waiting: int) -> int:
+        """Now and then try the next larger size the cost model avoids while more inputs wait.
+
+        Costs only ever go down with observations, so a size whose warm-up figure was inflated
+        (a noisy neighbour during warm-up) would otherwise never run and never be corrected.
+        """
+        self._dispatches += 1
+        if waiting > size and self._dispatches % EXPLORE_EVERY == 0:
+            return next((b for b in self.batch_sizes if b > size), size)
+        return size
 
     def _head_time(self, seq: int) -> float:
         queue = self._queues[seq]

@@ -25,6 +25,7 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+REJECTION_REASONS = ("queue_full", "deadline", "draining", "not_ready", "unauthorized", "too_large")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -70,6 +71,8 @@ class ServerMetrics:
         self.rejections = Counter(
             "neuronserve_rejections", "Requests refused, by reason", ["reason"], registry=r
         )
+        for reason in REJECTION_REASONS:  # present at 0 from the start, so rates and panels exist
+            self.rejections.labels(reason=reason)
         self.copies_ready = Gauge("neuronserve_copies_ready", "Model copies loaded and warmed", registry=r)
         self.copy_inferences = Counter(
             "neuronserve_copy_inferences", "Model calls per copy", ["copy"], registry=r

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
+from neuronserve.serving.batcher import EXPLORE_EVERY, Batcher, BatcherClosedError, QueueFullError, WorkItem
 
 
 class Clock:
@@ -185,3 +185,21 @@ def test_noisy_costs_cannot_switch_batching_off() -> None:
     batcher.observe(8, 32, 0.500)  # a slow run (interference) never raises it
     assert batcher._costs[(8, 32)] == pytest.approx(0.040)
     assert batcher.choose_batch_size(2, 32) == 1  # 10 ms/item beats 40/2 = 20 ms/item
+
+
+def test_exploration_corrects_an_inflated_batch_cost() -> None:
+    clock = Clock()
+    batcher, _ = make(clock)
+    # warm-up of batch 8 ran beside a noisy neighbour: 70 ms looks dearer per item than 10 ms
+    # for 5 waiting inputs (14 ms), though it really costs 30 ms (6 ms per item)
+    batcher.set_costs({(1, 32): 0.010, (8, 32): 0.070, (1, 128): 0.05, (8, 128): 0.08})
+    dispatched: list[int] = []
+    while 8 not in dispatched:
+        batcher.submit([item(clock, 5) for _ in range(5 - batcher.depth)])
+        batch = batcher.next_batch()
+        assert batch is not None
+        dispatched.append(batch.batch_size)
+        assert len(dispatched) <= EXPLORE_EVERY
+    assert dispatched == [1] * (EXPLORE_EVERY - 1) + [8]  # one exploration in EXPLORE_EVERY
+    batcher.observe(8, 32, 0.030)  # what the copy measured when batch 8 really ran
+    assert batcher.choose_batch_size(5, 32) == 8  # corrected: batch 8 now wins on its own

@@ -1,0 +1,1 @@
+"""Monitoring: neuron-monitor and host metrics for Prometheus, dashboards, a live top view."""

@@ -1,0 +1,332 @@
+"""Grafana dashboards defined in code with grafana-foundation-sdk's typed builders.
+
+``neuronserve dashboards`` writes them to ``monitor/grafana/dashboards/*.json``; a test fails
+when the committed JSON differs from what this code generates. Queries use
+``$__rate_interval``, which Grafana fills in from the scrape interval.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
+from grafana_foundation_sdk.builders.prometheus import Dataquery as PrometheusQuery
+from grafana_foundation_sdk.builders.stat import Panel as Stat
+from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
+
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="prometheus")
+INFERENCE_ROUTES = 'route=~"/predict|/v1/embeddings|/v2/models/.*/infer"'
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    unit: str
+    queries: tuple[Query, ...]
+    kind: str = "timeseries"  # or "stat"
+    width: int = 12
+
+
+def _quantiles(metric: str, by: str = "") -> tuple[Query, ...]:
+    group = f"le{', ' + by if by else ''}"
+    suffix = f" {{{{{by}}}}}" if by else ""
+    return tuple(
+        Query(
+            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[$__rate_interval])))",
+            f"p{int(q * 100)}{suffix}",
+        )
+        for q in (0.5, 0.95, 0.99)
+    )
+
+
+SERVING: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
+    (
+        "Traffic",
+        (
+            PanelSpec(
+                "Requests per second by status code",
+                "reqps",
+                (Query("sum by (code) (rate(neuronserve_requests_total[$__rate_interval]))", "{{code}}"),),
+            ),
+            PanelSpec(
+                "Request latency (inference routes)",
+                "s",
+                tuple(
+                    Query(
+                        f"histogram_quantile({q}, sum by (le) (rate(neuronserve_request_duration_seconds_bucket{{{INFERENCE_ROUTES}}}[$__rate_interval])))",
+                        f"p{int(q * 100)}",
+                    )
+                    for q in (0.5, 0.95, 0.99)
+                ),
+            ),
+            PanelSpec(
+                "Queue vs inference time (p50)",
+                "s",
+                (
+                    Query(
+                        "histogram_quantile(0.5, sum by (le) (rate(neuronserve_queue_duration_seconds_bucket[$__rate_interval])))",
+                        "queue",
+                    ),
+                    Query(
+                        "histogram_quantile(0.5, sum by (le) (rate(neuronserve_inference_duration_seconds_bucket[$__rate_interval])))",
+                        "inference",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Batch size (real inputs per model call)",
+                "short",
+                (
+                    Query(
+                        "sum(rate(neuronserve_batch_size_sum[$__rate_interval])) / sum(rate(neuronserve_batch_size_count[$__rate_interval]))",
+                        "mean",
+                    ),
+                    Query(
+                        "histogram_quantile(0.95, sum by (le) (rate(neuronserve_batch_size_bucket[$__rate_interval])))",
+                        "p95",
+                    ),
+                ),
+            ),
+        ),
+    ),
+    (
+        "Backpressure",
+        (
+            PanelSpec(
+                "Queue depth per server",
+                "short",
+                (Query("sum by (server) (neuronserve_queue_depth)", "{{server}}"),),
+            ),
+            PanelSpec(
+                "In-flight requests per server",
+                "short",
+                (Query("sum by (server) (neuronserve_inflight_requests)", "{{server}}"),),
+            ),
+            PanelSpec(
+                "Rejections by reason",
+                "reqps",
+                (
+                    Query(
+                        "sum by (reason) (rate(neuronserve_rejections_total[$__rate_interval]))", "{{reason}}"
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Copies ready", "short", (Query("sum(neuronserve_copies_ready)", "ready"),), kind="stat"
+            ),
+        ),
+    ),
+    (
+        "Per server and copy",
+        (
+            PanelSpec(
+                "Requests per second per server",
+                "reqps",
+                (
+                    Query(
+                        f"sum by (server) (rate(neuronserve_requests_total{{{INFERENCE_ROUTES}}}[$__rate_interval]))",
+                        "{{server}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "p95 latency per server",
+                "s",
+                (
+                    Query(
+                        f"histogram_quantile(0.95, sum by (le, server) (rate(neuronserve_request_duration_seconds_bucket{{{INFERENCE_ROUTES}}}[$__rate_interval])))",
+                        "{{server}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Inputs per second per copy",
+                "short",
+                (
+                    Query(
+                        "sum by (server, copy) (rate(neuronserve_copy_items_total[$__rate_interval]))",
+                        "{{server}} copy {{copy}}",
+                    ),
+                ),
+                width=24,
+            ),
+        ),
+    ),
+)
+
+CORES: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
+    (
+        "NeuronCores (neuron-monitor)",
+        (
+            PanelSpec(
+                "NeuronCore utilization",
+                "percentunit",
+                (Query("avg by (neuroncore) (neuroncore_utilization_ratio)", "nc{{neuroncore}}"),),
+            ),
+            PanelSpec(
+                "Runtime memory (device and host)",
+                "bytes",
+                (
+                    Query(
+                        "sum by (memory_location) (neuron_runtime_memory_used_bytes)", "{{memory_location}}"
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Execution latency",
+                "s",
+                (Query("avg by (percentile) (execution_latency_seconds)", "{{percentile}}"),),
+            ),
+            PanelSpec(
+                "Executions by status",
+                "ops",
+                (
+                    Query(
+                        "sum by (status_type) (rate(execution_status_total[$__rate_interval]))",
+                        "{{status_type}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Execution errors by type",
+                "ops",
+                (
+                    Query(
+                        "sum by (error_type) (rate(execution_errors_total[$__rate_interval]))",
+                        "{{error_type}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Runtime vCPU",
+                "percentunit",
+                (Query("avg by (usage_type) (neuron_runtime_vcpu_usage_ratio)", "{{usage_type}}"),),
+            ),
+            PanelSpec(
+                "Device memory per core (tensors and constants)",
+                "bytes",
+                (
+                    Query(
+                        "sum by (neuroncore) (neuroncore_memory_usage_tensors)", "nc{{neuroncore}} tensors"
+                    ),
+                    Query(
+                        "sum by (neuroncore) (neuroncore_memory_usage_constants)",
+                        "nc{{neuroncore}} constants",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Hardware ECC events",
+                "short",
+                (
+                    Query(
+                        "sum by (event_type) (increase(hardware_ecc_events_total[$__rate_interval]))",
+                        "{{event_type}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
+    (
+        "Host (every backend) and cpu-backend equivalents",
+        (
+            PanelSpec(
+                "Host vCPU",
+                "percentunit",
+                (Query("avg by (usage_type) (system_vcpu_usage_ratio)", "{{usage_type}}"),),
+            ),
+            PanelSpec(
+                "Host memory used",
+                "percentunit",
+                (Query("avg(system_memory_used_bytes / system_memory_total_bytes)", "used"),),
+            ),
+            PanelSpec(
+                "CPU utilization per core (cpu backend)",
+                "percentunit",
+                (Query("avg by (cpu) (neuronserve_host_cpu_utilization_ratio)", "cpu{{cpu}}"),),
+            ),
+            PanelSpec(
+                "Server CPU (cores' worth)",
+                "short",
+                (Query("sum by (server) (neuronserve_server_cpu_ratio)", "{{server}}"),),
+            ),
+            PanelSpec(
+                "Server resident memory",
+                "bytes",
+                (Query("sum by (server) (neuronserve_server_memory_rss_bytes)", "{{server}}"),),
+            ),
+            PanelSpec(
+                "Exporter sources up",
+                "short",
+                (Query("min by (source) (neuronserve_exporter_source_up)", "{{source}}"),),
+                kind="stat",
+            ),
+        ),
+    ),
+)
+
+
+def build(title: str, uid: str, rows: tuple[tuple[str, tuple[PanelSpec, ...]], ...]) -> dict[str, Any]:
+    dashboard = (
+        Dashboard(title).uid(uid).tags(["neuronserve", "generated"]).refresh("10s").time("now-30m", "now")
+    )
+    y = 0
+    for row_title, panels in rows:
+        dashboard = dashboard.with_row(Row(row_title).grid_pos(GridPos(h=1, w=24, x=0, y=y)))
+        y += 1
+        x = 0
+        for spec in panels:
+            if x + spec.width > 24:
+                x, y = 0, y + 8
+            panel = (
+                (Stat() if spec.kind == "stat" else Timeseries())
+                .title(spec.title)
+                .unit(spec.unit)
+                .datasource(DATASOURCE)
+            )
+            for ref, query in zip("ABCDEFGH", spec.queries, strict=False):
+                panel = panel.with_target(
+                    PrometheusQuery().expr(query.expr).legend_format(query.legend).ref_id(ref)
+                )
+            dashboard = dashboard.with_panel(panel.grid_pos(GridPos(h=8, w=spec.width, x=x, y=y)))
+            x += spec.width
+        y += 8
+    return dict(json.loads(json.dumps(dashboard.build(), cls=JSONEncoder)))
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    """File name -> dashboard JSON."""
+    return {
+        "neuronserve-serving.json": build("neuronserve: serving", "neuronserve-serving", SERVING),
+        "neuronserve-cores.json": build("neuronserve: cores", "neuronserve-cores", CORES),
+    }
+
+
+def render(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def expressions(document: dict[str, Any]) -> list[str]:
+    """Every PromQL expression of a dashboard."""
+    return [t["expr"] for p in document.get("panels", []) for t in p.get("targets", []) if t.get("expr")]
+
+
+def write(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, document in dashboards().items():
+        path = directory / name
+        path.write_text(render(document))
+        written.append(path)
+    return written

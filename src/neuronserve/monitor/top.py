@@ -1,0 +1,146 @@
+"""``neuronserve top``: a live terminal view of a deployment (like neuron-top, for all of it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+INFERENCE = ("/predict", "/v1/embeddings", "/v2/models/{model}/infer")
+
+
+@dataclass
+class Scrape:
+    at: float
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+
+    def total(self, name: str, **match: str | tuple[str, ...]) -> float:
+        out = 0.0
+        for (metric, labels), value in self.samples.items():
+            if metric != name:
+                continue
+            d = dict(labels)
+            if all((d.get(k) in v) if isinstance(v, tuple) else d.get(k) == v for k, v in match.items()):
+                out += value
+        return out
+
+    def buckets(self, name: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for (metric, labels), value in self.samples.items():
+            d = dict(labels)
+            if metric == f"{name}_bucket" and d.get("route") in INFERENCE:
+                le = float(d["le"])
+                out[le] = out.get(le, 0.0) + value
+        return out
+
+
+def scrape(url: str) -> Scrape | None:
+    try:
+        text = httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return None
+    result = Scrape(time.monotonic())
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            result.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return result
+
+
+def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """A quantile from the change of cumulative histogram buckets (upper bound of its bucket)."""
+    deltas = sorted((le, after.get(le, 0.0) - before.get(le, 0.0)) for le in after)
+    total = deltas[-1][1] if deltas else 0.0
+    if total <= 0:
+        return math.nan
+    for le, count in deltas:
+        if count >= q * total:
+            return le
+    return math.inf
+
+
+def frame(plan: dict[str, object], before: dict[str, Scrape | None], after: dict[str, Scrape | None]) -> str:
+    servers = plan["servers"]
+    assert isinstance(servers, list)
+    lines = [
+        f"neuronserve top - deployment {plan['deployment']} ({plan['backend']}) - endpoint http://{plan['host']}:{plan['port']}",
+        "",
+    ]
+    lines.append(
+        f"{'server':<10}{'cores':<8}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'queue':>7}{'in-flight':>10}{'err/s':>7}{'batch':>7}"
+    )
+    for server in servers:
+        a, b = before.get(server["name"]), after.get(server["name"])
+        if a is None or b is None:
+            lines.append(f"{server['name']:<10}{server['cores']:<8}{'down':>8}")
+            continue
+        dt = max(1e-9, b.at - a.at)
+        ok = (
+            b.total("neuronserve_requests_total", route=INFERENCE)
+            - a.total("neuronserve_requests_total", route=INFERENCE)
+        ) / dt
+        bad_codes = tuple(str(c) for c in range(400, 600))
+        errs = (
+            b.total("neuronserve_requests_total", code=bad_codes)
+            - a.total("neuronserve_requests_total", code=bad_codes)
+        ) / dt
+        hb, ha = (
+            b.buckets("neuronserve_request_duration_seconds"),
+            a.buckets("neuronserve_request_duration_seconds"),
+        )
+        batches = b.total("neuronserve_batch_size_count") - a.total("neuronserve_batch_size_count")
+        items = b.total("neuronserve_batch_size_sum") - a.total("neuronserve_batch_size_sum")
+        lines.append(
+            f"{server['name']:<10}{server['cores']:<8}{ok:>8.1f}{quantile(0.5, ha, hb) * 1000:>9.1f}"
+            f"{quantile(0.99, ha, hb) * 1000:>9.1f}{b.total('neuronserve_queue_depth'):>7.0f}"
+            f"{b.total('neuronserve_inflight_requests'):>10.0f}{errs:>7.1f}{(items / batches if batches else 0):>7.1f}"
+        )
+    exporter = after.get("exporter")
+    lines.append("")
+    if exporter is None:
+        lines.append("exporter: not reachable (monitor.enabled=false?)")
+    else:
+        cores = sorted(
+            ((dict(k[1]), v) for k, v in exporter.samples.items() if k[0] == "neuroncore_utilization_ratio"),
+            key=lambda kv: int(kv[0]["neuroncore"]),
+        )
+        cpus = sorted(
+            (
+                (dict(k[1]), v)
+                for k, v in exporter.samples.items()
+                if k[0] == "neuronserve_host_cpu_utilization_ratio"
+            ),
+            key=lambda kv: int(kv[0]["cpu"]),
+        )
+        for labels, value in cores:
+            lines.append(f"nc{labels['neuroncore']:<4} {'#' * round(value * 40):<40} {value:6.1%}")
+        for labels, value in cpus:
+            lines.append(f"cpu{labels['cpu']:<3} {'#' * round(value * 40):<40} {value:6.1%}")
+    return "\n".join(lines)
+
+
+def run(run_dir: Path, exporter_url: str | None, interval_s: float, once: bool) -> int:
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        print(f"no deployment in {run_dir}; run ./fast-api/deploy.sh first", file=sys.stderr)
+        return 3
+    plan = json.loads(plan_path.read_text())
+    urls = {s["name"]: f"http://127.0.0.1:{s['port']}/metrics" for s in plan["servers"]}
+    if exporter_url:
+        urls["exporter"] = exporter_url
+    before = {name: scrape(url) for name, url in urls.items()}
+    while True:
+        time.sleep(interval_s)  # the sampling interval of the view
+        after = {name: scrape(url) for name, url in urls.items()}
+        text = frame(plan, before, after)
+        if once:
+            print(text)
+            return 0
+        sys.stdout.write("\x1b[2J\x1b[H" + text + "\n")
+        sys.stdout.flush()
+        before = after
