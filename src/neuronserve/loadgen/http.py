@@ -182,22 +182,11 @@ async def run_step(
     def done() -> bool:
         return time.perf_counter() >= stop_at or (plan.max_requests > 0 and len(records) >= plan.max_requests)
 
+    step = _Step(plan, targets, payloads, raws, keep, done, measure_from)
     if plan.mode == "closed":
-        await _closed(
-            plan=plan, targets=targets, payloads=payloads, raws=raws, keep=keep, done=done, t0=measure_from
-        )
+        await _closed(step)
     else:
-        await _open(
-            plan=plan,
-            targets=targets,
-            payloads=payloads,
-            raws=raws,
-            keep=keep,
-            done=done,
-            loop_start=loop_start,
-            stop_at=stop_at,
-            t0=measure_from,
-        )
+        await _open(step, loop_start=loop_start, stop_at=stop_at)
     return records
 
 
@@ -222,16 +211,30 @@ async def _exchange(
     )
 
 
-async def _closed(
-    *,
-    plan: StepPlan,
-    targets: Sequence[Target],
-    payloads: Sequence[Payload],
-    raws: list[list[bytes]],
-    keep: Keep,
-    done: Callable[[], bool],
-    t0: float,
-) -> None:
+@dataclass(frozen=True)
+class _Step:
+    """What both loops share: the plan, targets, payloads (pre-encoded per target) and sinks."""
+
+    plan: StepPlan
+    targets: Sequence[Target]
+    payloads: Sequence[Payload]
+    raws: list[list[bytes]]
+    keep: Keep
+    done: Callable[[], bool]
+    t0: float  # the measured window's start: record times are relative to it
+
+
+async def _closed(step: _Step) -> None:
+    plan, targets, payloads, raws, keep, done, t0 = (
+        step.plan,
+        step.targets,
+        step.payloads,
+        step.raws,
+        step.keep,
+        step.done,
+        step.t0,
+    )
+
     async def worker(index: int) -> None:
         conn = Connection(targets[index % len(targets)])
         n = index
@@ -262,18 +265,16 @@ async def _closed(
     await asyncio.gather(*(worker(i) for i in range(int(plan.level))))
 
 
-async def _open(
-    *,
-    plan: StepPlan,
-    targets: Sequence[Target],
-    payloads: Sequence[Payload],
-    raws: list[list[bytes]],
-    keep: Keep,
-    done: Callable[[], bool],
-    loop_start: float,
-    stop_at: float,
-    t0: float,
-) -> None:
+async def _open(step: _Step, *, loop_start: float, stop_at: float) -> None:
+    plan, targets, payloads, raws, keep, done, t0 = (
+        step.plan,
+        step.targets,
+        step.payloads,
+        step.raws,
+        step.keep,
+        step.done,
+        step.t0,
+    )
     idle: dict[int, list[Connection]] = {i: [] for i in range(len(targets))}
     inflight: set[asyncio.Task[None]] = set()
 
