@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from tests.integration.servers import free_port, wait_ready  # noqa: E402
 
 from neuronserve.loadgen.http import Payload, StepPlan, Target, run_step  # noqa: E402
+from neuronserve.loadgen.payloads import TokenCounter  # noqa: E402
 from neuronserve.loadgen.stats import percentile  # noqa: E402
 
 BATCH_SIZES = "1,2,4,8,16,32"
@@ -77,7 +78,7 @@ WORDS = [
 ]
 
 
-def texts_of_length(tokenizer: object, low: int, high: int, count: int) -> list[str]:
+def texts_of_length(counter: TokenCounter, low: int, high: int, count: int) -> list[str]:
     """``count`` distinct texts whose token count (with special tokens) is in [low, high]."""
     out: list[str] = []
     start = 0
@@ -87,7 +88,7 @@ def texts_of_length(tokenizer: object, low: int, high: int, count: int) -> list[
         while True:
             words.append(WORDS[i % len(WORDS)])
             i += 1
-            n = len(tokenizer.encode(" ".join(words)).ids)  # type: ignore[attr-defined]
+            n = counter.count(" ".join(words))
             if n >= low:
                 break
         if n <= high:
@@ -287,11 +288,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     artifacts = trace_artifacts(Path(args.output))
-    from neuronserve.serving.tokenization import TextEncoder
-
-    tokenizer = TextEncoder(artifacts, 512)._plain
-    long_texts = texts_of_length(tokenizer, 110, 126, 8)
-    short_texts = texts_of_length(tokenizer, 13, 16, 8)
+    counter = TokenCounter(artifacts)
+    long_texts = texts_of_length(counter, 110, 126, 8)
+    short_texts = texts_of_length(counter, 13, 16, 8)
     print(
         f"cores: {sorted(os.sched_getaffinity(0))}, copies: {args.copies}, shapes b{BATCH_SIZES} x s{SEQUENCE_LENGTHS}"
     )

@@ -36,6 +36,7 @@ from neuronserve.artifacts import (
 from neuronserve.backends import choose_backend, compiler_args_for, create_backend
 from neuronserve.models import (
     SERVING_FILES,
+    TASK_OUTPUTS,
     EagerModel,
     ModelSourceError,
     default_name,
@@ -265,7 +266,7 @@ def run_trace(
         versions=versions,
         compiler_args=compiler_args,
         input_names=input_names,
-        output_names=_output_names(task),
+        output_names=TASK_OUTPUTS[task],
         shapes=tuple(entries[shape] for shape in shapes),
         tolerance=tolerance,
         files=files,
@@ -305,12 +306,6 @@ def _up_to_date(
 
 def _same_shape_set(previous: Manifest, shapes: list[tuple[int, int]]) -> bool:
     return [(e.batch_size, e.sequence_length) for e in previous.shapes] == shapes
-
-
-def _output_names(task: str) -> tuple[str, ...]:
-    from neuronserve.models import TASK_OUTPUTS
-
-    return TASK_OUTPUTS[task]
 
 
 def _compile_shapes(

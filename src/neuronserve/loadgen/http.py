@@ -223,85 +223,69 @@ class _Step:
     done: Callable[[], bool]
     t0: float  # the measured window's start: record times are relative to it
 
+    def pick(self, n: int) -> tuple[int, int]:
+        """Request n's target (round robin) and payload (cycling), as indices."""
+        return n % len(self.targets), (n // len(self.targets)) % len(self.payloads)
+
+    async def exchange(self, conn: Connection, n: int, intended: float) -> None:
+        """Send request n on ``conn`` (its target), record it from ``intended``, keep it."""
+        t_i, p_i = self.pick(n)
+        record = await _exchange(
+            conn,
+            self.raws[t_i][p_i],
+            timeout_s=self.plan.timeout_s,
+            payload=self.payloads[p_i],
+            intended=intended,
+            t0=self.t0,
+        )
+        self.keep(intended, record)
+
 
 async def _closed(step: _Step) -> None:
-    plan, targets, payloads, raws, keep, done, t0 = (
-        step.plan,
-        step.targets,
-        step.payloads,
-        step.raws,
-        step.keep,
-        step.done,
-        step.t0,
-    )
+    concurrency = int(step.plan.level)
 
     async def worker(index: int) -> None:
-        conn = Connection(targets[index % len(targets)])
+        conn = Connection(step.targets[index % len(step.targets)])
         n = index
         try:
-            while not done():
-                t_i = n % len(targets)
-                target, conn_target = targets[t_i], conn.target
-                if target != conn_target:
+            while not step.done():
+                target = step.targets[step.pick(n)[0]]
+                if target != conn.target:
                     conn.close()
                     conn = Connection(target)
-                p_i = (n // len(targets)) % len(payloads)
-                sent = time.perf_counter()
-                keep(
-                    sent,
-                    await _exchange(
-                        conn,
-                        raws[t_i][p_i],
-                        timeout_s=plan.timeout_s,
-                        payload=payloads[p_i],
-                        intended=sent,
-                        t0=t0,
-                    ),
-                )
-                n += int(plan.level)
+                await step.exchange(conn, n, time.perf_counter())
+                n += concurrency
         finally:
             conn.close()
 
-    await asyncio.gather(*(worker(i) for i in range(int(plan.level))))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
 
 async def _open(step: _Step, *, loop_start: float, stop_at: float) -> None:
-    plan, targets, payloads, raws, keep, done, t0 = (
-        step.plan,
-        step.targets,
-        step.payloads,
-        step.raws,
-        step.keep,
-        step.done,
-        step.t0,
-    )
-    idle: dict[int, list[Connection]] = {i: [] for i in range(len(targets))}
+    plan = step.plan
+    idle: dict[int, list[Connection]] = {i: [] for i in range(len(step.targets))}
     inflight: set[asyncio.Task[None]] = set()
 
     async def one(n: int, intended: float) -> None:
-        t_i = n % len(targets)
-        p_i = (n // len(targets)) % len(payloads)
+        t_i = step.pick(n)[0]
         pool = idle[t_i]
-        conn = pool.pop() if pool else Connection(targets[t_i])
-        record = await _exchange(
-            conn, raws[t_i][p_i], timeout_s=plan.timeout_s, payload=payloads[p_i], intended=intended, t0=t0
-        )
+        conn = pool.pop() if pool else Connection(step.targets[t_i])
+        await step.exchange(conn, n, intended)
         if conn.writer is not None:
             pool.append(conn)
-        keep(intended, record)
 
     for n, offset in enumerate(poisson_arrivals(plan.level, plan.seed)):
         intended = loop_start + offset
-        if intended >= stop_at or done():
+        if intended >= stop_at or step.done():
             break
         delay = intended - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         if len(inflight) >= plan.max_inflight:
-            p_i = (n // len(targets)) % len(payloads)
+            payload = step.payloads[step.pick(n)[1]]
             rec = Record(
-                intended - t0,
-                intended - t0,
+                intended - step.t0,
+                intended - step.t0,
                 0.0,
                 0,
                 "client_overload",
@@ -309,11 +293,11 @@ async def _open(step: _Step, *, loop_start: float, stop_at: float) -> None:
                 float("nan"),
                 float("nan"),
                 0,
-                payloads[p_i].tokens,
-                payloads[p_i].items,
+                payload.tokens,
+                payload.items,
                 "",
             )
-            keep(intended, rec)
+            step.keep(intended, rec)
         else:
             task = asyncio.create_task(one(n, intended))
             inflight.add(task)

@@ -75,12 +75,9 @@ class TokenCounter:
         self.unit = "words"
         self._tokenizer = None
         if artifacts is not None and (artifacts / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
+            from neuronserve.serving.tokenization import load_plain_tokenizer
 
-            tok = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
-            tok.no_truncation()
-            tok.no_padding()
-            self._tokenizer = tok
+            self._tokenizer = load_plain_tokenizer(artifacts)
             self.unit = "tokens"
 
     def count(self, text: str) -> int:

@@ -82,7 +82,6 @@ class Batcher:
         batch_sizes: Sequence[int],
         max_queue: int,
         max_delay_s: float,
-        copies: int,
         on_drop: Callable[[list[tuple[WorkItem, DropReason]]], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -92,7 +91,6 @@ class Batcher:
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_queue = max_queue
         self.max_delay_s = max_delay_s
-        self.copies = copies
         self._on_drop = on_drop
         self._clock = clock
         self._queues: dict[int, deque[WorkItem]] = {s: deque() for s in self.sequence_lengths}

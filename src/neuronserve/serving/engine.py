@@ -100,7 +100,6 @@ class Engine:
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,
             max_delay_s=settings.serve.max_batch_delay_ms / 1000.0,
-            copies=self.copies,
             on_drop=self._on_drop,
         )
         self.threads_per_copy = 0

@@ -69,13 +69,11 @@ class DisconnectWatch:
 
     def __init__(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
         self.futures: list[asyncio.Future[Any]] = []
-        self.gone = False
         self._task = asyncio.create_task(self._watch(receive))
 
     async def _watch(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
-            self.gone = True
             for future in self.futures:
                 if not future.done():
                     future.cancel()

@@ -34,7 +34,6 @@ class ServerMetrics:
 
     def __init__(self, server: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = {"server": server}
         r = self.registry
         self.requests = Counter(
             "neuronserve_requests", "HTTP requests by route and status code", ["route", "code"], registry=r
@@ -85,7 +84,7 @@ class ServerMetrics:
             ["server", "model", "backend", "cores", "copies"],
             registry=r,
         )
-        self._server = labels["server"]
+        self._server = server
 
     def describe_server(self, *, model: str, backend: str, cores: str, copies: int) -> None:
         self.info.labels(

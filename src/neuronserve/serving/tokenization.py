@@ -36,6 +36,17 @@ class TokenizerMissingError(FileNotFoundError):
     """The artifact directory has no tokenizer.json."""
 
 
+def load_plain_tokenizer(directory: Path) -> Tokenizer:
+    """``directory/tokenizer.json`` with the file's own truncation and padding turned off."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerMissingError(f"{directory}: no tokenizer.json; re-run `neuronserve trace --force`")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
 class TextEncoder:
     """Tokenizes single texts or (question, context) pairs against a maximum length."""
 
@@ -43,18 +54,11 @@ class TextEncoder:
         # The Rust tokenizer's own thread pool spins on the cores the model copies need; serving
         # tokenizes small requests, one at a time, where that pool only costs (measured: -15%).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerMissingError(f"{directory}: no tokenizer.json; re-run `neuronserve trace --force`")
         self.max_length = max_length
-        self._plain = Tokenizer.from_file(str(path))
-        self._plain.no_truncation()
-        self._plain.no_padding()
-        self._truncating = Tokenizer.from_file(str(path))
-        self._truncating.no_padding()
+        self._plain = load_plain_tokenizer(directory)
+        self._truncating = load_plain_tokenizer(directory)
         self._truncating.enable_truncation(max_length)
-        self._truncating_pairs = Tokenizer.from_file(str(path))
-        self._truncating_pairs.no_padding()
+        self._truncating_pairs = load_plain_tokenizer(directory)
         # Pairs keep the whole question and cut the context, as QA pipelines do.
         self._truncating_pairs.enable_truncation(max_length, strategy="only_second")
 

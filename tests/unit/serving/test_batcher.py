@@ -27,7 +27,6 @@ def make(
         batch_sizes=sizes,
         max_queue=max_queue,
         max_delay_s=delay,
-        copies=2,
         on_drop=dropped.extend,
         clock=clock,
     )
