@@ -143,8 +143,9 @@ class ServeSettings:
         maximum=1024,
     )
     max_batch_delay_ms: float = setting(
-        1.0,
-        "How long a free copy may wait for a fuller batch, only while every other copy is busy.",
+        5.0,
+        "How long a free copy may wait for a fuller batch, only while every other copy is busy and "
+        "the cost model prefers a larger batch than what waits.",
         minimum=0.0,
         maximum=1000.0,
     )

@@ -72,6 +72,24 @@ class Batch:
 DropReason = str  # "expired" or "cancelled"
 
 
+def consistent_costs(costs: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    """Per-shape costs made to respect two physical facts, per sequence length.
+
+    A larger batch never costs less in total than a smaller one, nor more per item. Every figure
+    is an upper bound of the true cost (a noisy host only ever adds time), so each fact is
+    enforced by lowering the figure it contradicts, never by raising one: one inflated warm-up
+    measurement cannot make its neighbours look dear, nor switch batching off.
+    """
+    fixed = dict(costs)
+    for seq in {s for _b, s in fixed}:
+        sizes = sorted(b for b, s in fixed if s == seq)
+        for larger, smaller in itertools.pairwise(reversed(sizes)):  # walking down the sizes
+            fixed[(smaller, seq)] = min(fixed[(smaller, seq)], fixed[(larger, seq)])
+        for smaller, larger in itertools.pairwise(sizes):
+            fixed[(larger, seq)] = min(fixed[(larger, seq)], fixed[(smaller, seq)] * larger / smaller)
+    return fixed
+
+
 class Batcher:
     """See the module docstring. All public methods are thread-safe."""
 
@@ -129,20 +147,9 @@ class Batcher:
         return self._size
 
     def set_costs(self, costs: dict[tuple[int, int], float]) -> None:
-        """Seconds per call of each compiled (batch size, sequence length), from warm-up.
-
-        Measurements on a busy host are noisy, and one bad figure must not switch batching off,
-        so two physical facts are enforced per sequence length: a larger batch never costs less
-        in total than a smaller one, nor more per item.
-        """
-        fixed = dict(costs)
-        for seq in {s for _b, s in fixed}:
-            sizes = sorted(b for b, s in fixed if s == seq)
-            for smaller, larger in itertools.pairwise(sizes):
-                low, high = fixed[(smaller, seq)], fixed[(larger, seq)]
-                fixed[(larger, seq)] = min(max(high, low), low * larger / smaller)
+        """Seconds per call of each compiled (batch size, sequence length), from warm-up."""
         with self._cond:
-            self._costs = fixed
+            self._costs = consistent_costs(costs)
 
     def close(self) -> None:
         """Refuse new work; copies drain what is queued, then ``next_batch`` returns None."""
@@ -202,19 +209,25 @@ class Batcher:
         if any(c is None for c in costs):
             # Before warm-up has measured: the smallest size that holds everything waiting.
             return next((b for b in self.batch_sizes if b >= waiting), self.batch_sizes[-1])
-        # Ties go to the larger size: the same modelled throughput in fewer dispatches, and a size
-        # that runs gets measured again (see observe), so an inflated warm-up figure corrects itself.
+        # Ties go to the smaller size: less padding and latency for the same modelled throughput,
+        # and the size that runs gets measured (see observe), so a figure that only matches a
+        # larger size's because the invariants capped it at that size gets corrected.
         per_item = [
-            (float(c or 0.0) / min(waiting, b), -b) for b, c in zip(self.batch_sizes, costs, strict=True)
+            (float(c or 0.0) / min(waiting, b), b) for b, c in zip(self.batch_sizes, costs, strict=True)
         ]
-        return -min(per_item)[1]
+        return min(per_item)[1]
 
     def observe(self, batch_size: int, sequence_length: int, seconds: float) -> None:
-        """Lower a shape's cost when a real run was faster (interference only ever adds time)."""
+        """Lower a shape's cost when a real run was faster (interference only ever adds time).
+
+        The invariants are applied again, so one fast run also caps its neighbours: a smaller
+        batch at this run's total, a larger one at this run's cost per item.
+        """
         shape = (batch_size, sequence_length)
         with self._cond:
             if shape in self._costs and seconds < self._costs[shape]:
                 self._costs[shape] = seconds
+                self._costs = consistent_costs(self._costs)
 
     def _select(self, now: float) -> tuple[Batch | None, float]:
         heads = [(q[0].enqueued_at, s) for s, q in self._queues.items() if q]

@@ -85,7 +85,7 @@ def test_batch_size_by_measured_cost_per_item() -> None:
     batcher.set_costs({(1, 32): 0.010, (8, 32): 0.030, (1, 128): 0.05, (8, 128): 0.4})
     assert batcher.choose_batch_size(1, 32) == 1
     assert batcher.choose_batch_size(2, 32) == 1  # 10 ms/item beats 15 ms/item
-    assert batcher.choose_batch_size(3, 32) == 8  # a tie (10 ms/item): fewer dispatches
+    assert batcher.choose_batch_size(3, 32) == 1  # a tie (10 ms/item): the one without padding
     assert batcher.choose_batch_size(4, 32) == 8  # 7.5 ms/item
     assert batcher.choose_batch_size(20, 32) == 8
     batcher.submit([item(clock, 10), item(clock, 10)])
@@ -172,18 +172,42 @@ def test_close_drains_then_stops() -> None:
     assert batcher.next_batch() is None
 
 
-def test_noisy_costs_cannot_switch_batching_off() -> None:
+def test_noisy_costs_are_corrected_by_lowering_never_by_raising() -> None:
     batcher, _ = make(Clock())
-    # warm-up of batch 8 ran while something else hogged the core: 20x its real cost
+    # warm-up of batch 8 ran while something else hogged the core: 20x its real cost; and
+    # batch 1 of the long bucket was slowed 5x (batch 8 cannot really cost less in total)
     batcher.set_costs({(1, 32): 0.010, (8, 32): 0.600, (1, 128): 0.05, (8, 128): 0.01})
     assert batcher._costs[(8, 32)] == pytest.approx(0.080)  # capped: never dearer per item
-    assert batcher._costs[(8, 128)] == pytest.approx(0.05)  # never cheaper in total than batch 1
-    assert batcher.choose_batch_size(8, 32) == 8  # the tie goes to the batch
+    assert batcher._costs[(1, 128)] == pytest.approx(0.01)  # capped at the larger batch's total
+    assert batcher._costs[(8, 128)] == pytest.approx(0.01)  # a fast figure is never raised
     batcher.observe(8, 32, 0.040)  # a real run shows the true cost
     assert batcher._costs[(8, 32)] == pytest.approx(0.040)
     batcher.observe(8, 32, 0.500)  # a slow run (interference) never raises it
     assert batcher._costs[(8, 32)] == pytest.approx(0.040)
     assert batcher.choose_batch_size(2, 32) == 1  # 10 ms/item beats 40/2 = 20 ms/item
+    assert batcher.choose_batch_size(8, 32) == 8  # 5 ms/item
+
+
+def test_an_inflated_smaller_size_does_not_lock_in_a_larger_one() -> None:
+    clock = Clock()
+    batcher, _ = make(clock, sizes=(1, 8, 16))
+    # Warm-up beside a noisy neighbour inflated batch 1 and batch 8; batch 16 was measured
+    # cleanly. Really: 10 ms, 22 ms and 37 ms.
+    batcher.set_costs(
+        {(1, 32): 0.050, (8, 32): 0.200, (16, 32): 0.037, (1, 128): 0.05, (8, 128): 0.2, (16, 128): 0.4}
+    )
+    # batch 8 cannot cost more than batch 16 in total: it is capped at 37 ms, not left at 200
+    # ms (which would send 6 waiting inputs to 16 rows, mostly padding, for good)
+    assert batcher._costs[(8, 32)] == pytest.approx(0.037)
+    dispatched = []
+    for _ in range(3):
+        batcher.submit([item(clock, 5) for _ in range(6)])
+        batch = batcher.next_batch()
+        assert batch is not None and len(batch.items) == 6
+        dispatched.append(batch.batch_size)
+        batcher.observe(batch.batch_size, 32, {1: 0.010, 8: 0.022, 16: 0.037}[batch.batch_size])
+    assert dispatched == [8, 8, 8]
+    assert batcher._costs[(1, 32)] == pytest.approx(0.022)  # batch 8's real run capped batch 1
 
 
 def test_exploration_corrects_an_inflated_batch_cost() -> None:
