@@ -97,7 +97,7 @@ def main() -> int:
     if shutil.which("hey") is None:
         print("hey is not installed: apt-get install hey", file=sys.stderr)
         return 1
-    artifacts = trace_artifacts(REPO / "trace-models" / "bench")
+    artifacts = trace_artifacts(REPO / "trace-models" / "bench", "none")
     with (
         tempfile.TemporaryDirectory() as tmp,
         start_server(artifacts, Path(tmp), "serve.max_queue=4096") as srv,

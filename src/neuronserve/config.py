@@ -49,6 +49,7 @@ def setting(
 
 Task = Literal["feature-extraction", "text-classification", "question-answering"]
 BackendName = Literal["auto", "cpu", "neuronx", "neuron"]
+CpuAutoCast = Literal["none", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,13 @@ class TraceSettings:
     neuronx_compiler_args: str = setting(
         "--model-type transformer --auto-cast matmult --auto-cast-type bf16 --optlevel 2",
         "neuronx-cc arguments for the neuronx backend (--auto-cast none keeps fp32 accuracy).",
+    )
+    cpu_auto_cast: CpuAutoCast = setting(
+        "none",
+        "cpu backend precision: none keeps fp32; bf16 runs the linear layers in bfloat16 with fp32 "
+        "elsewhere, like neuronx-cc --auto-cast matmult --auto-cast-type bf16 (faster on CPUs with "
+        "AMX, see bench/serve_overhead.py; MiniLM embeddings stay within cosine 0.9999 of fp32, "
+        "but single hidden values move by up to ~0.8, so pair it with trace.max_abs_diff=1).",
     )
     neuron_compiler_args: str = setting(
         "", "neuron-cc arguments for the neuron (Inf1) backend, e.g. --neuroncore-pipeline-cores 4."

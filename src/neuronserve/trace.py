@@ -167,8 +167,8 @@ def _verify_shape(
             f"shape b{batch_size} s{seq}: traced outputs differ from eager PyTorch "
             f"(max abs diff {worst['max_abs_diff']:.3g}, allowed {tolerance['max_abs_diff']:.3g}; "
             f"min cosine {worst['min_cosine']:.6f}, required {tolerance['min_cosine']:.6f}); "
-            "check the compiler arguments (e.g. --auto-cast none) or loosen trace.max_abs_diff / "
-            "trace.min_cosine"
+            "check the compiler arguments (e.g. --auto-cast none, or trace.cpu_auto_cast=none) or "
+            "loosen trace.max_abs_diff / trace.min_cosine"
         )
     return worst
 

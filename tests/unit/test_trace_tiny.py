@@ -203,3 +203,61 @@ def test_bad_model_sources(tmp_path: Path, source: str, message: str) -> None:
     settings = make_settings(tmp_path, model__source=source, trace__backend="cpu")
     with pytest.raises(ModelSourceError, match=message):
         run_trace(settings, progress=False, emit=_quiet)
+
+
+def test_bf16_auto_cast_runs_linears_in_bf16_and_is_its_own_cache_entry(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    common = {
+        "model__source": str(model_dir),
+        "trace__backend": "cpu",
+        "trace__batch_sizes": "2",
+        "trace__sequence_lengths": "16",
+    }
+    exact = run_trace(make_settings(tmp_path, **common), progress=False, emit=_quiet)
+    assert exact.manifest.compiler_args == ""
+    fp32_diff = exact.manifest.shapes[0].verification["max_abs_diff"]
+
+    cast = run_trace(
+        make_settings(tmp_path, **common, trace__cpu_auto_cast="bf16", trace__max_abs_diff="1"),
+        progress=False,
+        emit=_quiet,
+    )
+    assert cast.compiled == ((2, 16),)  # a different precision is a different artifact
+    assert cast.manifest.compiler_args == "auto-cast=bf16"
+    figures = cast.manifest.shapes[0].verification
+    # bf16 rounding shows (fp32 tracing is exact to ~1e-6) yet the outputs keep their direction
+    assert figures["max_abs_diff"] > 100 * max(fp32_diff, 1e-7)
+    assert figures["min_cosine"] > 0.999
+    with torchscript_quietly():
+        module = torch.jit.load(str(cast.directory / "model-b2-s16.pt"))
+    ids = torch.randint(5, 50, (2, 16))
+    (hidden,) = module(ids, torch.ones_like(ids), torch.zeros_like(ids))
+    assert hidden.dtype == torch.float32  # callers see fp32 in and out
+
+    # and with a tight tolerance the same trace is refused, naming the way out
+    with pytest.raises(VerificationError, match=r"trace\.cpu_auto_cast=none"):
+        run_trace(
+            make_settings(tmp_path, **common, trace__cpu_auto_cast="bf16", trace__max_abs_diff="1e-6"),
+            force=True,
+            progress=False,
+            emit=_quiet,
+        )
+
+
+def test_cast_linears_to_bf16_copies_and_converts_every_linear() -> None:
+    from neuronserve.backends.cpu import cast_linears_to_bf16
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Sequential(torch.nn.Linear(8, 2))
+    )
+    converted = cast_linears_to_bf16(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in converted.modules())
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original is untouched
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        out, ref = converted(x), model(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=0.05) and not torch.equal(out, ref)

@@ -58,7 +58,7 @@ def create_backend(name: str, trace: TraceSettings) -> Backend:
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
-        return CpuBackend()
+        return CpuBackend(auto_cast=trace.cpu_auto_cast)
     if name == "neuronx":
         from neuronserve.backends.neuronx import NeuronxBackend
 
@@ -76,7 +76,7 @@ def compiler_args_for(name: str, trace: TraceSettings) -> str:
         return trace.neuronx_compiler_args
     if name == "neuron":
         return f"{trace.neuron_compiler_args} dynamic_batch_size={trace.neuron_dynamic_batch}".strip()
-    return ""
+    return "" if trace.cpu_auto_cast == "none" else f"auto-cast={trace.cpu_auto_cast}"
 
 
 def prepare_process(name: str, cores: CoreSet, copies: int, tag: str) -> int:

@@ -1,7 +1,15 @@
-"""cpu backend: TorchScript trace + freeze; pinning by CPU affinity and torch thread count."""
+"""cpu backend: TorchScript trace + freeze; pinning by CPU affinity and torch thread count.
+
+With ``trace.cpu_auto_cast=bf16`` every ``nn.Linear`` runs in bfloat16 (weights stored in bf16,
+activations cast on the way in, fp32 out) and everything else stays fp32: the CPU counterpart of
+neuronx-cc's ``--auto-cast matmult --auto-cast-type bf16``. On CPUs with AMX or AVX512-BF16,
+oneDNN runs those matmuls natively, which is where a transformer encoder spends its time.
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,10 +20,58 @@ if TYPE_CHECKING:
     import torch
 
 
+log = logging.getLogger(__name__)
+
+
+def _bf16_linear_class() -> type[torch.nn.Module]:
+    import torch
+
+    class Bf16Linear(torch.nn.Module):
+        """``nn.Linear`` with bf16 weights: input cast to bf16, output cast back to its dtype."""
+
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+            bias = linear.bias
+            self.bias = (
+                None
+                if bias is None
+                else torch.nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias)
+            return out.to(x.dtype)
+
+    return Bf16Linear
+
+
+def cast_linears_to_bf16(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose ``nn.Linear`` layers compute in bf16 (the original is untouched)."""
+    import torch
+
+    bf16_linear = _bf16_linear_class()
+    converted = copy.deepcopy(module)
+    swaps = [
+        (parent, name, child)
+        for parent in converted.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, torch.nn.Linear)
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, bf16_linear(child))
+    return converted
+
+
 class CpuBackend:
     """Runs anywhere; the embedded default and the vehicle for every test on hosts without Neuron."""
 
     name = "cpu"
+
+    def __init__(self, auto_cast: str = "none") -> None:
+        if auto_cast not in ("none", "bf16"):
+            raise ValueError(f"trace.cpu_auto_cast={auto_cast!r}: use none or bf16")
+        self.auto_cast = auto_cast
 
     def versions(self) -> dict[str, str]:
         # torch's own version is recorded for every backend by the tracer.
@@ -26,6 +82,13 @@ class CpuBackend:
     ) -> LoadedModel:
         import torch
 
+        if self.auto_cast == "bf16":
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                log.warning(
+                    "trace.cpu_auto_cast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); "
+                    "the bf16 matmuls will be emulated and likely slower than fp32"
+                )
+            module = cast_linears_to_bf16(module)
         with torchscript_quietly(), torch.no_grad():
             traced = torch.jit.trace(module.eval(), example_inputs, check_trace=False)
             frozen = torch.jit.freeze(traced)
