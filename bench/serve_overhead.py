@@ -20,6 +20,7 @@ throughput for ~15-token texts.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import statistics
@@ -139,33 +140,51 @@ def label(config: RawConfig) -> str:
     return f"b{b} {n}x{t}t"
 
 
+@functools.cache
+def manifest_of(artifacts: Path) -> Any:
+    """The verified manifest, read once (verifying hashes every artifact file)."""
+    from neuronserve.artifacts import load_manifest
+
+    return load_manifest(artifacts)
+
+
+def padded_inputs(artifacts: Path, texts: list[str], seq: int, batch_size: int) -> tuple[Any, ...]:
+    """``batch_size`` of ``texts`` (repeated as needed), tokenized and padded the way a copy does."""
+    from neuronserve.serving.batcher import Batch, WorkItem
+    from neuronserve.serving.copies import build_inputs
+    from neuronserve.serving.tasks import ItemOptions
+    from neuronserve.serving.tokenization import TextEncoder
+
+    encoded = TextEncoder(artifacts, seq).encode(texts, truncate=False)
+    rows = (encoded * batch_size)[:batch_size]
+    items = tuple(WorkItem(e.length, 0.0, (e, ItemOptions())) for e in rows)
+    inputs, _ = build_inputs(Batch(seq, batch_size, items), manifest_of(artifacts).input_names)
+    return inputs
+
+
+def warm_model(artifacts: Path, batch_size: int, seq: int, inputs: tuple[Any, ...]) -> Any:
+    """One loaded copy of shape (batch_size, seq), past TorchScript's optimising first calls."""
+    from neuronserve.backends.base import CoreSet
+    from neuronserve.backends.cpu import CpuBackend
+
+    cores = CoreSet(tuple(sorted(os.sched_getaffinity(0))))
+    model = CpuBackend().load(artifacts / f"model-b{batch_size}-s{seq}.pt", cores)
+    for _ in range(3):
+        model.run(inputs)
+    return model
+
+
 def raw_throughput(
     artifacts: Path, texts: list[str], seq: int, configs: list[RawConfig], duration_s: float
 ) -> dict[RawConfig, float]:
     """Items per second of the model in process (no HTTP), per (batch size, copies, threads)."""
     import torch
 
-    from neuronserve.artifacts import load_manifest
-    from neuronserve.backends.base import CoreSet
-    from neuronserve.backends.cpu import CpuBackend
-    from neuronserve.serving.batcher import Batch, WorkItem
-    from neuronserve.serving.copies import build_inputs
-    from neuronserve.serving.tasks import ItemOptions
-    from neuronserve.serving.tokenization import TextEncoder
-
-    manifest = load_manifest(artifacts)
-    encoded = TextEncoder(artifacts, seq).encode(texts, truncate=False)
-    backend = CpuBackend()
-    cores = CoreSet(tuple(sorted(os.sched_getaffinity(0))))
     results: dict[RawConfig, float] = {}
     for b, n_copies, threads in configs:
-        items = tuple(WorkItem(e.length, 0.0, (e, ItemOptions())) for e in (encoded * b)[:b])
-        inputs, _ = build_inputs(Batch(seq, b, items), manifest.input_names)
+        inputs = padded_inputs(artifacts, texts, seq, b)
         torch.set_num_threads(threads)
-        models = [backend.load(artifacts / f"model-b{b}-s{seq}.pt", cores) for _ in range(n_copies)]
-        for m in models:  # TorchScript optimises on its first calls
-            for _ in range(3):
-                m.run(inputs)
+        models = [warm_model(artifacts, b, seq, inputs) for _ in range(n_copies)]
         counts = [0] * n_copies
         started = time.perf_counter()
         stop = started + duration_s
@@ -187,23 +206,9 @@ def raw_throughput(
 def raw_b1_latency(artifacts: Path, text: str, seq: int, threads: int) -> float:
     import torch
 
-    from neuronserve.artifacts import load_manifest
-    from neuronserve.backends.base import CoreSet
-    from neuronserve.backends.cpu import CpuBackend
-    from neuronserve.serving.batcher import Batch, WorkItem
-    from neuronserve.serving.copies import build_inputs
-    from neuronserve.serving.tasks import ItemOptions
-    from neuronserve.serving.tokenization import TextEncoder
-
-    manifest = load_manifest(artifacts)
-    enc = TextEncoder(artifacts, seq).encode([text], truncate=False)[0]
-    inputs, _ = build_inputs(
-        Batch(seq, 1, (WorkItem(enc.length, 0.0, (enc, ItemOptions())),)), manifest.input_names
-    )
+    inputs = padded_inputs(artifacts, [text], seq, 1)
     torch.set_num_threads(threads)
-    model = CpuBackend().load(artifacts / f"model-b1-s{seq}.pt", CoreSet((0,)))
-    for _ in range(3):
-        model.run(inputs)
+    model = warm_model(artifacts, 1, seq, inputs)
     times = []
     for _ in range(30):
         t = time.perf_counter()
@@ -237,6 +242,12 @@ class Server:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
 
 def served(port: int, texts: list[str], concurrency: int, duration_s: float) -> tuple[float, float, float]:
     """(requests/s, p50 seconds, mean x-batch-size) in a closed loop."""
@@ -260,9 +271,7 @@ def best_raw(
     artifacts: Path, texts: list[str], seq: int, copies: int, duration_s: float
 ) -> tuple[RawConfig, dict[RawConfig, float]]:
     """Sweep every batch size and arrangement; the fastest is what 'raw' means from then on."""
-    from neuronserve.artifacts import load_manifest
-
-    configs = raw_configs(load_manifest(artifacts).batch_sizes, len(os.sched_getaffinity(0)), copies)
+    configs = raw_configs(manifest_of(artifacts).batch_sizes, len(os.sched_getaffinity(0)), copies)
     sweep = raw_throughput(artifacts, texts, seq, configs, duration_s)
     return max(sweep, key=lambda c: sweep[c]), sweep
 
@@ -310,25 +319,21 @@ def measure(args: argparse.Namespace, auto_cast: str) -> dict[str, float]:
         shown = {label(c): round(v, 1) for c, v in sweep.items()}
         print(f"raw {kind} sweep (items/s): {shown}; best {label(best[kind])}", flush=True)
     runs = []
-    batched = Server(artifacts, args.copies)
-    try:
-        unbatched = Server(artifacts, args.copies, "serve.max_batch_size=1")
-        try:
-            for i in range(args.runs):
-                figures = one_run(
-                    artifacts=artifacts,
-                    batched=batched,
-                    unbatched=unbatched,
-                    texts=texts,
-                    best=best,
-                    duration=args.duration,
-                )
-                print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
-                runs.append(figures)
-        finally:
-            unbatched.stop()
-    finally:
-        batched.stop()
+    with (
+        Server(artifacts, args.copies) as batched,
+        Server(artifacts, args.copies, "serve.max_batch_size=1") as unbatched,
+    ):
+        for i in range(args.runs):
+            figures = one_run(
+                artifacts=artifacts,
+                batched=batched,
+                unbatched=unbatched,
+                texts=texts,
+                best=best,
+                duration=args.duration,
+            )
+            print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+            runs.append(figures)
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"medians of {args.runs} runs (trace.cpu_auto_cast={auto_cast}):")
     print(
