@@ -9,6 +9,7 @@ oneDNN runs those matmuls natively, which is where a transformer encoder spends 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _bf16_linear_class() -> type[torch.nn.Module]:
     import torch
 
@@ -72,6 +74,8 @@ class CpuBackend:
         if auto_cast not in ("none", "bf16"):
             raise ValueError(f"trace.cpu_auto_cast={auto_cast!r}: use none or bf16")
         self.auto_cast = auto_cast
+        # The tracer compiles every shape from the same eager module: cast it once, not per shape.
+        self._cast: tuple[torch.nn.Module, torch.nn.Module] | None = None
 
     def versions(self) -> dict[str, str]:
         # torch's own version is recorded for every backend by the tracer.
@@ -83,18 +87,25 @@ class CpuBackend:
         import torch
 
         if self.auto_cast == "bf16":
-            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                log.warning(
-                    "trace.cpu_auto_cast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); "
-                    "the bf16 matmuls will be emulated and likely slower than fp32"
-                )
-            module = cast_linears_to_bf16(module)
+            module = self._bf16_copy(module)
         with torchscript_quietly(), torch.no_grad():
             traced = torch.jit.trace(module.eval(), example_inputs, check_trace=False)
             frozen = torch.jit.freeze(traced)
             torch.jit.save(frozen, str(dest))
         # Verify the round trip through the file, which is what serving will load.
         return self.load(dest, CoreSet((0,)))
+
+    def _bf16_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        import torch
+
+        if self._cast is None or self._cast[0] is not module:
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                log.warning(
+                    "trace.cpu_auto_cast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); "
+                    "the bf16 matmuls will be emulated and likely slower than fp32"
+                )
+            self._cast = (module, cast_linears_to_bf16(module))
+        return self._cast[1]
 
     def load(self, artifact: Path, cores: CoreSet) -> LoadedModel:
         import torch
