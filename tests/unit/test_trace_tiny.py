@@ -261,3 +261,23 @@ def test_cast_linears_to_bf16_copies_and_converts_every_linear() -> None:
         out, ref = converted(x), model(x)
     assert out.dtype == torch.float32
     assert torch.allclose(out, ref, atol=0.05) and not torch.equal(out, ref)
+
+
+def test_unknown_cpu_auto_cast_is_refused_by_config_and_backend(tmp_path: Path) -> None:
+    from neuronserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trace\.cpu_auto_cast"):
+        make_settings(tmp_path, trace__cpu_auto_cast="fp8")
+    with pytest.raises(ValueError, match=r"trace\.cpu_auto_cast='fp8': use none or bf16"):
+        CpuBackend(auto_cast="fp8")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    example = (torch.randn(2, 4),)
+    with caplog.at_level("WARNING", logger="neuronserve.backends.cpu"):
+        CpuBackend(auto_cast="bf16").compile(model, example, tmp_path / "m.pt")
+    assert "no native bf16" in caplog.text
