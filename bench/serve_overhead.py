@@ -168,7 +168,9 @@ def warm_model(artifacts: Path, batch_size: int, seq: int, inputs: tuple[Any, ..
     from neuronserve.backends.cpu import CpuBackend
 
     cores = CoreSet(tuple(sorted(os.sched_getaffinity(0))))
-    model = CpuBackend().load(artifacts / f"model-b{batch_size}-s{seq}.pt", cores)
+    # A backend of its own per copy: this baseline measures independent copies.
+    artifact = artifacts / manifest_of(artifacts).shape(batch_size, seq).file
+    model = CpuBackend().load(artifact, cores, 0)
     for _ in range(3):
         model.run(inputs)
     return model

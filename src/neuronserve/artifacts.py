@@ -1,8 +1,10 @@
 """The artifact directory and its ``manifest.json``: what the tracer writes, what serving trusts.
 
-A directory ``<output_dir>/<model>/<backend>/`` holds ``model-b{B}-s{S}.pt`` per compiled shape,
-the tokenizer and model config, and ``manifest.json`` recording versions, compiler arguments,
-shapes, input/output names, verification figures and the sha256 of every file.
+A directory ``<output_dir>/<model>/<backend>/`` holds the compiled artifacts (``model-b{B}-s{S}.pt``,
+named after the shape each was traced at; on backends whose artifacts run any shape one file may
+serve several shapes), the tokenizer and model config, and ``manifest.json`` recording versions,
+compiler arguments, shapes, input/output names, verification figures, per-shape costs, the sizes
+that the memory plan needs and the sha256 of every file.
 :func:`load_manifest` refuses tampered, missing or mismatched artifacts.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 from neuronserve.models import sha256_file
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ArtifactError(RuntimeError):
@@ -31,7 +33,11 @@ def artifact_name(batch_size: int, sequence_length: int) -> str:
 
 @dataclass(frozen=True)
 class ShapeEntry:
-    """One compiled static shape."""
+    """One compiled static shape, served by the artifact ``file``.
+
+    ``cost_s`` is the measured seconds per call at trace time (one intra-op thread), which
+    servers start from instead of timing every shape again at warm-up.
+    """
 
     batch_size: int
     sequence_length: int
@@ -39,6 +45,7 @@ class ShapeEntry:
     cache_key: str
     output_shapes: dict[str, list[int]]
     verification: dict[str, float]
+    cost_s: float
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +55,7 @@ class ShapeEntry:
             "cache_key": self.cache_key,
             "output_shapes": self.output_shapes,
             "verification": self.verification,
+            "cost_s": self.cost_s,
         }
 
     @classmethod
@@ -59,6 +67,40 @@ class ShapeEntry:
             cache_key=str(data["cache_key"]),
             output_shapes={k: [int(x) for x in v] for k, v in data["output_shapes"].items()},
             verification={k: float(v) for k, v in data["verification"].items()},
+            cost_s=float(data["cost_s"]),
+        )
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    """What the memory plan needs to know about the artifacts, recorded at trace time.
+
+    ``weight_bytes``: the model's parameters and buffers as traced. ``artifact_bytes``: the size
+    of each artifact file. ``shapes_share_artifact``: one artifact serves several shapes (so its
+    weights are held once for all of them). ``copies_share_load``: the copies of one server run
+    one loaded artifact (cpu) rather than loading their own (Neuron: one load per core).
+    """
+
+    weight_bytes: int
+    artifact_bytes: dict[str, int]
+    shapes_share_artifact: bool
+    copies_share_load: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weight_bytes": self.weight_bytes,
+            "artifact_bytes": self.artifact_bytes,
+            "shapes_share_artifact": self.shapes_share_artifact,
+            "copies_share_load": self.copies_share_load,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MemoryFacts:
+        return cls(
+            weight_bytes=int(data["weight_bytes"]),
+            artifact_bytes={str(k): int(v) for k, v in data["artifact_bytes"].items()},
+            shapes_share_artifact=bool(data["shapes_share_artifact"]),
+            copies_share_load=bool(data["copies_share_load"]),
         )
 
 
@@ -76,6 +118,7 @@ class Manifest:
     tolerance: dict[str, float]
     files: dict[str, str]
     created_at: str
+    memory: MemoryFacts
     format: int = FORMAT_VERSION
     directory: Path = field(default=Path(), compare=False)
 
@@ -90,6 +133,11 @@ class Manifest:
     @property
     def sequence_lengths(self) -> tuple[int, ...]:
         return tuple(sorted({s.sequence_length for s in self.shapes}))
+
+    @property
+    def artifact_files(self) -> tuple[str, ...]:
+        """The distinct artifact files, in the order their shapes first appear."""
+        return tuple(dict.fromkeys(s.file for s in self.shapes))
 
     def shape(self, batch_size: int, sequence_length: int) -> ShapeEntry:
         for entry in self.shapes:
@@ -110,6 +158,7 @@ class Manifest:
             "shapes": [s.to_json() for s in self.shapes],
             "tolerance": self.tolerance,
             "files": self.files,
+            "memory": self.memory.to_json(),
         }
 
     @classmethod
@@ -126,6 +175,7 @@ class Manifest:
             shapes=tuple(ShapeEntry.from_json(s) for s in data["shapes"]),
             tolerance={k: float(v) for k, v in data["tolerance"].items()},
             files={k: str(v) for k, v in data["files"].items()},
+            memory=MemoryFacts.from_json(data["memory"]),
             directory=directory,
         )
 

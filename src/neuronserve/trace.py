@@ -4,6 +4,11 @@ and write artifacts plus ``manifest.json``.
 Up-to-date shapes are skipped without importing torch or loading the model: a shape is up to
 date when the previous manifest lists it with the same cache key (model sha256, task, backend,
 SDK and torch versions, compiler arguments, shape) and its file still has the recorded sha256.
+
+On backends whose artifacts can run several shapes (``Backend.sharing.shapes``, the cpu backend),
+a new shape first tries the artifacts already made for this model: if one reproduces eager
+PyTorch at that shape it serves it, otherwise the shape gets an artifact of its own. Every shape
+is verified either way, and its cost per call is measured for the servers' batcher.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,12 +34,14 @@ from neuronserve.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
     Manifest,
+    MemoryFacts,
     ShapeEntry,
     artifact_name,
     read_manifest,
     write_manifest,
 )
 from neuronserve.backends import choose_backend, compiler_args_for, create_backend
+from neuronserve.backends.base import Backend, LoadedModel
 from neuronserve.models import (
     SERVING_FILES,
     TASK_OUTPUTS,
@@ -173,9 +181,44 @@ def _verify_shape(
     return worst
 
 
-def _output_shapes(compiled: Any, eager: EagerModel, task: str, b: int, s: int) -> dict[str, list[int]]:
+def _output_shapes(
+    compiled: LoadedModel, eager: EagerModel, task: str, b: int, s: int
+) -> dict[str, list[int]]:
     outputs = compiled.run(sample_inputs(eager, task, b, s))
     return {n: list(t.shape) for n, t in zip(eager.output_names, outputs, strict=True)}
+
+
+COST_CALLS = 2  # after verification's calls have warmed the shape; the minimum is kept
+
+
+def measure_cost(compiled: LoadedModel, inputs: tuple[torch.Tensor, ...]) -> float:
+    """Seconds per call of ``compiled`` at the shape of ``inputs``, with one intra-op thread.
+
+    One thread is what each copy of a cpu server gets by default (one copy per core); on Neuron
+    the call runs on the device and the thread count does not matter. The minimum is kept:
+    interference from the rest of the host only ever adds time.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(COST_CALLS):
+            started = time.perf_counter()
+            compiled.run(inputs)
+            times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return min(times)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 def run_trace(
@@ -218,6 +261,7 @@ def run_trace(
 
     previous = _previous_manifest(out_dir)
     entries, hashes = ({}, {}) if force else _up_to_date(previous, keys, out_dir)
+    weights = previous.memory.weight_bytes if previous is not None and not force else 0
     todo = [shape for shape in shapes if shape not in entries]
     skipped = tuple(shape for shape in shapes if shape in entries)
     for b, s in skipped:
@@ -231,12 +275,13 @@ def run_trace(
                 f"trace.sequence_lengths {too_long} exceed the model's max_position_embeddings "
                 f"{max_positions}; use lengths up to {max_positions}"
             )
-        compiled, input_names = _compile_shapes(
+        compiled, input_names, weights = _compile_shapes(
             backend=backend,
             model_dir=model_dir,
             out_dir=out_dir,
             task=task,
             todo=todo,
+            reusable=list(dict.fromkeys(e.file for e in entries.values())),
             keys=keys,
             tolerance=tolerance,
             progress=progress,
@@ -252,14 +297,15 @@ def run_trace(
         assert previous is not None, "this is a bug: shapes skipped without a previous manifest"
         input_names = previous.input_names
 
-    # Remove artifacts of shapes that are no longer configured (only files this tracer named).
+    # Remove artifacts that no configured shape uses any more (only files this tracer named).
+    current = {entry.file for entry in entries.values()}
     if previous is not None:
-        current = {artifact_name(b, s) for b, s in shapes}
         for entry in previous.shapes:
             if entry.file not in current:
                 (out_dir / entry.file).unlink(missing_ok=True)
 
     files = _checksum_files(out_dir, hashes)
+    ordered = tuple(entries[shape] for shape in shapes)
     manifest = Manifest(
         model=_model_info(settings.model.source, name, model_sha, task, model_dir),
         backend=backend_name,
@@ -267,10 +313,16 @@ def run_trace(
         compiler_args=compiler_args,
         input_names=input_names,
         output_names=TASK_OUTPUTS[task],
-        shapes=tuple(entries[shape] for shape in shapes),
+        shapes=ordered,
         tolerance=tolerance,
         files=files,
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        memory=MemoryFacts(
+            weight_bytes=weights,
+            artifact_bytes={f: (out_dir / f).stat().st_size for f in dict.fromkeys(e.file for e in ordered)},
+            shapes_share_artifact=backend.sharing.shapes,
+            copies_share_load=backend.sharing.copies,
+        ),
         directory=out_dir,
     )
     write_manifest(manifest, out_dir)
@@ -297,7 +349,7 @@ def _up_to_date(
         path = out_dir / entry.file
         if keys.get(shape) != entry.cache_key or not path.is_file():
             continue
-        digest = sha256_file(path)
+        digest = hashes.get(entry.file) or sha256_file(path)  # one file may serve several shapes
         if digest == previous.files.get(entry.file):
             hashes[entry.file] = digest
             entries[shape] = entry
@@ -310,51 +362,108 @@ def _same_shape_set(previous: Manifest, shapes: list[tuple[int, int]]) -> bool:
 
 def _compile_shapes(
     *,
-    backend: Any,
+    backend: Backend,
     model_dir: Path,
     out_dir: Path,
     task: str,
     todo: list[tuple[int, int]],
+    reusable: list[str],
     keys: dict[tuple[int, int], str],
     tolerance: dict[str, float],
     progress: bool,
     say: Callable[[str], None],
-) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...]]:
+) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...], int]:
+    """Verify (and where needed compile) every shape of ``todo``; returns entries, input names
+    and the model's weight bytes."""
     from tqdm import tqdm
 
+    from neuronserve.backends.base import CoreSet
+
     eager = load_eager(model_dir, task)
+    # Artifacts this run may try at a new shape, loaded once each; the largest shape goes
+    # first so that the artifact every other shape tries was traced at full size.
+    candidates: dict[str, LoadedModel] = {}
+    if backend.sharing.shapes:
+        candidates = {f: backend.load(out_dir / f, CoreSet((0,)), 0) for f in reusable}
+        todo = sorted(todo, key=lambda shape: (shape[0] * shape[1], shape), reverse=True)
     done: dict[tuple[int, int], ShapeEntry] = {}
     bar = tqdm(todo, desc="tracing", unit="shape", disable=not progress, file=sys.stderr)
     for b, s in bar:
         bar.set_postfix_str(f"b{b} s{s}")
-        dest = out_dir / artifact_name(b, s)
-        tmp = dest.with_name(dest.name + ".tmp")
-        example = sample_inputs(eager, task, b, s)
-        try:
-            with _quiet_tracing():
-                compiled = backend.compile(eager.module, example, tmp)
-            figures = _verify_shape(
-                compiled=compiled, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
+        file, compiled, figures = _reuse(candidates, eager=eager, task=task, b=b, s=s, tolerance=tolerance)
+        if compiled is None:
+            file = artifact_name(b, s)
+            compiled, figures = _compile_one(
+                backend, eager=eager, task=task, dest=out_dir / file, b=b, s=s, tolerance=tolerance
             )
-            output_shapes = _output_shapes(compiled, eager, task, b, s)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, dest)
+            if backend.sharing.shapes:
+                candidates[file] = compiled
+            how = "compiled and verified"
+        else:
+            how = f"served by {file}, verified"
         done[(b, s)] = ShapeEntry(
             batch_size=b,
             sequence_length=s,
-            file=dest.name,
+            file=file,
             cache_key=keys[(b, s)],
-            output_shapes=output_shapes,
+            output_shapes=_output_shapes(compiled, eager, task, b, s),
             verification=figures,
+            cost_s=measure_cost(compiled, sample_inputs(eager, task, b, s)),
         )
         say(
-            f"b{b} s{s}: compiled and verified (max abs diff {figures['max_abs_diff']:.2e}, "
-            f"min cosine {figures['min_cosine']:.6f})"
+            f"b{b} s{s}: {how} (max abs diff {figures['max_abs_diff']:.2e}, "
+            f"min cosine {figures['min_cosine']:.6f}, {done[(b, s)].cost_s * 1000:.1f} ms per call)"
         )
     bar.close()
-    return done, eager.input_names
+    return done, eager.input_names, weight_bytes(eager.module)
+
+
+def _reuse(
+    candidates: dict[str, LoadedModel],
+    *,
+    eager: EagerModel,
+    task: str,
+    b: int,
+    s: int,
+    tolerance: dict[str, float],
+) -> tuple[str, LoadedModel | None, dict[str, float]]:
+    """The first candidate artifact that reproduces eager PyTorch at (b, s), if any."""
+    for file, model in candidates.items():
+        try:
+            with _quiet_tracing():
+                figures = _verify_shape(
+                    compiled=model, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
+                )
+        except (VerificationError, RuntimeError) as exc:
+            log.info("b%d s%d: %s does not serve this shape (%s); compiling its own", b, s, file, exc)
+            continue
+        return file, model, figures
+    return "", None, {}
+
+
+def _compile_one(
+    backend: Backend,
+    *,
+    eager: EagerModel,
+    task: str,
+    dest: Path,
+    b: int,
+    s: int,
+    tolerance: dict[str, float],
+) -> tuple[LoadedModel, dict[str, float]]:
+    """Compile at (b, s) into ``dest`` (atomically: a failed shape leaves no file)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with _quiet_tracing():
+            compiled = backend.compile(eager.module, sample_inputs(eager, task, b, s), tmp)
+        figures = _verify_shape(
+            compiled=compiled, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
+        )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+    return compiled, figures
 
 
 @contextlib.contextmanager

@@ -6,10 +6,15 @@ with torch.jit.trace, so the whole tracer (verification, manifest) runs through 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import shlex
 import sys
+import threading
+import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -127,7 +132,7 @@ def test_neuronx_trace_contract(
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "0")
     from neuronserve.backends.neuronx import NeuronxBackend
 
-    loaded = NeuronxBackend().load(report.directory / "model-b1-s16.pt", CoreSet.parse("0"))
+    loaded = NeuronxBackend().load(report.directory / "model-b1-s16.pt", CoreSet.parse("0"), 0)
     out = loaded.run(tuple(torch.ones(1, 16, dtype=torch.int64) for _ in range(3)))
     assert out[0].shape[:2] == (1, 16)
 
@@ -179,3 +184,154 @@ def test_compiler_args_are_part_of_the_cache_key(
     report = run_trace(changed, progress=False, emit=lambda _l: None)
     assert len(recorder.calls) == 2
     assert report.compiled == ((1, 16),)
+
+
+class Placement:
+    """Records the SDK's placement calls and the loads made inside them, and any overlap."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.active = 0
+        self.overlapped = False
+        self.lock = threading.Lock()
+
+    def context(self) -> Callable[..., Any]:
+        @contextlib.contextmanager
+        def neuron_cores_context(start_nc: int = -1, nc_count: int = -1) -> Iterator[None]:
+            with self.lock:
+                self.active += 1
+                self.overlapped |= self.active > 1  # the documented context is not thread-safe
+                self.events.append(("enter", threading.current_thread().name, start_nc, nc_count))
+            try:
+                yield
+            finally:
+                with self.lock:
+                    self.events.append(("exit", threading.current_thread().name, start_nc))
+                    self.active -= 1
+
+        return neuron_cores_context
+
+    def record_loads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = torch.jit.load
+
+        def load(path: Any, *args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                self.events.append(("load", threading.current_thread().name, Path(path).name))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(torch.jit, "load", load)
+
+
+def _serve_engine(settings: Any) -> Any:
+    """Start an Engine in a fresh event loop, poll until every copy loaded (or one failed)."""
+    from neuronserve.serving.engine import Engine
+    from neuronserve.serving.metrics import ServerMetrics
+
+    async def run() -> Any:
+        engine = Engine(settings, ServerMetrics("test"))
+        engine.start()
+        deadline = time.monotonic() + 60
+        while engine.state == "loading" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # poll interval for readiness
+        engine.close()
+        return engine
+
+    return asyncio.run(run())
+
+
+def _neuronx_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> Path:
+    monkeypatch.setitem(sys.modules, "torch_neuronx", _stand_in_neuronx(Recorder()))
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        trace__backend="neuronx",
+        trace__batch_sizes="1,2",
+        trace__sequence_lengths="16",
+    )
+    return run_trace(settings, progress=False, emit=lambda _l: None).directory
+
+
+@pytest.mark.parametrize("where", ["top-level", "experimental"])
+def test_neuronx_copies_are_placed_one_per_core_under_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path], where: str
+) -> None:
+    artifacts = _neuronx_artifacts(tmp_path, monkeypatch, tiny_model(tmp_path / "m", "feature-extraction"))
+    placement = Placement()
+    sdk = sys.modules["torch_neuronx"]
+    if where == "top-level":  # Neuron 2.25 and later
+        sdk.neuron_cores_context = placement.context()  # type: ignore[attr-defined]
+    else:  # before 2.25 the same API lived in torch_neuronx.experimental
+        sdk.experimental = types.SimpleNamespace(neuron_cores_context=placement.context())  # type: ignore[attr-defined]
+    placement.record_loads(monkeypatch)
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "")  # restored after; the engine sets it
+    monkeypatch.setenv("NEURON_PROCESS_TAG", "")
+    settings = make_settings(
+        tmp_path, serve__artifacts=str(artifacts), serve__cores="4-5", serve__models_per_server="4"
+    )
+    engine = _serve_engine(settings)
+    assert engine.state == "ready", engine.load_error
+    assert os.environ["NEURON_RT_VISIBLE_CORES"] == "4-5"
+
+    assert not placement.overlapped
+    # Each copy: enter(its core relative to the visible ones, one core), load each artifact, exit.
+    by_copy: dict[str, list[tuple[Any, ...]]] = {}
+    for event in placement.events:
+        by_copy.setdefault(event[1], []).append((event[0], *event[2:]))
+    assert sorted(by_copy) == ["copy-0", "copy-1", "copy-2", "copy-3"]
+    for name, events in by_copy.items():
+        core = int(name.split("-")[1]) % 2
+        expected: list[tuple[Any, ...]] = []
+        for file in ("model-b1-s16.pt", "model-b2-s16.pt"):
+            expected += [("enter", core, 1), ("load", file), ("exit", core)]
+        assert events == expected, name
+    # and the events of one placement are never interleaved with another's
+    for i, event in enumerate(placement.events):
+        if event[0] == "enter":
+            assert placement.events[i + 1][:2] == ("load", event[1])
+            assert placement.events[i + 2][:2] == ("exit", event[1])
+
+
+def test_neuronx_without_placement_api_refuses_several_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    from neuronserve.backends.base import BackendError
+    from neuronserve.backends.neuronx import NeuronxBackend
+
+    artifacts = _neuronx_artifacts(tmp_path, monkeypatch, tiny_model(tmp_path / "m", "feature-extraction"))
+    backend = NeuronxBackend()
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "0-1")
+    with pytest.raises(BackendError, match=r"no neuron_cores_context.*deploy\.cores_per_server=1"):
+        backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("0-1"), 1)
+    # one visible core needs no placement: every load lands on it
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "3")
+    model = backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("3"), 0)
+    assert model.run(tuple(torch.ones(1, 16, dtype=torch.int64) for _ in range(3)))[0].shape[0] == 1
+
+
+def test_neuron_inf1_loads_inside_the_experimental_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    from neuronserve.backends.neuron import NeuronBackend
+
+    sdk = _stand_in_neuron(Recorder())
+    placement = Placement()
+    sdk.experimental = types.SimpleNamespace(neuron_cores_context=placement.context())  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch_neuron", sdk)
+    settings = make_settings(
+        tmp_path,
+        model__source=str(tiny_model(tmp_path / "m", "text-classification", token_types=False)),
+        model__task="text-classification",
+        trace__backend="neuron",
+        trace__batch_sizes="1",
+        trace__sequence_lengths="16",
+    )
+    artifacts = run_trace(settings, progress=False, emit=lambda _l: None).directory
+    placement.record_loads(monkeypatch)
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "8-11")
+    NeuronBackend().load(artifacts / "model-b1-s16.pt", CoreSet.parse("8-11"), 3)
+    thread = threading.current_thread().name
+    assert placement.events == [
+        ("enter", thread, 3, 1),
+        ("load", thread, "model-b1-s16.pt"),
+        ("exit", thread, 3),
+    ]

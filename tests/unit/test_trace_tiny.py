@@ -281,3 +281,72 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(
     with caplog.at_level("WARNING", logger="neuronserve.backends.cpu"):
         CpuBackend(auto_cast="bf16").compile(model, example, tmp_path / "m.pt")
     assert "no native bf16" in caplog.text
+
+
+def test_one_cpu_artifact_serves_every_verified_shape(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    common = {"model__source": str(model_dir), "trace__backend": "cpu"}
+    report = run_trace(
+        make_settings(tmp_path, **common, trace__batch_sizes="1,4", trace__sequence_lengths="16,32"),
+        progress=False,
+        emit=_quiet,
+    )
+    manifest = load_manifest(report.directory, backend="cpu")
+    # traced once, at the largest shape; every other shape was verified against eager on it
+    assert manifest.artifact_files == ("model-b4-s32.pt",)
+    assert sorted(p.name for p in report.directory.glob("*.pt")) == ["model-b4-s32.pt"]
+    assert all(s.file == "model-b4-s32.pt" for s in manifest.shapes)
+    assert all(s.verification["min_cosine"] > 0.9999 for s in manifest.shapes)
+    assert all(s.cost_s > 0 for s in manifest.shapes)
+    memory = manifest.memory
+    assert memory.shapes_share_artifact and memory.copies_share_load
+    assert memory.artifact_bytes == {"model-b4-s32.pt": (report.directory / "model-b4-s32.pt").stat().st_size}
+    assert 0 < memory.weight_bytes < memory.artifact_bytes["model-b4-s32.pt"] * 1.5
+
+    # a new shape is verified on the existing artifact, not compiled again
+    more = run_trace(
+        make_settings(tmp_path, **common, trace__batch_sizes="1,2,4", trace__sequence_lengths="16,32"),
+        progress=False,
+        emit=_quiet,
+    )
+    assert set(more.compiled) == {(2, 16), (2, 32)}
+    assert more.manifest.artifact_files == ("model-b4-s32.pt",)
+    assert more.manifest.memory.weight_bytes == memory.weight_bytes
+
+
+class _ShapeBakingBackend(CpuBackend):
+    """A compiler whose artifacts run only the shape they were compiled at."""
+
+    def compile(self, module: torch.nn.Module, example_inputs: Any, dest: Path) -> Any:
+        loaded = super().compile(module, example_inputs, dest)
+        shape = tuple(example_inputs[0].shape)
+
+        class Baked:
+            def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                if tuple(inputs[0].shape) != shape:
+                    raise RuntimeError(f"compiled for {shape}, given {tuple(inputs[0].shape)}")
+                return loaded.run(inputs)
+
+        return Baked()
+
+
+def test_a_shape_the_artifact_cannot_run_gets_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
+    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: _ShapeBakingBackend())
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        trace__backend="cpu",
+        trace__batch_sizes="1,2",
+        trace__sequence_lengths="16",
+    )
+    manifest = run_trace(settings, progress=False, emit=_quiet).manifest
+    assert [(s.batch_size, s.file) for s in manifest.shapes] == [
+        (1, "model-b1-s16.pt"),
+        (2, "model-b2-s16.pt"),
+    ]
+    assert set(manifest.memory.artifact_bytes) == {"model-b1-s16.pt", "model-b2-s16.pt"}

@@ -14,7 +14,15 @@ from neuronserve.backends.base import Backend, BackendError, CoreSet, LoadedMode
 if TYPE_CHECKING:
     from neuronserve.config import TraceSettings
 
-__all__ = ["Backend", "BackendError", "CoreSet", "LoadedModel", "choose_backend", "create_backend"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CoreSet",
+    "LoadedModel",
+    "choose_backend",
+    "copy_core",
+    "create_backend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +102,12 @@ def prepare_process(name: str, cores: CoreSet, copies: int, tag: str) -> int:
     os.environ.update(neuron_environment(cores, tag))
     log.info("pinned to NeuronCores %s with tag %s", cores, tag)
     return 1
+
+
+def copy_core(name: str, index: int, cores: CoreSet) -> int:
+    """The core (counted from 0 within ``cores``) that copy ``index`` of a server runs on.
+
+    Neuron: copies go round robin over the server's NeuronCores, one core each. cpu: 0 for every
+    copy, because copies are threads over the process's whole CPU set (see ``pin_process``).
+    """
+    return 0 if name == "cpu" else index % len(cores)

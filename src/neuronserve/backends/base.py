@@ -9,6 +9,7 @@ Example, a backend for a hypothetical SDK::
 
     class MyBackend:
         name = "mychip"
+        sharing = Sharing(shapes=False, copies=False)
 
         def versions(self) -> dict[str, str]:
             return {"mychip-sdk": mychip.__version__}
@@ -18,8 +19,9 @@ Example, a backend for a hypothetical SDK::
             torch.jit.save(traced, dest)
             return TorchScriptModel(traced)
 
-        def load(self, artifact, cores):
-            return TorchScriptModel(torch.jit.load(artifact))
+        def load(self, artifact, cores, start_nc):
+            with mychip.place(start_nc):
+                return TorchScriptModel(torch.jit.load(artifact))
 """
 
 from __future__ import annotations
@@ -87,6 +89,19 @@ class CoreSet:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class Sharing:
+    """What a backend shares, recorded in the manifest; the memory plan counts everything else.
+
+    ``shapes``: one compiled artifact can run several shapes, so the tracer verifies an existing
+    artifact at each new shape before compiling another (each artifact holds its own weights).
+    ``copies``: the copies of one server run one loaded artifact instead of loading their own.
+    """
+
+    shapes: bool
+    copies: bool
+
+
 class LoadedModel(Protocol):
     """A compiled model loaded onto cores; ``run`` takes and returns CPU tensors."""
 
@@ -99,6 +114,7 @@ class Backend(Protocol):
     """A compiler and runtime for one kind of core. See the module docstring for an example."""
 
     name: str
+    sharing: Sharing
 
     def versions(self) -> dict[str, str]:
         """Versions of the SDK and compiler, recorded in the manifest and in every cache key."""
@@ -111,8 +127,9 @@ class Backend(Protocol):
         the compiled model ready to run, so the tracer verifies exactly what it saved."""
         ...
 
-    def load(self, artifact: Path, cores: CoreSet) -> LoadedModel:
-        """Load one saved artifact for a process that owns ``cores``."""
+    def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
+        """Load one saved artifact for a process that owns ``cores``, placed on the core
+        ``start_nc`` (counted from 0 within ``cores``; the copy's own core on Neuron)."""
         ...
 
 

@@ -1,5 +1,11 @@
 """cpu backend: TorchScript trace + freeze; pinning by CPU affinity and torch thread count.
 
+A frozen trace of an encoder runs any (batch, sequence) shape, so one artifact serves every
+shape the tracer verifies it at, and the copies of a server share that one loaded module
+(TorchScript inference is safe from several threads): a server holds the weights once,
+whatever its number of shapes and copies. Measured on all-MiniLM-L6-v2: the shared artifact
+runs each grid shape within noise of an artifact traced at that very shape.
+
 With ``trace.cpu_auto_cast=bf16`` every ``nn.Linear`` runs in bfloat16 (weights stored in bf16,
 activations cast on the way in, fp32 out) and everything else stays fp32: the CPU counterpart of
 neuronx-cc's ``--auto-cast matmult --auto-cast-type bf16``. On CPUs with AMX or AVX512-BF16,
@@ -12,10 +18,11 @@ import copy
 import functools
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from neuronserve.backends.base import CoreSet, LoadedModel, TorchScriptModel, torchscript_quietly
+from neuronserve.backends.base import CoreSet, LoadedModel, Sharing, TorchScriptModel, torchscript_quietly
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +76,7 @@ class CpuBackend:
     """Runs anywhere; the embedded default and the vehicle for every test on hosts without Neuron."""
 
     name = "cpu"
+    sharing = Sharing(shapes=True, copies=True)
 
     def __init__(self, auto_cast: str = "none") -> None:
         if auto_cast not in ("none", "bf16"):
@@ -76,6 +84,9 @@ class CpuBackend:
         self.auto_cast = auto_cast
         # The tracer compiles every shape from the same eager module: cast it once, not per shape.
         self._cast: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        # One loaded module per artifact file, shared by every copy that loads it.
+        self._loaded: dict[Path, LoadedModel] = {}
+        self._load_lock = threading.Lock()
 
     def versions(self) -> dict[str, str]:
         # torch's own version is recorded for every backend by the tracer.
@@ -93,7 +104,7 @@ class CpuBackend:
             frozen = torch.jit.freeze(traced)
             torch.jit.save(frozen, str(dest))
         # Verify the round trip through the file, which is what serving will load.
-        return self.load(dest, CoreSet((0,)))
+        return _load_file(dest)
 
     def _bf16_copy(self, module: torch.nn.Module) -> torch.nn.Module:
         import torch
@@ -107,12 +118,20 @@ class CpuBackend:
             self._cast = (module, cast_linears_to_bf16(module))
         return self._cast[1]
 
-    def load(self, artifact: Path, cores: CoreSet) -> LoadedModel:
-        import torch
+    def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
+        del cores, start_nc  # the process is pinned once by pin_process; nothing per copy
+        key = artifact.resolve()
+        with self._load_lock:
+            if key not in self._loaded:
+                self._loaded[key] = _load_file(artifact)
+            return self._loaded[key]
 
-        del cores  # the process is pinned once by pin_process; nothing per copy
-        with torchscript_quietly():
-            return TorchScriptModel(torch.jit.load(str(artifact), map_location="cpu"))
+
+def _load_file(artifact: Path) -> LoadedModel:
+    import torch
+
+    with torchscript_quietly():
+        return TorchScriptModel(torch.jit.load(str(artifact), map_location="cpu"))
 
 
 def pin_process(cores: CoreSet, copies: int) -> int:

@@ -7,18 +7,19 @@ follows the documented API (compiler_args, dynamic_batch_size) and is covered by
 from __future__ import annotations
 
 import shlex
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from neuronserve.backends.base import (
-    BackendError,
     CoreSet,
     LoadedModel,
+    Sharing,
     TorchScriptModel,
     torchscript_quietly,
 )
-from neuronserve.backends.sdk import check_visible_cores, import_sdk, package_versions
+from neuronserve.backends.sdk import import_sdk, load_on_core, package_versions
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +35,13 @@ class NeuronBackend:
     """Compiles with neuron-cc for NeuronCore-v1."""
 
     name = "neuron"
+    # Separately compiled NEFFs and separate loads each hold their own weights: no Neuron document
+    # promises otherwise, so the memory plan counts every shape of every copy.
+    sharing = Sharing(shapes=False, copies=False)
 
     def __init__(self, compiler_args: str = "", dynamic_batch: bool = False) -> None:
         self.compiler_args = shlex.split(compiler_args)
+        self._placement_lock = threading.Lock()  # neuron_cores_context is not thread-safe
         self.dynamic_batch = dynamic_batch
 
     def _sdk(self) -> ModuleType:
@@ -64,14 +69,6 @@ class NeuronBackend:
         # The traced model is already loaded on a NeuronCore; verification runs it there.
         return TorchScriptModel(traced)
 
-    def load(self, artifact: Path, cores: CoreSet) -> LoadedModel:
-        import torch
-
-        check_visible_cores(cores)
-        self._sdk()
-        try:
-            with torchscript_quietly():
-                module = torch.jit.load(str(artifact))
-        except RuntimeError as exc:
-            raise BackendError(f"loading {artifact.name} on NeuronCores {cores} failed: {exc}") from exc
-        return TorchScriptModel(module)
+    def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
+        # Importing the SDK registers the neuron ops TorchScript needs to deserialize the model.
+        return load_on_core(self._sdk(), artifact, cores, start_nc, self._placement_lock)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import threading
+from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from neuronserve.backends.base import BackendError, CoreSet
+from neuronserve.backends.base import (
+    BackendError,
+    CoreSet,
+    LoadedModel,
+    TorchScriptModel,
+    torchscript_quietly,
+)
 
 
 def import_sdk(module_name: str, required_attr: str, install_hint: str) -> ModuleType:
@@ -52,3 +63,47 @@ def check_visible_cores(cores: CoreSet) -> None:
             f"this is a bug: NEURON_RT_VISIBLE_CORES is {visible!r} but this process owns cores "
             f"{cores}; it must be set before the SDK is imported (neuronserve serve does this)"
         )
+
+
+def cores_context(sdk: ModuleType) -> Callable[..., contextlib.AbstractContextManager[Any]] | None:
+    """The SDK's ``neuron_cores_context(start_nc, nc_count)``, wherever this release keeps it.
+
+    torch-neuronx has it at the top level from Neuron 2.25 and under ``experimental`` before;
+    torch-neuron (Inf1) only ever had the ``experimental`` one. None when the SDK has neither.
+    """
+    found = getattr(sdk, "neuron_cores_context", None)
+    if found is None:
+        found = getattr(getattr(sdk, "experimental", None), "neuron_cores_context", None)
+    return found
+
+
+def load_on_core(
+    sdk: ModuleType, artifact: Path, cores: CoreSet, start_nc: int, lock: threading.Lock
+) -> LoadedModel:
+    """``torch.jit.load`` an artifact inside ``neuron_cores_context(start_nc, nc_count=1)``.
+
+    ``start_nc`` counts from 0 within the process's visible cores, as the SDK does. The context
+    is not thread-safe, so loads hold ``lock`` (one per backend, shared by a server's copies).
+    Without the context a process that owns one core needs no placement (every load lands on
+    it); with several cores the runtime's round robin would decide, so that is refused.
+    """
+    import torch
+
+    check_visible_cores(cores)
+    if not 0 <= start_nc < len(cores):
+        raise BackendError(f"this is a bug: start_nc {start_nc} outside the {len(cores)} cores {cores}")
+    context = cores_context(sdk)
+    if context is None and len(cores) > 1:
+        raise BackendError(
+            f"{sdk.__name__} has no neuron_cores_context, so copies cannot be placed on cores "
+            f"{cores}; upgrade the Neuron SDK or set deploy.cores_per_server=1"
+        )
+    placement = contextlib.nullcontext() if context is None else context(start_nc=start_nc, nc_count=1)
+    try:
+        with lock, placement, torchscript_quietly():
+            module = torch.jit.load(str(artifact))
+    except RuntimeError as exc:
+        raise BackendError(
+            f"loading {artifact.name} on NeuronCore {start_nc} of {cores} failed: {exc}"
+        ) from exc
+    return TorchScriptModel(module)

@@ -1,8 +1,9 @@
 """Model copies: each owned by one thread that loads, warms and then runs batches forever.
 
-The event loop never runs model code. A copy loads one artifact per compiled shape, runs every
-shape a few times (TorchScript optimises on its first calls) and records the median time per
-shape, which the batcher uses to choose batch sizes. A copy is ready only after all of that.
+The event loop never runs model code. A copy loads each artifact of the manifest on its core
+(the backend shares one load between copies where it can), runs every compiled shape once, and
+reports per-shape costs: the trace-time figure from the manifest, or the warm-up call if that
+was faster (interference only adds time). A copy is ready only after every shape answered.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from neuronserve.serving.batcher import Batch, Batcher
 from neuronserve.serving.tasks import Task
 
 log = logging.getLogger(__name__)
-
-WARMUP_CALLS = 6  # the first two calls of a TorchScript graph profile and optimise it
-MEASURED_CALLS = 4  # the last calls; their minimum is the shape's cost (interference only adds time)
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,7 @@ class CopyWorker(threading.Thread):
         self,
         *,
         index: int,
+        start_nc: int,
         backend: Backend,
         manifest: Manifest,
         cores: CoreSet,
@@ -77,6 +76,7 @@ class CopyWorker(threading.Thread):
         super().__init__(name=f"copy-{index}", daemon=True)
         self._measure_lock = measure_lock
         self.index = index
+        self._start_nc = start_nc
         self._backend = backend
         self._manifest = manifest
         self._cores = cores
@@ -99,27 +99,27 @@ class CopyWorker(threading.Thread):
 
     def _load_and_warm(self) -> dict[tuple[int, int], float]:
         directory: Path = self._manifest.directory
+        loaded = {
+            file: self._backend.load(directory / file, self._cores, self._start_nc)
+            for file in self._manifest.artifact_files
+        }
         for entry in self._manifest.shapes:
-            shape = (entry.batch_size, entry.sequence_length)
-            self._models[shape] = self._backend.load(directory / entry.file, self._cores)
+            self._models[(entry.batch_size, entry.sequence_length)] = loaded[entry.file]
         costs: dict[tuple[int, int], float] = {}
         names = self._manifest.input_names
-        for (b, s), model in self._models.items():
-            inputs = tuple(torch.ones((b, s), dtype=torch.int64) for _ in names)
-            for _ in range(WARMUP_CALLS - MEASURED_CALLS):
-                model.run(inputs)
-            # Copies of a server share its cores: timed one at a time, or each figure would
-            # include the other copies' work (and mislead the batcher for as long as it runs).
-            with self._measure_lock:
-                times = []
-                for _ in range(MEASURED_CALLS):
-                    started = time.perf_counter()
-                    model.run(inputs)
-                    times.append(time.perf_counter() - started)
-            costs[(b, s)] = min(times)
+        # Copies that share a core warm one at a time, so a warm-up figure is never the sum of
+        # two copies' work; copies on other cores (Neuron) warm in parallel.
+        with self._measure_lock:
+            for entry in self._manifest.shapes:
+                shape = (entry.batch_size, entry.sequence_length)
+                inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in names)
+                started = time.perf_counter()
+                self._models[shape].run(inputs)
+                costs[shape] = min(entry.cost_s, time.perf_counter() - started)
         log.info(
-            "copy %d ready: %s",
+            "copy %d ready on core %d: %s",
             self.index,
+            self._start_nc,
             ", ".join(f"b{b} s{s} {c * 1000:.1f}ms" for (b, s), c in sorted(costs.items())),
         )
         return costs

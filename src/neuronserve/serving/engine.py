@@ -9,18 +9,22 @@ and format; they never touch tensors. Results come back from copy threads throug
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuronserve.artifacts import Manifest, load_manifest
-from neuronserve.backends import choose_backend, create_backend, prepare_process
+from neuronserve.backends import choose_backend, copy_core, create_backend, prepare_process
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.models import default_name
@@ -36,6 +40,28 @@ log = logging.getLogger(__name__)
 # Inputs up to this many characters are tokenized on the event loop (microseconds); larger ones
 # go to a tokenizer thread so the loop never stalls on long texts.
 INLINE_TOKENIZE_CHARS = 4096
+# After this long with nothing in flight, the memory freed by the last batches goes back to the OS.
+IDLE_TRIM_S = 2.0
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)  # glibc only
+
+
+def release_free_memory() -> None:
+    """Return the heap memory freed by finished batches to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps freed activation buffers in each copy thread's arena (its mmap threshold grows
+    with the largest tensor freed), so after the largest shapes ran a server would otherwise hold
+    their working set for good: for MiniLM at b32 s128, ~250 MB per copy. Trimming only when
+    idle keeps that off the steady state without adding page faults to batches under load.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def artifacts_directory(settings: Settings) -> Path:
@@ -110,6 +136,7 @@ class Engine:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         metrics.describe_server(
@@ -136,10 +163,12 @@ class Engine:
         tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
         self.threads_per_copy = prepare_process(self.backend_name, self.cores, self.copies, tag)
         backend = create_backend(self.backend_name, self.settings.trace)
-        measure_lock = threading.Lock()
-        for index in range(self.copies):
+        slots = [copy_core(self.backend_name, index, self.cores) for index in range(self.copies)]
+        locks = {slot: threading.Lock() for slot in slots}
+        for index, slot in enumerate(slots):
             CopyWorker(
                 index=index,
+                start_nc=slot,
                 backend=backend,
                 manifest=self.manifest,
                 cores=self.cores,
@@ -148,7 +177,7 @@ class Engine:
                 on_ready=self._on_copy_ready,
                 on_failed=self._on_copy_failed,
                 on_outcome=self._on_outcome,
-                measure_lock=measure_lock,
+                measure_lock=locks[slot],
             ).start()
 
     @property
@@ -201,6 +230,7 @@ class Engine:
         self._ready.add(index)
         self.metrics.copies_ready.set(len(self._ready))
         if self.ready:
+            release_free_memory()  # warm-up ran every shape; keep none of its buffers
             log.info("all %d copies ready on cores %s", self.copies, self.cores)
 
     def _on_copy_failed(self, index: int, exc: BaseException) -> None:
@@ -250,6 +280,15 @@ class Engine:
                 future.set_exception(deadline("the request's deadline passed while it waited for a copy"))
             else:
                 future.cancel()
+
+    def _schedule_trim(self) -> None:
+        if self._trim_timer is None and self._loop is not None:
+            self._trim_timer = self._loop.call_later(IDLE_TRIM_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim_timer = None
+        if self._inflight == 0 and self.batcher.depth == 0:
+            release_free_memory()
 
     def retry_after_s(self) -> int:
         """Seconds until the queue is likely to have room: queue depth over measured throughput."""
@@ -333,6 +372,7 @@ class Engine:
             self.metrics.inflight.dec()
             if self._inflight == 0:
                 self._idle.set()
+                self._schedule_trim()
         results: list[_ItemResult] = [done] if len(items) == 1 else list(done)
         return InferResult(
             outputs=[r.value for r in results],
