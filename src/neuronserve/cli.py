@@ -23,6 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from neuronserve.backends.base import BackendError
     from neuronserve.deploy.inventory import InventoryError
     from neuronserve.deploy.local import DeployError
+    from neuronserve.deploy.memory import MemoryPlanError
     from neuronserve.models import ModelSourceError
     from neuronserve.serving.tokenization import TokenizerMissingError
     from neuronserve.trace import VerificationError
@@ -36,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TokenizerMissingError,
         DeployError,
         InventoryError,
+        MemoryPlanError,
     )
 
 
@@ -141,7 +143,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from neuronserve.deploy.commands import deploy
 
-    return deploy(_settings(args), args.config, dry_run=args.dry_run, emit_compose=args.emit_compose)
+    if (args.neuron_ls or args.host_memory_gib) and not args.dry_run:
+        raise ConfigError("--neuron-ls and --host-memory-gib plan for another host: use them with --dry-run")
+    host_memory = None if args.host_memory_gib is None else int(args.host_memory_gib * (1 << 30))
+    return deploy(
+        _settings(args),
+        args.config,
+        dry_run=args.dry_run,
+        emit_compose=args.emit_compose,
+        neuron_ls=Path(args.neuron_ls) if args.neuron_ls else None,
+        host_memory=host_memory,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -288,8 +300,23 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
 
     p = sub.add_parser("deploy", help="start every server of the plan behind nginx and wait until ready")
     _add_config_args(p)
-    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and its memory estimate, refuse what does not fit, stop",
+    )
     p.add_argument("--emit-compose", metavar="FILE", help="write the deployment as a compose file and stop")
+    p.add_argument(
+        "--neuron-ls",
+        metavar="FILE",
+        help="with --dry-run: plan for the host whose `neuron-ls -j` output this is (cores, device memory)",
+    )
+    p.add_argument(
+        "--host-memory-gib",
+        type=float,
+        metavar="GIB",
+        help="with --dry-run: host memory to plan with (default: MemAvailable of this host)",
+    )
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("status", help="state, readiness, cores, port and restarts of each server")

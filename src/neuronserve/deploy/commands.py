@@ -7,27 +7,49 @@ from pathlib import Path
 
 import httpx
 
-from neuronserve.artifacts import load_manifest
+from neuronserve.artifacts import load_manifest, read_manifest
 from neuronserve.config import Settings, find_config
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import detect
 from neuronserve.deploy.local import DeployError
+from neuronserve.deploy.memory import MemoryPlan, estimate
 from neuronserve.deploy.plan import Plan, make_plan
 
 
-def plan_for(settings: Settings) -> tuple[Plan, Path]:
+def plan_for(
+    settings: Settings, *, verify: bool = True, neuron_ls: Path | None = None, host_memory: int | None = None
+) -> tuple[Plan, Path, MemoryPlan]:
+    """The plan and its memory estimate for this host (or the host ``neuron_ls`` describes).
+
+    ``verify`` checks every artifact against the manifest (a deployment refuses tampered or
+    mismatched artifacts before anything starts); a dry run plans from the manifest alone.
+    """
     from neuronserve.serving.engine import artifacts_directory
 
     artifacts = artifacts_directory(settings)
     if not (artifacts / "manifest.json").is_file():
         raise DeployError(f"no artifacts in {artifacts}; run ./trace-model/run.sh first")
-    manifest = load_manifest(artifacts)  # refuses tampered or mismatched artifacts before anything starts
-    return make_plan(settings, detect(manifest.backend), manifest.backend), artifacts
+    manifest = load_manifest(artifacts) if verify else read_manifest(artifacts)
+    inventory = detect(manifest.backend, neuron_ls=neuron_ls, host_memory=host_memory)
+    plan = make_plan(settings, inventory, manifest.backend)
+    return plan, artifacts, estimate(plan, manifest, inventory)
 
 
-def deploy(settings: Settings, config: str | None, *, dry_run: bool, emit_compose: str | None) -> int:
-    plan, artifacts = plan_for(settings)
+def deploy(
+    settings: Settings,
+    config: str | None,
+    *,
+    dry_run: bool,
+    emit_compose: str | None,
+    neuron_ls: Path | None = None,
+    host_memory: int | None = None,
+) -> int:
+    plan, artifacts, memory = plan_for(
+        settings, verify=not dry_run, neuron_ls=neuron_ls, host_memory=host_memory
+    )
     print(plan.table())
+    print(memory.table())
+    memory.check()  # a plan that does not fit is refused before anything starts
     if emit_compose:
         from neuronserve.deploy import docker
 

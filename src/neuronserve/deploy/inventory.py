@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -27,6 +28,10 @@ class Inventory:
     cores: tuple[int, ...]
     device_of: dict[int, int]
     cores_per_device: int | None = None
+    # Neuron: device memory of each core (its device's ``memory_size`` over its ``nc_count``).
+    core_memory: dict[int, int] = field(default_factory=dict)
+    # Host memory the deployment may use (MemAvailable); 0 when unknown.
+    host_memory: int = 0
 
     def devices_for(self, cores: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(sorted({self.device_of[c] for c in cores})) if self.device_of else ()
@@ -41,6 +46,7 @@ def parse_neuron_ls(text: str) -> Inventory:
     if not isinstance(devices, list) or not devices:
         raise InventoryError("neuron-ls -j found no Neuron devices")
     device_of: dict[int, int] = {}
+    core_memory: dict[int, int] = {}
     counts = set()
     next_core = 0
     for entry in sorted(devices, key=lambda d: int(d["neuron_device"])):
@@ -52,14 +58,17 @@ def parse_neuron_ls(text: str) -> Inventory:
             raise InventoryError(
                 f"neuron-ls -j: device {device} lists {len(ids)} core ids for nc_count {count}"
             )
+        memory = int(entry.get("memory_size") or 0)
         for core in ids:
             device_of[int(core)] = device
+            if memory:
+                core_memory[int(core)] = memory // count
         next_core = max(device_of) + 1
     cores = tuple(sorted(device_of))
     if cores != tuple(range(len(cores))):
         raise InventoryError(f"neuron-ls -j: core ids {cores[:8]}... are not 0..N-1")
     per_device = counts.pop() if len(counts) == 1 else None
-    return Inventory("neuron", cores, device_of, per_device)
+    return Inventory("neuron", cores, device_of, per_device, core_memory)
 
 
 def neuron_inventory() -> Inventory:
@@ -84,5 +93,24 @@ def cpu_inventory() -> Inventory:
     return Inventory("cpu", tuple(sorted(os.sched_getaffinity(0))), {})
 
 
-def detect(backend: str) -> Inventory:
-    return cpu_inventory() if backend == "cpu" else neuron_inventory()
+def host_memory_available(meminfo: str | None = None) -> int:
+    """Bytes of memory available for new processes (``MemAvailable`` of /proc/meminfo), or 0."""
+    try:
+        text = meminfo if meminfo is not None else Path("/proc/meminfo").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def detect(backend: str, *, neuron_ls: Path | None = None, host_memory: int | None = None) -> Inventory:
+    """This host's inventory; ``neuron_ls`` (a saved ``neuron-ls -j``) and ``host_memory`` plan
+    for another host instead."""
+    if neuron_ls is not None:
+        found = parse_neuron_ls(neuron_ls.read_text())
+    else:
+        found = cpu_inventory() if backend == "cpu" else neuron_inventory()
+    memory = host_memory if host_memory is not None else host_memory_available()
+    return replace(found, host_memory=memory)

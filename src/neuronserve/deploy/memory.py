@@ -1,0 +1,150 @@
+"""The memory plan: host and device memory each server and core will hold, checked before start.
+
+Estimated from the manifest (artifact sizes, weight bytes, what the backend shares) and the plan:
+- host, per server: the process itself (Python, torch, the app), the artifacts it loads (once
+  when copies share a load, as on cpu; once per copy otherwise, since each Neuron load keeps its
+  host copy), and on cpu each copy's working set at the largest shape;
+- device, per NeuronCore: every artifact of every copy placed on it (separately compiled NEFFs
+  and separate loads each hold their own weights: nothing in the Neuron documentation promises
+  sharing), the runtime's per-core overhead, and one scratchpad for the largest shape (the
+  runtime shares the scratchpad between the models of a core).
+The figures are estimates: ``bench/memory.py`` measures the real ones on cpu.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neuronserve.artifacts import Manifest
+from neuronserve.backends import copy_core
+from neuronserve.deploy.inventory import Inventory
+from neuronserve.deploy.plan import Plan
+
+GIB = 1 << 30
+# One server process before any model: Python, torch, transformers, the app, the gunicorn master
+# (measured on cpu by bench/memory.py: ~0.40 GB).
+PROCESS_BYTES = 450_000_000
+# The Neuron runtime's micro-code reservation per physical NeuronCore (Neuron device memory docs).
+RUNTIME_BYTES_PER_CORE = 96 << 20
+# Working set of one forward pass, as a multiple of its hidden states (batch x seq x hidden x
+# 4 bytes): attention scores, the feed-forward intermediate and their copies. bench/memory.py
+# measured ~10x on MiniLM at b32 s128; 16 leaves room.
+WORKING_SET_FACTOR = 16
+KNOBS = (
+    "lower serve.models_per_server, compile fewer shapes (trace.batch_sizes, "
+    "trace.sequence_lengths), or give each server more cores (deploy.cores_per_server) so its "
+    "copies spread over them"
+)
+
+
+class MemoryPlanError(RuntimeError):
+    """The plan does not fit in this host's memory; the message names the knobs."""
+
+
+@dataclass(frozen=True)
+class ServerMemory:
+    """Estimated bytes for one server: host memory, and device memory per global core id."""
+
+    name: str
+    host: int
+    device: dict[int, int]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    servers: tuple[ServerMemory, ...]
+    host_available: int
+    core_capacity: dict[int, int]
+    summary: str
+
+    @property
+    def host_total(self) -> int:
+        return sum(s.host for s in self.servers)
+
+    def table(self) -> str:
+        """Per server and per core, for --dry-run and deploy."""
+        rows = [self.summary, f"{'server':<12}{'host GiB':>9}  device GiB per NeuronCore (estimate/capacity)"]
+        for s in self.servers:
+            cores = "  ".join(
+                f"nc{c}: {b / GIB:.2f}/{self.core_capacity.get(c, 0) / GIB:.2f}"
+                for c, b in sorted(s.device.items())
+            )
+            rows.append(f"{s.name:<12}{s.host / GIB:>9.2f}  {cores or '-'}")
+        available = f"{self.host_available / GIB:.1f} GiB available" if self.host_available else "unknown"
+        rows.append(
+            f"host memory: {self.host_total / GIB:.1f} GiB for {len(self.servers)} servers ({available})"
+        )
+        return "\n".join(rows)
+
+    def problems(self) -> list[str]:
+        """What does not fit, one line each (empty when the plan fits)."""
+        found = []
+        if self.host_available and self.host_total > self.host_available:
+            found.append(
+                f"the servers need ~{self.host_total / GIB:.1f} GiB of host memory but "
+                f"{self.host_available / GIB:.1f} GiB is available"
+            )
+        over: dict[tuple[float, float], list[int]] = {}
+        for s in self.servers:
+            for core, used in sorted(s.device.items()):
+                capacity = self.core_capacity.get(core, 0)
+                if capacity and used > capacity:
+                    over.setdefault((round(used / GIB, 1), round(capacity / GIB, 1)), []).append(core)
+        for (used_gib, capacity_gib), cores in over.items():
+            which = (
+                f"NeuronCore {cores[0]}"
+                if len(cores) == 1
+                else f"{len(cores)} NeuronCores ({_ranges(cores)})"
+            )
+            found.append(
+                f"{which} would need ~{used_gib} GiB of device memory each, a NeuronCore has {capacity_gib} GiB"
+            )
+        return found
+
+    def check(self) -> None:
+        """Refuse a plan that does not fit, before anything starts."""
+        found = self.problems()
+        if found:
+            shown = found[:3] + ([f"and {len(found) - 3} more"] if len(found) > 3 else [])
+            raise MemoryPlanError(f"the plan does not fit: {'; '.join(shown)}; {KNOBS}")
+
+
+def _ranges(ids: list[int]) -> str:
+    from neuronserve.backends.base import CoreSet
+
+    return str(CoreSet(tuple(sorted(ids))))
+
+
+def working_set(manifest: Manifest) -> int:
+    """Bytes one forward pass of the largest compiled shape is estimated to need."""
+    hidden = int(manifest.model.get("hidden_size") or 1024)
+    largest = max(s.batch_size * s.sequence_length for s in manifest.shapes)
+    return largest * hidden * 4 * WORKING_SET_FACTOR
+
+
+def estimate(plan: Plan, manifest: Manifest, inventory: Inventory) -> MemoryPlan:
+    """The memory plan of ``plan`` serving ``manifest`` on ``inventory``'s host."""
+    facts = manifest.memory
+    artifacts = sum(facts.artifact_bytes.values())
+    scratch = working_set(manifest)
+    neuron = plan.backend != "cpu"
+    servers = []
+    for server in plan.servers:
+        loads = 1 if facts.copies_share_load else server.copies
+        host = PROCESS_BYTES + loads * artifacts + (0 if neuron else server.copies * scratch)
+        device: dict[int, int] = {}
+        if neuron:
+            for index in range(server.copies):
+                core = server.cores.ids[copy_core(plan.backend, index, server.cores)]
+                if core not in device:
+                    device[core] = RUNTIME_BYTES_PER_CORE + scratch
+                device[core] += artifacts
+        servers.append(ServerMemory(server.name, host, device))
+    shared = "one artifact serves several shapes" if len(facts.artifact_bytes) < len(manifest.shapes) else ""
+    summary = (
+        f"memory estimate: weights {facts.weight_bytes / GIB:.2f} GiB; {len(facts.artifact_bytes)} "
+        f"artifact(s) of {artifacts / GIB:.2f} GiB for {len(manifest.shapes)} shapes"
+        f"{' (' + shared + ')' if shared else ''}; copies "
+        f"{'share one load' if facts.copies_share_load else 'each load their own'}"
+    )
+    return MemoryPlan(tuple(servers), inventory.host_memory, dict(inventory.core_memory), summary)

@@ -1,0 +1,149 @@
+"""The memory plan: estimates from the manifest and the plan, refused before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from neuronserve.artifacts import read_manifest
+from neuronserve.deploy.inventory import host_memory_available, parse_neuron_ls
+from neuronserve.deploy.memory import GIB, MemoryPlan, MemoryPlanError, estimate
+from neuronserve.deploy.plan import make_plan
+from tests.conftest import REPO, make_settings
+
+FIXTURES = REPO / "tests" / "fixtures"
+INF2_48 = FIXTURES / "neuron-ls" / "inf2.48xlarge.json"
+BERT_LARGE = FIXTURES / "manifests" / "bert-large-neuronx"
+
+
+def _plan(tmp_path: Path, **values: str) -> MemoryPlan:
+    settings = make_settings(tmp_path, serve__artifacts=str(BERT_LARGE), **values)
+    inventory = parse_neuron_ls(INF2_48.read_text())
+    inventory = dataclasses.replace(inventory, host_memory=768 * GIB)
+    plan = make_plan(settings, inventory, "neuronx")
+    return estimate(plan, read_manifest(BERT_LARGE), inventory)
+
+
+def test_device_memory_per_core_comes_from_neuron_ls() -> None:
+    inf2 = parse_neuron_ls(INF2_48.read_text())
+    assert set(inf2.core_memory.values()) == {16 * GIB}  # 32 GiB per device, 2 cores each
+    inf1 = parse_neuron_ls((FIXTURES / "neuron-ls" / "inf1.6xlarge.json").read_text())
+    assert set(inf1.core_memory.values()) == {2 * GIB}  # 8 GiB per device, 4 cores each
+
+
+def test_bert_large_with_two_copies_per_core_is_refused(tmp_path: Path) -> None:
+    memory = _plan(tmp_path, serve__models_per_server="2")
+    manifest = read_manifest(BERT_LARGE)
+    artifacts = sum(manifest.memory.artifact_bytes.values())
+    for server in memory.servers:
+        ((_core, used),) = server.device.items()
+        # 2 copies x 16 separately compiled shapes, each with its own weights, on one core
+        assert used > 2 * artifacts > 16 * GIB
+    with pytest.raises(MemoryPlanError) as refused:
+        memory.check()
+    message = str(refused.value)
+    assert (
+        "24 NeuronCores (0-23) would need ~21.4 GiB of device memory each, a NeuronCore has 16.0 GiB"
+        in message
+    )
+    for knob in (
+        "serve.models_per_server",
+        "trace.batch_sizes",
+        "trace.sequence_lengths",
+        "deploy.cores_per_server",
+    ):
+        assert knob in message
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"serve__models_per_server": "1"},
+        # two cores per server: one copy on each, so each core holds one copy's shapes
+        {"serve__models_per_server": "2", "deploy__cores_per_server": "2"},
+    ],
+)
+def test_plans_that_fit_pass(tmp_path: Path, values: dict[str, str]) -> None:
+    memory = _plan(tmp_path, **values)
+    memory.check()
+    used = [b for s in memory.servers for b in s.device.values()]
+    assert len(used) == 24 and 10 * GIB < max(used) < 16 * GIB
+
+
+def test_cpu_copies_share_one_load_and_host_memory_is_checked(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    from neuronserve.deploy.inventory import Inventory
+    from neuronserve.trace import run_trace
+
+    settings = make_settings(
+        tmp_path,
+        model__source=str(tiny_model(tmp_path / "fe", "feature-extraction")),
+        trace__backend="cpu",
+        trace__batch_sizes="1,4",
+        trace__sequence_lengths="16,32",
+    )
+    manifest = run_trace(settings, progress=False, emit=lambda _l: None).manifest
+    artifact = sum(manifest.memory.artifact_bytes.values())
+
+    def host(copies: int, available: int) -> MemoryPlan:
+        s = make_settings(tmp_path, serve__models_per_server=str(copies), deploy__cores="0-1")
+        inventory = Inventory("cpu", (0, 1), {}, host_memory=available)
+        return estimate(make_plan(s, inventory, "cpu"), manifest, inventory)
+
+    one, two = host(1, 64 * GIB), host(2, 64 * GIB)
+    per_copy = two.servers[0].host - one.servers[0].host
+    assert 0 < per_copy < artifact * 10  # a copy adds its working set, not another load
+    one.check()
+    with pytest.raises(MemoryPlanError, match=r"need ~.* GiB of host memory but 0\.1 GiB is available"):
+        host(2, GIB // 10).check()
+
+
+def test_host_memory_available_reads_meminfo() -> None:
+    text = "MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n"
+    assert host_memory_available(text) == 20000000 * 1024
+    assert host_memory_available("MemTotal: 1 kB\n") == 0
+    assert host_memory_available() > 0  # this host
+
+
+def _dry_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "neuronserve.cli", "deploy", "--dry-run", "--neuron-ls", str(INF2_48)),
+            *("--host-memory-gib", "768", "--set", f"serve.artifacts={BERT_LARGE}", *args),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def test_dry_run_prints_per_core_device_memory_and_refuses_what_does_not_fit() -> None:
+    refused = _dry_run("--set", "serve.models_per_server=2")
+    assert refused.returncode == 1
+    assert "nc23: 21.38/16.00" in refused.stdout
+    (line,) = refused.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("neuronserve: the plan does not fit: 24 NeuronCores (0-23)")
+    assert "serve.models_per_server" in line
+
+    fits = _dry_run("--set", "serve.models_per_server=1")
+    assert fits.returncode == 0, fits.stderr
+    assert "device GiB per NeuronCore" in fits.stdout and "nc0: 10.86/16.00" in fits.stdout
+
+
+def test_planning_for_another_host_needs_dry_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronserve.cli", "deploy", "--neuron-ls", str(INF2_48)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "use them with --dry-run" in result.stderr
