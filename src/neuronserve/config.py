@@ -81,10 +81,17 @@ class TraceSettings:
         "and whether Neuron devices exist; or name one of cpu, neuronx, neuron.",
     )
     batch_sizes: tuple[int, ...] = setting(
-        (1, 8), "Comma-separated batch sizes to compile (each a static shape).", minimum=1, maximum=1024
+        (1, 2, 4, 8),
+        "Comma-separated batch sizes to compile (each a static shape).",
+        minimum=1,
+        maximum=1024,
     )
     sequence_lengths: tuple[int, ...] = setting(
-        (32, 128), "Comma-separated sequence lengths (tokens) to compile.", minimum=8, maximum=8192
+        (16, 32, 64, 128),
+        "Comma-separated sequence lengths (tokens) to compile; every input is padded to the "
+        "smallest that fits, so finer buckets waste less compute on padding.",
+        minimum=8,
+        maximum=8192,
     )
     output_dir: str = setting(
         "trace-models",
@@ -142,7 +149,12 @@ class ServeSettings:
         "Artifact directory to serve; empty means <trace.output_dir>/<model name>/<backend>.",
     )
     models_per_server: int = setting(
-        2, "Model copies in each server, each driven by its own thread.", minimum=1, maximum=64
+        0,
+        "Model copies in each server, each driven by its own thread; 0 picks by backend: 1 on cpu "
+        "(copies share the server's cores, and two on one core are slower than one), 2 on Neuron "
+        "(one copy keeps a NeuronCore busy while the host prepares the next batch).",
+        minimum=0,
+        maximum=64,
     )
     max_batch_size: int = setting(
         0,

@@ -15,16 +15,31 @@ from neuronserve.config import (
     render_reference,
     render_template,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, make_settings
 
 
 def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = load_settings(None, environ={})
-    assert settings.trace.batch_sizes == (1, 8)
-    assert settings.trace.sequence_lengths == (32, 128)
+    assert settings.trace.batch_sizes == (1, 2, 4, 8)
+    assert settings.trace.sequence_lengths == (16, 32, 64, 128)
+    assert settings.serve.models_per_server == 0  # by backend, see test_copies_default_by_backend
     assert settings.trace.backend == "auto"
     assert settings.model.source == "bundled:all-MiniLM-L6-v2"
+
+
+def test_copies_default_by_backend(tmp_path: Path) -> None:
+    from neuronserve.backends import copies_per_server
+    from neuronserve.deploy.inventory import Inventory
+    from neuronserve.deploy.plan import make_plan
+
+    assert [copies_per_server(b, 0) for b in ("cpu", "neuronx", "neuron")] == [1, 2, 2]
+    assert copies_per_server("neuronx", 3) == 3
+    settings = make_settings(tmp_path)
+    cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+    neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), "neuronx")
+    assert [s.copies for s in cpu.servers] == [1, 1]
+    assert [s.copies for s in neuron.servers] == [2, 2]
 
 
 def test_properties_syntax() -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "CoreSet",
     "LoadedModel",
     "choose_backend",
+    "copies_per_server",
     "copy_core",
     "create_backend",
 ]
@@ -111,3 +112,12 @@ def copy_core(name: str, index: int, cores: CoreSet) -> int:
     copy, because copies are threads over the process's whole CPU set (see ``pin_process``).
     """
     return 0 if name == "cpu" else index % len(cores)
+
+
+def copies_per_server(name: str, configured: int) -> int:
+    """``serve.models_per_server``, or the backend's default when it is 0.
+
+    cpu: 1, because the copies of a server share its CPUs (two on one core measured slower than
+    one). Neuron: 2, so one copy keeps the NeuronCore busy while the host prepares the next batch.
+    """
+    return configured or (1 if name == "cpu" else 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from neuronserve.backends import copies_per_server
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.deploy.inventory import Inventory
@@ -114,7 +115,7 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
                 cores=CoreSet(ids),
                 devices=inventory.devices_for(ids),
                 port=port,
-                copies=settings.serve.models_per_server,
+                copies=copies_per_server(backend, settings.serve.models_per_server),
             )
         )
     used = {c for s in servers for c in s.cores.ids}

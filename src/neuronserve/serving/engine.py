@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from neuronserve.artifacts import Manifest, load_manifest
-from neuronserve.backends import choose_backend, copy_core, create_backend, prepare_process
+from neuronserve.backends import (
+    choose_backend,
+    copies_per_server,
+    copy_core,
+    create_backend,
+    prepare_process,
+)
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.models import default_name
@@ -116,7 +122,7 @@ class Engine:
         self.model_name = str(self.manifest.model["name"])
         self.task_name = self.manifest.task
         self.cores = server_cores(settings, self.backend_name)
-        self.copies = settings.serve.models_per_server
+        self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server)
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
