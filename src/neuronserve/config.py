@@ -156,6 +156,14 @@ class ServeSettings:
         minimum=0,
         maximum=64,
     )
+    neuron_shared_weights: bool = setting(
+        False,
+        "Neuron: load each artifact once per server, replicated on every core the server owns "
+        "(neuron_cores_context with nc_count = its cores), with NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS "
+        "so the replicas share one copy of the weights (runtime 2.11+; cores then compete for memory "
+        "bandwidth); the copies become threads calling that one load, which the runtime spreads over "
+        "the replicas. Off: each copy loads its own on its own core.",
+    )
     max_batch_size: int = setting(
         0,
         "Largest batch the batcher forms; 0 means the largest compiled batch size, 1 turns batching off.",

@@ -335,3 +335,58 @@ def test_neuron_inf1_loads_inside_the_experimental_context(
         ("load", thread, "model-b1-s16.pt"),
         ("exit", thread, 3),
     ]
+
+
+def test_neuronx_shared_weights_load_once_replicated_on_every_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+) -> None:
+    artifacts = _neuronx_artifacts(tmp_path, monkeypatch, tiny_model(tmp_path / "m", "feature-extraction"))
+    placement = Placement()
+    sys.modules["torch_neuronx"].neuron_cores_context = placement.context()  # type: ignore[attr-defined]
+    placement.record_loads(monkeypatch)
+    for name in ("NEURON_RT_VISIBLE_CORES", "NEURON_PROCESS_TAG", "NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS"):
+        monkeypatch.setenv(name, "")  # restored after; the engine sets them
+    settings = make_settings(
+        tmp_path,
+        serve__artifacts=str(artifacts),
+        serve__cores="4-5",
+        serve__models_per_server="2",
+        serve__neuron_shared_weights="true",
+    )
+    engine = _serve_engine(settings)
+    assert engine.state == "ready", engine.load_error
+    assert os.environ["NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS"] == "TRUE"  # set before the SDK loads
+    # one load per artifact for the whole server, replicated on both of its cores
+    assert [(e[0], *e[2:]) for e in placement.events] == [
+        ("enter", 0, 2),
+        ("load", "model-b1-s16.pt"),
+        ("exit", 0),
+        ("enter", 0, 2),
+        ("load", "model-b2-s16.pt"),
+        ("exit", 0),
+    ]
+    assert not placement.overlapped
+
+
+def test_shared_weights_memory_plan_counts_the_weights_once_per_device(tmp_path: Path) -> None:
+    from neuronserve.artifacts import read_manifest
+    from neuronserve.deploy.inventory import parse_neuron_ls
+    from neuronserve.deploy.memory import estimate
+    from neuronserve.deploy.plan import make_plan
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    manifest = read_manifest(fixtures / "manifests" / "bert-large-neuronx")
+    inventory = parse_neuron_ls((fixtures / "neuron-ls" / "inf2.48xlarge.json").read_text())
+
+    def per_core(shared: bool) -> dict[int, int]:
+        settings = make_settings(tmp_path, deploy__cores_per_server="2", serve__models_per_server="2")
+        plan = make_plan(settings, inventory, "neuronx")
+        return estimate(plan, manifest, inventory, shared_weights=shared).servers[0].device
+
+    separate, shared = per_core(False), per_core(True)
+    assert separate[0] == separate[1]  # one copy on each core, each with every shape's weights
+    assert shared[0] == separate[0]  # the first replica on a device holds the weights
+    saved = separate[1] - shared[1]
+    assert saved == sum(
+        min(s, manifest.memory.weight_bytes // 2) for s in manifest.memory.artifact_bytes.values()
+    )

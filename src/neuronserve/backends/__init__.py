@@ -62,8 +62,9 @@ def choose_backend(
     )
 
 
-def create_backend(name: str, trace: TraceSettings) -> Backend:
-    """Instantiate a concrete backend with its compiler settings."""
+def create_backend(name: str, trace: TraceSettings, *, shared_weights: bool = False) -> Backend:
+    """Instantiate a concrete backend with its compiler settings (and, to serve on Neuron,
+    whether copies share one multi-core load: ``serve.neuron_shared_weights``)."""
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
@@ -71,11 +72,13 @@ def create_backend(name: str, trace: TraceSettings) -> Backend:
     if name == "neuronx":
         from neuronserve.backends.neuronx import NeuronxBackend
 
-        return NeuronxBackend(trace.neuronx_compiler_args)
+        return NeuronxBackend(trace.neuronx_compiler_args, shared_weights=shared_weights)
     if name == "neuron":
         from neuronserve.backends.neuron import NeuronBackend
 
-        return NeuronBackend(trace.neuron_compiler_args, trace.neuron_dynamic_batch)
+        return NeuronBackend(
+            trace.neuron_compiler_args, trace.neuron_dynamic_batch, shared_weights=shared_weights
+        )
     raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
 
 
@@ -88,7 +91,7 @@ def compiler_args_for(name: str, trace: TraceSettings) -> str:
     return "" if trace.cpu_auto_cast == "none" else f"auto-cast={trace.cpu_auto_cast}"
 
 
-def prepare_process(name: str, cores: CoreSet, copies: int, tag: str) -> int:
+def prepare_process(name: str, cores: CoreSet, copies: int, tag: str, *, shared_weights: bool = False) -> int:
     """Pin this process to ``cores`` before any model loads; returns torch threads per copy.
 
     Neuron: sets NEURON_RT_VISIBLE_CORES and NEURON_PROCESS_TAG, which the runtime reads once
@@ -100,7 +103,7 @@ def prepare_process(name: str, cores: CoreSet, copies: int, tag: str) -> int:
         return pin_process(cores, copies)
     from neuronserve.backends.sdk import neuron_environment
 
-    os.environ.update(neuron_environment(cores, tag))
+    os.environ.update(neuron_environment(cores, tag, shared_weights=shared_weights))
     log.info("pinned to NeuronCores %s with tag %s", cores, tag)
     return 1
 

@@ -7,7 +7,6 @@ follows the documented API (compiler_args, dynamic_batch_size) and is covered by
 from __future__ import annotations
 
 import shlex
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from neuronserve.backends.base import (
     TorchScriptModel,
     torchscript_quietly,
 )
-from neuronserve.backends.sdk import import_sdk, load_on_core, package_versions
+from neuronserve.backends.sdk import NeuronLoads, import_sdk, package_versions
 
 if TYPE_CHECKING:
     import torch
@@ -35,13 +34,15 @@ class NeuronBackend:
     """Compiles with neuron-cc for NeuronCore-v1."""
 
     name = "neuron"
-    # Separately compiled NEFFs and separate loads each hold their own weights: no Neuron document
-    # promises otherwise, so the memory plan counts every shape of every copy.
-    sharing = Sharing(shapes=False, copies=False)
 
-    def __init__(self, compiler_args: str = "", dynamic_batch: bool = False) -> None:
+    def __init__(
+        self, compiler_args: str = "", dynamic_batch: bool = False, *, shared_weights: bool = False
+    ) -> None:
         self.compiler_args = shlex.split(compiler_args)
-        self._placement_lock = threading.Lock()  # neuron_cores_context is not thread-safe
+        # Separately compiled NEFFs each hold their own weights (no Neuron document promises
+        # otherwise), so shapes share nothing; copies share one load only with shared_weights.
+        self.sharing = Sharing(shapes=False, copies=shared_weights)
+        self._loads = NeuronLoads(shared_weights)
         self.dynamic_batch = dynamic_batch
 
     def _sdk(self) -> ModuleType:
@@ -71,4 +72,4 @@ class NeuronBackend:
 
     def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
         # Importing the SDK registers the neuron ops TorchScript needs to deserialize the model.
-        return load_on_core(self._sdk(), artifact, cores, start_nc, self._placement_lock)
+        return self._loads.load(self._sdk(), artifact, cores, start_nc)

@@ -8,7 +8,6 @@ runtime reads them once when it initialises.
 from __future__ import annotations
 
 import shlex
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from neuronserve.backends.base import (
     TorchScriptModel,
     torchscript_quietly,
 )
-from neuronserve.backends.sdk import import_sdk, load_on_core, package_versions
+from neuronserve.backends.sdk import NeuronLoads, import_sdk, package_versions
 
 if TYPE_CHECKING:
     import torch
@@ -36,13 +35,13 @@ class NeuronxBackend:
     """Compiles with neuronx-cc; artifacts are TorchScript holding one fused ``neuron::Model``."""
 
     name = "neuronx"
-    # Separately compiled NEFFs and separate loads each hold their own weights: no Neuron document
-    # promises otherwise, so the memory plan counts every shape of every copy.
-    sharing = Sharing(shapes=False, copies=False)
 
-    def __init__(self, compiler_args: str = "") -> None:
+    def __init__(self, compiler_args: str = "", *, shared_weights: bool = False) -> None:
         self.compiler_args = shlex.split(compiler_args)
-        self._placement_lock = threading.Lock()  # neuron_cores_context is not thread-safe
+        # Separately compiled NEFFs each hold their own weights (no Neuron document promises
+        # otherwise), so shapes share nothing; copies share one load only with shared_weights.
+        self.sharing = Sharing(shapes=False, copies=shared_weights)
+        self._loads = NeuronLoads(shared_weights)
 
     def _sdk(self) -> ModuleType:
         return import_sdk("torch_neuronx", "trace", INSTALL_HINT)
@@ -70,4 +69,4 @@ class NeuronxBackend:
 
     def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
         # Importing the SDK registers the neuron ops TorchScript needs to deserialize the model.
-        return load_on_core(self._sdk(), artifact, cores, start_nc, self._placement_lock)
+        return self._loads.load(self._sdk(), artifact, cores, start_nc)

@@ -50,9 +50,12 @@ def package_versions(*names: str) -> dict[str, str]:
     return found
 
 
-def neuron_environment(cores: CoreSet, tag: str) -> dict[str, str]:
+def neuron_environment(cores: CoreSet, tag: str, *, shared_weights: bool = False) -> dict[str, str]:
     """The variables a Neuron server process needs before it imports the SDK."""
-    return {"NEURON_RT_VISIBLE_CORES": str(cores), "NEURON_PROCESS_TAG": tag}
+    env = {"NEURON_RT_VISIBLE_CORES": str(cores), "NEURON_PROCESS_TAG": tag}
+    if shared_weights:
+        env["NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS"] = "TRUE"
+    return env
 
 
 def check_visible_cores(cores: CoreSet) -> None:
@@ -78,27 +81,36 @@ def cores_context(sdk: ModuleType) -> Callable[..., contextlib.AbstractContextMa
 
 
 def load_on_core(
-    sdk: ModuleType, artifact: Path, cores: CoreSet, start_nc: int, lock: threading.Lock
+    sdk: ModuleType,
+    artifact: Path,
+    cores: CoreSet,
+    start_nc: int,
+    *,
+    lock: contextlib.AbstractContextManager[Any],
+    nc_count: int = 1,
 ) -> LoadedModel:
-    """``torch.jit.load`` an artifact inside ``neuron_cores_context(start_nc, nc_count=1)``.
+    """``torch.jit.load`` an artifact inside ``neuron_cores_context(start_nc, nc_count)``.
 
-    ``start_nc`` counts from 0 within the process's visible cores, as the SDK does. The context
-    is not thread-safe, so loads hold ``lock`` (one per backend, shared by a server's copies).
-    Without the context a process that owns one core needs no placement (every load lands on
-    it); with several cores the runtime's round robin would decide, so that is refused.
+    ``start_nc`` counts from 0 within the process's visible cores, as the SDK does; an
+    ``nc_count`` above 1 replicates the model on that many cores (calls go round robin). The
+    context is not thread-safe, so loads hold ``lock`` (one per backend, shared by a server's
+    copies). Without the context a process that owns one core needs no placement (every load
+    lands on it); with several cores the runtime's round robin would decide, so that is refused.
     """
     import torch
 
     check_visible_cores(cores)
-    if not 0 <= start_nc < len(cores):
-        raise BackendError(f"this is a bug: start_nc {start_nc} outside the {len(cores)} cores {cores}")
+    if not (start_nc >= 0 and start_nc + nc_count <= len(cores)):
+        raise BackendError(
+            f"this is a bug: cores {start_nc}..{start_nc + nc_count - 1} outside the {len(cores)} cores {cores}"
+        )
     context = cores_context(sdk)
     if context is None and len(cores) > 1:
         raise BackendError(
             f"{sdk.__name__} has no neuron_cores_context, so copies cannot be placed on cores "
             f"{cores}; upgrade the Neuron SDK or set deploy.cores_per_server=1"
         )
-    placement = contextlib.nullcontext() if context is None else context(start_nc=start_nc, nc_count=1)
+    placement = contextlib.nullcontext() if context is None else context(start_nc=start_nc, nc_count=nc_count)
     try:
         with lock, placement, torchscript_quietly():
             module = torch.jit.load(str(artifact))
@@ -107,3 +119,29 @@ def load_on_core(
             f"loading {artifact.name} on NeuronCore {start_nc} of {cores} failed: {exc}"
         ) from exc
     return TorchScriptModel(module)
+
+
+class NeuronLoads:
+    """How a Neuron backend loads the copies of a server.
+
+    Default: every copy loads its own on its own core. ``shared_weights``: one load per artifact,
+    replicated on all the server's cores and shared by every copy (the SDK's multicore pattern:
+    threads call one model loaded on several cores), with NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS
+    set by ``prepare_process`` so the replicas share their weights.
+    """
+
+    def __init__(self, shared_weights: bool) -> None:
+        self.shared_weights = shared_weights
+        self._lock = threading.Lock()  # neuron_cores_context is not thread-safe
+        self._loaded: dict[Path, LoadedModel] = {}
+
+    def load(self, sdk: ModuleType, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
+        if not self.shared_weights:
+            return load_on_core(sdk, artifact, cores, start_nc, lock=self._lock)
+        key = artifact.resolve()
+        with self._lock:  # held for the whole load, so load_on_core gets no lock of its own
+            if key not in self._loaded:
+                self._loaded[key] = load_on_core(
+                    sdk, artifact, cores, 0, lock=contextlib.nullcontext(), nc_count=len(cores)
+                )
+            return self._loaded[key]

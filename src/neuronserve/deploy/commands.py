@@ -32,7 +32,8 @@ def plan_for(
     manifest = load_manifest(artifacts) if verify else read_manifest(artifacts)
     inventory = detect(manifest.backend, neuron_ls=neuron_ls, host_memory=host_memory)
     plan = make_plan(settings, inventory, manifest.backend)
-    return plan, artifacts, estimate(plan, manifest, inventory)
+    shared = settings.serve.neuron_shared_weights
+    return plan, artifacts, estimate(plan, manifest, inventory, shared_weights=shared)
 
 
 def deploy(

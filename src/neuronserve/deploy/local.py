@@ -76,8 +76,14 @@ def supervisord_pid(rd: RunDir) -> int | None:
 def server_environment(
     settings: Settings, server: ServerPlan, artifacts: Path, config: Path | None
 ) -> dict[str, str]:
-    """What a server process needs: its settings as NEURONSERVE_* variables (settings, not objects)."""
+    """What a server process needs: its settings as NEURONSERVE_* variables (settings, not objects).
+
+    The deploy's effective ``serve.*`` and ``trace.*`` settings (from the file, the environment
+    and ``--set``) go to every server, then what the plan decides for this server.
+    """
     env = {
+        **section_environment(settings, "serve"),
+        **section_environment(settings, "trace"),
         "NEURONSERVE_SERVE__HOST": "127.0.0.1",
         "NEURONSERVE_SERVE__PORT": str(server.port),
         "NEURONSERVE_SERVE__CORES": str(server.cores),
@@ -114,7 +120,21 @@ def section_environment(settings: Settings, section: str) -> dict[str, str]:
 
 
 def _supervisor_env(env: dict[str, str]) -> str:
-    return ",".join(f'{k}="{v}"' for k, v in sorted(env.items()))
+    """``environment=`` for supervisord: each value quoted so commas survive, ``%`` doubled for
+    its ini interpolation. supervisord has no escape for a quote inside a quoted value."""
+    from neuronserve.config import ConfigError
+
+    pairs = []
+    for key, value in sorted(env.items()):
+        if ('"' in value and "'" in value) or "\n" in value:
+            name = key.removeprefix("NEURONSERVE_").lower().replace("__", ".")
+            raise ConfigError(
+                f"{name} contains both ' and \" (or a newline), which supervisord cannot pass to "
+                "a server; choose a value without one of them"
+            )
+        quote = "'" if '"' in value else '"'
+        pairs.append(f"{key}={quote}{value.replace('%', '%%')}{quote}")
+    return ",".join(pairs)
 
 
 def render_supervisord_conf(
@@ -263,18 +283,21 @@ def write_run_dir(settings: Settings, plan: Plan, artifacts: Path, config: Path 
         for k, v in os.environ.items()
         if k in {"PATH", "HOME", "LANG", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}
     }
-    rd.conf.write_text(
-        render_supervisord_conf(
-            settings=settings,
-            plan=plan,
-            rd=rd,
-            artifacts=artifacts,
-            config=config,
-            nginx=nginx,
-            python=sys.executable,
-            passthrough_env=passthrough,
-        )
+    conf = render_supervisord_conf(
+        settings=settings,
+        plan=plan,
+        rd=rd,
+        artifacts=artifacts,
+        config=config,
+        nginx=nginx,
+        python=sys.executable,
+        passthrough_env=passthrough,
     )
+    # Owner-only: the servers' environment in it carries serve.api_key when one is set.
+    fd = os.open(rd.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an old file was there
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(conf)
     rd.plan.write_text(json.dumps(plan_to_json(plan), indent=2) + "\n")
     _write_prometheus(settings, plan, rd)
     return rd

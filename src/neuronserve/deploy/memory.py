@@ -122,18 +122,35 @@ def working_set(manifest: Manifest) -> int:
     return largest * hidden * 4 * WORKING_SET_FACTOR
 
 
-def estimate(plan: Plan, manifest: Manifest, inventory: Inventory) -> MemoryPlan:
-    """The memory plan of ``plan`` serving ``manifest`` on ``inventory``'s host."""
+def estimate(
+    plan: Plan, manifest: Manifest, inventory: Inventory, *, shared_weights: bool = False
+) -> MemoryPlan:
+    """The memory plan of ``plan`` serving ``manifest`` on ``inventory``'s host.
+
+    ``shared_weights`` (``serve.neuron_shared_weights``): each artifact is loaded once per server,
+    replicated on its cores; the first replica on each device holds the weights, the others
+    share them. How much of a NEFF is weights is not recorded, so the saving per further replica
+    is counted as half the model's fp32 weight bytes (the weights in bf16), never more.
+    """
     facts = manifest.memory
     artifacts = sum(facts.artifact_bytes.values())
     scratch = working_set(manifest)
     neuron = plan.backend != "cpu"
+    multicore = neuron and shared_weights
+    saving = sum(min(size, facts.weight_bytes // 2) for size in facts.artifact_bytes.values())
     servers = []
     for server in plan.servers:
-        loads = 1 if facts.copies_share_load else server.copies
+        loads = 1 if facts.copies_share_load or multicore else server.copies
         host = PROCESS_BYTES + loads * artifacts + (0 if neuron else server.copies * scratch)
         device: dict[int, int] = {}
-        if neuron:
+        if multicore:
+            devices_seen: set[int] = set()
+            for core in server.cores.ids:
+                on_device = inventory.device_of.get(core, core)
+                first = on_device not in devices_seen
+                devices_seen.add(on_device)
+                device[core] = RUNTIME_BYTES_PER_CORE + scratch + artifacts - (0 if first else saving)
+        elif neuron:
             for index in range(server.copies):
                 core = server.cores.ids[copy_core(plan.backend, index, server.cores)]
                 if core not in device:
@@ -141,10 +158,13 @@ def estimate(plan: Plan, manifest: Manifest, inventory: Inventory) -> MemoryPlan
                 device[core] += artifacts
         servers.append(ServerMemory(server.name, host, device))
     shared = "one artifact serves several shapes" if len(facts.artifact_bytes) < len(manifest.shapes) else ""
+    if multicore:
+        copies = "copies share one load per server, replicated on its cores with shared weights"
+    else:
+        copies = "copies share one load" if facts.copies_share_load else "copies each load their own"
     summary = (
         f"memory estimate: weights {facts.weight_bytes / GIB:.2f} GiB; {len(facts.artifact_bytes)} "
         f"artifact(s) of {artifacts / GIB:.2f} GiB for {len(manifest.shapes)} shapes"
-        f"{' (' + shared + ')' if shared else ''}; copies "
-        f"{'share one load' if facts.copies_share_load else 'each load their own'}"
+        f"{' (' + shared + ')' if shared else ''}; {copies}"
     )
     return MemoryPlan(tuple(servers), inventory.host_memory, dict(inventory.core_memory), summary)

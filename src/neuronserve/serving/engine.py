@@ -167,8 +167,11 @@ class Engine:
         """Pin the process, then load and warm every copy in its own thread (ready comes later)."""
         self._loop = asyncio.get_running_loop()
         tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
-        self.threads_per_copy = prepare_process(self.backend_name, self.cores, self.copies, tag)
-        backend = create_backend(self.backend_name, self.settings.trace)
+        shared = self.settings.serve.neuron_shared_weights
+        self.threads_per_copy = prepare_process(
+            self.backend_name, self.cores, self.copies, tag, shared_weights=shared
+        )
+        backend = create_backend(self.backend_name, self.settings.trace, shared_weights=shared)
         slots = [copy_core(self.backend_name, index, self.cores) for index in range(self.copies)]
         locks = {slot: threading.Lock() for slot in slots}
         for index, slot in enumerate(slots):

@@ -126,3 +126,63 @@ def test_supervisord_conf(tmp_path: Path) -> None:
     assert "autorestart=true" in conf
     assert "stopwaitsecs=35" in conf  # drain timeout + 15
     assert "stopasgroup=false" in conf  # gunicorn forwards TERM; the worker must not get two
+
+
+def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
+    """Settings given to deploy by environment or --set reach every server, read back exactly
+    as supervisord parses its own config (quotes, commas and % in values included)."""
+    import configparser
+
+    from supervisor.datatypes import dict_of_key_value_pairs
+
+    from neuronserve.deploy.inventory import Inventory
+
+    key = 'se"cr,et%1'
+    settings = make_settings(
+        tmp_path,
+        serve__max_batch_delay_ms="7",
+        serve__api_key=key,
+        serve__neuron_shared_weights="true",
+        trace__cpu_auto_cast="bf16",
+    )
+    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+    conf = render_supervisord_conf(
+        settings=settings,
+        plan=plan,
+        rd=RunDir(tmp_path / "run"),
+        artifacts=tmp_path / "art",
+        config=None,
+        nginx="/usr/sbin/nginx",
+        python="/py",
+        passthrough_env={"PATH": "/bin"},
+    )
+    parser = configparser.ConfigParser(interpolation=configparser.BasicInterpolation())
+    parser.read_string(conf)
+    env = dict_of_key_value_pairs(parser.get("program:server-1", "environment"))
+    assert env["NEURONSERVE_SERVE__MAX_BATCH_DELAY_MS"] == "7.0"
+    assert env["NEURONSERVE_SERVE__API_KEY"] == key
+    assert env["NEURONSERVE_SERVE__NEURON_SHARED_WEIGHTS"] == "true"
+    assert env["NEURONSERVE_TRACE__CPU_AUTO_CAST"] == "bf16"
+    # and what the plan decides per server wins over the section's value
+    assert env["NEURONSERVE_SERVE__PORT"] == "8082"
+    assert env["NEURONSERVE_SERVE__CORES"] == "1"
+    assert env["PATH"] == "/bin"
+
+
+def test_a_value_supervisord_cannot_carry_is_refused(tmp_path: Path) -> None:
+    from neuronserve.config import ConfigError
+    from neuronserve.deploy.inventory import Inventory
+
+    settings = make_settings(tmp_path, serve__api_key='it\'s "both"')
+    plan = make_plan(settings, Inventory("cpu", (0,), {}), "cpu")
+    with pytest.raises(ConfigError, match=r"serve\.api_key.*both ' and \""):
+        render_supervisord_conf(
+            settings=settings,
+            plan=plan,
+            rd=RunDir(tmp_path / "run"),
+            artifacts=tmp_path / "art",
+            config=None,
+            nginx="/usr/sbin/nginx",
+            python="/py",
+            passthrough_env={},
+        )
