@@ -212,15 +212,23 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+", maxsplit=1)[0].split(".")[:2])
 
 
-def load_manifest(directory: Path, backend: str | None = None) -> Manifest:
+def manifest_sha256(directory: Path) -> str:
+    """The sha256 of ``manifest.json``: what deploy hands its servers once it verified the files."""
+    return sha256_file(directory / MANIFEST_NAME)
+
+
+def load_manifest(directory: Path, backend: str | None = None, *, verified_sha256: str = "") -> Manifest:
     """Read and verify an artifact directory for serving.
 
     Refuses: a missing manifest or file; any file whose sha256 differs from the manifest (tampered
     or truncated); a file in a shape entry that the manifest does not checksum; a backend other
     than ``backend``; a torch whose major.minor differs from the one that traced (TorchScript
-    archives are not portable across them).
+    archives are not portable across them). When ``verified_sha256`` is the manifest's own hash
+    (deploy verified every file against it moments ago), the artifacts are checked by size
+    instead of hashed again, so N servers do not each read every artifact.
     """
     manifest = read_manifest(directory)
+    trusted = bool(verified_sha256) and manifest_sha256(directory) == verified_sha256
     if backend is not None and manifest.backend != backend:
         raise ArtifactError(
             f"{directory}: artifacts were traced for backend {manifest.backend}, not {backend}; "
@@ -234,6 +242,9 @@ def load_manifest(directory: Path, backend: str | None = None) -> Manifest:
         path = directory / name
         if not path.is_file():
             problems.append(f"{name} is missing")
+        elif trusted and name in manifest.memory.artifact_bytes:
+            if path.stat().st_size != manifest.memory.artifact_bytes[name]:
+                problems.append(f"{name} does not have its recorded size (modified or truncated)")
         elif sha256_file(path) != expected:
             problems.append(f"{name} does not match its sha256 (modified or truncated)")
     if problems:

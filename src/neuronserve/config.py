@@ -200,6 +200,12 @@ class ServeSettings:
         "When set, inference and /info require Authorization: Bearer <key> (or x-api-key).",
         secret=True,
     )
+    manifest_sha256: str = setting(
+        "",
+        "Set by deploy once it has verified every artifact: the sha256 of that manifest.json. A "
+        "server whose manifest still has this hash checks its artifacts' sizes instead of hashing "
+        "them again; empty: the server hashes every file itself.",
+    )
     drain_timeout_s: float = setting(
         30.0,
         "On SIGTERM: how long in-flight requests may take to finish before the server exits.",

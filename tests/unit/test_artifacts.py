@@ -90,3 +90,20 @@ def test_no_manifest(tmp_path: Path, artifacts: Path) -> None:
     (tmp_path / "copy" / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="run `neuronserve trace` first"):
         load_manifest(tmp_path / "copy")
+
+
+def test_a_manifest_deploy_verified_is_checked_by_size(artifacts: Path) -> None:
+    from neuronserve.artifacts import manifest_sha256
+
+    verified = manifest_sha256(artifacts)
+    load_manifest(artifacts, verified_sha256=verified)
+    path = artifacts / "model-b1-s16.pt"
+    path.write_bytes(path.read_bytes()[:-1])  # truncated after deploy verified it: still caught
+    with pytest.raises(ArtifactError, match=r"model-b1-s16\.pt does not have its recorded size"):
+        load_manifest(artifacts, verified_sha256=verified)
+    # small files are still hashed; and a manifest that changed since is verified in full
+    with pytest.raises(ArtifactError, match=r"does not match its sha256"):
+        load_manifest(artifacts, verified_sha256="0" * 64)
+    (artifacts / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(ArtifactError, match=r"vocab\.txt does not match"):
+        load_manifest(artifacts, verified_sha256=verified)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import httpx
 
-from neuronserve.artifacts import load_manifest, read_manifest
+from neuronserve.artifacts import load_manifest, manifest_sha256, read_manifest
 from neuronserve.config import Settings, find_config
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import detect
@@ -51,6 +52,9 @@ def deploy(
     print(plan.table())
     print(memory.table())
     memory.check()  # a plan that does not fit is refused before anything starts
+    if not dry_run:  # plan_for verified every artifact: servers check sizes, not hash them again
+        verified = dataclasses.replace(settings.serve, manifest_sha256=manifest_sha256(artifacts))
+        settings = dataclasses.replace(settings, serve=verified)
     if emit_compose:
         from neuronserve.deploy import docker
 

@@ -46,6 +46,7 @@ def server_spec(
         "NEURONSERVE_SERVE__API_KEY": settings.serve.api_key,
         "NEURONSERVE_SERVE__MAX_QUEUE": str(settings.serve.max_queue),
         "NEURONSERVE_SERVE__DRAIN_TIMEOUT_S": str(settings.serve.drain_timeout_s),
+        "NEURONSERVE_SERVE__MANIFEST_SHA256": settings.serve.manifest_sha256,
         "HF_HUB_OFFLINE": "1",
     }
     spec: dict[str, Any] = {

@@ -117,7 +117,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         directory = artifacts_directory(settings)
-        self.manifest: Manifest = load_manifest(directory)
+        self.manifest: Manifest = load_manifest(directory, verified_sha256=settings.serve.manifest_sha256)
         self.backend_name = self.manifest.backend
         self.model_name = str(self.manifest.model["name"])
         self.task_name = self.manifest.task
