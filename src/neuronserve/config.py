@@ -681,3 +681,16 @@ def _wrap(text: str, width: int = 96) -> list[str]:
     if line:
         lines.append(line)
     return lines
+
+
+def section_environment(settings: Settings, section: str) -> dict[str, str]:
+    """Every key of one settings section as NEURONSERVE_* variables (paths made absolute)."""
+    env = {}
+    for spec in key_specs().values():
+        if spec.section != section:
+            continue
+        value = getattr(getattr(settings, section), spec.name)
+        if spec.name.endswith("_file") and value:
+            value = str(settings.path(value))
+        env[f"NEURONSERVE_{section.upper()}__{spec.name.upper()}"] = format_value(value)
+    return env

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neuronserve.config import Settings
+from neuronserve.config import Settings, section_environment
 from neuronserve.deploy.nginx import render_nginx_conf
 from neuronserve.deploy.plan import Plan, ServerPlan
 
@@ -36,6 +36,9 @@ def server_spec(
 ) -> dict[str, Any]:
     name = f"{plan.deployment}-{server.name}"
     env = {
+        # The deploy's effective settings, then what the plan decides for this container.
+        **section_environment(settings, "serve"),
+        **section_environment(settings, "trace"),
         "NEURONSERVE_SERVE__HOST": "0.0.0.0",  # noqa: S104 - inside the container, on the private network
         "NEURONSERVE_SERVE__PORT": str(CONTAINER_PORT),
         "NEURONSERVE_SERVE__CORES": relative_cores(server, plan.cores_per_device),
@@ -43,10 +46,6 @@ def server_spec(
         "NEURONSERVE_SERVE__MODELS_PER_SERVER": str(server.copies),
         "NEURONSERVE_SERVE__ARTIFACTS": ARTIFACTS_MOUNT,
         "NEURONSERVE_SERVE__MODE": "gunicorn",
-        "NEURONSERVE_SERVE__API_KEY": settings.serve.api_key,
-        "NEURONSERVE_SERVE__MAX_QUEUE": str(settings.serve.max_queue),
-        "NEURONSERVE_SERVE__DRAIN_TIMEOUT_S": str(settings.serve.drain_timeout_s),
-        "NEURONSERVE_SERVE__MANIFEST_SHA256": settings.serve.manifest_sha256,
         "HF_HUB_OFFLINE": "1",
     }
     spec: dict[str, Any] = {

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from neuronserve.config import Settings
+from neuronserve.config import Settings, section_environment
 from neuronserve.deploy.nginx import render_nginx_conf
 from neuronserve.deploy.plan import Plan, ServerPlan
 
@@ -102,21 +102,6 @@ def _all_cores(plan: Plan) -> str:
     from neuronserve.backends.base import CoreSet
 
     return str(CoreSet(tuple(sorted({c for s in plan.servers for c in s.cores.ids}))))
-
-
-def section_environment(settings: Settings, section: str) -> dict[str, str]:
-    """Every key of one settings section as NEURONSERVE_* variables (paths made absolute)."""
-    from neuronserve.config import format_value, key_specs
-
-    env = {}
-    for spec in key_specs().values():
-        if spec.section != section:
-            continue
-        value = getattr(getattr(settings, section), spec.name)
-        if spec.name.endswith("_file") and value:
-            value = str(settings.path(value))
-        env[f"NEURONSERVE_{section.upper()}__{spec.name.upper()}"] = format_value(value)
-    return env
 
 
 def _supervisor_env(env: dict[str, str]) -> str:

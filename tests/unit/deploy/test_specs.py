@@ -186,3 +186,16 @@ def test_a_value_supervisord_cannot_carry_is_refused(tmp_path: Path) -> None:
             python="/py",
             passthrough_env={},
         )
+
+
+def test_containers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path, serve__max_batch_delay_ms="7", serve__neuron_shared_weights="true", deploy__name="bert"
+    )
+    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    (server, *_rest) = [s for s in container_specs(settings, plan, tmp_path / "art") if "devices" in s]
+    env = server["environment"]
+    assert env["NEURONSERVE_SERVE__MAX_BATCH_DELAY_MS"] == "7.0"
+    assert env["NEURONSERVE_SERVE__NEURON_SHARED_WEIGHTS"] == "true"
+    assert env["NEURONSERVE_SERVE__ARTIFACTS"] == "/artifacts"  # the plan's values win
+    assert env["NEURONSERVE_SERVE__HOST"] == "0.0.0.0"  # inside the container
