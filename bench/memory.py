@@ -8,9 +8,10 @@ deployed with `neuronserve deploy` on every core of this host (one server per co
 each, behind nginx) and measured, --runs times:
   ready     wall time from starting `neuronserve deploy` until it returns, i.e. until every
             server's /ready answered 200 (every copy answered every shape);
-  at ready  RSS of every server process (gunicorn master + worker), summed per server;
-  loaded    the same right after bursts of 32-text ~120-token requests (the largest shape runs
-            on every copy at once): the working set of the heaviest batches;
+  at ready  RSS of every server process (gunicorn master + worker), summed per server (pages the
+            two share are counted twice, so this errs high);
+  loaded    the same right after bursts of 32-text 122-token requests, two per copy at once, so
+            every copy runs the largest batch at s128: the working set of the heaviest batches;
   idle      the same once the servers have been idle long enough to return freed memory.
 It prints every run and the medians next to the model's weight bytes and the per-server budget
 of issue 10 (0.5 GB + 1.5 x weight bytes).
@@ -47,7 +48,7 @@ IDLE_WAIT_S = 4.0  # longer than the engine's idle trim delay
 
 
 def neuronserve(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(REPO / ".venv" / "bin" / "neuronserve"), *args, "--config", str(work / "config.properties")]
+    cmd = [sys.executable, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
 

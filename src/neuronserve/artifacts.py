@@ -10,8 +10,11 @@ that the memory plan needs and the sha256 of every file.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +28,9 @@ FORMAT_VERSION = 2
 
 class ArtifactError(RuntimeError):
     """Artifacts are missing, tampered with or do not match this host; the message says which."""
+
+
+ARTIFACT_NAME = re.compile(r"model-b\d+-s\d+\.pt")
 
 
 def artifact_name(batch_size: int, sequence_length: int) -> str:
@@ -121,6 +127,7 @@ class Manifest:
     memory: MemoryFacts
     format: int = FORMAT_VERSION
     directory: Path = field(default=Path(), compare=False)
+    source_sha256: str = field(default="", compare=False)  # of the manifest.json bytes read
 
     @property
     def task(self) -> str:
@@ -195,40 +202,54 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST_NAME}; run `neuronserve trace` first")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw)
         if int(data.get("format", -1)) != FORMAT_VERSION:
             raise ArtifactError(
                 f"{path}: manifest format {data.get('format')!r}, this neuronserve reads format "
                 f"{FORMAT_VERSION}; re-run `neuronserve trace --force`"
             )
-        return Manifest.from_json(data, directory)
+        manifest = Manifest.from_json(data, directory)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(
             f"{path}: unreadable manifest ({exc}); re-run `neuronserve trace --force`"
         ) from exc
+    return dataclasses.replace(manifest, source_sha256=hashlib.sha256(raw).hexdigest())
 
 
 def _major_minor(version: str) -> str:
     return ".".join(version.split("+", maxsplit=1)[0].split(".")[:2])
 
 
-def manifest_sha256(directory: Path) -> str:
-    """The sha256 of ``manifest.json``: what deploy hands its servers once it verified the files."""
-    return sha256_file(directory / MANIFEST_NAME)
+def artifacts_fingerprint(manifest: Manifest) -> str:
+    """The manifest's hash with each artifact's size, inode and modification time.
+
+    deploy hands this to its servers once it has hashed every file against the manifest; a
+    server whose files still give the same fingerprint (nothing written, replaced or truncated
+    since) skips hashing them again, so N servers do not each read every artifact.
+    """
+    digest = hashlib.sha256(manifest.source_sha256.encode())
+    for name in sorted(manifest.memory.artifact_bytes):
+        try:
+            st = (manifest.directory / name).stat()
+        except OSError:
+            return ""
+        digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+    return digest.hexdigest()
 
 
-def load_manifest(directory: Path, backend: str | None = None, *, verified_sha256: str = "") -> Manifest:
+def load_manifest(directory: Path, backend: str | None = None, *, fingerprint: str = "") -> Manifest:
     """Read and verify an artifact directory for serving.
 
     Refuses: a missing manifest or file; any file whose sha256 differs from the manifest (tampered
     or truncated); a file in a shape entry that the manifest does not checksum; a backend other
     than ``backend``; a torch whose major.minor differs from the one that traced (TorchScript
-    archives are not portable across them). When ``verified_sha256`` is the manifest's own hash
-    (deploy verified every file against it moments ago), the artifacts are checked by size
-    instead of hashed again, so N servers do not each read every artifact.
+    archives are not portable across them). When ``fingerprint`` still matches
+    :func:`artifacts_fingerprint` (deploy verified every file and nothing changed since), the
+    artifacts are not hashed again; the small files always are.
     """
     manifest = read_manifest(directory)
-    trusted = bool(verified_sha256) and manifest_sha256(directory) == verified_sha256
+    trusted = bool(fingerprint) and artifacts_fingerprint(manifest) == fingerprint
     if backend is not None and manifest.backend != backend:
         raise ArtifactError(
             f"{directory}: artifacts were traced for backend {manifest.backend}, not {backend}; "
@@ -243,8 +264,7 @@ def load_manifest(directory: Path, backend: str | None = None, *, verified_sha25
         if not path.is_file():
             problems.append(f"{name} is missing")
         elif trusted and name in manifest.memory.artifact_bytes:
-            if path.stat().st_size != manifest.memory.artifact_bytes[name]:
-                problems.append(f"{name} does not have its recorded size (modified or truncated)")
+            continue
         elif sha256_file(path) != expected:
             problems.append(f"{name} does not match its sha256 (modified or truncated)")
     if problems:

@@ -143,8 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from neuronserve.deploy.commands import deploy
 
-    if (args.neuron_ls or args.host_memory_gib) and not args.dry_run:
-        raise ConfigError("--neuron-ls and --host-memory-gib plan for another host: use them with --dry-run")
+    if args.neuron_ls is not None and not args.dry_run:
+        raise ConfigError("--neuron-ls plans for another host: use it with --dry-run")
+    if args.host_memory_gib is not None and args.host_memory_gib <= 0:
+        raise ConfigError("--host-memory-gib must be above 0, e.g. --host-memory-gib 64")
     host_memory = None if args.host_memory_gib is None else int(args.host_memory_gib * (1 << 30))
     return deploy(
         _settings(args),
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
         "--host-memory-gib",
         type=float,
         metavar="GIB",
-        help="with --dry-run: host memory to plan with (default: MemAvailable of this host)",
+        help="host memory to plan with (default: MemAvailable of this host, capped by its cgroup)",
     )
     p.set_defaults(func=cmd_deploy)
 

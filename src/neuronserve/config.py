@@ -81,15 +81,17 @@ class TraceSettings:
         "and whether Neuron devices exist; or name one of cpu, neuronx, neuron.",
     )
     batch_sizes: tuple[int, ...] = setting(
-        (1, 2, 4, 8),
-        "Comma-separated batch sizes to compile (each a static shape).",
+        (),
+        "Comma-separated batch sizes to compile (each a static shape); empty picks by backend: "
+        "1,2,4,8,16,32 on cpu (one artifact serves them all), 1,4,8 on Neuron (each is a NEFF).",
         minimum=1,
         maximum=1024,
     )
     sequence_lengths: tuple[int, ...] = setting(
-        (16, 32, 64, 128),
-        "Comma-separated sequence lengths (tokens) to compile; every input is padded to the "
-        "smallest that fits, so finer buckets waste less compute on padding.",
+        (),
+        "Comma-separated sequence lengths (tokens) to compile; inputs pad to the smallest that "
+        "fits, so finer buckets waste less on padding. Empty picks by backend: 16,32,64,128 on "
+        "cpu, 32,64,128 on Neuron.",
         minimum=8,
         maximum=8192,
     )
@@ -158,11 +160,9 @@ class ServeSettings:
     )
     neuron_shared_weights: bool = setting(
         False,
-        "Neuron: load each artifact once per server, replicated on every core the server owns "
-        "(neuron_cores_context with nc_count = its cores), with NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS "
-        "so the replicas share one copy of the weights (runtime 2.11+; cores then compete for memory "
-        "bandwidth); the copies become threads calling that one load, which the runtime spreads over "
-        "the replicas. Off: each copy loads its own on its own core.",
+        "Neuron: one load per server, replicated on its cores with "
+        "NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS (runtime 2.11+), so the replicas share one copy "
+        "of the weights; the copies are threads calling it. Off: each copy loads its own.",
     )
     max_batch_size: int = setting(
         0,
@@ -200,11 +200,11 @@ class ServeSettings:
         "When set, inference and /info require Authorization: Bearer <key> (or x-api-key).",
         secret=True,
     )
-    manifest_sha256: str = setting(
+    artifacts_fingerprint: str = setting(
         "",
-        "Set by deploy once it has verified every artifact: the sha256 of that manifest.json. A "
-        "server whose manifest still has this hash checks its artifacts' sizes instead of hashing "
-        "them again; empty: the server hashes every file itself.",
+        "Set by deploy once it has hashed every artifact: the manifest's hash with each artifact's "
+        "size, inode and mtime. A server whose files still match skips hashing them again; empty "
+        "or changed since: it hashes every file itself.",
     )
     drain_timeout_s: float = setting(
         30.0,
@@ -489,6 +489,8 @@ def _convert(spec: KeySpec, raw: str) -> Any:
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(spec.type)
         parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts and spec.default == ():
+            return ()  # the field's documented "pick for me"
         if not parts:
             raise ValueError("needs at least one value, as a comma-separated list such as 1,8")
         items = tuple(_scalar(item_type, p, spec) for p in parts)

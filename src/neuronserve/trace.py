@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuronserve.artifacts import (
+    ARTIFACT_NAME,
     MANIFEST_NAME,
     ArtifactError,
     Manifest,
@@ -40,7 +41,7 @@ from neuronserve.artifacts import (
     read_manifest,
     write_manifest,
 )
-from neuronserve.backends import choose_backend, compiler_args_for, create_backend
+from neuronserve.backends import choose_backend, compiler_args_for, create_backend, trace_grid
 from neuronserve.backends.base import Backend, LoadedModel
 from neuronserve.models import (
     SERVING_FILES,
@@ -245,7 +246,8 @@ def run_trace(
     versions = _versions(sdk_versions)
     compiler_args = compiler_args_for(backend_name, settings.trace)
     tolerance = {"max_abs_diff": settings.trace.max_abs_diff, "min_cosine": settings.trace.min_cosine}
-    shapes = [(b, s) for s in settings.trace.sequence_lengths for b in settings.trace.batch_sizes]
+    batch_sizes, sequence_lengths = trace_grid(backend_name, settings.trace)
+    shapes = [(b, s) for s in sequence_lengths for b in batch_sizes]
     keys = {
         (b, s): cache_key(
             model_sha=model_sha,
@@ -269,7 +271,7 @@ def run_trace(
 
     if todo:
         max_positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-        too_long = [s for s in settings.trace.sequence_lengths if max_positions and s > max_positions]
+        too_long = [s for s in sequence_lengths if max_positions and s > max_positions]
         if too_long:
             raise ModelSourceError(
                 f"trace.sequence_lengths {too_long} exceed the model's max_position_embeddings "
@@ -297,12 +299,13 @@ def run_trace(
         assert previous is not None, "this is a bug: shapes skipped without a previous manifest"
         input_names = previous.input_names
 
-    # Remove artifacts that no configured shape uses any more (only files this tracer named).
+    # Remove artifacts that no configured shape uses any more: those of the previous manifest and
+    # any other file named like one (left by an older manifest format this tracer cannot read).
     current = {entry.file for entry in entries.values()}
-    if previous is not None:
-        for entry in previous.shapes:
-            if entry.file not in current:
-                (out_dir / entry.file).unlink(missing_ok=True)
+    stale = {e.file for e in previous.shapes} if previous is not None else set()
+    stale |= {p.name for p in out_dir.glob("model-b*-s*.pt") if ARTIFACT_NAME.fullmatch(p.name)}
+    for name in stale - current:
+        (out_dir / name).unlink(missing_ok=True)
 
     files = _checksum_files(out_dir, hashes)
     ordered = tuple(entries[shape] for shape in shapes)

@@ -92,18 +92,27 @@ def test_no_manifest(tmp_path: Path, artifacts: Path) -> None:
         load_manifest(tmp_path / "copy")
 
 
-def test_a_manifest_deploy_verified_is_checked_by_size(artifacts: Path) -> None:
-    from neuronserve.artifacts import manifest_sha256
+def test_artifacts_deploy_verified_are_not_hashed_again_until_they_change(artifacts: Path) -> None:
+    from neuronserve.artifacts import artifacts_fingerprint, read_manifest
 
-    verified = manifest_sha256(artifacts)
-    load_manifest(artifacts, verified_sha256=verified)
+    fingerprint = artifacts_fingerprint(read_manifest(artifacts))
+    assert fingerprint == artifacts_fingerprint(read_manifest(artifacts))
+    load_manifest(artifacts, fingerprint=fingerprint)
+    # a flipped byte without a write would go unseen (that is the trust), but any write, truncation
+    # or replacement changes the fingerprint, and then every file is hashed and the change caught
     path = artifacts / "model-b1-s16.pt"
-    path.write_bytes(path.read_bytes()[:-1])  # truncated after deploy verified it: still caught
-    with pytest.raises(ArtifactError, match=r"model-b1-s16\.pt does not have its recorded size"):
-        load_manifest(artifacts, verified_sha256=verified)
-    # small files are still hashed; and a manifest that changed since is verified in full
-    with pytest.raises(ArtifactError, match=r"does not match its sha256"):
-        load_manifest(artifacts, verified_sha256="0" * 64)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert artifacts_fingerprint(read_manifest(artifacts)) != fingerprint
+    with pytest.raises(ArtifactError, match=r"model-b1-s16\.pt does not match its sha256"):
+        load_manifest(artifacts, fingerprint=fingerprint)
+
+
+def test_small_files_are_hashed_even_with_a_fingerprint(artifacts: Path) -> None:
+    from neuronserve.artifacts import artifacts_fingerprint, read_manifest
+
+    fingerprint = artifacts_fingerprint(read_manifest(artifacts))
     (artifacts / "vocab.txt").write_text("[PAD]\n")
     with pytest.raises(ArtifactError, match=r"vocab\.txt does not match"):
-        load_manifest(artifacts, verified_sha256=verified)
+        load_manifest(artifacts, fingerprint=fingerprint)

@@ -21,19 +21,26 @@ from tests.conftest import REPO, make_settings
 def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = load_settings(None, environ={})
-    assert settings.trace.batch_sizes == (1, 2, 4, 8)
-    assert settings.trace.sequence_lengths == (16, 32, 64, 128)
+    assert settings.trace.batch_sizes == ()  # by backend, see test_grid_and_copies_default_by_backend
+    assert settings.trace.sequence_lengths == ()
     assert settings.serve.models_per_server == 0  # by backend, see test_copies_default_by_backend
     assert settings.trace.backend == "auto"
     assert settings.model.source == "bundled:all-MiniLM-L6-v2"
 
 
-def test_copies_default_by_backend(tmp_path: Path) -> None:
-    from neuronserve.backends import copies_per_server
+def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
+    from neuronserve.backends import copies_per_server, trace_grid
     from neuronserve.deploy.inventory import Inventory
     from neuronserve.deploy.plan import make_plan
 
     assert [copies_per_server(b, 0) for b in ("cpu", "neuronx", "neuron")] == [1, 2, 2]
+    defaults = make_settings(tmp_path).trace
+    assert trace_grid("cpu", defaults) == ((1, 2, 4, 8, 16, 32), (16, 32, 64, 128))
+    assert trace_grid("neuronx", defaults) == ((1, 4, 8), (32, 64, 128))
+    chosen = make_settings(tmp_path, trace__batch_sizes="2", trace__sequence_lengths="64").trace
+    assert trace_grid("neuron", chosen) == ((2,), (64,))
+    with pytest.raises(ConfigError, match="needs at least one value"):
+        make_settings(tmp_path, bench__concurrency="")  # only the grid has a "pick for me"
     assert copies_per_server("neuronx", 3) == 3
     settings = make_settings(tmp_path)
     cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
@@ -97,7 +104,7 @@ def test_env_overrides_file_and_set_overrides_env(tmp_path: Path) -> None:
         ("trace.batch_sizes=one", "must be a whole number; got 'one'"),
         ("trace.batch_sizes=0", "must be at least 1; got 0"),
         ("trace.batch_sizes=1,1", "lists a value twice"),
-        ("trace.batch_sizes=", "needs at least one value"),
+        ("bench.concurrency=", "needs at least one value"),
         ("trace.min_cosine=2", "must be at most 1; got 2"),
         ("trace.neuron_dynamic_batch=maybe", "must be true or false"),
         ("model.task=summarization", "must be one of feature-extraction"),

@@ -291,21 +291,34 @@ def test_neuronx_copies_are_placed_one_per_core_under_a_lock(
             assert placement.events[i + 2][:2] == ("exit", event[1])
 
 
-def test_neuronx_without_placement_api_refuses_several_cores(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+def test_without_placement_api_loads_go_where_the_runtime_puts_them(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from neuronserve.backends.base import BackendError
     from neuronserve.backends.neuronx import NeuronxBackend
 
     artifacts = _neuronx_artifacts(tmp_path, monkeypatch, tiny_model(tmp_path / "m", "feature-extraction"))
     backend = NeuronxBackend()
+    ones = tuple(torch.ones(1, 16, dtype=torch.int64) for _ in range(3))
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "0-1")
-    with pytest.raises(BackendError, match=r"no neuron_cores_context.*deploy\.cores_per_server=1"):
-        backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("0-1"), 1)
-    # one visible core needs no placement: every load lands on it
+    with caplog.at_level("WARNING", logger="neuronserve.backends.sdk"):
+        model = backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("0-1"), 1)
+    assert "no neuron_cores_context" in caplog.text and "deploy.cores_per_server=1" in caplog.text
+    assert model.run(ones)[0].shape[0] == 1
+    # one visible core needs no placement (and no warning): every load lands on it
+    caplog.clear()
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "3")
-    model = backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("3"), 0)
-    assert model.run(tuple(torch.ones(1, 16, dtype=torch.int64) for _ in range(3)))[0].shape[0] == 1
+    with caplog.at_level("WARNING", logger="neuronserve.backends.sdk"):
+        model = backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("3"), 0)
+    assert caplog.text == ""
+    assert model.run(ones)[0].shape[0] == 1
+    # a load the runtime refuses is one clear error naming the artifact and the core
+    monkeypatch.setattr(torch.jit, "load", lambda *_a, **_k: (_ for _ in ()).throw(RuntimeError("nrt_load")))
+    with pytest.raises(BackendError, match=r"loading model-b1-s16\.pt on NeuronCore 0 of 3 failed: nrt_load"):
+        backend.load(artifacts / "model-b1-s16.pt", CoreSet.parse("3"), 0)
 
 
 def test_neuron_inf1_loads_inside_the_experimental_context(

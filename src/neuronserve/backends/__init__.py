@@ -23,6 +23,7 @@ __all__ = [
     "copies_per_server",
     "copy_core",
     "create_backend",
+    "trace_grid",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,3 +125,15 @@ def copies_per_server(name: str, configured: int) -> int:
     one). Neuron: 2, so one copy keeps the NeuronCore busy while the host prepares the next batch.
     """
     return configured or (1 if name == "cpu" else 2)
+
+
+def trace_grid(name: str, trace: TraceSettings) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(batch sizes, sequence lengths) to compile: ``trace.*``, or the backend's default grid.
+
+    cpu: 24 shapes, since one artifact serves them all and finer buckets waste less on padding.
+    Neuron: 9, since each shape is a NEFF of its own (compile time, and device memory per copy).
+    """
+    cpu = name == "cpu"
+    batches = trace.batch_sizes or ((1, 2, 4, 8, 16, 32) if cpu else (1, 4, 8))
+    lengths = trace.sequence_lengths or ((16, 32, 64, 128) if cpu else (32, 64, 128))
+    return batches, lengths

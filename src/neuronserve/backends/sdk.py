@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from neuronserve.backends.base import (
     TorchScriptModel,
     torchscript_quietly,
 )
+
+log = logging.getLogger(__name__)
 
 
 def import_sdk(module_name: str, required_attr: str, install_hint: str) -> ModuleType:
@@ -106,9 +109,13 @@ def load_on_core(
         )
     context = cores_context(sdk)
     if context is None and len(cores) > 1:
-        raise BackendError(
-            f"{sdk.__name__} has no neuron_cores_context, so copies cannot be placed on cores "
-            f"{cores}; upgrade the Neuron SDK or set deploy.cores_per_server=1"
+        # Without the context each load goes to the least used core in order (the documented
+        # default), which spreads copies but does not pin a copy's shapes to one core.
+        log.warning(
+            "%s has no neuron_cores_context: the runtime places each load on the least used of cores "
+            "%s; upgrade the SDK for explicit placement, or set deploy.cores_per_server=1",
+            sdk.__name__,
+            cores,
         )
     placement = contextlib.nullcontext() if context is None else context(start_nc=start_nc, nc_count=nc_count)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from neuronserve.artifacts import load_manifest, manifest_sha256, read_manifest
+from neuronserve.artifacts import Manifest, artifacts_fingerprint, load_manifest, read_manifest
 from neuronserve.config import Settings, find_config
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import detect
@@ -19,7 +19,7 @@ from neuronserve.deploy.plan import Plan, make_plan
 
 def plan_for(
     settings: Settings, *, verify: bool = True, neuron_ls: Path | None = None, host_memory: int | None = None
-) -> tuple[Plan, Path, MemoryPlan]:
+) -> tuple[Plan, Manifest, MemoryPlan]:
     """The plan and its memory estimate for this host (or the host ``neuron_ls`` describes).
 
     ``verify`` checks every artifact against the manifest (a deployment refuses tampered or
@@ -34,7 +34,7 @@ def plan_for(
     inventory = detect(manifest.backend, neuron_ls=neuron_ls, host_memory=host_memory)
     plan = make_plan(settings, inventory, manifest.backend)
     shared = settings.serve.neuron_shared_weights
-    return plan, artifacts, estimate(plan, manifest, inventory, shared_weights=shared)
+    return plan, manifest, estimate(plan, manifest, inventory, shared_weights=shared)
 
 
 def deploy(
@@ -46,16 +46,14 @@ def deploy(
     neuron_ls: Path | None = None,
     host_memory: int | None = None,
 ) -> int:
-    plan, artifacts, memory = plan_for(
+    plan, manifest, memory = plan_for(
         settings, verify=not dry_run, neuron_ls=neuron_ls, host_memory=host_memory
     )
     print(plan.table())
     print(memory.table())
     memory.check()  # a plan that does not fit is refused before anything starts
-    if not dry_run:  # plan_for verified every artifact: servers check sizes, not hash them again
-        verified = dataclasses.replace(settings.serve, manifest_sha256=manifest_sha256(artifacts))
-        settings = dataclasses.replace(settings, serve=verified)
-    if emit_compose:
+    artifacts = manifest.directory
+    if emit_compose:  # run elsewhere or later: its servers hash the artifacts themselves
         from neuronserve.deploy import docker
 
         docker.write_compose(Path(emit_compose), docker.container_specs(settings, plan, artifacts), plan)
@@ -63,6 +61,9 @@ def deploy(
         return 0
     if dry_run:
         return 0
+    # plan_for hashed every artifact: servers whose files are unchanged since skip doing it again.
+    verified = dataclasses.replace(settings.serve, artifacts_fingerprint=artifacts_fingerprint(manifest))
+    settings = dataclasses.replace(settings, serve=verified)
     config_path = find_config(config, os.environ)
     config_abs = config_path.resolve() if config_path is not None else None
     if settings.deploy.launcher == "docker":

@@ -93,16 +93,26 @@ def cpu_inventory() -> Inventory:
     return Inventory("cpu", tuple(sorted(os.sched_getaffinity(0))), {})
 
 
-def host_memory_available(meminfo: str | None = None) -> int:
-    """Bytes of memory available for new processes (``MemAvailable`` of /proc/meminfo), or 0."""
+def host_memory_available(meminfo: str | None = None, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of memory new processes may use: ``MemAvailable`` of /proc/meminfo, capped by this
+    process's cgroup (v2 ``memory.max`` less ``memory.current``) inside a container; 0 if unknown."""
     try:
         text = meminfo if meminfo is not None else Path("/proc/meminfo").read_text()
     except OSError:
         return 0
+    available = 0
     for line in text.splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            available = int(line.split()[1]) * 1024
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        current = int((cgroup / "memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return available
+    if limit.isdigit():
+        room = max(0, int(limit) - current)
+        available = min(available, room) if available else room
+    return available
 
 
 def detect(backend: str, *, neuron_ls: Path | None = None, host_memory: int | None = None) -> Inventory:

@@ -30,10 +30,14 @@ RUNTIME_BYTES_PER_CORE = 96 << 20
 # 4 bytes): attention scores, the feed-forward intermediate and their copies. bench/memory.py
 # measured ~10x on MiniLM at b32 s128; 16 leaves room.
 WORKING_SET_FACTOR = 16
-KNOBS = (
+DEVICE_KNOBS = (
     "lower serve.models_per_server, compile fewer shapes (trace.batch_sizes, "
-    "trace.sequence_lengths), or give each server more cores (deploy.cores_per_server) so its "
-    "copies spread over them"
+    "trace.sequence_lengths), give each server more cores (deploy.cores_per_server) so its "
+    "copies spread over them, or share one load per server (serve.neuron_shared_weights=true)"
+)
+HOST_KNOBS = (
+    "run fewer servers (deploy.servers, deploy.cores_per_server), lower serve.models_per_server, "
+    "or compile fewer shapes (trace.batch_sizes, trace.sequence_lengths)"
 )
 
 
@@ -76,20 +80,24 @@ class MemoryPlan:
         )
         return "\n".join(rows)
 
-    def problems(self) -> list[str]:
-        """What does not fit, one line each (empty when the plan fits)."""
-        found = []
+    def host_problem(self) -> str | None:
+        """Why the servers do not fit in host memory, or None."""
         if self.host_available and self.host_total > self.host_available:
-            found.append(
+            return (
                 f"the servers need ~{self.host_total / GIB:.1f} GiB of host memory but "
                 f"{self.host_available / GIB:.1f} GiB is available"
             )
+        return None
+
+    def device_problems(self) -> list[str]:
+        """NeuronCores whose estimate exceeds their memory, grouped by figure (one line each)."""
         over: dict[tuple[float, float], list[int]] = {}
         for s in self.servers:
             for core, used in sorted(s.device.items()):
                 capacity = self.core_capacity.get(core, 0)
                 if capacity and used > capacity:
                     over.setdefault((round(used / GIB, 1), round(capacity / GIB, 1)), []).append(core)
+        found = []
         for (used_gib, capacity_gib), cores in over.items():
             which = (
                 f"NeuronCore {cores[0]}"
@@ -102,11 +110,13 @@ class MemoryPlan:
         return found
 
     def check(self) -> None:
-        """Refuse a plan that does not fit, before anything starts."""
-        found = self.problems()
-        if found:
-            shown = found[:3] + ([f"and {len(found) - 3} more"] if len(found) > 3 else [])
-            raise MemoryPlanError(f"the plan does not fit: {'; '.join(shown)}; {KNOBS}")
+        """Refuse a plan that does not fit, before anything starts, naming the knobs."""
+        device = self.device_problems()
+        host = self.host_problem()
+        if device or host:
+            found = [*device, *([host] if host else [])]
+            knobs = DEVICE_KNOBS if device else HOST_KNOBS
+            raise MemoryPlanError(f"the plan does not fit: {'; '.join(found)}; {knobs}")
 
 
 def _ranges(ids: list[int]) -> str:

@@ -168,7 +168,7 @@ def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
     counter = TokenCounter(_artifacts(settings))
     texts = load_texts(str(settings.path(b.dataset)) if b.dataset else "", b.text_field)
     buckets: list[Bucket | None] = [*parse_buckets(b.token_buckets)] or [None]
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     written = []
     for bucket in buckets:
         payloads = build_payloads(texts, b.route, counter, bucket)

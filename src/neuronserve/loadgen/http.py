@@ -132,7 +132,7 @@ def _record(
 async def _send(conn: Connection, raw: bytes, timeout_s: float) -> tuple[int, str, dict[str, str]]:
     try:
         status, headers = await asyncio.wait_for(conn.request(raw), timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # a distinct class before Python 3.11
         conn.close()
         return 0, "timeout", {}
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):

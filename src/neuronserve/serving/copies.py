@@ -55,6 +55,21 @@ def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torc
     return tensors, torch.from_numpy(mask)
 
 
+def calibrated_costs(
+    traced: dict[tuple[int, int], float], warm: dict[tuple[int, int], float]
+) -> dict[tuple[int, int], float]:
+    """Per-shape costs for the batcher from the trace's figures and one warm-up call per shape.
+
+    The trace's figures are precise (several calls) but may come from another host; one warm-up
+    call is of this host but noisy. So the trace's figures are scaled by how much slower this
+    host ran them (the median ratio, never below 1), and any shape whose warm-up call was faster
+    still keeps that figure: every figure is an upper bound, which the batcher only lowers.
+    """
+    ratios = sorted(warm[shape] / cost for shape, cost in traced.items() if cost > 0)
+    scale = max(1.0, ratios[len(ratios) // 2]) if ratios else 1.0
+    return {shape: min(cost * scale, warm[shape]) for shape, cost in traced.items()}
+
+
 class CopyWorker(threading.Thread):
     """One model copy: loads every compiled shape, warms up, then serves the batcher."""
 
@@ -105,7 +120,7 @@ class CopyWorker(threading.Thread):
         }
         for entry in self._manifest.shapes:
             self._models[(entry.batch_size, entry.sequence_length)] = loaded[entry.file]
-        costs: dict[tuple[int, int], float] = {}
+        warm: dict[tuple[int, int], float] = {}
         names = self._manifest.input_names
         # Copies that share a core warm one at a time, so a warm-up figure is never the sum of
         # two copies' work; copies on other cores (Neuron) warm in parallel.
@@ -115,7 +130,9 @@ class CopyWorker(threading.Thread):
                 inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in names)
                 started = time.perf_counter()
                 self._models[shape].run(inputs)
-                costs[shape] = min(entry.cost_s, time.perf_counter() - started)
+                warm[shape] = time.perf_counter() - started
+        traced = {(e.batch_size, e.sequence_length): e.cost_s for e in self._manifest.shapes}
+        costs = calibrated_costs(traced, warm)
         log.info(
             "copy %d ready on core %d: %s",
             self.index,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import functools
 import logging
 import math
 import os
@@ -50,24 +49,17 @@ INLINE_TOKENIZE_CHARS = 4096
 IDLE_TRIM_S = 2.0
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)  # glibc only
-
-
-def release_free_memory() -> None:
-    """Return the heap memory freed by finished batches to the OS (glibc's ``malloc_trim``).
+def find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries.
 
     glibc keeps freed activation buffers in each copy thread's arena (its mmap threshold grows
     with the largest tensor freed), so after the largest shapes ran a server would otherwise hold
-    their working set for good: for MiniLM at b32 s128, ~250 MB per copy. Trimming only when
-    idle keeps that off the steady state without adding page faults to batches under load.
+    their working set for good: for MiniLM at b32 s128, ~250 MB per copy. The engine trims after
+    warm-up and when idle, never between batches under load (that would add page faults).
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
 
 
 def artifacts_directory(settings: Settings) -> Path:
@@ -117,7 +109,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         directory = artifacts_directory(settings)
-        self.manifest: Manifest = load_manifest(directory, verified_sha256=settings.serve.manifest_sha256)
+        self.manifest: Manifest = load_manifest(directory, fingerprint=settings.serve.artifacts_fingerprint)
         self.backend_name = self.manifest.backend
         self.model_name = str(self.manifest.model["name"])
         self.task_name = self.manifest.task
@@ -143,6 +135,7 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._trim_timer: asyncio.TimerHandle | None = None
+        self._malloc_trim = find_malloc_trim()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         metrics.describe_server(
@@ -218,12 +211,15 @@ class Engine:
         """Wait until no request is in flight; False if ``timeout_s`` passed first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # a distinct class before Python 3.11
             return False
         return True
 
     def close(self) -> None:
         self.batcher.close()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- copy thread callbacks (run in copy threads) ----------------------------------------
@@ -239,7 +235,7 @@ class Engine:
         self._ready.add(index)
         self.metrics.copies_ready.set(len(self._ready))
         if self.ready:
-            release_free_memory()  # warm-up ran every shape; keep none of its buffers
+            self._release_free_memory()  # warm-up ran every shape; keep none of its buffers
             log.info("all %d copies ready on cores %s", self.copies, self.cores)
 
     def _on_copy_failed(self, index: int, exc: BaseException) -> None:
@@ -297,7 +293,12 @@ class Engine:
     def _trim_if_idle(self) -> None:
         self._trim_timer = None
         if self._inflight == 0 and self.batcher.depth == 0:
-            release_free_memory()
+            self._release_free_memory()
+
+    def _release_free_memory(self) -> None:
+        """Return freed heap to the OS, off the event loop (it walks every arena)."""
+        if self._malloc_trim is not None:
+            self._tokenizer_pool.submit(self._malloc_trim, 0)
 
     def retry_after_s(self) -> int:
         """Seconds until the queue is likely to have room: queue depth over measured throughput."""
@@ -368,7 +369,7 @@ class Engine:
             waiter = items[0].handle if len(items) == 1 else asyncio.gather(*(i.handle for i in items))
             done = await asyncio.wait_for(waiter, max(0.0, expires - time.monotonic()))
             answered = True
-        except TimeoutError:
+        except asyncio.TimeoutError:  # a distinct class before Python 3.11
             self.metrics.rejections.labels(reason="deadline").inc()
             raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
         finally:

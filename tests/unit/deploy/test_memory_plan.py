@@ -146,4 +146,40 @@ def test_planning_for_another_host_needs_dry_run() -> None:
         cwd=REPO,
     )
     assert result.returncode == 2
-    assert "use them with --dry-run" in result.stderr
+    assert "use it with --dry-run" in result.stderr
+
+
+def test_host_memory_is_capped_by_the_cgroup(tmp_path: Path) -> None:
+    meminfo = "MemAvailable:   20000000 kB\n"
+    (tmp_path / "memory.max").write_text(f"{4 * GIB}\n")
+    (tmp_path / "memory.current").write_text(f"{1 * GIB}\n")
+    assert host_memory_available(meminfo, tmp_path) == 3 * GIB
+    (tmp_path / "memory.max").write_text("max\n")  # no limit
+    assert host_memory_available(meminfo, tmp_path) == 20000000 * 1024
+
+
+def test_a_real_deploy_that_does_not_fit_starts_nothing(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    from neuronserve.trace import run_trace
+
+    settings = make_settings(
+        tmp_path,
+        model__source=str(tiny_model(tmp_path / "fe", "feature-extraction")),
+        trace__backend="cpu",
+        trace__batch_sizes="1",
+        trace__sequence_lengths="16",
+    )
+    artifacts = run_trace(settings, progress=False, emit=lambda _l: None).directory
+    (tmp_path / "config.properties").write_text(f"serve.artifacts={artifacts}\ndeploy.run_dir=run\n")
+    config = str(tmp_path / "config.properties")
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronserve.cli", "deploy", "--config", config, "--host-memory-gib", "0.01"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "of host memory but 0.0 GiB is available; run fewer servers (deploy.servers" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything started

@@ -226,3 +226,18 @@ def test_exploration_corrects_an_inflated_batch_cost() -> None:
     assert dispatched == [1] * (EXPLORE_EVERY - 1) + [8]  # one exploration in EXPLORE_EVERY
     batcher.observe(8, 32, 0.030)  # what the copy measured when batch 8 really ran
     assert batcher.choose_batch_size(5, 32) == 8  # corrected: batch 8 now wins on its own
+
+
+def test_warm_up_calibrates_trace_costs_to_this_host() -> None:
+    from neuronserve.serving.copies import calibrated_costs
+
+    traced = {(1, 16): 0.010, (8, 16): 0.040, (8, 128): 0.200}
+    # same host: a first call a little slower everywhere keeps the trace's precise figures ~as is
+    same = calibrated_costs(traced, {(1, 16): 0.011, (8, 16): 0.041, (8, 128): 0.230})
+    assert same == pytest.approx({(1, 16): 0.011, (8, 16): 0.041, (8, 128): 0.22}, rel=0.01)  # x1.1
+    # a host twice as slow: every figure doubles, even where one warm-up call was lucky
+    slow = calibrated_costs(traced, {(1, 16): 0.020, (8, 16): 0.081, (8, 128): 0.300})
+    assert slow == pytest.approx({(1, 16): 0.020, (8, 16): 0.080, (8, 128): 0.300}, rel=0.02)
+    # a faster host (more threads per copy): the warm-up figures, never scaled below the trace's
+    fast = calibrated_costs(traced, {(1, 16): 0.005, (8, 16): 0.020, (8, 128): 0.100})
+    assert fast == {(1, 16): 0.005, (8, 16): 0.020, (8, 128): 0.100}
