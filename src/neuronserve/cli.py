@@ -255,14 +255,18 @@ def format_manifest_summary(manifest: object) -> str:
         + ", ".join(f"{k} {v}" for k, v in m.versions.items() if k != "python"),
         f"inputs:    {', '.join(m.input_names)}   outputs: {', '.join(m.output_names)}",
         f"directory: {m.directory}",
-        f"{'shape':<12}{'file':<22}{'size':>10}  {'max abs diff':>12}  {'min cosine':>10}",
+        f"{'shape':<12}{'file':<22}{'ms/call':>9}  {'max abs diff':>12}  {'min cosine':>10}",
     ]
     for s in m.shapes:
-        size = (m.directory / s.file).stat().st_size / 1e6 if (m.directory / s.file).exists() else 0.0
         lines.append(
-            f"{f'b{s.batch_size} s{s.sequence_length}':<12}{s.file:<22}{size:>8.1f}MB  "
+            f"{f'b{s.batch_size} s{s.sequence_length}':<12}{s.file:<22}{s.cost_s * 1000:>9.1f}  "
             f"{s.verification['max_abs_diff']:>12.2e}  {s.verification['min_cosine']:>10.6f}"
         )
+    sizes = m.memory.artifact_bytes
+    lines.append(
+        f"artifacts: {len(sizes)} file(s), {sum(sizes.values()) / 1e6:.1f} MB for {len(m.shapes)} shapes; "
+        f"weights {m.memory.weight_bytes / 1e6:.1f} MB"
+    )
     return "\n".join(lines)
 
 
