@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,6 +200,19 @@ def build_tiny_model(directory: Path, task: str, *, token_types: bool = True, nu
     model = classes[task](config)
     model.save_pretrained(directory)
     return directory
+
+
+def trace_tiny(tmp_path: Path, task: str = "feature-extraction", **values: str) -> Any:
+    """Trace a tiny random model for ``task`` on cpu (grid b1 x s16 unless ``values`` say
+    otherwise); returns the TraceReport."""
+    from neuronserve.trace import run_trace
+
+    grid = {"trace__batch_sizes": "1", "trace__sequence_lengths": "16", **values}
+    model_dir = build_tiny_model(tmp_path / "tiny", task)
+    settings = make_settings(
+        tmp_path, model__source=str(model_dir), model__task=task, trace__backend="cpu", **grid
+    )
+    return run_trace(settings, progress=False, emit=lambda _line: None)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from neuronserve.backends.base import torchscript_quietly
 from neuronserve.backends.cpu import CpuBackend
 from neuronserve.models import ModelSourceError
 from neuronserve.trace import VerificationError, compare_outputs, run_trace
-from tests.conftest import make_settings
+from tests.conftest import make_settings, trace_tiny
 
 
 def _quiet(_line: str) -> None:
@@ -317,39 +317,41 @@ def test_one_cpu_artifact_serves_every_verified_shape(
 
 
 class _ShapeBakingBackend(CpuBackend):
-    """A compiler whose artifacts run only the shape they were compiled at."""
+    """A compiler whose artifacts are right only at the shape they were compiled at: elsewhere
+    they raise (a graph that cannot take the shape) or drift (one that runs but is wrong)."""
+
+    def __init__(self, fault: str) -> None:
+        super().__init__()
+        self.fault = fault
 
     def compile(self, module: torch.nn.Module, example_inputs: Any, dest: Path) -> Any:
         loaded = super().compile(module, example_inputs, dest)
-        shape = tuple(example_inputs[0].shape)
+        shape, fault = tuple(example_inputs[0].shape), self.fault
 
         class Baked:
             def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-                if tuple(inputs[0].shape) != shape:
+                out = loaded.run(inputs)
+                if tuple(inputs[0].shape) == shape:
+                    return out
+                if fault == "raise":
                     raise RuntimeError(f"compiled for {shape}, given {tuple(inputs[0].shape)}")
-                return loaded.run(inputs)
+                return tuple(t + 1.0 for t in out)
 
         return Baked()
 
 
-def test_a_shape_the_artifact_cannot_run_gets_its_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
+@pytest.mark.parametrize("fault", ["raise", "drift"])
+def test_a_shape_the_artifact_cannot_serve_gets_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
-    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: _ShapeBakingBackend())
-    settings = make_settings(
-        tmp_path,
-        model__source=str(model_dir),
-        trace__backend="cpu",
-        trace__batch_sizes="1,2",
-        trace__sequence_lengths="16",
-    )
-    manifest = run_trace(settings, progress=False, emit=_quiet).manifest
+    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: _ShapeBakingBackend(fault))
+    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,2").manifest
     assert [(s.batch_size, s.file) for s in manifest.shapes] == [
         (1, "model-b1-s16.pt"),
         (2, "model-b2-s16.pt"),
     ]
     assert set(manifest.memory.artifact_bytes) == {"model-b1-s16.pt", "model-b2-s16.pt"}
+    assert all(s.verification["max_abs_diff"] < 1e-4 for s in manifest.shapes)
 
 
 def test_artifacts_of_an_older_manifest_format_are_removed(

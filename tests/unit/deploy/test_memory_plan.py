@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from neuronserve.artifacts import read_manifest
 from neuronserve.deploy.inventory import host_memory_available, parse_neuron_ls
 from neuronserve.deploy.memory import GIB, MemoryPlan, MemoryPlanError, estimate
 from neuronserve.deploy.plan import make_plan
-from tests.conftest import REPO, make_settings
+from tests.conftest import REPO, make_settings, trace_tiny
 
 FIXTURES = REPO / "tests" / "fixtures"
 INF2_48 = FIXTURES / "neuron-ls" / "inf2.48xlarge.json"
@@ -75,20 +74,10 @@ def test_plans_that_fit_pass(tmp_path: Path, values: dict[str, str]) -> None:
     assert len(used) == 24 and 10 * GIB < max(used) < 16 * GIB
 
 
-def test_cpu_copies_share_one_load_and_host_memory_is_checked(
-    tmp_path: Path, tiny_model: Callable[..., Path]
-) -> None:
+def test_cpu_copies_share_one_load_and_host_memory_is_checked(tmp_path: Path) -> None:
     from neuronserve.deploy.inventory import Inventory
-    from neuronserve.trace import run_trace
 
-    settings = make_settings(
-        tmp_path,
-        model__source=str(tiny_model(tmp_path / "fe", "feature-extraction")),
-        trace__backend="cpu",
-        trace__batch_sizes="1,4",
-        trace__sequence_lengths="16,32",
-    )
-    manifest = run_trace(settings, progress=False, emit=lambda _l: None).manifest
+    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,4", trace__sequence_lengths="16,32").manifest
     artifact = sum(manifest.memory.artifact_bytes.values())
 
     def host(copies: int, available: int) -> MemoryPlan:
@@ -158,19 +147,8 @@ def test_host_memory_is_capped_by_the_cgroup(tmp_path: Path) -> None:
     assert host_memory_available(meminfo, tmp_path) == 20000000 * 1024
 
 
-def test_a_real_deploy_that_does_not_fit_starts_nothing(
-    tmp_path: Path, tiny_model: Callable[..., Path]
-) -> None:
-    from neuronserve.trace import run_trace
-
-    settings = make_settings(
-        tmp_path,
-        model__source=str(tiny_model(tmp_path / "fe", "feature-extraction")),
-        trace__backend="cpu",
-        trace__batch_sizes="1",
-        trace__sequence_lengths="16",
-    )
-    artifacts = run_trace(settings, progress=False, emit=lambda _l: None).directory
+def test_a_real_deploy_that_does_not_fit_starts_nothing(tmp_path: Path) -> None:
+    artifacts = trace_tiny(tmp_path).directory
     (tmp_path / "config.properties").write_text(f"serve.artifacts={artifacts}\ndeploy.run_dir=run\n")
     config = str(tmp_path / "config.properties")
     result = subprocess.run(

@@ -105,12 +105,8 @@ def test_nginx_conf(tmp_path: Path) -> None:
         assert directive in conf, directive
 
 
-def test_supervisord_conf(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, serve__drain_timeout_s="20")
-    from neuronserve.deploy.inventory import Inventory
-
-    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
-    conf = render_supervisord_conf(
+def _supervisord_conf(tmp_path: Path, settings: Any, plan: Any, passthrough_env: dict[str, str]) -> str:
+    return render_supervisord_conf(
         settings=settings,
         plan=plan,
         rd=RunDir(tmp_path / "run"),
@@ -118,8 +114,16 @@ def test_supervisord_conf(tmp_path: Path) -> None:
         config=None,
         nginx="/usr/sbin/nginx",
         python="/py",
-        passthrough_env={"PATH": "/bin"},
+        passthrough_env=passthrough_env,
     )
+
+
+def test_supervisord_conf(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, serve__drain_timeout_s="20")
+    from neuronserve.deploy.inventory import Inventory
+
+    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+    conf = _supervisord_conf(tmp_path, settings, plan, {"PATH": "/bin"})
     assert "[program:server-0]" in conf and "[program:server-1]" in conf and "[program:nginx]" in conf
     assert 'NEURONSERVE_SERVE__CORES="1"' in conf
     assert 'NEURONSERVE_SERVE__PORT="8082"' in conf
@@ -146,16 +150,7 @@ def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
         trace__cpu_auto_cast="bf16",
     )
     plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
-    conf = render_supervisord_conf(
-        settings=settings,
-        plan=plan,
-        rd=RunDir(tmp_path / "run"),
-        artifacts=tmp_path / "art",
-        config=None,
-        nginx="/usr/sbin/nginx",
-        python="/py",
-        passthrough_env={"PATH": "/bin"},
-    )
+    conf = _supervisord_conf(tmp_path, settings, plan, {"PATH": "/bin"})
     parser = configparser.ConfigParser(interpolation=configparser.BasicInterpolation())
     parser.read_string(conf)
     env = dict_of_key_value_pairs(parser.get("program:server-1", "environment"))
@@ -176,16 +171,7 @@ def test_a_value_supervisord_cannot_carry_is_refused(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, serve__api_key='it\'s "both"')
     plan = make_plan(settings, Inventory("cpu", (0,), {}), "cpu")
     with pytest.raises(ConfigError, match=r"serve\.api_key.*both ' and \""):
-        render_supervisord_conf(
-            settings=settings,
-            plan=plan,
-            rd=RunDir(tmp_path / "run"),
-            artifacts=tmp_path / "art",
-            config=None,
-            nginx="/usr/sbin/nginx",
-            python="/py",
-            passthrough_env={},
-        )
+        _supervisord_conf(tmp_path, settings, plan, {})
 
 
 def test_containers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
