@@ -70,7 +70,8 @@ class VerificationError(RuntimeError):
 
 @dataclass(frozen=True)
 class TraceReport:
-    """What one run of the tracer did."""
+    """What one run of the tracer did: ``compiled`` are the shapes done in this run (compiled, or
+    verified on an artifact that already serves other shapes), ``skipped`` those up to date."""
 
     manifest: Manifest
     directory: Path

@@ -376,3 +376,14 @@ def test_artifacts_of_an_older_manifest_format_are_removed(
     assert sorted(p.name for p in out.glob("*.pt")) == ["model-b2-s16.pt", "notes.pt"]
     assert "model-b1-s16.pt" not in manifest.files and "model-b8-s128.pt" not in manifest.files
     load_manifest(out)
+
+
+def test_copies_of_a_cpu_server_share_one_loaded_module(tmp_path: Path) -> None:
+    from neuronserve.backends.base import CoreSet
+
+    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,2").manifest
+    (file,) = manifest.artifact_files
+    backend = CpuBackend()
+    first = backend.load(manifest.directory / file, CoreSet((0, 1)), 0)
+    assert backend.load(manifest.directory / file, CoreSet((0, 1)), 0) is first  # one copy of the weights
+    assert CpuBackend().load(manifest.directory / file, CoreSet((0,)), 0) is not first  # per process
