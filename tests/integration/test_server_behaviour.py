@@ -219,3 +219,53 @@ def test_text_classification_server(tmp_path: Path, tiny_model: Callable[..., Pa
             assert sum(scores) == pytest.approx(1.0, abs=1e-5)
         top1 = httpx.post(f"{srv.url}/predict", json={"inputs": "a good day"}).json()["outputs"][0]
         assert len(top1) == 1
+
+
+def _metric(url: str, name: str) -> float:
+    """The sum of a metric's samples on /metrics, over all label values (0 when absent)."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.split("{")[0].split(" ")[0] == name:
+            total += float(line.split()[-1])
+    return total
+
+
+@pytest.mark.parametrize(("route", "field"), [("/predict", "inputs"), ("/v1/embeddings", "input")])
+def test_abandoned_requests_never_run(
+    bundled_artifacts: Path, tmp_path: Path, route: str, field: str
+) -> None:
+    """A client that leaves while its inputs wait: they are dropped before reaching a copy."""
+    import json
+    import socket
+
+    with start_server(bundled_artifacts, tmp_path, copies=1) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        before = _metric(srv.url, "neuronserve_copy_items_total")
+        with cf.ThreadPoolExecutor(1) as pool:
+            # Occupy the only copy, then queue 64 texts behind it from a client that then leaves.
+            busy = pool.submit(httpx.post, f"{srv.url}/predict", json={"inputs": [LONG] * 8}, timeout=120)
+            for _ in range(500):
+                if _metric(srv.url, "neuronserve_inflight_requests") >= 1:
+                    break
+                time.sleep(0.01)  # poll interval for the busy request to be admitted
+            body = json.dumps({field: [f"text number {i}" for i in range(64)]}).encode()
+            head = f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            client = socket.create_connection((host, int(port)))
+            client.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            for _ in range(500):
+                if _metric(srv.url, "neuronserve_inflight_requests") >= 2:
+                    break
+                time.sleep(0.01)  # poll interval for the abandoned request to be queued
+            assert _metric(srv.url, "neuronserve_queue_depth") >= 64
+            client.close()
+            assert busy.result().status_code == 200
+        for _ in range(500):
+            if _metric(srv.url, "neuronserve_inflight_requests") == 0:
+                break
+            time.sleep(0.01)  # poll interval for the server to see the disconnect
+        assert _metric(srv.url, "neuronserve_copy_items_total") - before == 8  # only the busy request ran
+        assert (
+            'neuronserve_inputs_dropped_total{reason="cancelled"} 64.0'
+            in httpx.get(f"{srv.url}/metrics").text
+        )
+        assert '"status": 499' in srv.log_text() or "499" in srv.log_text()

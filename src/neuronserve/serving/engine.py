@@ -278,6 +278,7 @@ class Engine:
 
     def _resolve_dropped(self, dropped: list[tuple[WorkItem, str]]) -> None:
         for item, reason in dropped:
+            self.metrics.inputs_dropped.labels(reason=reason).inc()
             future: asyncio.Future[_ItemResult] = item.handle
             if future.done():
                 continue

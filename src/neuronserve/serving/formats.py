@@ -65,18 +65,24 @@ def predict_inputs(
 
 
 class DisconnectWatch:
-    """Cancels a request's pending work when its client disconnects (it is then never run)."""
+    """Cancels a request's pending work when its client disconnects (it is then never run).
+
+    It reads ``receive`` until the disconnect: the first messages may be the body again (the
+    middleware replays what it has read), which must not end the watch.
+    """
 
     def __init__(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
         self.futures: list[asyncio.Future[Any]] = []
+        self.disconnected = False
         self._task = asyncio.create_task(self._watch(receive))
 
     async def _watch(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            for future in self.futures:
-                if not future.done():
-                    future.cancel()
+        while (await receive())["type"] != "http.disconnect":
+            continue
+        self.disconnected = True
+        for future in self.futures:
+            if not future.done():
+                future.cancel()
 
     def close(self) -> None:
         self._task.cancel()

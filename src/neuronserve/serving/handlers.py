@@ -73,12 +73,21 @@ async def _run(
     *,
     truncate: bool,
     timeout_s: float,
-) -> InferResult:
+) -> InferResult | None:
+    """The engine's answer, or None when the client left (its queued inputs were dropped).
+
+    Only the client's own disconnect becomes None; any other cancellation (shutdown, a
+    cancelled handler task) propagates as it must.
+    """
     watch = formats.DisconnectWatch(receive)
     try:
         return await engine.infer(
             inputs, options, truncate=truncate, timeout_s=timeout_s, pending=watch.futures
         )
+    except asyncio.CancelledError:
+        if watch.disconnected:
+            return None
+        raise
     finally:
         watch.close()
 
@@ -87,11 +96,10 @@ async def predict(engine: Engine, body: bytes, receive: Receive) -> Reply:
     request = parse_body(PredictRequest, body)
     inputs, options = formats.predict_inputs(engine, request)
     timeout = formats.timeout_seconds(engine, request.parameters.timeout_ms, "parameters.timeout_ms")
-    try:
-        result = await _run(
-            engine, receive, inputs, options, truncate=request.parameters.truncate, timeout_s=timeout
-        )
-    except asyncio.CancelledError:
+    result = await _run(
+        engine, receive, inputs, options, truncate=request.parameters.truncate, timeout_s=timeout
+    )
+    if result is None:
         return Reply(CLIENT_CLOSED, b"")
     return Reply(200, formats.predict_body(engine, result), formats.timing_headers(result))
 
@@ -109,11 +117,10 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
     inputs = request.input if isinstance(request.input, list) else [request.input]
     formats.check_count(len(inputs), engine.settings.serve.max_inputs_per_request, "input")
     timeout = formats.timeout_seconds(engine, None, "timeout")
-    try:
-        result = await _run(
-            engine, receive, inputs, [ItemOptions()] * len(inputs), truncate=False, timeout_s=timeout
-        )
-    except asyncio.CancelledError:
+    result = await _run(
+        engine, receive, inputs, [ItemOptions()] * len(inputs), truncate=False, timeout_s=timeout
+    )
+    if result is None:
         return Reply(CLIENT_CLOSED, b"")
     body_out = formats.embeddings_body(engine, result, request.encoding_format)
     return Reply(200, body_out, formats.timing_headers(result))
@@ -126,9 +133,8 @@ async def v2_infer(
     parsed = parse_infer(body, header_length)
     inputs, options = formats.v2_inputs(engine, parsed)
     timeout = formats.timeout_seconds(engine, None, "timeout")
-    try:
-        result = await _run(engine, receive, inputs, options, truncate=False, timeout_s=timeout)
-    except asyncio.CancelledError:
+    result = await _run(engine, receive, inputs, options, truncate=False, timeout_s=timeout)
+    if result is None:
         return Reply(CLIENT_CLOSED, b"")
     tensors = formats.v2_outputs(engine, result, parsed.requested)
     out, headers = encode_infer(engine.model_name, parsed.id, tensors, parsed.binary_outputs)

@@ -72,6 +72,14 @@ class ServerMetrics:
         )
         for reason in REJECTION_REASONS:  # present at 0 from the start, so rates and panels exist
             self.rejections.labels(reason=reason)
+        self.inputs_dropped = Counter(
+            "neuronserve_inputs_dropped",
+            "Queued inputs dropped before reaching a copy: the client left, or the deadline passed",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("cancelled", "expired"):
+            self.inputs_dropped.labels(reason=reason)
         self.copies_ready = Gauge("neuronserve_copies_ready", "Model copies loaded and warmed", registry=r)
         self.copy_inferences = Counter(
             "neuronserve_copy_inferences", "Model calls per copy", ["copy"], registry=r
