@@ -164,6 +164,14 @@ class ServeSettings:
         "NEURON_RT_MULTI_INSTANCE_SHARED_WEIGHTS (runtime 2.11+), so the replicas share one copy "
         "of the weights; the copies are threads calling it. Off: each copy loads its own.",
     )
+    max_failed_batches: int = setting(
+        3,
+        "A copy whose batches fail this many times in a row leaves rotation and the server turns "
+        "unready (503, so nginx routes around it) until the copy's probe of its smallest shape "
+        "succeeds.",
+        minimum=1,
+        maximum=1000,
+    )
     max_batch_size: int = setting(
         0,
         "Largest batch the batcher forms; 0 means the largest compiled batch size, 1 turns batching off.",

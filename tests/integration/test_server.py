@@ -199,7 +199,8 @@ def test_tritonclient_http(server: RunningServer) -> None:
 
 
 def test_ready_info_metrics_openapi(server: RunningServer) -> None:
-    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready", "copies_ready": 2, "copies": 2}
+    ready = {"status": "ready", "copies_ready": 2, "copies": 2, "unhealthy": {}}
+    assert httpx.get(f"{server.url}/ready").json() == ready
     info = httpx.get(f"{server.url}/info").json()
     assert info["backend"] == "cpu"
     assert info["copies"] == 2

@@ -193,7 +193,12 @@ def create_app(settings: Settings) -> FastAPI:
         "/ready", summary="Readiness: every copy loaded and warmed on every compiled shape.", responses=errors
     )
     async def ready() -> Response:
-        body = {"status": engine.state, "copies_ready": engine.copies_ready, "copies": engine.copies}
+        body: dict[str, Any] = {
+            "status": engine.state,
+            "copies_ready": engine.copies_ready,
+            "copies": engine.copies,
+            "unhealthy": {str(copy): why for copy, why in engine.unhealthy.items()},
+        }
         if engine.ready:
             return Response(orjson.dumps(body), media_type=JSON)
         message = engine.load_error or f"not ready: {engine.state}"
@@ -253,17 +258,24 @@ def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+# Exit statuses of a server that stops itself because a copy failed. A copy that never loaded
+# is a boot error (gunicorn's worker boot error: the master stops, and supervisord restarts
+# the program with backoff); one that died while serving restarts the worker.
+EXIT_BOOT_FAILED = 3
+EXIT_COPY_DIED = 70
+
+
 def _install_drain(app: FastAPI, engine: Engine) -> None:
-    """On SIGTERM: ready and new requests turn 503, in-flight requests finish, then exit.
+    """On SIGTERM, or when a copy failed: ready and new requests turn 503, in-flight requests
+    finish, then exit (status 0 after SIGTERM, non-zero after a failed copy).
 
     The runner (``neuronserve serve``, or the gunicorn worker class) puts a ``request_exit``
-    callable on ``app.state`` that stops the server cleanly (exit status 0); without it the
-    previous handler (uvicorn's) is called.
+    callable on ``app.state`` that stops the server cleanly, and reads ``app.state.exit_code``
+    afterwards; without it the previous SIGTERM handler (uvicorn's) is called.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
     loop = asyncio.get_running_loop()
-    previous = signal.getsignal(signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     timeout = engine.settings.serve.drain_timeout_s
 
     def stop() -> None:
@@ -288,7 +300,13 @@ def _install_drain(app: FastAPI, engine: Engine) -> None:
         engine.begin_drain()
         app.state.drain_task = loop.create_task(drain())
 
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: loop.call_soon_threadsafe(begin))
+    def fatal(_message: str) -> None:  # the engine has logged why and begun draining
+        app.state.exit_code = EXIT_COPY_DIED if engine.copies_ready == engine.copies else EXIT_BOOT_FAILED
+        app.state.drain_task = loop.create_task(drain())
+
+    engine.on_fatal = fatal
+    if main:
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: loop.call_soon_threadsafe(begin))
 
 
 def app_from_environment() -> FastAPI:

@@ -26,6 +26,8 @@ from neuronserve.serving.tasks import Task
 
 log = logging.getLogger(__name__)
 
+PROBE_INTERVAL_S = 1.0  # how often a copy out of rotation retries the smallest shape
+
 
 @dataclass(frozen=True)
 class BatchOutcome:
@@ -84,11 +86,17 @@ class CopyWorker(threading.Thread):
         task: Task,
         batcher: Batcher,
         on_ready: Callable[[int, dict[tuple[int, int], float]], None],
-        on_failed: Callable[[int, BaseException], None],
+        on_failed: Callable[[int, str], None],
         on_outcome: Callable[[BatchOutcome], None],
+        on_health: Callable[[int, str | None], None],
         measure_lock: threading.Lock,
+        max_failures: int,
+        stop: threading.Event,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
+        self._on_health = on_health
+        self._max_failures = max_failures
+        self._stop = stop
         self._measure_lock = measure_lock
         self.index = index
         self._start_nc = start_nc
@@ -103,14 +111,20 @@ class CopyWorker(threading.Thread):
         self._models: dict[tuple[int, int], LoadedModel] = {}
 
     def run(self) -> None:
+        # Whatever ends this thread other than the batcher closing is fatal to the server: a copy
+        # that cannot load or dies must not leave a process that looks alive but never answers.
         try:
             costs = self._load_and_warm()
         except BaseException as exc:
             log.exception("copy %d failed to load", self.index)
-            self._on_failed(self.index, exc)
+            self._on_failed(self.index, f"copy {self.index} failed to load: {type(exc).__name__}: {exc}")
             return
         self._on_ready(self.index, costs)
-        self._serve()
+        try:
+            self._serve()
+        except BaseException as exc:
+            log.exception("copy %d died", self.index)
+            self._on_failed(self.index, f"copy {self.index} died: {type(exc).__name__}: {exc}")
 
     def _load_and_warm(self) -> dict[tuple[int, int], float]:
         directory: Path = self._manifest.directory
@@ -142,18 +156,51 @@ class CopyWorker(threading.Thread):
         return costs
 
     def _serve(self) -> None:
-        names = self._manifest.input_names
+        failures = 0
         while (batch := self._batcher.next_batch()) is not None:
-            started = time.perf_counter()
-            try:
-                inputs, mask = build_inputs(batch, names)
-                model = self._models[(batch.batch_size, batch.sequence_length)]
-                outputs = model.run(inputs)
-                results = self._task.results(outputs, mask, [item.payload for item in batch.items])
-                outcome = BatchOutcome(batch, results, None, time.perf_counter() - started, self.index)
-            except Exception as exc:  # a failed batch answers its items; the copy lives on
-                log.exception(
-                    "copy %d: batch b%d s%d failed", self.index, batch.batch_size, batch.sequence_length
-                )
-                outcome = BatchOutcome(batch, None, exc, time.perf_counter() - started, self.index)
+            outcome = self._run(batch)
             self._on_outcome(outcome)
+            failures = failures + 1 if outcome.error is not None else 0
+            if failures >= self._max_failures:
+                error = outcome.error
+                self._on_health(
+                    self.index, f"{failures} batches in a row failed, last: {type(error).__name__}: {error}"
+                )
+                if not self._probe_until_healthy():
+                    return
+                failures = 0
+                self._on_health(self.index, None)
+
+    def _run(self, batch: Batch) -> BatchOutcome:
+        started = time.perf_counter()
+        try:
+            inputs, mask = build_inputs(batch, self._manifest.input_names)
+            model = self._models[(batch.batch_size, batch.sequence_length)]
+            outputs = model.run(inputs)
+            results = self._task.results(outputs, mask, [item.payload for item in batch.items])
+            return BatchOutcome(batch, results, None, time.perf_counter() - started, self.index)
+        except Exception as exc:  # a failed batch answers its items; the copy lives on
+            log.exception(
+                "copy %d: batch b%d s%d failed", self.index, batch.batch_size, batch.sequence_length
+            )
+            return BatchOutcome(batch, None, exc, time.perf_counter() - started, self.index)
+
+    def _probe_until_healthy(self) -> bool:
+        """Out of rotation: run the smallest shape every PROBE_INTERVAL_S until it succeeds.
+
+        Returns False when the server stops first. Other copies keep taking batches meanwhile.
+        """
+        entry = min(self._manifest.shapes, key=lambda e: e.batch_size * e.sequence_length)
+        shape = (entry.batch_size, entry.sequence_length)
+        inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in self._manifest.input_names)
+        while not self._stop.wait(PROBE_INTERVAL_S):
+            try:
+                self._models[shape].run(inputs)
+            except Exception as exc:
+                log.warning(
+                    "copy %d: probe b%d s%d still fails: %s: %s", self.index, *shape, type(exc).__name__, exc
+                )
+                continue
+            log.info("copy %d: probe succeeded; back in rotation", self.index)
+            return True
+        return False

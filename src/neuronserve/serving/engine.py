@@ -129,6 +129,12 @@ class Engine:
         self.threads_per_copy = 0
         self.draining = False
         self.load_error: str | None = None
+        # Called once, on the event loop, when a copy failed to load or died: the app drains
+        # and exits non-zero so that the supervisor restarts the whole process.
+        self.on_fatal: Callable[[str], None] | None = None
+        self._copy_threads: list[CopyWorker] = []
+        self._unhealthy: dict[int, str] = {}  # copies out of rotation, and why
+        self._stop = threading.Event()
         self._ready: set[int] = set()
         self._costs: dict[tuple[int, int], float] = {}
         self._inflight = 0
@@ -168,7 +174,7 @@ class Engine:
         slots = [copy_core(self.backend_name, index, self.cores) for index in range(self.copies)]
         locks = {slot: threading.Lock() for slot in slots}
         for index, slot in enumerate(slots):
-            CopyWorker(
+            worker = CopyWorker(
                 index=index,
                 start_nc=slot,
                 backend=backend,
@@ -179,12 +185,17 @@ class Engine:
                 on_ready=self._on_copy_ready,
                 on_failed=self._on_copy_failed,
                 on_outcome=self._on_outcome,
+                on_health=self._on_copy_health,
                 measure_lock=locks[slot],
-            ).start()
+                max_failures=self.settings.serve.max_failed_batches,
+                stop=self._stop,
+            )
+            self._copy_threads.append(worker)
+            worker.start()
 
     @property
     def ready(self) -> bool:
-        return len(self._ready) == self.copies and not self.draining and self.load_error is None
+        return self.state == "ready"
 
     @property
     def state(self) -> str:
@@ -192,7 +203,14 @@ class Engine:
             return "failed"
         if self.draining:
             return "draining"
-        return "ready" if len(self._ready) == self.copies else "loading"
+        if len(self._ready) < self.copies:
+            return "loading"
+        return "unhealthy" if self._unhealthy else "ready"
+
+    @property
+    def unhealthy(self) -> dict[int, str]:
+        """Copies out of rotation after failed batches, and why."""
+        return dict(self._unhealthy)
 
     @property
     def copies_ready(self) -> int:
@@ -216,6 +234,7 @@ class Engine:
         return True
 
     def close(self) -> None:
+        self._stop.set()
         self.batcher.close()
         if self._trim_timer is not None:
             self._trim_timer.cancel()
@@ -238,10 +257,32 @@ class Engine:
             self._release_free_memory()  # warm-up ran every shape; keep none of its buffers
             log.info("all %d copies ready on cores %s", self.copies, self.cores)
 
-    def _on_copy_failed(self, index: int, exc: BaseException) -> None:
+    def _on_copy_failed(self, index: int, message: str) -> None:
         assert self._loop is not None, "this is a bug: a copy started before the engine"
-        message = f"copy {index} failed to load: {type(exc).__name__}: {exc}"
-        self._loop.call_soon_threadsafe(setattr, self, "load_error", message)
+        del index  # the message names the copy
+        self._loop.call_soon_threadsafe(self._fatal, message)
+
+    def _fatal(self, message: str) -> None:
+        if self.load_error is not None:
+            return  # already failing; the first reason is the one to report
+        self.load_error = message
+        log.critical("%s; the server stops so that its supervisor restarts it", message)
+        self.begin_drain()
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    def _on_copy_health(self, index: int, problem: str | None) -> None:
+        assert self._loop is not None, "this is a bug: a copy started before the engine"
+        self._loop.call_soon_threadsafe(self._set_health, index, problem)
+
+    def _set_health(self, index: int, problem: str | None) -> None:
+        if problem is None:
+            self._unhealthy.pop(index, None)
+            log.info("copy %d healthy again", index)
+        else:
+            self._unhealthy[index] = problem
+            log.error("copy %d out of rotation: %s", index, problem)
+        self.metrics.copies_unhealthy.set(len(self._unhealthy))
 
     def _on_outcome(self, outcome: BatchOutcome) -> None:
         m = self.metrics
@@ -318,6 +359,8 @@ class Engine:
             raise unavailable("the server is shutting down; retry on another server")
         if not self.ready:
             self.metrics.rejections.labels(reason="not_ready").inc()
+            if self._unhealthy:
+                raise unavailable(f"copy {min(self._unhealthy)} is failing; retry on another server")
             raise unavailable(self.load_error or "model copies are still loading; retry shortly")
 
     async def infer(

@@ -52,7 +52,9 @@ def run_uvicorn(settings: Settings) -> int:
     server = uvicorn.Server(config)
     app.state.request_exit = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    if not server.started:
+        return 1
+    return int(getattr(app.state, "exit_code", 0))  # non-zero when a copy failed (see app.py)
 
 
 def gunicorn_command(settings: Settings, python: str = sys.executable) -> list[str]:

@@ -33,3 +33,6 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        code = getattr(self.wsgi.state, "exit_code", 0)  # set when a copy failed (see app.py)
+        if code:
+            sys.exit(code)

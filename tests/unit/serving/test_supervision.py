@@ -1,0 +1,135 @@
+"""Supervised copies: a copy that cannot load or dies stops the server; failing batches take a
+copy out of rotation (server unready) until its probe succeeds. Real engine, tiny cpu model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuronserve.backends.cpu import CpuBackend
+from neuronserve.serving.batcher import Batcher
+from neuronserve.serving.engine import Engine
+from neuronserve.serving.errors import ServeError
+from neuronserve.serving.metrics import ServerMetrics
+from neuronserve.serving.tasks import ItemOptions
+from tests.conftest import make_settings, trace_tiny
+
+
+def _engine(tmp_path: Path, **values: str) -> Engine:
+    artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2").directory
+    settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0", **values)
+    return Engine(settings, ServerMetrics("test"))
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)  # poll interval
+
+
+def _run(engine: Engine, scenario: Callable[[Engine, list[str]], Awaitable[None]]) -> list[str]:
+    fatal: list[str] = []
+
+    async def main() -> None:
+        engine.on_fatal = fatal.append
+        engine.start()
+        try:
+            await scenario(engine, fatal)
+        finally:
+            engine.close()
+
+    asyncio.run(main())
+    return fatal
+
+
+def test_a_copy_that_cannot_load_stops_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+    monkeypatch.setattr(CpuBackend, "load", broken)
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        await _until(lambda: bool(fatal))
+        assert engine.state == "failed" and not engine.ready
+        with pytest.raises(ServeError) as refused:
+            engine.check_available()
+        assert refused.value.status == 503
+
+    (message,) = _run(_engine(tmp_path), scenario)
+    assert message == "copy 0 failed to load: RuntimeError: PytorchStreamReader failed reading zip archive"
+
+
+def test_a_copy_that_dies_while_serving_stops_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Batcher.next_batch
+    calls = {"n": 0}
+
+    def dying(self: Batcher) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first batch runs; the copy's loop then breaks outside a batch
+            raise MemoryError("cannot allocate")
+        return real(self)
+
+    monkeypatch.setattr(Batcher, "next_batch", dying)
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        await _until(lambda: engine.ready)
+        result = await engine.infer(["hello"], [ItemOptions()], truncate=False, timeout_s=30)
+        assert len(result.outputs) == 1
+        await _until(lambda: bool(fatal))
+        assert engine.state == "failed"
+
+    (message,) = _run(_engine(tmp_path), scenario)
+    assert message == "copy 0 died: MemoryError: cannot allocate"
+
+
+class _Flaky:
+    """A loaded model that fails while ``failing`` is set (a device error, say)."""
+
+    failing = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if _Flaky.failing:
+            raise RuntimeError("device error")
+        out: tuple[torch.Tensor, ...] = self.model.run(inputs)
+        return out
+
+
+def test_failing_batches_take_the_copy_out_of_rotation_until_its_probe_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = CpuBackend.load
+    monkeypatch.setattr(CpuBackend, "load", lambda self, *a: _Flaky(real(self, *a)))
+    monkeypatch.setattr(_Flaky, "failing", False)
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        await _until(lambda: engine.ready)
+        _Flaky.failing = True
+        for attempt in range(3):
+            with pytest.raises(ServeError) as failed:
+                await engine.infer([f"text {attempt}"], [ItemOptions()], truncate=False, timeout_s=30)
+            assert failed.value.status == 500
+        await _until(lambda: engine.state == "unhealthy")
+        assert engine.unhealthy == {0: "3 batches in a row failed, last: RuntimeError: device error"}
+        assert engine.metrics.copies_unhealthy._value.get() == 1
+        with pytest.raises(ServeError) as refused:  # nginx routes the next requests elsewhere
+            engine.check_available()
+        assert refused.value.status == 503 and "copy 0 is failing" in refused.value.message
+        _Flaky.failing = False  # the device recovers: the next probe succeeds
+        await _until(lambda: engine.ready, timeout_s=10)
+        result = await engine.infer(["back"], [ItemOptions()], truncate=False, timeout_s=30)
+        assert len(result.outputs) == 1
+        assert fatal == []
+
+    _run(_engine(tmp_path, serve__max_failed_batches="3"), scenario)
