@@ -107,7 +107,7 @@ def status(settings: Settings) -> int:
     plan = json.loads(rd.plan.read_text())
     processes = {p["name"]: p for p in local.Supervisor(rd).processes()}
     restarts = local.restarts(rd)
-    print(f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts")
+    print(f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts (worker)")
     with httpx.Client(timeout=2) as client:
         for server in plan["servers"]:
             info = processes.get(server["name"], {})
@@ -121,7 +121,8 @@ def status(settings: Settings) -> int:
                 ready = "down"
             print(
                 f"{server['name']:<12}{info.get('statename', '?'):<10}{ready:<8}{server['cores']:<8}"
-                f"{server['port']:<7}{info.get('pid', 0):<9}{restarts.get(server['name'], 0)}"
+                f"{server['port']:<7}{info.get('pid', 0):<9}{restarts.get(server['name'], 0)} "
+                f"({local.worker_restarts(rd, server['name'])})"
             )
         nginx = processes.get("nginx", {})
         print(

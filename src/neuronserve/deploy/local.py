@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,6 +28,8 @@ import httpx
 from neuronserve.config import Settings, section_environment
 from neuronserve.deploy.nginx import render_nginx_conf
 from neuronserve.deploy.plan import Plan, ServerPlan
+
+log = logging.getLogger(__name__)
 
 
 class DeployError(RuntimeError):
@@ -62,15 +65,16 @@ def run_dir(settings: Settings) -> RunDir:
 
 
 def supervisord_pid(rd: RunDir) -> int | None:
-    """The pid of this deployment's supervisord if it is alive."""
+    """The pid of this deployment's supervisord if it is alive (a zombie is not)."""
     try:
         pid = int(rd.pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
         return None
-    except PermissionError:
-        return None
-    return pid
+    return None if state in ("Z", "X") else pid
+
+
+RUN_DIR_MARKER = "NEURONSERVE_RUN_DIR"
 
 
 def server_environment(
@@ -92,6 +96,8 @@ def server_environment(
         "NEURONSERVE_SERVE__ARTIFACTS": str(artifacts),
         "NEURONSERVE_SERVE__MODE": "gunicorn",
         "HF_HUB_OFFLINE": "1",
+        # Marks every process of this deployment, so cleanup finds them whatever died before.
+        RUN_DIR_MARKER: str(run_dir(settings).path.resolve()),
     }
     if config is not None:
         env["NEURONSERVE_CONFIG"] = str(config)
@@ -154,6 +160,7 @@ def render_supervisord_conf(
         "[supervisorctl]",
         f"serverurl=unix://{rd.socket}",
     ]
+    marker = {RUN_DIR_MARKER: str(rd.path.resolve())}
     for server in plan.servers:
         env = {**passthrough_env, **server_environment(settings, server, artifacts, config)}
         lines += [
@@ -180,7 +187,7 @@ def render_supervisord_conf(
             "",
             "[program:exporter]",
             f"command={python} -m neuronserve.cli monitor --backend {plan.backend} --cpus {_all_cores(plan)} --run-dir {rd.path}",
-            f"environment={_supervisor_env({**passthrough_env, **section_environment(settings, 'monitor')})}",
+            f"environment={_supervisor_env({**passthrough_env, **marker, **section_environment(settings, 'monitor')})}",
             "autostart=true",
             "autorestart=true",
             "startsecs=1",
@@ -196,6 +203,7 @@ def render_supervisord_conf(
             "[program:prometheus]",
             f"command={shutil.which('prometheus') or '/usr/bin/prometheus'} --config.file={prom / 'prometheus.yml'} "
             f"--storage.tsdb.path={prom / 'data'} --web.listen-address=127.0.0.1:{settings.monitor.prometheus_port}",
+            f"environment={_supervisor_env({**passthrough_env, **marker})}",
             "autostart=true",
             "autorestart=true",
             "startsecs=1",
@@ -339,6 +347,9 @@ def start(settings: Settings, plan: Plan, artifacts: Path, config: Path | None) 
             f"deployment {settings.deploy.name!r} is already running (supervisord pid {pid}); "
             "run ./fast-api/cleanup.sh first, or set deploy.name to deploy another"
         )
+    stale = reap(rd)  # orphans of a crashed deployment of this name (supervisord gone) hold its ports
+    if stale:
+        log.warning("stopped %d leftover process(es) of a crashed deployment %r", stale, settings.deploy.name)
     busy = [f"{plan.host}:{plan.port}"] if port_in_use(plan.host, plan.port) else []
     busy += [f"127.0.0.1:{s.port}" for s in plan.servers if port_in_use("127.0.0.1", s.port)]
     m = settings.monitor
@@ -359,6 +370,9 @@ def start(settings: Settings, plan: Plan, artifacts: Path, config: Path | None) 
     return rd
 
 
+CRASH_LOOP_RESTARTS = 2  # a program restarted this often before the deployment was ready fails it
+
+
 def wait_ready(settings: Settings, plan: Plan, rd: RunDir) -> None:
     """Poll every server's /ready, then the endpoint's; on failure name the server and show its log."""
     deadline = time.monotonic() + settings.deploy.ready_timeout_s
@@ -377,6 +391,9 @@ def wait_ready(settings: Settings, plan: Plan, rd: RunDir) -> None:
                         raise DeployError(_failure(name, rd, response.json().get("error", "")))
             if not pending:
                 return
+            crashing = [name for name, n in restarts(rd).items() if n >= CRASH_LOOP_RESTARTS]
+            if crashing:
+                raise DeployError(_failure(crashing[0], rd, "keeps exiting while it starts"))
             if time.monotonic() > deadline:
                 waiting = ", ".join(sorted(pending))
                 first = sorted(pending)[0]
@@ -412,6 +429,16 @@ def restarts(rd: RunDir) -> dict[str, int]:
     return {k: v - 1 for k, v in counts.items()}
 
 
+def worker_restarts(rd: RunDir, program: str) -> int:
+    """How often a server's gunicorn master replaced its worker (a worker killed or crashed),
+    from the server's log: workers booted beyond one per master start."""
+    try:
+        text = rd.log(program).read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return max(0, text.count("Booting worker with pid") - text.count("Starting gunicorn"))
+
+
 def stop(rd: RunDir, timeout_s: float = 120.0) -> bool:
     """Stop this deployment's supervisord (programs drain) and remove its run dir; False if none."""
     pid = supervisord_pid(rd)
@@ -425,10 +452,11 @@ def stop(rd: RunDir, timeout_s: float = 120.0) -> bool:
             time.sleep(0.1)  # poll until supervisord has stopped its programs and exited
         if supervisord_pid(rd) is not None:
             os.kill(pid, signal.SIGKILL)
+    reaped = reap(rd)  # whatever outlived supervisord (a process killed and orphaned before)
     existed = rd.path.exists()
     if existed:
         shutil.rmtree(rd.path)
-    return pid is not None or existed
+    return pid is not None or existed or reaped > 0
 
 
 @contextlib.contextmanager
@@ -440,3 +468,38 @@ def deployed(settings: Settings, plan: Plan, artifacts: Path, config: Path | Non
         yield rd
     finally:
         stop(rd)
+
+
+def deployment_processes(rd: RunDir) -> list[int]:
+    """Pids of every process of this deployment: those carrying its run-dir marker in their
+    environment (servers and their workers, exporter, Prometheus) and its nginx."""
+    marker = f"{RUN_DIR_MARKER}={rd.path.resolve()}".encode()
+    nginx_conf = str(rd.path.resolve() / "nginx.conf").encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in environ or nginx_conf in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def reap(rd: RunDir, grace_s: float = 10.0) -> int:
+    """Stop every process of this deployment still alive (TERM, then KILL after ``grace_s``);
+    returns how many there were. Nothing else on the host is touched."""
+    pids = deployment_processes(rd)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while deployment_processes(rd) and time.monotonic() < deadline:
+        time.sleep(0.1)  # poll until they have exited
+    for pid in deployment_processes(rd):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)

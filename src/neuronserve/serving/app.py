@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -83,6 +84,8 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the server for ``settings``: verifies the artifacts now, loads copies at startup."""
     server_name = settings.serve.name or f"{settings.serve.host}:{settings.serve.port}"
     metrics = ServerMetrics(server_name)
+    # gunicorn numbers the workers it spawns (see serving.worker): the first is 1.
+    metrics.worker_restarts.set(int(os.environ.get("NEURONSERVE_WORKER_AGE", "1")) - 1)
     engine = Engine(settings, metrics)
 
     @asynccontextmanager

@@ -81,6 +81,11 @@ class ServerMetrics:
         for reason in ("cancelled", "expired"):
             self.inputs_dropped.labels(reason=reason)
         self.copies_ready = Gauge("neuronserve_copies_ready", "Model copies loaded and warmed", registry=r)
+        self.worker_restarts = Gauge(
+            "neuronserve_worker_restarts",
+            "Times this server's master replaced its worker process since the master started",
+            registry=r,
+        )
         self.copies_unhealthy = Gauge(
             "neuronserve_copies_unhealthy",
             "Copies out of rotation after serve.max_failed_batches failed batches in a row",

@@ -7,6 +7,10 @@ signal, not with status 0) and gives the app no drain phase. This worker hands t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import signal
 import sys
 from typing import Any, ClassVar
 
@@ -25,6 +29,12 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         "access_log": False,
     }
 
+    def init_process(self) -> None:
+        die_with_parent(self.ppid)
+        # The app reports worker restarts inside this server (gunicorn counts spawned workers).
+        os.environ["NEURONSERVE_WORKER_AGE"] = str(self.age)
+        super().init_process()
+
     async def _serve(self) -> None:
         self.config.app = self.wsgi
         server = Server(config=self.config)
@@ -36,3 +46,20 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         code = getattr(self.wsgi.state, "exit_code", 0)  # set when a copy failed (see app.py)
         if code:
             sys.exit(code)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent (the gunicorn master) dies.
+
+    A master killed on its own (the OOM killer, an operator's kill) must not leave its worker
+    alive as an orphan holding the port, which the restarted master then cannot bind.
+    """
+    name = ctypes.util.find_library("c")
+    prctl = getattr(ctypes.CDLL(name, use_errno=True), "prctl", None) if name else None
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the master died before the request took effect
+        os._exit(1)
