@@ -186,7 +186,17 @@ class ServeSettings:
         maximum=1000.0,
     )
     max_queue: int = setting(
-        256, "Inputs waiting for a copy before new requests get 429.", minimum=1, maximum=1_000_000
+        256,
+        "Inputs waiting for a copy, or admitted and being tokenized, before new requests get 429.",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    max_queue_tokens: int = setting(
+        0,
+        "Tokens of the inputs waiting for a copy before new requests get 429 (long inputs cost "
+        "more); 0 means serve.max_queue x the largest compiled sequence length.",
+        minimum=0,
+        maximum=1 << 31,
     )
     request_timeout_ms: int = setting(
         30000, "Default per-request deadline; expired requests get 504.", minimum=1, maximum=3_600_000
@@ -248,6 +258,13 @@ class DeploySettings:
     launcher: Launcher = setting("local", "local (supervisord + nginx on this host) or docker (containers).")
     run_dir: str = setting(
         "run", "Where local deployments keep configs, logs and sockets: <run_dir>/<name>/."
+    )
+    max_conns_per_server: int = setting(
+        128,
+        "Requests nginx sends one server at once; beyond that on every server, nginx itself answers "
+        "503 with Retry-After, so overload never floods a server's event loop.",
+        minimum=1,
+        maximum=100_000,
     )
     ready_timeout_s: float = setting(
         300.0, "How long deploy waits for every server's /ready.", minimum=1.0, maximum=7200.0

@@ -232,3 +232,61 @@ def test_cli_dry_run_and_status_of_nothing(tmp_path: Path, bundled_artifacts: Pa
         [*args, "cleanup", *common], capture_output=True, text=True, env=env, cwd=REPO, check=False
     )
     assert clean.returncode == 0 and "nothing to clean up" in clean.stdout
+
+
+LONG_TEXT = "Static shapes mean every request is padded to a compiled sequence length and batch size. " * 3
+
+
+def test_an_open_loop_burst_above_saturation_restarts_nothing(
+    deployment: tuple[Settings, Plan, local.RunDir],
+) -> None:
+    """~6x what the deployment can serve, open loop, for 6 s: every answer is 200, 429 or 503
+    (never a reset), /health keeps answering within 1 s, no process restarts, and a normal
+    request succeeds right after."""
+    import asyncio
+
+    _, plan, rd = deployment
+    url = f"http://{plan.host}:{plan.port}"
+    health = f"http://127.0.0.1:{plan.servers[0].port}/health"
+    rate, duration = 300.0, 6.0
+    codes: Counter[str] = Counter()
+    health_s: list[float] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        try:
+            codes[str((await client.post("/predict", json={"inputs": LONG_TEXT})).status_code)] += 1
+        except httpx.HTTPError as exc:
+            codes[type(exc).__name__] += 1
+
+    async def probe(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            while not stop.is_set():
+                started = time.monotonic()
+                assert (await client.get(health)).status_code == 200
+                health_s.append(time.monotonic() - started)
+                await asyncio.sleep(0.1)  # probe interval
+
+    async def burst() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        prober = asyncio.create_task(probe(stop))
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            tasks = []
+            started = loop.time()
+            while (elapsed := loop.time() - started) < duration:
+                tasks.append(asyncio.create_task(one(client)))
+                await asyncio.sleep(max(0.0, len(tasks) / rate - elapsed))  # the open-loop schedule
+            await asyncio.gather(*tasks)
+        stop.set()
+        await prober
+
+    asyncio.run(burst())
+    print(f"\nburst: {dict(codes)}; /health max {max(health_s) * 1000:.0f} ms over {len(health_s)} probes")
+    assert set(codes) <= {"200", "429", "503"}, codes
+    assert codes["200"] > 0 and codes["429"] + codes["503"] > 0, codes
+    assert max(health_s) < 1.0, max(health_s)
+    assert all(n == 0 for n in local.restarts(rd).values()), local.restarts(rd)
+    assert all(local.worker_restarts(rd, s.name) == 0 for s in plan.servers)
+    after = httpx.post(f"{url}/predict", json={"inputs": "hello"}, timeout=5)
+    assert after.status_code == 200

@@ -91,6 +91,7 @@ def nginx_spec(settings: Settings, plan: Plan) -> dict[str, Any]:
             run_dir=None,
             max_body_bytes=settings.serve.max_body_bytes,
             read_timeout_s=settings.serve.max_request_timeout_ms / 1000 + 5,
+            max_conns=settings.deploy.max_conns_per_server,
         ),
     }
 

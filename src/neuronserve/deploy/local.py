@@ -268,6 +268,7 @@ def write_run_dir(settings: Settings, plan: Plan, artifacts: Path, config: Path 
             run_dir=rd.path,
             max_body_bytes=settings.serve.max_body_bytes,
             read_timeout_s=settings.serve.max_request_timeout_ms / 1000 + 5,
+            max_conns=settings.deploy.max_conns_per_server,
             user=user,
         )
     )

@@ -30,10 +30,10 @@ EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see
 
 
 class QueueFullError(Exception):
-    """The queue is at capacity; answer 429."""
+    """The queue is at capacity, in inputs or in tokens; answer 429."""
 
-    def __init__(self, depth: int, capacity: int) -> None:
-        super().__init__(f"queue full ({depth} of {capacity} inputs waiting)")
+    def __init__(self, depth: int, capacity: int, unit: str = "inputs") -> None:
+        super().__init__(f"queue full ({depth} of {capacity} {unit} waiting)")
         self.depth = depth
         self.capacity = capacity
 
@@ -100,6 +100,7 @@ class Batcher:
         batch_sizes: Sequence[int],
         max_queue: int,
         max_delay_s: float,
+        max_queue_tokens: int = 0,
         on_drop: Callable[[list[tuple[WorkItem, DropReason]]], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -108,11 +109,13 @@ class Batcher:
         self.sequence_lengths = tuple(sorted(sequence_lengths))
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_queue = max_queue
+        self.max_queue_tokens = max_queue_tokens  # 0: no limit in tokens
         self.max_delay_s = max_delay_s
         self._on_drop = on_drop
         self._clock = clock
         self._queues: dict[int, deque[WorkItem]] = {s: deque() for s in self.sequence_lengths}
         self._size = 0
+        self._tokens = 0  # tokens of the queued inputs
         self._idle = 0  # copies waiting in next_batch
         self._closed = False
         self._costs: dict[tuple[int, int], float] = {}
@@ -137,14 +140,22 @@ class Batcher:
                 raise BatcherClosedError()
             if self._size + len(batch) > self.max_queue:
                 raise QueueFullError(self._size, self.max_queue)
+            tokens = sum(item.length for item in batch)
+            if self.max_queue_tokens and self._tokens + tokens > self.max_queue_tokens:
+                raise QueueFullError(self._tokens, self.max_queue_tokens, "tokens")
             for item, s in zip(batch, buckets, strict=True):
                 self._queues[s].append(item)
             self._size += len(batch)
+            self._tokens += tokens
             self._cond.notify(len(batch))
 
     @property
     def depth(self) -> int:
         return self._size
+
+    @property
+    def depth_tokens(self) -> int:
+        return self._tokens
 
     def set_costs(self, costs: dict[tuple[int, int], float]) -> None:
         """Seconds per call of each compiled (batch size, sequence length), from warm-up."""
@@ -200,6 +211,7 @@ class Batcher:
                 else:
                     keep.append(item)
             self._size -= len(queue) - len(keep)
+            self._tokens -= sum(i.length for i in queue) - sum(i.length for i in keep)
             queue.clear()
             queue.extend(keep)
 
@@ -251,6 +263,7 @@ class Batcher:
         for s in sorted(smaller, key=self._head_time):
             self._take(s, size, taken)
         self._size -= len(taken)
+        self._tokens -= sum(item.length for item in taken)
         for item in taken:
             item.dispatched_at = now
         return Batch(seq, size, tuple(taken)), now

@@ -123,6 +123,8 @@ class Engine:
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,
+            max_queue_tokens=settings.serve.max_queue_tokens
+            or settings.serve.max_queue * max(self.manifest.sequence_lengths),
             max_delay_s=settings.serve.max_batch_delay_ms / 1000.0,
             on_drop=self._on_drop,
         )
@@ -138,6 +140,7 @@ class Engine:
         self._ready: set[int] = set()
         self._costs: dict[tuple[int, int], float] = {}
         self._inflight = 0
+        self._admitting = 0  # inputs admitted but not yet queued (being tokenized)
         self._idle = asyncio.Event()
         self._idle.set()
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -348,6 +351,52 @@ class Engine:
         seconds_per_item = max(per_item) if per_item else 0.01
         return max(1, math.ceil(self.batcher.depth * seconds_per_item / self.copies))
 
+    async def _admit(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
+        """Refuse at once when the queue plus what is being tokenized is full; else tokenize.
+
+        Counting the inputs still being tokenized bounds the work a burst can start before the
+        queue would have said no.
+        """
+        limit = self.settings.serve.max_queue
+        waiting = self._admitting + self.batcher.depth
+        if waiting + len(inputs) > limit:
+            self.metrics.rejections.labels(reason="queue_full").inc()
+            raise overloaded(
+                f"server overloaded: queue full ({waiting} of {limit} inputs waiting); retry later",
+                self.retry_after_s(),
+            )
+        self._admitting += len(inputs)
+        try:
+            return await self._tokenize(inputs, truncate=truncate)
+        finally:
+            self._admitting -= len(inputs)
+
+    def _enqueue(self, encoded: list[Encoded], options: list[ItemOptions], expires: float) -> list[WorkItem]:
+        loop = asyncio.get_running_loop()
+        items = [
+            WorkItem(length=enc.length, deadline=expires, payload=(enc, opt), handle=loop.create_future())
+            for enc, opt in zip(encoded, options, strict=True)
+        ]
+        try:
+            self.batcher.submit(items)
+        except QueueFullError as exc:
+            self.metrics.rejections.labels(reason="queue_full").inc()
+            raise overloaded(f"server overloaded: {exc}; retry later", self.retry_after_s()) from None
+        except BatcherClosedError:
+            self.metrics.rejections.labels(reason="draining").inc()
+            raise unavailable("the server is shutting down; retry on another server") from None
+        return items
+
+    async def _tokenize(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
+        """Small requests inline (microseconds); larger ones on the tokenizer thread."""
+        size = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
+        if size <= INLINE_TOKENIZE_CHARS:
+            return self.encode(inputs, truncate=truncate)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate)
+        )
+
     def encode(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
         if inputs and isinstance(inputs[0], tuple):
             return self.encoder.encode_pairs(inputs, truncate=truncate)
@@ -379,28 +428,9 @@ class Engine:
         """
         self.check_available()
         started = time.monotonic()
-        size = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
-        if size <= INLINE_TOKENIZE_CHARS:
-            encoded = self.encode(inputs, truncate=truncate)
-        else:
-            loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(
-                self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate)
-            )
-        loop = asyncio.get_running_loop()
+        encoded = await self._admit(inputs, truncate=truncate)
         expires = started + timeout_s
-        items = [
-            WorkItem(length=enc.length, deadline=expires, payload=(enc, opt), handle=loop.create_future())
-            for enc, opt in zip(encoded, options, strict=True)
-        ]
-        try:
-            self.batcher.submit(items)
-        except QueueFullError as exc:
-            self.metrics.rejections.labels(reason="queue_full").inc()
-            raise overloaded(f"server overloaded: {exc}; retry later", self.retry_after_s()) from None
-        except BatcherClosedError:
-            self.metrics.rejections.labels(reason="draining").inc()
-            raise unavailable("the server is shutting down; retry on another server") from None
+        items = self._enqueue(encoded, options, expires)
         if pending is not None:
             pending.extend(item.handle for item in items)
         tokens = sum(enc.length for enc in encoded)

@@ -17,6 +17,10 @@ from tokenizers import Encoding, Tokenizer
 
 from neuronserve.serving.errors import validation
 
+# Characters per token assumed when looking for a long text's first tokens (English averages
+# ~4; starting at 8 means one look almost always suffices).
+CHARS_PER_TOKEN_GUESS = 8
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -64,9 +68,30 @@ class TextEncoder:
 
     def encode(self, texts: list[str], *, truncate: bool, field: str = "inputs") -> list[Encoded]:
         tokenizer = self._truncating if truncate else self._plain
+        bounded = [self.bounded(text) for text in texts]
         # One text (the common request) skips encode_batch's thread-pool hand-off.
-        encodings = [tokenizer.encode(texts[0])] if len(texts) == 1 else tokenizer.encode_batch(texts)
-        return [self._check(enc, i, field, truncate) for i, enc in enumerate(encodings)]
+        encodings = [tokenizer.encode(bounded[0])] if len(texts) == 1 else tokenizer.encode_batch(bounded)
+        return [
+            self._check(enc, i, field, truncate, cut=len(bounded[i]) < len(texts[i]))
+            for i, enc in enumerate(encodings)
+        ]
+
+    def bounded(self, text: str) -> str:
+        """A prefix of ``text`` whose tokens begin like the whole text's and already number more
+        than ``max_length``; ``text`` itself when it is short.
+
+        Only the first ``max_length`` tokens can ever be served (the rest is cut on request or
+        refused), so a 1 MB text costs what its first few KB cost. The prefix ends at whitespace,
+        so its last word is whole and tokenizes as in the full text.
+        """
+        limit = self.max_length * CHARS_PER_TOKEN_GUESS
+        while len(text) > limit:
+            cut = text.rfind(" ", 0, limit)
+            prefix = text[: cut if cut > 0 else limit]
+            if len(self._plain.encode(prefix, add_special_tokens=False).ids) > self.max_length:
+                return prefix
+            limit *= 4  # long words, or many characters per token: look further
+        return text
 
     def encode_pairs(
         self, pairs: list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
@@ -80,13 +105,16 @@ class TextEncoder:
             ) from exc
         return [self._check(enc, i, field, truncate, pair=True) for i, enc in enumerate(encodings)]
 
-    def _check(self, enc: Encoding, index: int, field: str, truncate: bool, *, pair: bool = False) -> Encoded:
+    def _check(
+        self, enc: Encoding, index: int, field: str, truncate: bool, *, pair: bool = False, cut: bool = False
+    ) -> Encoded:
         length = len(enc.ids)
         if length > self.max_length:
             hint = "" if truncate else '; send parameters {"truncate": true} to cut it'
+            count = f"more than {length}" if cut else f"{length}"
             raise validation(
                 f"{field}[{index}]",
-                f"{length} tokens exceed the largest compiled sequence length {self.max_length}{hint}",
+                f"{count} tokens exceed the largest compiled sequence length {self.max_length}{hint}",
             )
         return Encoded(
             ids=np.asarray(enc.ids, dtype=np.int64),

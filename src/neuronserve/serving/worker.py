@@ -7,11 +7,14 @@ signal, not with status 0) and gives the app no drain phase. This worker hands t
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any, ClassVar
 
 from gunicorn.arbiter import Arbiter
@@ -29,6 +32,25 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         "access_log": False,
     }
 
+    def _start_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        turned = [time.monotonic()]
+
+        def mark() -> None:
+            turned[0] = time.monotonic()
+            loop.call_later(1.0, mark)
+
+        mark()
+        interval = max(0.5, self.timeout / 4)
+        stopped = threading.Event()
+
+        def beat() -> None:
+            while self.alive and not stopped.wait(interval):
+                if time.monotonic() - turned[0] < LOOP_HUNG_S:
+                    self.notify()
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
     def init_process(self) -> None:
         die_with_parent(self.ppid)
         # The app reports worker restarts inside this server (gunicorn counts spawned workers).
@@ -37,6 +59,7 @@ class Worker(UvicornWorker):  # type: ignore[misc]
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
+        self._start_heartbeat()
         server = Server(config=self.config)
         self.wsgi.state.request_exit = lambda: setattr(server, "should_exit", True)
         self._install_sigquit_handler()
@@ -49,6 +72,10 @@ class Worker(UvicornWorker):  # type: ignore[misc]
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The master kills a worker whose heartbeat stops for --timeout seconds. The heartbeat comes from
+# a thread, so an event loop slowed by overload never gets a serving worker killed; only a loop
+# that has not turned for this long (hung, not busy) stops it.
+LOOP_HUNG_S = 120.0
 
 
 def die_with_parent(parent: int) -> None:

@@ -88,14 +88,17 @@ def test_nginx_conf(tmp_path: Path) -> None:
         run_dir=tmp_path,
         max_body_bytes=1048576,
         read_timeout_s=125,
+        max_conns=50,
         user=None,
     )
     for directive in (
         "least_conn;",
-        "server 127.0.0.1:8081 max_fails=1 fail_timeout=2s;",
+        "server 127.0.0.1:8081 max_fails=1 fail_timeout=2s max_conns=50;",
         "keepalive 64;",
-        "proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
-        "proxy_next_upstream_tries 3;",
+        # one retry on another server, never after a timeout (under overload it doubles the work)
+        "proxy_next_upstream error http_502 http_503 non_idempotent;",
+        "proxy_next_upstream_tries 2;",
+        "worker_connections 16384;",
         "client_max_body_size 1048576;",
         "proxy_read_timeout 125s;",
         "listen 127.0.0.1:8080",

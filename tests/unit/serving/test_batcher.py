@@ -241,3 +241,31 @@ def test_warm_up_calibrates_trace_costs_to_this_host() -> None:
     # a faster host (more threads per copy): the warm-up figures, never scaled below the trace's
     fast = calibrated_costs(traced, {(1, 16): 0.005, (8, 16): 0.020, (8, 128): 0.100})
     assert fast == {(1, 16): 0.005, (8, 16): 0.020, (8, 128): 0.100}
+
+
+def test_the_queue_is_bounded_in_tokens_too() -> None:
+    dropped: list[Any] = []
+    batcher = Batcher(
+        sequence_lengths=(16, 128),
+        batch_sizes=(1, 8),
+        max_queue=100,
+        max_delay_s=0.0,
+        max_queue_tokens=300,
+        on_drop=dropped.extend,
+    )
+    batcher.submit([WorkItem(length=120, deadline=1e18, payload=None) for _ in range(2)])
+    assert batcher.depth == 2 and batcher.depth_tokens == 240
+    with pytest.raises(QueueFullError, match=r"queue full \(240 of 300 tokens waiting\)"):
+        batcher.submit([WorkItem(length=100, deadline=1e18, payload=None)])  # 3 inputs fit, 340 tokens do not
+    batcher.submit(
+        [WorkItem(length=10, deadline=1e18, payload=None) for _ in range(6)]
+    )  # short ones still fit
+    assert batcher.depth_tokens == 300
+    batch = batcher.next_batch()  # the two long ones, the short ones in the padding rows
+    assert batch is not None and len(batch.items) == 8 and batcher.depth_tokens == 0
+    expired = WorkItem(length=10, deadline=0.0, payload=None)  # dropped, not run: its tokens go too
+    batcher.submit([expired, WorkItem(length=12, deadline=1e18, payload=None)])
+    assert batcher.depth_tokens == 22
+    batch = batcher.next_batch()
+    assert batch is not None and [item.length for item in batch.items] == [12]
+    assert batcher.depth_tokens == 0 and [item for item, _ in dropped] == [expired]

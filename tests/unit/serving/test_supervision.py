@@ -133,3 +133,36 @@ def test_failing_batches_take_the_copy_out_of_rotation_until_its_probe_succeeds(
         assert fatal == []
 
     _run(_engine(tmp_path, serve__max_failed_batches="3"), scenario)
+
+
+def test_inputs_still_being_tokenized_count_against_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst cannot start unbounded tokenization work before the queue says no."""
+    gates: list[asyncio.Event] = []
+    real = Engine._tokenize
+
+    async def slow(self: Engine, inputs: Any, *, truncate: bool) -> Any:  # long texts, say
+        await gates[0].wait()
+        return await real(self, inputs, truncate=truncate)
+
+    monkeypatch.setattr(Engine, "_tokenize", slow)
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        gates.append(asyncio.Event())
+        await _until(lambda: engine.ready)
+        texts = [f"text {i}" for i in range(4)]
+        opts = [ItemOptions()] * 4
+        admitted = [
+            asyncio.create_task(engine.infer(texts, opts, truncate=False, timeout_s=30)) for _ in range(2)
+        ]
+        await _until(lambda: engine._admitting == 8)
+        with pytest.raises(ServeError) as refused:  # at once, without waiting for the tokenizer
+            await engine.infer(["one more"], [ItemOptions()], truncate=False, timeout_s=30)
+        assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
+        assert "queue full (8 of 8 inputs waiting)" in refused.value.message
+        gates[0].set()
+        assert [len((await task).outputs) for task in admitted] == [4, 4]
+        assert engine._admitting == 0 and fatal == []
+
+    _run(_engine(tmp_path, serve__max_queue="8"), scenario)

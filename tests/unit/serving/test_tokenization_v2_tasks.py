@@ -34,6 +34,26 @@ def test_bundled_tokenizer_file_truncates_and_pads_but_serving_does_not() -> Non
     assert cut.length == 128
 
 
+def test_a_huge_text_costs_only_its_first_tokens_and_tokenizes_the_same() -> None:
+    from tokenizers import Tokenizer
+
+    encoder = TextEncoder(BUNDLED, 128)
+    text = "Static shapes pad every request to a compiled length, unbelievably, 123 times. " * 13_000  # 1 MB
+    prefix = encoder.bounded(text)
+    assert len(prefix) < 4096 < len(text)
+    reference = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))  # its own truncation at 128
+    (cut,) = encoder.encode([text], truncate=True)
+    assert cut.ids.tolist() == reference.encode(text).ids  # the same 128 tokens as the whole text
+    with pytest.raises(ServeError) as excinfo:
+        encoder.encode([text], truncate=False)
+    assert excinfo.value.field == "inputs[0]"
+    assert "more than 247 tokens exceed the largest compiled sequence length 128" in excinfo.value.message
+    # words longer than the guess still end up whole: the look widens until it has enough
+    long_words = "antidisestablishmentarianism " * 2000
+    (cut,) = encoder.encode([long_words], truncate=True)
+    assert cut.ids.tolist() == reference.encode(long_words).ids
+
+
 def test_pairs_keep_offsets_and_cut_only_the_context() -> None:
     encoder = TextEncoder(BUNDLED, 32)
     (pair,) = encoder.encode_pairs([("who?", "the fox " * 40)], truncate=True)
