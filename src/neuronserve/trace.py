@@ -265,23 +265,60 @@ def run_trace(
     previous = _previous_manifest(out_dir)
     entries, hashes = ({}, {}) if force else _up_to_date(previous, keys, out_dir)
     weights = previous.memory.weight_bytes if previous is not None and not force else 0
+    if len(entries) == len(shapes) and previous is not None and _same_shape_set(previous, shapes):
+        for b, s in shapes:
+            say(f"b{b} s{s}: up to date, skipped")
+        say(f"all {len(shapes)} shapes up to date in {out_dir}")
+        return TraceReport(previous, out_dir, reason, (), tuple(shapes))
+
+    # Everything else is built in a staging directory beside the artifacts and swapped in at the
+    # end: a trace that fails leaves the served directory exactly as it was, and the shapes it
+    # finished (recorded in the staging manifest after each) are not compiled again next time.
+    staging = out_dir.with_name(f".{out_dir.name}.staging")
+    entries = _prepare_staging(staging, out_dir, entries, hashes, keys=keys, force=force, say=say)
     todo = [shape for shape in shapes if shape not in entries]
     skipped = tuple(shape for shape in shapes if shape in entries)
     for b, s in skipped:
         say(f"b{b} s{s}: up to date, skipped")
 
+    def manifest_of(
+        done: dict[tuple[int, int], ShapeEntry], input_names: tuple[str, ...], weights: int
+    ) -> Manifest:
+        ordered = tuple(done[shape] for shape in shapes if shape in done)
+        return Manifest(
+            model=_model_info(settings.model.source, name, model_sha, task, model_dir),
+            backend=backend_name,
+            versions=versions,
+            compiler_args=compiler_args,
+            input_names=input_names,
+            output_names=TASK_OUTPUTS[task],
+            shapes=ordered,
+            tolerance=tolerance,
+            files=_checksum_files(staging, hashes),
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            memory=MemoryFacts(
+                weight_bytes=weights,
+                artifact_bytes={
+                    f: (staging / f).stat().st_size for f in dict.fromkeys(e.file for e in ordered)
+                },
+                shapes_share_artifact=backend.sharing.shapes,
+                copies_share_load=backend.sharing.copies,
+            ),
+            directory=out_dir,
+        )
+
     if todo:
-        max_positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-        too_long = [s for s in sequence_lengths if max_positions and s > max_positions]
-        if too_long:
-            raise ModelSourceError(
-                f"trace.sequence_lengths {too_long} exceed the model's max_position_embeddings "
-                f"{max_positions}; use lengths up to {max_positions}"
-            )
+        _check_lengths(model_dir, sequence_lengths)
+        done_so_far = dict(entries)
+
+        def record(entry: ShapeEntry, input_names: tuple[str, ...], weights: int) -> None:
+            done_so_far[(entry.batch_size, entry.sequence_length)] = entry
+            write_manifest(manifest_of(done_so_far, input_names, weights), staging)
+
         compiled, input_names, weights = _compile_shapes(
             backend=backend,
             model_dir=model_dir,
-            out_dir=out_dir,
+            out_dir=staging,
             task=task,
             todo=todo,
             reusable=list(dict.fromkeys(e.file for e in entries.values())),
@@ -289,48 +326,108 @@ def run_trace(
             tolerance=tolerance,
             progress=progress,
             say=say,
+            on_shape=record,
         )
         entries.update(compiled)
-        _copy_serving_files(model_dir, out_dir)
-    elif previous is not None and _same_shape_set(previous, shapes):
-        say(f"all {len(shapes)} shapes up to date in {out_dir}")
-        return TraceReport(previous, out_dir, reason, (), skipped)
     else:
         # Only removals: every remaining shape was traced before, with the same tokenizer.
-        assert previous is not None, "this is a bug: shapes skipped without a previous manifest"
-        input_names = previous.input_names
-
-    # Remove artifacts that no configured shape uses any more: those of the previous manifest and
-    # any other file named like one (left by an older manifest format this tracer cannot read).
-    current = {entry.file for entry in entries.values()}
-    stale = {e.file for e in previous.shapes} if previous is not None else set()
-    stale |= {p.name for p in out_dir.glob("model-b*-s*.pt") if ARTIFACT_NAME.fullmatch(p.name)}
-    for name in stale - current:
-        (out_dir / name).unlink(missing_ok=True)
-
-    files = _checksum_files(out_dir, hashes)
-    ordered = tuple(entries[shape] for shape in shapes)
-    manifest = Manifest(
-        model=_model_info(settings.model.source, name, model_sha, task, model_dir),
-        backend=backend_name,
-        versions=versions,
-        compiler_args=compiler_args,
-        input_names=input_names,
-        output_names=TASK_OUTPUTS[task],
-        shapes=ordered,
-        tolerance=tolerance,
-        files=files,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        memory=MemoryFacts(
-            weight_bytes=weights,
-            artifact_bytes={f: (out_dir / f).stat().st_size for f in dict.fromkeys(e.file for e in ordered)},
-            shapes_share_artifact=backend.sharing.shapes,
-            copies_share_load=backend.sharing.copies,
-        ),
-        directory=out_dir,
-    )
-    write_manifest(manifest, out_dir)
+        known = previous or _previous_manifest(staging)
+        assert known is not None, "this is a bug: shapes skipped without a manifest"
+        input_names = known.input_names
+    _copy_serving_files(model_dir, staging)
+    _keep_only(staging, {entry.file for entry in entries.values()})
+    manifest = manifest_of(entries, input_names, weights)
+    write_manifest(manifest, staging)
+    _swap_in(staging, out_dir)
     return TraceReport(manifest, out_dir, reason, tuple(todo), skipped)
+
+
+def _prepare_staging(
+    staging: Path,
+    out_dir: Path,
+    entries: dict[tuple[int, int], ShapeEntry],
+    hashes: dict[str, str],
+    *,
+    keys: dict[tuple[int, int], str],
+    force: bool,
+    say: Callable[[str], None],
+) -> dict[tuple[int, int], ShapeEntry]:
+    """Link the still-valid served artifacts (and any file that is not ours) into ``staging``;
+    returns those entries plus the shapes an interrupted earlier trace finished there."""
+    staging.mkdir(exist_ok=True)
+    resumed, resumed_hashes = ({}, {}) if force else _up_to_date(_previous_manifest(staging), keys, staging)
+    if resumed:
+        say(f"resuming an interrupted trace: {len(resumed)} shape(s) already done")
+    for file in dict.fromkeys(e.file for e in entries.values()):
+        _link_into(out_dir / file, staging / file)
+    ours = {MANIFEST_NAME, *SERVING_FILES}
+    for path in out_dir.iterdir() if out_dir.is_dir() else ():
+        if path.is_file() and path.name not in ours and not ARTIFACT_NAME.fullmatch(path.name):
+            _link_into(path, staging / path.name)  # a file someone put beside the artifacts
+    hashes.update(resumed_hashes)
+    return {**resumed, **entries}
+
+
+def _check_lengths(model_dir: Path, sequence_lengths: tuple[int, ...]) -> None:
+    max_positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    too_long = [s for s in sequence_lengths if max_positions and s > max_positions]
+    if too_long:
+        raise ModelSourceError(
+            f"trace.sequence_lengths {too_long} exceed the model's max_position_embeddings "
+            f"{max_positions}; use lengths up to {max_positions}"
+        )
+
+
+def _keep_only(directory: Path, artifacts: set[str]) -> None:
+    """Remove every artifact not in ``artifacts`` (a removed shape's, or one named like ours by
+    an older manifest format) and the compilers' work directories."""
+    for path in directory.glob("model-b*-s*.pt"):
+        if ARTIFACT_NAME.fullmatch(path.name) and path.name not in artifacts:
+            path.unlink()
+    for path in directory.glob(".compiler-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_into(source: Path, dest: Path) -> None:
+    """``dest`` as a hard link to ``source`` (a copy across file systems)."""
+    if dest.exists():
+        dest.unlink()
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Make ``staging`` the served directory in one step and remove the old one.
+
+    Linux's renameat2(RENAME_EXCHANGE) swaps the two directories atomically, so a server that
+    starts meanwhile sees either the old artifacts or the new, never none; elsewhere two renames.
+    """
+    if out_dir.exists() and not _exchange(staging, out_dir):
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    shutil.rmtree(staging, ignore_errors=True)  # now the old directory
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(name, use_errno=True), "renameat2", None) if name else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0)
 
 
 def _previous_manifest(out_dir: Path) -> Manifest | None:
@@ -376,9 +473,10 @@ def _compile_shapes(
     tolerance: dict[str, float],
     progress: bool,
     say: Callable[[str], None],
+    on_shape: Callable[[ShapeEntry, tuple[str, ...], int], None],
 ) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...], int]:
     """Verify (and where needed compile) every shape of ``todo``; returns entries, input names
-    and the model's weight bytes."""
+    and the model's weight bytes. ``on_shape`` records each finished shape as it is done."""
     from tqdm import tqdm
 
     from neuronserve.backends.base import CoreSet
@@ -414,6 +512,7 @@ def _compile_shapes(
             verification=figures,
             cost_s=measure_cost(compiled, sample_inputs(eager, task, b, s)),
         )
+        on_shape(done[(b, s)], eager.input_names, weight_bytes(eager.module))
         say(
             f"b{b} s{s}: {how} (max abs diff {figures['max_abs_diff']:.2e}, "
             f"min cosine {figures['min_cosine']:.6f}, {done[(b, s)].cost_s * 1000:.1f} ms per call)"

@@ -387,3 +387,59 @@ def test_copies_of_a_cpu_server_share_one_loaded_module(tmp_path: Path) -> None:
     first = backend.load(manifest.directory / file, CoreSet((0, 1)), 0)
     assert backend.load(manifest.directory / file, CoreSet((0, 1)), 0) is first  # one copy of the weights
     assert CpuBackend().load(manifest.directory / file, CoreSet((0,)), 0) is not first  # per process
+
+
+class _CountingBackend(CpuBackend):
+    """One artifact per shape (as on Neuron), counting compiles; the compile numbered
+    ``fail_at`` raises, as a compiler that crashes on one shape does."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        from neuronserve.backends.base import Sharing
+
+        super().__init__()
+        self.sharing = Sharing(shapes=False, copies=False)
+        self.fail_at = fail_at
+        self.compiled: list[tuple[int, ...]] = []
+
+    def compile(self, module: torch.nn.Module, example_inputs: Any, dest: Path) -> Any:
+        self.compiled.append(tuple(example_inputs[0].shape))
+        if len(self.compiled) == self.fail_at:
+            raise RuntimeError("neuronx-cc crashed")
+        return super().compile(module, example_inputs, dest)
+
+
+def test_a_trace_that_fails_leaves_the_served_artifacts_as_they_were_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = trace_tiny(tmp_path, trace__batch_sizes="1", trace__sequence_lengths="16")
+    served = first.directory
+    before = {p.name: p.read_bytes() for p in served.rglob("*") if p.is_file()}
+
+    failing = _CountingBackend(fail_at=3)
+    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: failing)
+    with pytest.raises(RuntimeError, match="neuronx-cc crashed"):
+        trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__sequence_lengths="16,32")
+    assert failing.compiled == [(2, 16), (1, 32), (2, 32)]  # b1 s16 was up to date
+    # the served directory is byte for byte what it was
+    assert {p.name: p.read_bytes() for p in served.rglob("*") if p.is_file()} == before
+    load_manifest(served)
+
+    working = _CountingBackend()
+    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: working)
+    report = trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__sequence_lengths="16,32")
+    assert working.compiled == [(2, 32)]  # only what the failed run had not finished
+    assert set(report.compiled) == {(2, 32)}
+    manifest = load_manifest(served)
+    assert [(s.batch_size, s.sequence_length) for s in manifest.shapes] == [
+        (1, 16),
+        (2, 16),
+        (1, 32),
+        (2, 32),
+    ]
+    assert not served.with_name(f".{served.name}.staging").exists()
+    assert sorted(p.name for p in served.glob("*.pt")) == [
+        "model-b1-s16.pt",
+        "model-b1-s32.pt",
+        "model-b2-s16.pt",
+        "model-b2-s32.pt",
+    ]
