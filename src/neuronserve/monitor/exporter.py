@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ class SourceHealth:
     last_ok: float = 0.0
     reports: int = 0
     parse_errors: int = 0
+    restarts: int = 0
     error: str = ""
 
     def up(self, now: float) -> bool:
@@ -89,11 +90,14 @@ def neuron_monitor_config(period_s: float) -> dict[str, Any]:
 def _lines_from_process(command: list[str]) -> Iterator[str]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
-    try:
-        yield from process.stdout
-    finally:
-        process.terminate()
-    raise RuntimeError(f"{command[0]} exited with {process.wait()}")
+    with process.stdout:
+        try:
+            yield from process.stdout
+        finally:
+            if process.poll() is None:
+                process.terminate()
+            code = process.wait()
+    raise RuntimeError(f"{command[0]} exited with {code}")
 
 
 def _replay(path: Path, period_s: float) -> Iterator[str]:
@@ -138,6 +142,31 @@ def pump(state: ExporterState, health: SourceHealth, lines: Iterable[str]) -> No
         log.error("source %s stopped: %s", health.name, health.error)
     finally:
         health.running = False
+
+
+def supervise(
+    state: ExporterState,
+    health: SourceHealth,
+    open_lines: Callable[[], Iterable[str]],
+    stop: threading.Event,
+    *,
+    first_backoff_s: float = 1.0,
+    max_backoff_s: float = 60.0,
+) -> None:
+    """Pump a source and start it again whenever it ends (neuron-monitor died, say), waiting
+    1, 2, 4 ... up to ``max_backoff_s`` seconds between attempts; a source that ran for a
+    minute starts again at the first delay. Restarts count in ``health.restarts``."""
+    delay = first_backoff_s
+    while not stop.is_set():
+        started = time.monotonic()
+        pump(state, health, open_lines())
+        if time.monotonic() - started > 60:
+            delay = first_backoff_s
+        if stop.wait(delay):
+            return
+        health.restarts += 1
+        log.warning("source %s ended (%s); starting it again", health.name, health.error or "end of stream")
+        delay = min(delay * 2, max_backoff_s)
 
 
 def sample_host(sampler: HostSampler, health: SourceHealth, stop: threading.Event) -> None:
@@ -320,11 +349,17 @@ class ExporterCollector(Collector):
             "neuronserve_exporter_parse_errors", "Reports that could not be read", labels=["source"]
         )
         reports = CounterMetricFamily("neuronserve_exporter_reports", "Reports read", labels=["source"])
+        restarts = CounterMetricFamily(
+            "neuronserve_exporter_source_restarts",
+            "Times a source that ended was started again",
+            labels=["source"],
+        )
         for name, health in sorted(state.sources.items()):
             up.add_metric([name], 0.0 if broken else float(health.up(now)))
             errors.add_metric([name], health.parse_errors)
             reports.add_metric([name], health.reports)
-        yield from (up, errors, reports)
+            restarts.add_metric([name], health.restarts)
+        yield from (up, errors, reports, restarts)
 
 
 def _add_all(

@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import start_http_server
@@ -18,6 +19,7 @@ from neuronserve.monitor.exporter import (
     neuron_lines,
     pump,
     sample_host,
+    supervise,
 )
 from neuronserve.monitor.host import HostSampler
 
@@ -57,14 +59,22 @@ def start(
             target = threading.Thread(
                 target=sample_host, args=(sampler, health, stop), daemon=True, name="host"
             )
-        else:
-            lines = neuron_lines(
-                name,
-                period_s=m.period_s,
-                replay_file=str(settings.path(m.replay_file)),
-                neuron_monitor=m.neuron_monitor,
-            )
+        elif name == "stdin":  # a pipe that ended cannot be opened again
+            lines = neuron_lines(name, period_s=m.period_s, replay_file="", neuron_monitor="")
             target = threading.Thread(target=pump, args=(state, health, lines), daemon=True, name=name)
+        else:
+
+            def open_lines(source: str = name) -> Iterable[str]:
+                return neuron_lines(
+                    source,
+                    period_s=m.period_s,
+                    replay_file=str(settings.path(m.replay_file)),
+                    neuron_monitor=m.neuron_monitor,
+                )
+
+            target = threading.Thread(
+                target=supervise, args=(state, health, open_lines, stop), daemon=True, name=name
+            )
         target.start()
     return state, stop
 

@@ -262,3 +262,43 @@ def test_dashboards_cover_serving_and_cores() -> None:
         "system_vcpu_usage_ratio",
     ):
         assert any(metric in e for e in cores), metric
+
+
+def test_a_neuron_monitor_that_dies_is_started_again_with_backoff(tmp_path: Any) -> None:
+    """A stand-in neuron-monitor (a real process) that prints one report and crashes each time."""
+    import os
+    import threading
+    import time
+
+    from neuronserve.monitor.exporter import neuron_lines, supervise
+
+    report = json.dumps(json.loads((REPO / "tests" / "fixtures" / "neuron-monitor-sample.json").read_text()))
+    (tmp_path / "report.json").write_text(report + "\n")
+    tool = tmp_path / "neuron-monitor"
+    tool.write_text(f"#!/bin/sh\ncat {tmp_path / 'report.json'}\nexit 1\n")
+    os.chmod(tool, 0o755)
+    state = ExporterState()
+    health = SourceHealth("neuron-monitor", period_s=1.0)
+    state.sources["neuron-monitor"] = health
+    stop = threading.Event()
+
+    def open_lines() -> Any:
+        return neuron_lines("neuron-monitor", period_s=1.0, replay_file="", neuron_monitor=str(tool))
+
+    thread = threading.Thread(
+        target=supervise,
+        args=(state, health, open_lines, stop),
+        kwargs={"first_backoff_s": 0.05},
+        daemon=True,
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while health.restarts < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)  # poll interval
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert health.restarts >= 3 and health.reports >= 3  # each new process delivered its report
+    assert "exited with 1" in health.error
+    text = generate_latest(build_registry(state)).decode()
+    assert 'neuronserve_exporter_source_restarts_total{source="neuron-monitor"}' in text
