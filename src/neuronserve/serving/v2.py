@@ -42,7 +42,10 @@ def _decode_bytes_tensor(raw: bytes, name: str) -> list[str]:
         pos += 4
         if pos + size > len(raw):
             raise validation(f"inputs.{name}", "BYTES element runs past the end of its data")
-        items.append(raw[pos : pos + size].decode("utf-8", errors="strict"))
+        try:
+            items.append(raw[pos : pos + size].decode("utf-8", errors="strict"))
+        except UnicodeDecodeError:
+            raise validation(f"inputs.{name}", f"BYTES element {len(items)} is not UTF-8 text") from None
         pos += size
     return items
 
@@ -74,14 +77,16 @@ def parse_infer(body: bytes, header_length: str | None) -> V2Request:
     outputs = header.get("outputs")
     requested: list[str] | None = None
     binary_outputs: set[str] = set()
-    params = header.get("parameters") or {}
+    params = _parameters(header.get("parameters"), "parameters")
+    if outputs is not None and not isinstance(outputs, list):
+        raise validation("outputs", "must be a list of {name, parameters} objects")
     if isinstance(outputs, list):
         requested = []
-        for out in outputs:
+        for i, out in enumerate(outputs):
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-                raise validation("outputs", "each requested output needs a name")
+                raise validation(f"outputs[{i}]", "each requested output needs a name")
             requested.append(out["name"])
-            if (out.get("parameters") or {}).get("binary_data"):
+            if _parameters(out.get("parameters"), f"outputs[{i}].parameters").get("binary_data"):
                 binary_outputs.add(out["name"])
     if params.get("binary_data_output"):
         binary_outputs.add("*")
@@ -99,7 +104,7 @@ def _parse_input(index: int, tensor: Any, binary: bytes, offset: int) -> tuple[s
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise validation(f"inputs.{name}.shape", "must be a list of non-negative integers")
-    params = tensor.get("parameters") or {}
+    params = _parameters(tensor.get("parameters"), f"inputs.{name}.parameters")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -114,9 +119,20 @@ def _parse_input(index: int, tensor: Any, binary: bytes, offset: int) -> tuple[s
     expected = int(np.prod(shape)) if shape else 1
     if len(values) != expected:
         raise validation(f"inputs.{name}", f"shape {shape} needs {expected} elements, got {len(values)}")
-    if any(v == "" for v in values):
-        raise validation(f"inputs.{name}", "empty strings are not valid inputs")
+    if not values:
+        raise validation(f"inputs.{name}", "must hold at least one text")
+    if any(not v.strip() for v in values):
+        raise validation(f"inputs.{name}", "empty or blank strings are not valid inputs")
     return name, values, offset
+
+
+def _parameters(value: Any, field: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent or null means none); anything else is a 422."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise validation(field, "must be an object")
+    return value
 
 
 def _flatten(data: Any) -> list[Any] | None:

@@ -103,6 +103,32 @@ def test_v2_binary_round_trip() -> None:
         ),
         ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [""]}]}, "inputs.text"),
         ({"inputs": []}, "inputs"),
+        # each of these answered 500 before (found by hand, and by a fuzzer)
+        ({"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]}, "inputs.text"),
+        ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}]}, "inputs.text"),
+        (
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": [1]},
+            "parameters",
+        ),
+        (
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": "x"},
+            "parameters",
+        ),
+        (
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"], "parameters": 3}]},
+            "inputs.t.parameters",
+        ),
+        (
+            {
+                "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "outputs": [{"name": "embedding", "parameters": 7}],
+            },
+            "outputs[0].parameters",
+        ),
+        (
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "outputs": 1},
+            "outputs",
+        ),
     ],
 )
 def test_v2_bad_requests_name_the_field(doc: dict[str, Any], field: str) -> None:
@@ -110,6 +136,17 @@ def test_v2_bad_requests_name_the_field(doc: dict[str, Any], field: str) -> None
         parse_infer(json.dumps(doc).encode(), None)
     assert excinfo.value.field == field
     assert excinfo.value.status == 422
+
+
+def test_v2_binary_text_that_is_not_utf8_is_a_422() -> None:
+    raw = struct.pack("<I", 2) + b"\xff\xfe"
+    header = {
+        "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]
+    }
+    head = json.dumps(header).encode()
+    with pytest.raises(ServeError) as excinfo:
+        parse_infer(head + raw, str(len(head)))
+    assert excinfo.value.status == 422 and "not UTF-8" in excinfo.value.message
 
 
 def test_error_taxonomy_statuses() -> None:
