@@ -103,6 +103,10 @@ def test_concurrent_clients_are_batched(server: RunningServer) -> None:
             "max_request_timeout_ms",
         ),
         (b'{"inputs": [{"question": "q", "context": "c"}]}', 422, "inputs", "takes strings"),
+        # found by a fuzzer: a number is not a boolean, blank text is not text
+        (b'{"inputs": "ok", "parameters": {"normalize": 0}}', 422, "parameters.normalize", "boolean"),
+        (b'{"inputs": "ok", "parameters": {"truncate": "yes"}}', 422, "parameters.truncate", "boolean"),
+        (b'{"inputs": ["ok", "   "]}', 422, "inputs[1]", "must not be blank"),
         (b'{"inputs": [' + b",".join([b'"x"'] * 17) + b"]}", 413, "inputs", "max_inputs_per_request (16)"),
         (
             b'{"inputs": "' + b"word " * 300 + b'"}',
@@ -123,6 +127,37 @@ def test_bad_input_is_a_clear_4xx(
     assert payload["field"] == field
     assert words in payload["error"]
     assert set(payload) == {"error", "type", "field"}
+
+
+def test_protocol_details_a_fuzzer_checks(server: RunningServer) -> None:
+    # /v1/embeddings names its own field, "input"
+    long_text = "word " * 300
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["ok", long_text]}, timeout=30)
+    assert r.status_code == 422 and r.json()["field"] == "input[1]", r.text
+    # a method the route does not take: 405 saying which it does
+    r = httpx.get(f"{server.url}/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["type"] == "method_not_allowed"
+    # v2 health answers are JSON, as the protocol describes them
+    for path, body in (("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})):
+        r = httpx.get(f"{server.url}{path}")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json" and r.json() == body
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/predict", "text/plain;charset=UTF-8"),
+        ("/predict", "application/x-www-form-urlencoded"),
+        ("/v1/embeddings", "multipart/form-data; boundary=x"),
+        ("/v2/models/all-MiniLM-L6-v2/infer", "text/plain"),
+    ],
+)
+def test_only_json_bodies_are_served(server: RunningServer, path: str, content_type: str) -> None:
+    """What a web page can post cross-origin without asking first: refused, never run."""
+    body = b'{"inputs": "hello", "input": "hello"}'
+    r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": content_type}, timeout=30)
+    assert r.status_code == 415, r.text
+    assert r.json()["type"] == "unsupported_media_type" and r.json()["field"] == "content-type"
 
 
 def test_too_long_input_is_truncated_only_when_asked(server: RunningServer) -> None:

@@ -30,7 +30,15 @@ from neuronserve.serving.engine import Engine
 from neuronserve.serving.errors import ServeError
 from neuronserve.serving.metrics import ServerMetrics
 from neuronserve.serving.middleware import ServingMiddleware
-from neuronserve.serving.schemas import EmbeddingsRequest, ErrorBody, PredictRequest, PredictResponse
+from neuronserve.serving.schemas import (
+    EmbeddingsRequest,
+    ErrorBody,
+    PredictRequest,
+    PredictResponse,
+    V2Live,
+    V2ModelReady,
+    V2Ready,
+)
 from neuronserve.serving.v2 import HEADER_LENGTH
 
 log = logging.getLogger(__name__)
@@ -131,7 +139,8 @@ def create_app(settings: Settings) -> FastAPI:
             else "invalid_request"
         )
         error = ServeError(kind, str(exc.detail))
-        return Response(error.body(), status_code=exc.status_code, media_type=JSON)
+        # Starlette's own headers (Allow on a 405) are part of the answer.
+        return Response(error.body(), status_code=exc.status_code, headers=exc.headers, media_type=JSON)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
@@ -158,13 +167,21 @@ def create_app(settings: Settings) -> FastAPI:
     async def v2_server() -> dict[str, Any]:
         return {"name": "neuronserve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
-    @app.get("/v2/health/live", summary="v2 liveness.")
+    # The v2 protocol's JSON health bodies ({"live": bool}, {"ready": bool}); clients that only
+    # read the status code (tritonclient) are unaffected.
+    @app.get("/v2/health/live", summary="v2 liveness.", response_model=V2Live)
     async def v2_live() -> Response:
-        return Response(status_code=200)
+        return Response(b'{"live":true}', media_type=JSON)
 
-    @app.get("/v2/health/ready", summary="v2 readiness: every copy loaded and warmed.")
+    @app.get(
+        "/v2/health/ready",
+        summary="v2 readiness: every copy loaded and warmed.",
+        response_model=V2Ready,
+        responses={503: {"model": V2Ready, "description": "Loading, draining or a copy failing."}},
+    )
     async def v2_ready() -> Response:
-        return Response(status_code=200 if engine.ready else 503)
+        ready = engine.ready
+        return Response(orjson.dumps({"ready": ready}), status_code=200 if ready else 503, media_type=JSON)
 
     @app.get("/v2/models/{model}", summary="v2 model metadata.", responses=errors)
     @app.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
@@ -172,10 +189,17 @@ def create_app(settings: Settings) -> FastAPI:
         formats.check_model(engine, model)
         return formats.v2_metadata(engine)
 
-    @app.get("/v2/models/{model}/ready", summary="v2 model readiness.", responses=errors)
+    @app.get(
+        "/v2/models/{model}/ready",
+        summary="v2 model readiness.",
+        response_model=V2ModelReady,
+        responses={**errors, 503: {"model": V2ModelReady, "description": "Not ready."}},
+    )
     async def v2_model_ready(model: str) -> Response:
         formats.check_model(engine, model)
-        return Response(status_code=200 if engine.ready else 503)
+        ready = engine.ready
+        body = orjson.dumps({"name": engine.model_name, "ready": ready})
+        return Response(body, status_code=200 if ready else 503, media_type=JSON)
 
     @app.post("/v2/models/{model}/infer", summary="v2 inference with BYTES text inputs.", responses=errors)
     @app.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)

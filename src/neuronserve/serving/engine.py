@@ -351,7 +351,9 @@ class Engine:
         seconds_per_item = max(per_item) if per_item else 0.01
         return max(1, math.ceil(self.batcher.depth * seconds_per_item / self.copies))
 
-    async def _admit(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
+    async def _admit(
+        self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str
+    ) -> list[Encoded]:
         """Refuse at once when the queue plus what is being tokenized is full; else tokenize.
 
         Counting the inputs still being tokenized bounds the work a burst can start before the
@@ -367,7 +369,7 @@ class Engine:
             )
         self._admitting += len(inputs)
         try:
-            return await self._tokenize(inputs, truncate=truncate)
+            return await self._tokenize(inputs, truncate=truncate, field=field)
         finally:
             self._admitting -= len(inputs)
 
@@ -387,20 +389,25 @@ class Engine:
             raise unavailable("the server is shutting down; retry on another server") from None
         return items
 
-    async def _tokenize(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
+    async def _tokenize(
+        self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
+    ) -> list[Encoded]:
         """Small requests inline (microseconds); larger ones on the tokenizer thread."""
         size = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
         if size <= INLINE_TOKENIZE_CHARS:
-            return self.encode(inputs, truncate=truncate)
+            return self.encode(inputs, truncate=truncate, field=field)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate)
+            self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate, field=field)
         )
 
-    def encode(self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool) -> list[Encoded]:
+    def encode(
+        self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
+    ) -> list[Encoded]:
+        """Token ids of ``inputs``; a refusal names ``field`` (the request's own name for them)."""
         if inputs and isinstance(inputs[0], tuple):
-            return self.encoder.encode_pairs(inputs, truncate=truncate)
-        return self.encoder.encode(inputs, truncate=truncate)  # type: ignore[arg-type]
+            return self.encoder.encode_pairs(inputs, truncate=truncate, field=field)
+        return self.encoder.encode(inputs, truncate=truncate, field=field)  # type: ignore[arg-type]
 
     def check_available(self) -> None:
         if self.draining:
@@ -420,15 +427,17 @@ class Engine:
         truncate: bool,
         timeout_s: float,
         pending: list[asyncio.Future[Any]] | None = None,
+        field: str = "inputs",
     ) -> InferResult:
         """Tokenize, queue and await ``inputs``; raises ServeError for every refusal.
 
         The futures of the queued items are appended to ``pending`` so that whoever watches the
-        client can cancel them; a cancelled item is dropped before it reaches a copy.
+        client can cancel them; a cancelled item is dropped before it reaches a copy. ``field``
+        is what the request calls its inputs, for the errors that name one.
         """
         self.check_available()
         started = time.monotonic()
-        encoded = await self._admit(inputs, truncate=truncate)
+        encoded = await self._admit(inputs, truncate=truncate, field=field)
         expires = started + timeout_s
         items = self._enqueue(encoded, options, expires)
         if pending is not None:

@@ -62,6 +62,8 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
             raise validation(
                 where, "must be a non-empty string, a list of them, or {question, context} objects"
             ) from None
+        if deepest["type"] == "string_pattern_mismatch":
+            raise validation(where, "must not be blank (whitespace only)") from None
         raise validation(where, deepest["msg"]) from None
 
 
@@ -73,6 +75,7 @@ async def _run(
     *,
     truncate: bool,
     timeout_s: float,
+    field: str = "inputs",
 ) -> InferResult | None:
     """The engine's answer, or None when the client left (its queued inputs were dropped).
 
@@ -82,7 +85,7 @@ async def _run(
     watch = formats.DisconnectWatch(receive)
     try:
         return await engine.infer(
-            inputs, options, truncate=truncate, timeout_s=timeout_s, pending=watch.futures
+            inputs, options, truncate=truncate, timeout_s=timeout_s, pending=watch.futures, field=field
         )
     except asyncio.CancelledError:
         if watch.disconnected:
@@ -118,7 +121,13 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
     formats.check_count(len(inputs), engine.settings.serve.max_inputs_per_request, "input")
     timeout = formats.timeout_seconds(engine, None, "timeout")
     result = await _run(
-        engine, receive, inputs, [ItemOptions()] * len(inputs), truncate=False, timeout_s=timeout
+        engine,
+        receive,
+        inputs,
+        [ItemOptions()] * len(inputs),
+        truncate=False,
+        timeout_s=timeout,
+        field="input",
     )
     if result is None:
         return Reply(CLIENT_CLOSED, b"")

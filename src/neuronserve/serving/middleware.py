@@ -40,6 +40,8 @@ class _FastRoute:
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROTECTED_PREFIXES = ("/predict", "/v1/", "/v2/models", "/info")
 TIMING_HEADERS = (b"x-queue-ms", b"x-inference-ms", b"x-batch-size")
+JSON_TYPES = (b"application/json",)
+BINARY_TYPES = (b"application/octet-stream",)  # the v2 binary tensor extension
 
 
 class ServingMiddleware:
@@ -96,7 +98,11 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            error = self._check_auth(scope["path"], headers) or self._check_declared_size(headers)
+            error = (
+                self._check_auth(scope["path"], headers)
+                or self._check_content_type(scope, headers)
+                or self._check_declared_size(headers)
+            )
             if error is None and scope["method"] in {"POST", "PUT", "PATCH"}:
                 body, error = await self._read_body(receive)
                 receive = _replay(body, receive)
@@ -166,6 +172,27 @@ class ServingMiddleware:
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <key> or x-api-key",
             headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @staticmethod
+    def _check_content_type(scope: Scope, headers: dict[bytes, bytes]) -> ServeError | None:
+        """Bodies are JSON (v2 binary tensors: octet-stream). Refusing text/plain and form bodies
+        keeps a web page in a local browser from posting here: those are the only bodies a
+        cross-origin "simple request" may carry without asking first."""
+        if scope["method"] not in {"POST", "PUT", "PATCH"}:
+            return None
+        declared = headers.get(b"content-type")
+        if declared is None:
+            return None  # curl --data-binary, raw clients: no browser sends a body without one
+        kind = declared.split(b";", 1)[0].strip().lower()
+        allowed = JSON_TYPES + (BINARY_TYPES if scope["path"].startswith("/v2/") else ())
+        if kind in allowed:
+            return None
+        names = ", ".join(t.decode() for t in allowed)
+        return ServeError(
+            "unsupported_media_type",
+            f"content-type {kind.decode('latin-1')!r} is not accepted here; send {names}",
+            field="content-type",
         )
 
     def _check_declared_size(self, headers: dict[bytes, bytes]) -> ServeError | None:

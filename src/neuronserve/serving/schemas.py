@@ -6,13 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-Text = Annotated[str, StringConstraints(min_length=1)]
+# A text with at least one character that is not whitespace (a blank input has no meaning).
+Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
 
 
 class QAInput(BaseModel):
     """One question about one context (question-answering models)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     question: Text
     context: Text
 
@@ -20,7 +21,7 @@ class QAInput(BaseModel):
 class PredictParameters(BaseModel):
     """Options for ``POST /predict``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # no 0 for false
     truncate: bool = Field(
         False, description="Cut inputs longer than the largest compiled sequence length instead of a 422."
     )
@@ -38,7 +39,7 @@ class PredictParameters(BaseModel):
 class PredictRequest(BaseModel):
     """``POST /predict``: one input or a list; strings, or question/context pairs for QA models."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     inputs: (
         Text
         | QAInput
@@ -51,7 +52,7 @@ class PredictRequest(BaseModel):
 class EmbeddingsRequest(BaseModel):
     """``POST /v1/embeddings``: the OpenAI embeddings request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     input: Text | Annotated[list[Text], Field(min_length=1)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -72,3 +73,22 @@ class PredictResponse(BaseModel):
 
     model: str
     outputs: list[Any]
+
+
+class V2Live(BaseModel):
+    """``GET /v2/health/live``."""
+
+    live: bool
+
+
+class V2Ready(BaseModel):
+    """``GET /v2/health/ready``."""
+
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    """``GET /v2/models/{model}/ready``."""
+
+    name: str
+    ready: bool

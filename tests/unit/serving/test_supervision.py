@@ -142,9 +142,9 @@ def test_inputs_still_being_tokenized_count_against_the_queue(
     gates: list[asyncio.Event] = []
     real = Engine._tokenize
 
-    async def slow(self: Engine, inputs: Any, *, truncate: bool) -> Any:  # long texts, say
+    async def slow(self: Engine, inputs: Any, **options: Any) -> Any:  # long texts, say
         await gates[0].wait()
-        return await real(self, inputs, truncate=truncate)
+        return await real(self, inputs, **options)
 
     monkeypatch.setattr(Engine, "_tokenize", slow)
 
