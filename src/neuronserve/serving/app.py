@@ -35,6 +35,7 @@ from neuronserve.serving.schemas import (
     ErrorBody,
     PredictRequest,
     PredictResponse,
+    V2InferRequest,
     V2Live,
     V2ModelReady,
     V2Ready,
@@ -48,12 +49,14 @@ JSON = "application/json"
 def _error_responses(settings: Settings) -> dict[int | str, dict[str, Any]]:
     s = settings.serve
     return {
+        400: {"model": ErrorBody, "description": "A malformed request (a bad v2 header length, say)."},
         401: {"model": ErrorBody, "description": "Missing or wrong API key (when serve.api_key is set)."},
         404: {"model": ErrorBody, "description": "Unknown model name."},
         413: {
             "model": ErrorBody,
             "description": f"Body over {s.max_body_bytes} bytes or more than {s.max_inputs_per_request} inputs.",
         },
+        415: {"model": ErrorBody, "description": "A body that is not JSON (v2: or octet-stream)."},
         422: {
             "model": ErrorBody,
             "description": "Malformed JSON, wrong types, empty inputs, or an input longer than the largest "
@@ -124,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     errors = _error_responses(settings)
+    auth_errors: dict[int | str, dict[str, Any]] = {401: errors[401]}
 
     @app.exception_handler(ServeError)
     async def serve_error(_request: Request, exc: ServeError) -> Response:
@@ -253,11 +257,23 @@ def create_app(settings: Settings) -> FastAPI:
             "settings": settings.as_dict(redact=True),
         }
 
-    @app.get("/metrics", summary="Prometheus metrics.")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics.",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **auth_errors},
+    )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    _document_bodies(app, {"/predict": PredictRequest, "/v1/embeddings": EmbeddingsRequest})
+    _document_bodies(
+        app,
+        {
+            "/predict": PredictRequest,
+            "/v1/embeddings": EmbeddingsRequest,
+            "/v2/models/{model}/infer": V2InferRequest,
+        },
+    )
     return app
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 # A text with at least one character that is not whitespace (a blank input has no meaning).
 Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
@@ -13,7 +13,7 @@ Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
 class QAInput(BaseModel):
     """One question about one context (question-answering models)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
     question: Text
     context: Text
 
@@ -21,11 +21,13 @@ class QAInput(BaseModel):
 class PredictParameters(BaseModel):
     """Options for ``POST /predict``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # no 0 for false
-    truncate: bool = Field(
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict booleans: no 0 or "yes" for false/true. Integers stay lax: JSON Schema counts 5.0
+    # as an integer, so pydantic must too.
+    truncate: StrictBool = Field(
         False, description="Cut inputs longer than the largest compiled sequence length instead of a 422."
     )
-    normalize: bool | None = Field(
+    normalize: StrictBool | None = Field(
         None, description="feature-extraction: L2-normalise embeddings (default: the model's own config)."
     )
     top_k: int | None = Field(
@@ -39,7 +41,7 @@ class PredictParameters(BaseModel):
 class PredictRequest(BaseModel):
     """``POST /predict``: one input or a list; strings, or question/context pairs for QA models."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
     inputs: (
         Text
         | QAInput
@@ -52,7 +54,7 @@ class PredictRequest(BaseModel):
 class EmbeddingsRequest(BaseModel):
     """``POST /v1/embeddings``: the OpenAI embeddings request."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
     input: Text | Annotated[list[Text], Field(min_length=1)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -92,3 +94,30 @@ class V2ModelReady(BaseModel):
 
     name: str
     ready: bool
+
+
+class V2InputTensor(BaseModel):
+    """One v2 input tensor of text: BYTES, ``shape`` elements in ``data`` (or, with the binary
+    extension, ``parameters.binary_data_size`` bytes after the JSON header)."""
+
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: Literal["BYTES"]
+    data: list[Text] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    """An output the client wants, optionally as binary data (``parameters.binary_data``)."""
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    """``POST /v2/models/{model}/infer`` (Open Inference Protocol), as tritonclient sends it."""
+
+    id: str | None = None
+    inputs: Annotated[list[V2InputTensor], Field(min_length=1)]
+    outputs: list[V2RequestedOutput] | None = None
+    parameters: dict[str, Any] | None = None
