@@ -63,6 +63,7 @@ def test_endpoint_serves_and_spreads_over_servers(deployment: tuple[Settings, Pl
         e = client.post("/v1/embeddings", json={"input": ["a", "b"]})
         assert e.status_code == 200 and len(e.json()["data"]) == 2
         assert client.get("/ready").status_code == 200
+        assert client.get("/metrics").status_code == 404  # scraped per server, not public
     assert set(seen) == {f"itest-server-{i}" for i in range(len(plan.servers))}
     assert (rd.path / "logs" / "nginx-access.log").read_text().count('"uri":"/predict"') == 8
 

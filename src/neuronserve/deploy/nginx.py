@@ -97,6 +97,13 @@ http {{
             error_page 502 504 = @no_server;
         }}
 
+        # Prometheus scrapes each server on loopback; the public endpoint does not expose
+        # metrics (traffic volumes and timings are nobody else's business).
+        location = /metrics {{
+            default_type application/json;
+            return 404 '{{"error":"metrics are scraped from each server, not through the endpoint","type":"not_found"}}';
+        }}
+
         location @no_server {{
             default_type application/json;
             add_header Retry-After 1 always;
