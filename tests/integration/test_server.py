@@ -265,3 +265,13 @@ def test_ready_info_metrics_openapi(server: RunningServer) -> None:
     assert "16 inputs" in predict["responses"]["413"]["description"]
     for path in ("/v1/embeddings", "/v2/models/{model}/infer", "/ready", "/info", "/metrics"):
         assert path in spec["paths"]
+    assert {"400", "415"} <= set(predict["responses"])
+    infer = spec["paths"]["/v2/models/{model}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2InferRequest")
+    # what the schema calls valid, this server serves: its task's inputs, its limits, its size
+    parts = spec["components"]["schemas"]
+    inputs = parts["PredictRequest"]["properties"]["inputs"]["anyOf"]
+    assert "QAInput" not in str(inputs)  # a feature-extraction model takes texts
+    assert [b.get("maxItems") for b in inputs if b.get("type") == "array"] == [16]
+    assert parts["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] == [384]
+    assert parts["PredictParameters"]["properties"]["timeout_ms"]["anyOf"][0]["maximum"] == 120000

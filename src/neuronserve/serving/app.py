@@ -273,11 +273,42 @@ def create_app(settings: Settings) -> FastAPI:
             "/v1/embeddings": EmbeddingsRequest,
             "/v2/models/{model}/infer": V2InferRequest,
         },
+        lambda components: _narrow_to_this_server(components, engine),
     )
     return app
 
 
-def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
+    """Make the body schemas say what this server accepts, so that what the schema calls valid
+    is served: its task's input kind only, at most serve.max_inputs_per_request of them, its
+    deadline limit, its model's embedding size. (A text's limit is in tokens, which JSON Schema
+    cannot say; that one stays a 422 at run time.)"""
+    serve = engine.settings.serve
+    qa = engine.task_name == "question-answering"
+    inputs = components["PredictRequest"]["properties"]["inputs"]
+    kept = [
+        branch
+        for branch in inputs["anyOf"]
+        if ("QAInput" in orjson.dumps(branch).decode()) == qa and (qa or branch.get("type") != "object")
+    ]
+    for branch in kept:
+        if branch.get("type") == "array":
+            branch["maxItems"] = serve.max_inputs_per_request
+    inputs["anyOf"] = kept
+    for schema in (components["EmbeddingsRequest"]["properties"]["input"],):
+        for branch in schema.get("anyOf", []):
+            if branch.get("type") == "array":
+                branch["maxItems"] = serve.max_inputs_per_request
+    timeout = components["PredictParameters"]["properties"]["timeout_ms"]["anyOf"][0]
+    timeout["maximum"] = serve.max_request_timeout_ms
+    hidden = engine.manifest.model.get("hidden_size")
+    if isinstance(hidden, int):
+        components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] = [hidden]
+
+
+def _document_bodies(
+    app: FastAPI, bodies: dict[str, type[BaseModel]], narrow: Callable[[dict[str, Any]], None]
+) -> None:
     """Routes parse their bodies themselves (fast path, our error shape); document them anyway."""
 
     def openapi() -> dict[str, Any]:
@@ -295,6 +326,7 @@ def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
                     "required": True,
                     "content": {JSON: {"schema": ref}},
                 }
+            narrow(components)
             app.openapi_schema = schema
         return app.openapi_schema
 
