@@ -194,7 +194,7 @@ class ServeSettings:
     max_queue_tokens: int = setting(
         0,
         "Tokens of the inputs waiting for a copy before new requests get 429 (long inputs cost "
-        "more); 0 means serve.max_queue x the largest compiled sequence length.",
+        "more); 0 means half of serve.max_queue x the largest compiled sequence length.",
         minimum=0,
         maximum=1 << 31,
     )

@@ -269,6 +269,8 @@ def run_trace(
         for b, s in shapes:
             say(f"b{b} s{s}: up to date, skipped")
         say(f"all {len(shapes)} shapes up to date in {out_dir}")
+        # A staging directory left by an interrupted run is of no use any more.
+        shutil.rmtree(out_dir.with_name(f".{out_dir.name}.staging"), ignore_errors=True)
         return TraceReport(previous, out_dir, reason, (), tuple(shapes))
 
     # Everything else is built in a staging directory beside the artifacts and swapped in at the
@@ -294,7 +296,7 @@ def run_trace(
             output_names=TASK_OUTPUTS[task],
             shapes=ordered,
             tolerance=tolerance,
-            files=_checksum_files(staging, hashes),
+            files=_checksum_files(staging, hashes, remember=hashes),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             memory=MemoryFacts(
                 weight_bytes=weights,
@@ -330,16 +332,24 @@ def run_trace(
         )
         entries.update(compiled)
     else:
-        # Only removals: every remaining shape was traced before, with the same tokenizer.
-        known = previous or _previous_manifest(staging)
-        assert known is not None, "this is a bug: shapes skipped without a manifest"
-        input_names = known.input_names
+        known = _traced_model(staging, previous)
+        input_names, weights = known.input_names, known.memory.weight_bytes
     _copy_serving_files(model_dir, staging)
     _keep_only(staging, {entry.file for entry in entries.values()})
     manifest = manifest_of(entries, input_names, weights)
     write_manifest(manifest, staging)
     _swap_in(staging, out_dir)
     return TraceReport(manifest, out_dir, reason, tuple(todo), skipped)
+
+
+def _traced_model(staging: Path, previous: Manifest | None) -> Manifest:
+    """With nothing to compile, the manifest that describes the traced model: an interrupted
+    run's staging manifest if it finished shapes (it may have traced a changed model), else the
+    served one."""
+    staged = _previous_manifest(staging)
+    known = staged if staged is not None and staged.shapes else previous
+    assert known is not None, "this is a bug: shapes skipped without a manifest"
+    return known
 
 
 def _prepare_staging(
@@ -364,7 +374,8 @@ def _prepare_staging(
     for path in out_dir.iterdir() if out_dir.is_dir() else ():
         if path.is_file() and path.name not in ours and not ARTIFACT_NAME.fullmatch(path.name):
             _link_into(path, staging / path.name)  # a file someone put beside the artifacts
-    hashes.update(resumed_hashes)
+    for file, digest in resumed_hashes.items():  # a served file linked over a staged one wins
+        hashes.setdefault(file, digest)
     return {**resumed, **entries}
 
 
@@ -587,8 +598,13 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
-def _checksum_files(out_dir: Path, known: dict[str, str]) -> dict[str, str]:
-    """sha256 of every file in the artifact directory except the manifest and scratch files."""
+def _checksum_files(
+    out_dir: Path, known: dict[str, str], remember: dict[str, str] | None = None
+) -> dict[str, str]:
+    """sha256 of every file in the artifact directory except the manifest and scratch files.
+
+    Artifacts are written once, so their digests go into ``remember`` (the manifest is written
+    after every shape, and must not hash every artifact again each time)."""
     files: dict[str, str] = {}
     for path in sorted(out_dir.rglob("*")):
         rel = path.relative_to(out_dir).as_posix()
@@ -600,4 +616,6 @@ def _checksum_files(out_dir: Path, known: dict[str, str]) -> dict[str, str]:
         ):
             continue
         files[rel] = known.get(rel) or sha256_file(path)
+        if remember is not None and ARTIFACT_NAME.fullmatch(rel):
+            remember[rel] = files[rel]
     return files

@@ -283,6 +283,7 @@ def test_an_open_loop_burst_above_saturation_restarts_nothing(
         await prober
 
     asyncio.run(burst())
+    assert health_s, "the /health probe never ran"
     print(f"\nburst: {dict(codes)}; /health max {max(health_s) * 1000:.0f} ms over {len(health_s)} probes")
     assert set(codes) <= {"200", "429", "503"}, codes
     assert codes["200"] > 0 and codes["429"] + codes["503"] > 0, codes

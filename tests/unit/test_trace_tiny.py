@@ -443,3 +443,36 @@ def test_a_trace_that_fails_leaves_the_served_artifacts_as_they_were_and_resumes
         "model-b2-s16.pt",
         "model-b2-s32.pt",
     ]
+
+
+def test_a_trace_interrupted_before_the_swap_is_finished_with_its_own_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import build_tiny_model
+
+    model = tmp_path / "model"
+    common = {"trace__backend": "cpu", "trace__batch_sizes": "1", "trace__sequence_lengths": "16"}
+    build_tiny_model(model, "feature-extraction", token_types=True)
+    first = run_trace(
+        make_settings(tmp_path, model__source=str(model), **common), progress=False, emit=_quiet
+    )
+    assert first.manifest.input_names == ("input_ids", "attention_mask", "token_type_ids")
+
+    # the model changes (a RoBERTa-like tokenizer: no token_type_ids), and the trace dies just
+    # before swapping its finished staging directory in
+    build_tiny_model(model, "feature-extraction", token_types=False)
+    real_swap = trace_module._swap_in
+    monkeypatch.setattr(trace_module, "_swap_in", lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_trace(make_settings(tmp_path, model__source=str(model), **common), progress=False, emit=_quiet)
+    assert load_manifest(first.directory).input_names == first.manifest.input_names  # still served
+
+    monkeypatch.setattr(trace_module, "_swap_in", real_swap)
+    again = run_trace(
+        make_settings(tmp_path, model__source=str(model), **common), progress=False, emit=_quiet
+    )
+    assert again.compiled == ()  # the interrupted run had finished every shape
+    manifest = load_manifest(first.directory)
+    assert manifest.input_names == ("input_ids", "attention_mask")  # the new model's, not the old
+    assert manifest.model["sha256"] != first.manifest.model["sha256"]
+    assert manifest.memory.weight_bytes > 0

@@ -392,7 +392,10 @@ def wait_ready(settings: Settings, plan: Plan, rd: RunDir) -> None:
                         raise DeployError(_failure(name, rd, response.json().get("error", "")))
             if not pending:
                 return
-            crashing = [name for name, n in restarts(rd).items() if n >= CRASH_LOOP_RESTARTS]
+            servers = {s.name for s in plan.servers}
+            crashing = [
+                n for n, count in restarts(rd).items() if n in servers and count >= CRASH_LOOP_RESTARTS
+            ]
             if crashing:
                 raise DeployError(_failure(crashing[0], rd, "keeps exiting while it starts"))
             if time.monotonic() > deadline:
@@ -473,21 +476,43 @@ def deployed(settings: Settings, plan: Plan, artifacts: Path, config: Path | Non
 
 def deployment_processes(rd: RunDir) -> list[int]:
     """Pids of every process of this deployment: those carrying its run-dir marker in their
-    environment (servers and their workers, exporter, Prometheus) and its nginx."""
+    environment (servers and their workers, exporter, Prometheus), and its nginx master (from
+    its pid file, if that process is an nginx) with its workers."""
     marker = f"{RUN_DIR_MARKER}={rd.path.resolve()}".encode()
-    nginx_conf = str(rd.path.resolve() / "nginx.conf").encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
         except OSError:  # gone, or not ours to read
             continue
-        if marker in environ or nginx_conf in cmdline:
+        if marker in environ:
             found.append(int(entry.name))
-    return found
+    nginx = _nginx_master(rd)
+    if nginx is not None:
+        found += [nginx, *_children(nginx)]
+    return sorted(set(found))
+
+
+def _nginx_master(rd: RunDir) -> int | None:
+    try:
+        pid = int((rd.path / "nginx" / "nginx.pid").read_text().strip())
+        exe = Path(f"/proc/{pid}/exe").resolve().name
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    # A pid file can outlive its process and the pid be reused: only an nginx started with
+    # this deployment's config is ours.
+    ours = exe.startswith("nginx") and str(rd.path.resolve() / "nginx.conf").encode() in cmdline
+    return pid if ours else None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def reap(rd: RunDir, grace_s: float = 10.0) -> int:

@@ -117,14 +117,21 @@ def neuron_lines(source: str, *, period_s: float, replay_file: str, neuron_monit
     if source == "replay":
         return _replay(Path(replay_file), period_s)
     tool = shutil.which(neuron_monitor) or neuron_monitor
-    config = Path(tempfile.mkdtemp(prefix="neuronserve-monitor-")) / "neuron-monitor.json"
-    config.write_text(json.dumps(neuron_monitor_config(period_s)))
-    return _lines_from_process([tool, "-c", str(config)])
+    return _lines_with_config(tool, neuron_monitor_config(period_s))
+
+
+def _lines_with_config(tool: str, config: dict[str, Any]) -> Iterator[str]:
+    """neuron-monitor's lines, run with ``config`` in a temporary file removed when it ends."""
+    with tempfile.TemporaryDirectory(prefix="neuronserve-monitor-") as directory:
+        path = Path(directory) / "neuron-monitor.json"
+        path.write_text(json.dumps(config))
+        yield from _lines_from_process([tool, "-c", str(path)])
 
 
 def pump(state: ExporterState, health: SourceHealth, lines: Iterable[str]) -> None:
     """Read reports until the source ends; never raises (the health records what happened)."""
     health.running = True
+    health.error = ""
     try:
         for line in lines:
             if not line.strip():
@@ -159,7 +166,12 @@ def supervise(
     delay = first_backoff_s
     while not stop.is_set():
         started = time.monotonic()
-        pump(state, health, open_lines())
+        try:
+            lines = open_lines()
+        except Exception as exc:  # could not even start it (a temp file, say): try again later
+            health.error = f"{type(exc).__name__}: {exc}"
+        else:
+            pump(state, health, lines)
         if time.monotonic() - started > 60:
             delay = first_backoff_s
         if stop.wait(delay):

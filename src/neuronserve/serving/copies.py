@@ -38,6 +38,7 @@ class BatchOutcome:
     error: BaseException | None
     inference_s: float
     copy: int
+    model_failed: bool = False  # the model call itself failed (not the inputs around it)
 
 
 def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -160,7 +161,12 @@ class CopyWorker(threading.Thread):
         while (batch := self._batcher.next_batch()) is not None:
             outcome = self._run(batch)
             self._on_outcome(outcome)
-            failures = failures + 1 if outcome.error is not None else 0
+            # Only the model call counts for the copy's health: an input that breaks the code
+            # around it is that request's problem, not the copy's.
+            if outcome.model_failed:
+                failures += 1
+            elif outcome.error is None:
+                failures = 0
             if failures >= self._max_failures:
                 error = outcome.error
                 self._on_health(
@@ -173,17 +179,21 @@ class CopyWorker(threading.Thread):
 
     def _run(self, batch: Batch) -> BatchOutcome:
         started = time.perf_counter()
+        model_called = False
         try:
             inputs, mask = build_inputs(batch, self._manifest.input_names)
             model = self._models[(batch.batch_size, batch.sequence_length)]
+            model_called = True
             outputs = model.run(inputs)
+            model_called = False
             results = self._task.results(outputs, mask, [item.payload for item in batch.items])
             return BatchOutcome(batch, results, None, time.perf_counter() - started, self.index)
         except Exception as exc:  # a failed batch answers its items; the copy lives on
             log.exception(
                 "copy %d: batch b%d s%d failed", self.index, batch.batch_size, batch.sequence_length
             )
-            return BatchOutcome(batch, None, exc, time.perf_counter() - started, self.index)
+            elapsed = time.perf_counter() - started
+            return BatchOutcome(batch, None, exc, elapsed, self.index, model_failed=model_called)
 
     def _probe_until_healthy(self) -> bool:
         """Out of rotation: run the smallest shape every PROBE_INTERVAL_S until it succeeds.

@@ -123,8 +123,7 @@ class Engine:
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,
-            max_queue_tokens=settings.serve.max_queue_tokens
-            or settings.serve.max_queue * max(self.manifest.sequence_lengths),
+            max_queue_tokens=self._queue_tokens(),
             max_delay_s=settings.serve.max_batch_delay_ms / 1000.0,
             on_drop=self._on_drop,
         )
@@ -151,6 +150,21 @@ class Engine:
             model=self.model_name, backend=self.backend_name, cores=str(self.cores), copies=self.copies
         )
         metrics.track_queue_depth(lambda: self.batcher.depth)
+
+    def _queue_tokens(self) -> int:
+        """``serve.max_queue_tokens``, or half of what max_queue inputs of the largest length
+        would hold: a queue of long texts fills at half the inputs of a queue of short ones."""
+        s = self.settings.serve
+        longest = max(self.manifest.sequence_lengths)
+        if not s.max_queue_tokens:
+            return max(s.max_queue * longest // 2, s.max_inputs_per_request * longest)
+        if s.max_queue_tokens < s.max_inputs_per_request * longest:
+            raise ConfigError(
+                f"serve.max_queue_tokens={s.max_queue_tokens} cannot hold one request of "
+                f"serve.max_inputs_per_request={s.max_inputs_per_request} inputs of {longest} tokens; "
+                f"use at least {s.max_inputs_per_request * longest}, or 0 for the default"
+            )
+        return s.max_queue_tokens
 
     def _allowed_batch_sizes(self) -> tuple[int, ...]:
         limit = self.settings.serve.max_batch_size

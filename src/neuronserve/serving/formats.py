@@ -72,7 +72,7 @@ class DisconnectWatch:
     """
 
     def __init__(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-        self.futures: list[asyncio.Future[Any]] = []
+        self.futures = _Pending(self)
         self.disconnected = False
         self._task = asyncio.create_task(self._watch(receive))
 
@@ -86,6 +86,22 @@ class DisconnectWatch:
 
     def close(self) -> None:
         self._task.cancel()
+
+
+class _Pending(list):  # type: ignore[type-arg]
+    """The futures a watch cancels; any added after the client left (it left while its inputs
+    were being tokenized) are cancelled at once."""
+
+    def __init__(self, watch: DisconnectWatch) -> None:
+        super().__init__()
+        self._watch = watch
+
+    def extend(self, futures: Any) -> None:
+        added = list(futures)
+        super().extend(added)
+        if self._watch.disconnected:
+            for future in added:
+                future.cancel()
 
 
 def predict_body(engine: Engine, result: InferResult) -> bytes:

@@ -166,3 +166,46 @@ def test_inputs_still_being_tokenized_count_against_the_queue(
         assert engine._admitting == 0 and fatal == []
 
     _run(_engine(tmp_path, serve__max_queue="8"), scenario)
+
+
+def test_a_client_that_leaves_while_its_inputs_are_tokenized_is_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuronserve.serving import handlers
+
+    gates: list[asyncio.Event] = []
+    real = Engine._tokenize
+
+    async def slow(self: Engine, inputs: Any, **options: Any) -> Any:  # a large request
+        await gates[0].wait()
+        return await real(self, inputs, **options)
+
+    monkeypatch.setattr(Engine, "_tokenize", slow)
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        gates.append(asyncio.Event())
+        await _until(lambda: engine.ready)
+
+        async def receive() -> dict[str, Any]:  # the body was read; then the client is gone
+            return {"type": "http.disconnect"}
+
+        texts = [f"text {i}" for i in range(8)]
+        task = asyncio.create_task(
+            handlers._run(engine, receive, texts, [ItemOptions()] * 8, truncate=False, timeout_s=30)
+        )
+        await _until(lambda: engine._admitting == 8)
+        gates[0].set()
+        assert await task is None  # answered as "client closed", not run
+        await engine.infer(["after"], [ItemOptions()], truncate=False, timeout_s=30)  # the copy moves on
+        assert engine.metrics.copy_items.labels(copy="0")._value.get() == 1
+        assert engine.metrics.inputs_dropped.labels(reason="cancelled")._value.get() == 8
+        assert fatal == []
+
+    _run(_engine(tmp_path), scenario)
+
+
+def test_a_token_bound_that_cannot_hold_one_request_is_refused(tmp_path: Path) -> None:
+    from neuronserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"serve\.max_queue_tokens=100 cannot hold one request"):
+        _engine(tmp_path, serve__max_queue_tokens="100")
