@@ -10,22 +10,25 @@ export TRANSFORMERS_OFFLINE ?= 1
 
 venv: $(STAMP)
 
-# torch is installed first and pinned: torch==2.13.0 is the CPU wheel; an unpinned torch
-# pulled in by another package would fetch several GB of CUDA builds.
-$(STAMP): pyproject.toml
+# torch is installed first, from constraints/cpu.txt (the local CPU wheel); the package itself
+# does not pin it, so Neuron hosts keep theirs (README "Neuron hosts").
+$(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints/cpu.txt torch
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'
 	touch $@
 
 # Debian packages (nginx for deployments, hey for comparisons), installed when missing.
 system-deps:
 	./scripts/system-deps.sh
 
+# Python 3.10 is the floor (the Neuron DLC images): ruff targets it, and vermin fails on any
+# construct that needs a later Python.
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/vermin --target=3.10- --violations --no-tips --eval-annotations -q src tests bench
 
 typecheck: venv
 	$(VENV)/bin/mypy
