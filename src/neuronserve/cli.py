@@ -228,6 +228,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from neuronserve.doctor import FAIL, check_host, report
+
+    checks = check_host(_settings(args))
+    print(report(checks))
+    return EXIT_FAILURE if any(c.status == FAIL for c in checks) else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.template:
         sys.stdout.write(render_template())
@@ -366,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     p.add_argument("directory", help="e.g. trace-models/all-MiniLM-L6-v2/cpu")
     p.add_argument("--backend", help="also require artifacts of this backend")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser(
+        "doctor", help="check this host first: devices, driver, SDK and torch, cores, nginx, artifacts"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _add_config_args(p)
