@@ -146,6 +146,16 @@ _WORDS = [
 ]
 
 
+def run_cli(*args: str, cwd: Path = REPO) -> Any:
+    """``neuronserve <args>`` in a subprocess, as a user runs it; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "neuronserve.cli", *args], capture_output=True, text=True, check=False, cwd=cwd
+    )
+
+
 def make_settings(tmp_path: Path, **values: str) -> Settings:
     """Settings from ``section__key=value`` keyword arguments, relative to ``tmp_path``."""
     raw = {k.replace("__", "."): (v, "test") for k, v in values.items()}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from neuronserve.doctor import FAIL, INFO, OK, WARN, Check, Host, check_host, report
-from tests.conftest import REPO, make_settings
+from tests.conftest import REPO, make_settings, run_cli
 
 FIXTURES = REPO / "tests" / "fixtures" / "neuron-ls"
 
@@ -68,13 +66,7 @@ def test_a_missing_driver_and_a_torch_the_sdk_was_not_built_for(tmp_path: Path) 
 
 
 def test_on_this_cpu_host_every_neuron_item_is_explained_and_it_exits_0() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "neuronserve.cli", "doctor", "--set", "trace.backend=auto"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
-    )
+    result = run_cli("doctor", "--set", "trace.backend=auto")
     assert result.returncode == 0, result.stdout + result.stderr
     for item in ("neuron devices", "neuron runtime", "neuron-ls", "neuron sdk", "neuron sdk (inf1)", "nginx"):
         assert f"] {item} " in result.stdout, item
@@ -82,13 +74,7 @@ def test_on_this_cpu_host_every_neuron_item_is_explained_and_it_exits_0() -> Non
 
 
 def test_asking_for_neuronx_on_this_host_fails_naming_what_to_install() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "neuronserve.cli", "doctor", "--set", "trace.backend=neuronx"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
-    )
+    result = run_cli("doctor", "--set", "trace.backend=neuronx")
     assert result.returncode == 1
     assert "fix: pip install torch-neuronx neuronx-cc --extra-index-url" in result.stdout
     assert "fix: run on an Inf1/Inf2/Trn instance" in result.stdout

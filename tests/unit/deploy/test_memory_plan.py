@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from neuronserve.artifacts import read_manifest
 from neuronserve.deploy.inventory import host_memory_available, parse_neuron_ls
 from neuronserve.deploy.memory import GIB, MemoryPlan, MemoryPlanError, estimate
 from neuronserve.deploy.plan import make_plan
-from tests.conftest import REPO, make_settings, trace_tiny
+from tests.conftest import REPO, make_settings, run_cli, trace_tiny
 
 FIXTURES = REPO / "tests" / "fixtures"
 INF2_48 = FIXTURES / "neuron-ls" / "inf2.48xlarge.json"
@@ -101,15 +100,9 @@ def test_host_memory_available_reads_meminfo() -> None:
 
 
 def _dry_run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            *(sys.executable, "-m", "neuronserve.cli", "deploy", "--dry-run", "--neuron-ls", str(INF2_48)),
-            *("--host-memory-gib", "768", "--set", f"serve.artifacts={BERT_LARGE}", *args),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
+    return run_cli(  # type: ignore[no-any-return]
+        *("deploy", "--dry-run", "--neuron-ls", str(INF2_48), "--host-memory-gib", "768"),
+        *("--set", f"serve.artifacts={BERT_LARGE}", *args),
     )
 
 
@@ -127,13 +120,7 @@ def test_dry_run_prints_per_core_device_memory_and_refuses_what_does_not_fit() -
 
 
 def test_planning_for_another_host_needs_dry_run() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "neuronserve.cli", "deploy", "--neuron-ls", str(INF2_48)],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
-    )
+    result = run_cli("deploy", "--neuron-ls", str(INF2_48))
     assert result.returncode == 2
     assert "use it with --dry-run" in result.stderr
 
@@ -151,13 +138,7 @@ def test_a_real_deploy_that_does_not_fit_starts_nothing(tmp_path: Path) -> None:
     artifacts = trace_tiny(tmp_path).directory
     (tmp_path / "config.properties").write_text(f"serve.artifacts={artifacts}\ndeploy.run_dir=run\n")
     config = str(tmp_path / "config.properties")
-    result = subprocess.run(
-        [sys.executable, "-m", "neuronserve.cli", "deploy", "--config", config, "--host-memory-gib", "0.01"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-    )
+    result = run_cli("deploy", "--config", config, "--host-memory-gib", "0.01", cwd=tmp_path)
     assert result.returncode == 1
     assert "of host memory but 0.0 GiB is available; run fewer servers (deploy.servers" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything started

@@ -49,6 +49,19 @@ def _run(engine: Engine, scenario: Callable[[Engine, list[str]], Awaitable[None]
     return fatal
 
 
+def _gate_tokenization(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.Event]:
+    """Tokenization waits for the event the scenario appends (created inside its loop)."""
+    gates: list[asyncio.Event] = []
+    real = Engine._tokenize
+
+    async def slow(self: Engine, inputs: Any, **options: Any) -> Any:
+        await gates[0].wait()
+        return await real(self, inputs, **options)
+
+    monkeypatch.setattr(Engine, "_tokenize", slow)
+    return gates
+
+
 def test_a_copy_that_cannot_load_stops_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*_args: Any) -> Any:
         raise RuntimeError("PytorchStreamReader failed reading zip archive")
@@ -139,14 +152,7 @@ def test_inputs_still_being_tokenized_count_against_the_queue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A burst cannot start unbounded tokenization work before the queue says no."""
-    gates: list[asyncio.Event] = []
-    real = Engine._tokenize
-
-    async def slow(self: Engine, inputs: Any, **options: Any) -> Any:  # long texts, say
-        await gates[0].wait()
-        return await real(self, inputs, **options)
-
-    monkeypatch.setattr(Engine, "_tokenize", slow)
+    gates = _gate_tokenization(monkeypatch)  # long texts, say
 
     async def scenario(engine: Engine, fatal: list[str]) -> None:
         gates.append(asyncio.Event())
@@ -173,14 +179,7 @@ def test_a_client_that_leaves_while_its_inputs_are_tokenized_is_not_served(
 ) -> None:
     from neuronserve.serving import handlers
 
-    gates: list[asyncio.Event] = []
-    real = Engine._tokenize
-
-    async def slow(self: Engine, inputs: Any, **options: Any) -> Any:  # a large request
-        await gates[0].wait()
-        return await real(self, inputs, **options)
-
-    monkeypatch.setattr(Engine, "_tokenize", slow)
+    gates = _gate_tokenization(monkeypatch)  # a large request
 
     async def scenario(engine: Engine, fatal: list[str]) -> None:
         gates.append(asyncio.Event())
