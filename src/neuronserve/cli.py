@@ -228,6 +228,23 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acceptance(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from neuronserve.acceptance import run
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return run(
+        backend=args.backend,
+        model=args.model,
+        instance_type=args.instance_type,
+        concurrency=args.concurrency,
+        duration_s=args.duration,
+        output=Path(args.output or f"results/acceptance-{stamp}"),
+        settings=args.overrides,
+    )
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from neuronserve.doctor import FAIL, check_host, report
 
@@ -380,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "acceptance", help="prove this host end to end: doctor, trace, deploy, load, report vs AWS's figure"
+    )
+    p.add_argument("--backend", default="auto", help="trace.backend (auto, neuronx, neuron, cpu)")
+    p.add_argument("--model", default="bert-base-uncased", help="model.source (default bert-base-uncased)")
+    p.add_argument("--instance-type", default="inf2.xlarge", help="for the published figure and costs")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed-loop levels")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
+    p.add_argument("--output", help="report directory (default results/acceptance-<time>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_acceptance)
 
     p = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _add_config_args(p)

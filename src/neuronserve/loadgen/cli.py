@@ -245,3 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run_apis: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m neuronserve.loadgen.cli, as run_apis.py
+    raise SystemExit(main())

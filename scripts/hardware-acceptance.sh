@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Prove the stack on a real host: neuronserve doctor, trace bert-base-uncased (b1, b8 x s128),
+# deploy, load at concurrency 1..64, report against AWS's published figure, clean up.
+#   ./scripts/hardware-acceptance.sh                       # an Inf2 host, bert-base-uncased
+#   ./scripts/hardware-acceptance.sh --backend cpu --model bundled:all-MiniLM-L6-v2
+# Extra arguments go to `neuronserve acceptance` (--instance-type, --concurrency, --duration).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make --no-print-directory -s venv system-deps 2>&1
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+exec .venv/bin/neuronserve acceptance "$@"
