@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: venv system-deps test lint typecheck unit demo clean
+.PHONY: venv system-deps test lint typecheck unit demo clean dockerfiles
 
 venv: $(STAMP)
 
@@ -30,16 +30,29 @@ lint: venv
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/vermin --target=3.10- --violations --no-tips --eval-annotations -q src tests bench
 
+# Every Dockerfile: hadolint (from the dev extras) and checkov's Dockerfile policies. checkov
+# lives in a venv of its own (.venv-tools), away from the project's dependencies; it is told
+# not to call home (--skip-download).
+TOOLS := .venv-tools
+$(TOOLS)/.installed:
+	test -x $(TOOLS)/bin/python || python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q "checkov>=3.2,<4"
+	touch $@
+
+dockerfiles: venv $(TOOLS)/.installed
+	$(VENV)/bin/hadolint --failure-threshold info docker/*.Dockerfile
+	$(TOOLS)/bin/checkov -d docker --framework dockerfile --quiet --compact --skip-download
+
 typecheck: venv
 	$(VENV)/bin/mypy
 
 unit: venv system-deps
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck unit
+test: lint typecheck dockerfiles unit
 
 demo: venv system-deps
 	./scripts/demo.sh
 
 clean:
-	rm -rf trace-models run results .mypy_cache .ruff_cache .pytest_cache
+	rm -rf trace-models run results .mypy_cache .ruff_cache .pytest_cache $(TOOLS)

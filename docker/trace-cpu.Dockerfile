@@ -8,6 +8,8 @@ COPY src ./src
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install . \
  && useradd --create-home --uid 10001 neuronserve
-USER neuronserve
+USER 10001
 WORKDIR /workspace
+# A batch job (neuronserve trace), not a service: nothing to probe.
+HEALTHCHECK NONE
 ENTRYPOINT []

@@ -121,8 +121,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if engine.client is None:
         print(f"{engine.reason}: using the local environment (.venv) for backend {backend} ({why})")
         return 0
-    tag = containers.build_trace_image(engine, Path.cwd(), backend)
-    print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), 'trace', backend)}")
+    stage = args.stage or args.stage_option
+    tag = containers.build_image(engine, Path.cwd(), stage, backend)
+    print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), stage, backend)}")
     return 0
 
 
@@ -313,9 +314,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     )
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("image", help="build the container image for a stage (trace)")
+    p = sub.add_parser(
+        "image", help="build a container image: trace, or serve (what deploy.launcher=docker runs)"
+    )
     p.add_argument("action", choices=("build",))
-    p.add_argument("--stage", choices=("trace",), default="trace")
+    p.add_argument("stage", nargs="?", choices=("trace", "serve"), help="default: trace")
+    p.add_argument("--stage", dest="stage_option", choices=("trace", "serve"), default="trace")
     _add_config_args(p)
     p.set_defaults(func=cmd_image_build)
 

@@ -118,13 +118,13 @@ def trace_container_spec(
     return spec
 
 
-def build_trace_image(engine: Engine, repo: Path, backend: str) -> str:
-    """Build the trace image for ``backend``; returns its tag."""
-    assert engine.client is not None, "this is a bug: build_trace_image needs an engine"
-    tag = image_tag("trace", backend)
+def build_image(engine: Engine, repo: Path, stage: str, backend: str) -> str:
+    """Build the ``stage`` (trace or serve) image for ``backend``; returns its tag."""
+    assert engine.client is not None, "this is a bug: build_image needs an engine"
+    tag = image_tag(stage, backend)
     engine.client.images.build(
         path=str(repo),
-        dockerfile=str(dockerfile(repo, "trace", backend).relative_to(repo)),
+        dockerfile=str(dockerfile(repo, stage, backend).relative_to(repo)),
         tag=tag,
         rm=True,
     )

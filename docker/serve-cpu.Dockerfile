@@ -1,0 +1,19 @@
+# Serving image for the cpu backend: one server (gunicorn + one uvicorn worker) per container.
+# Build context: the repository root. Artifacts are mounted read-only at /artifacts.
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 NEURONSERVE_SERVE__HOST=0.0.0.0 NEURONSERVE_SERVE__PORT=8080 \
+    NEURONSERVE_SERVE__ARTIFACTS=/artifacts
+WORKDIR /opt/neuronserve
+COPY constraints ./constraints
+COPY pyproject.toml README.md ./
+COPY src ./src
+# The CPU build of torch first (constraints/cpu.txt), so nothing pulls a CUDA build.
+RUN pip install -c constraints/cpu.txt torch --index-url https://download.pytorch.org/whl/cpu \
+ && pip install -c constraints/cpu.txt . \
+ && useradd --create-home --uid 10001 neuronserve
+USER 10001
+EXPOSE 8080
+# Ready means every copy answered every compiled shape.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=2).status != 200)"]
+CMD ["neuronserve", "serve"]

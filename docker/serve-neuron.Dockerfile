@@ -1,0 +1,20 @@
+# Serving image for the neuron backend (Inf1 (torch-neuron, archived by AWS but Inf1 is still sold): the Neuron DLC brings torch, torch-neuron and neuron-cc); neuronserve installs on top without
+# replacing its torch. One server per container, given its devices and NEURON_RT_VISIBLE_CORES
+# by the Docker launcher. Artifacts are mounted read-only at /artifacts.
+ARG BASE_IMAGE=public.ecr.aws/neuron/pytorch-inference-neuron:1.13.1-neuron-py310-sdk2.18.2-ubuntu20.04
+# checkov:skip=CKV_DOCKER_7: the tag is pinned in BASE_IMAGE above
+FROM ${BASE_IMAGE}
+ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 NEURONSERVE_SERVE__HOST=0.0.0.0 NEURONSERVE_SERVE__PORT=8080 \
+    NEURONSERVE_SERVE__ARTIFACTS=/artifacts
+WORKDIR /opt/neuronserve
+COPY pyproject.toml README.md ./
+COPY src ./src
+# The dependencies are ranges, resolved against the image's own torch (never replaced).
+# hadolint ignore=DL3013
+RUN pip install . \
+ && useradd --create-home --uid 10001 neuronserve
+USER 10001
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=2).status != 200)"]
+CMD ["neuronserve", "serve"]
