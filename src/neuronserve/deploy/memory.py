@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from neuronserve.artifacts import Manifest
 from neuronserve.backends import copy_core
+from neuronserve.backends.base import CoreSet
 from neuronserve.deploy.inventory import Inventory
 from neuronserve.deploy.plan import Plan
 
@@ -120,8 +121,6 @@ class MemoryPlan:
 
 
 def _ranges(ids: list[int]) -> str:
-    from neuronserve.backends.base import CoreSet
-
     return str(CoreSet(tuple(sorted(ids))))
 
 

@@ -42,10 +42,10 @@ class Worker(UvicornWorker):  # type: ignore[misc]
 
         mark()
         interval = max(0.5, self.timeout / 4)
-        stopped = threading.Event()
+        tick = threading.Event()  # never set: its wait() is the heartbeat's interval
 
         def beat() -> None:
-            while self.alive and not stopped.wait(interval):
+            while self.alive and not tick.wait(interval):
                 if time.monotonic() - turned[0] < LOOP_HUNG_S:
                     self.notify()
 
