@@ -6,15 +6,22 @@ ARG BASE_IMAGE=public.ecr.aws/neuron/pytorch-inference-neuron:1.13.1-neuron-py31
 FROM ${BASE_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 NEURONSERVE_SERVE__HOST=0.0.0.0 NEURONSERVE_SERVE__PORT=8080 \
     NEURONSERVE_SERVE__ARTIFACTS=/artifacts
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/neuronserve
 COPY pyproject.toml README.md ./
 COPY src ./src
-# The dependencies are ranges, resolved against the image's own torch (never replaced).
+# The dependencies are ranges, resolved against the image's own torch and numpy, which stay
+# exactly as the image has them (the SDK and compiler were built against them).
 # hadolint ignore=DL3013
-RUN pip install . \
+RUN pip freeze | grep -iE '^(torch|numpy)==' > /tmp/keep.txt \
+ && pip install -c /tmp/keep.txt . \
+ && rm /tmp/keep.txt \
  && useradd --create-home --uid 10001 neuronserve
 USER 10001
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=2).status != 200)"]
+# The DLC's own entrypoint script would sit between the server and SIGTERM (no drain) and keep
+# the container alive after the server exits (no restart): run the server directly.
+ENTRYPOINT []
 CMD ["neuronserve", "serve"]

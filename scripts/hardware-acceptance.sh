@@ -4,8 +4,12 @@
 #   ./scripts/hardware-acceptance.sh                       # an Inf2 host, bert-base-uncased
 #   ./scripts/hardware-acceptance.sh --backend cpu --model bundled:all-MiniLM-L6-v2
 # Extra arguments go to `neuronserve acceptance` (--instance-type, --concurrency, --duration).
+# On a Neuron host neuronserve is installed next to the SDK (README "Neuron hosts"); the cpu
+# venv that `make` builds would pin a CPU torch, so it is only built where there is no device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if compgen -G "/dev/neuron[0-9]*" > /dev/null; then
+    exec neuronserve acceptance "$@"
+fi
 make --no-print-directory -s venv system-deps 2>&1
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 exec .venv/bin/neuronserve acceptance "$@"

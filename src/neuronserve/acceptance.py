@@ -98,10 +98,10 @@ def run(
     steps: list[Step] = []
     ok = _run("doctor", [*cli, "doctor", *common], steps).returncode == 0
     ok = ok and _run("trace", [*cli, "trace", "--quiet", *common], steps).returncode == 0
-    deployed = ok and _run("deploy", [*cli, "deploy", *common], steps).returncode == 0
     summary: dict[str, Any] | None = None
+    attempted = ok  # a deploy that fails halfway may have started some servers: clean up then too
     try:
-        if deployed:
+        if ok and _run("deploy", [*cli, "deploy", *common], steps).returncode == 0:
             dataset = long_texts(output / "texts.jsonl")
             load = [sys.executable, "-m", "neuronserve.loadgen.cli", *common, "--concurrency", concurrency]
             load += ["--duration", str(duration_s), "--warmup", "1", "--dataset", str(dataset)]
@@ -118,7 +118,7 @@ def run(
                 found = sorted(output.glob("load-*/summary.json"))
                 summary = json.loads(found[-1].read_text()) if found else None
     finally:
-        if deployed:
+        if attempted:
             _run("cleanup", [*cli, "cleanup", *common], steps)
     passed = all(s.returncode == 0 for s in steps) and _served(summary) > 0
     (output / "report.md").write_text(

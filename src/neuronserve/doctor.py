@@ -49,7 +49,10 @@ def _neuron_ls() -> tuple[int, str, str] | None:
     )
     if tool is None:
         return None
-    done = subprocess.run([tool, "-j"], capture_output=True, text=True, timeout=60, check=False)
+    try:
+        done = subprocess.run([tool, "-j"], capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return 124, "", "neuron-ls -j did not answer within 60 s"
     return done.returncode, done.stdout, done.stderr
 
 
@@ -89,7 +92,18 @@ def check_host(settings: Settings, host: Host | None = None) -> list[Check]:
     devices = h.devices()
     backend, why = choose_backend(requested, sdk_importable=h.importable, devices=lambda: devices)
     neuron = backend != "cpu"
-    checks.append(Check("backend", OK, f"{backend} ({why})"))
+    if devices and not neuron:  # a Neuron host without its SDK would serve on its CPUs
+        checks.append(
+            Check(
+                "backend",
+                FAIL,
+                f"cpu, although {len(devices)} Neuron device(s) exist ({why})",
+                f"install the Neuron SDK: pip install torch-neuronx neuronx-cc {NEURON_REPO} "
+                "(Inf1: torch-neuron neuron-cc), or set trace.backend=cpu to mean it",
+            )
+        )
+    else:
+        checks.append(Check("backend", OK, f"{backend} ({why})"))
     checks += _devices(devices, neuron, h)
     checks += _packages(backend, h)
     checks += _programs(h)
@@ -240,26 +254,41 @@ def _programs(h: Host) -> list[Check]:
 
 
 def _artifacts(settings: Settings, backend: str, h: Host) -> list[Check]:
-    from neuronserve.artifacts import ArtifactError, read_manifest
+    """Whether the traced artifacts serve on this host: the backend, and torch's major.minor
+    (what the server itself checks); other version differences only mean a re-trace would
+    compile again."""
+    from neuronserve.artifacts import MANIFEST_NAME, ArtifactError, read_manifest
     from neuronserve.serving.engine import artifacts_directory
 
     directory = artifacts_directory(settings)
+    if not (directory / MANIFEST_NAME).is_file():
+        return [Check("artifacts", INFO, f"none in {directory}", "trace them: ./trace-model/run.sh")]
     try:
         manifest = read_manifest(directory)
-    except ArtifactError:
-        return [Check("artifacts", INFO, f"none in {directory}", "trace them: ./trace-model/run.sh")]
+    except ArtifactError as exc:
+        return [Check("artifacts", FAIL, str(exc), "trace again: ./trace-model/run.sh --force")]
     problems = []
     if manifest.backend != backend:
         problems.append(f"traced for {manifest.backend}, this host serves {backend}")
-    installed = {name: h.version(name) for name in manifest.versions if name not in ("python", "neuronserve")}
-    for name, version in installed.items():
-        traced = manifest.versions[name]
-        if version is None:
-            problems.append(f"{name} {traced} is not installed")
-        elif ".".join(version.split(".")[:2]) != ".".join(traced.split(".")[:2]):
-            problems.append(f"traced with {name} {traced}, {version} is installed")
+    traced_torch, torch = manifest.versions.get("torch", ""), h.version("torch") or "none"
+    if traced_torch.split(".")[:2] != torch.split(".")[:2]:
+        problems.append(f"traced with torch {traced_torch}, {torch} is installed")
     if problems:
         return [Check("artifacts", FAIL, f"{directory}: " + "; ".join(problems), "trace again on this host")]
+    others = [
+        f"{name} {traced} (now {h.version(name) or 'none'})"
+        for name, traced in manifest.versions.items()
+        if name not in ("python", "torch", "neuronserve") and h.version(name) != traced
+    ]
+    if others:
+        return [
+            Check(
+                "artifacts",
+                WARN,
+                f"{directory}: traced with " + ", ".join(others),
+                "they serve as they are; a trace now would compile them again",
+            )
+        ]
     return [Check("artifacts", OK, f"{directory}: {len(manifest.shapes)} shapes for {backend}")]
 
 

@@ -87,3 +87,5 @@ def test_serve_images_run_as_a_user_and_probe_readiness() -> None:
     for backend in ("cpu", "neuronx", "neuron"):
         text = (REPO / "docker" / f"serve-{backend}.Dockerfile").read_text()
         assert "USER 10001" in text and "/ready" in text and 'CMD ["neuronserve", "serve"]' in text
+        if backend != "cpu":  # the DLC's entrypoint script must not stand between server and SIGTERM
+            assert "ENTRYPOINT []" in text and "pip install -c /tmp/keep.txt ." in text

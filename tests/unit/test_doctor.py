@@ -65,16 +65,41 @@ def test_a_missing_driver_and_a_torch_the_sdk_was_not_built_for(tmp_path: Path) 
     assert "problem(s) to fix" in report(list(checks.values()))
 
 
-def test_on_this_cpu_host_every_neuron_item_is_explained_and_it_exits_0() -> None:
-    result = run_cli("doctor", "--set", "trace.backend=auto")
+def test_a_neuron_host_without_its_sdk_is_not_ready(tmp_path: Path) -> None:
+    host = _inf2({"torch": "2.13.0"})
+    host.importable = lambda name: name == "supervisor"  # no torch_neuronx, no torch_neuron
+    checks = _by_name(check_host(make_settings(tmp_path), host))
+    backend = checks["backend"]
+    assert backend.status == FAIL and backend.detail.startswith("cpu, although 12 Neuron device(s) exist")
+    assert "pip install torch-neuronx neuronx-cc" in backend.fix
+
+
+def test_artifacts_that_cannot_serve_here_fail_and_others_warn(tmp_path: Path) -> None:
+    from tests.conftest import trace_tiny
+
+    artifacts = trace_tiny(tmp_path).directory
+    settings = make_settings(tmp_path, serve__artifacts=str(artifacts), trace__backend="cpu")
+    cpu = Host(devices=list, version=lambda name: {"torch": "2.13.0+cpu"}.get(name, "0.0"))
+    checks = _by_name(check_host(settings, cpu))
+    assert checks["artifacts"].status == WARN and "transformers" in checks["artifacts"].detail
+    other_torch = Host(devices=list, version=lambda name: "2.9.0" if name == "torch" else None)
+    checks = _by_name(check_host(settings, other_torch))
+    assert checks["artifacts"].status == FAIL and "installed" in checks["artifacts"].detail
+    (artifacts / "manifest.json").write_text("{not json")
+    checks = _by_name(check_host(settings, cpu))
+    assert checks["artifacts"].status == FAIL and "unreadable manifest" in checks["artifacts"].detail
+
+
+def test_on_this_cpu_host_every_neuron_item_is_explained_and_it_exits_0(tmp_path: Path) -> None:
+    result = run_cli("doctor", "--set", "trace.backend=auto", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     for item in ("neuron devices", "neuron runtime", "neuron-ls", "neuron sdk", "neuron sdk (inf1)", "nginx"):
         assert f"] {item} " in result.stdout, item
     assert "a cpu host" in result.stdout and "ready to trace and serve" in result.stdout
 
 
-def test_asking_for_neuronx_on_this_host_fails_naming_what_to_install() -> None:
-    result = run_cli("doctor", "--set", "trace.backend=neuronx")
+def test_asking_for_neuronx_on_this_host_fails_naming_what_to_install(tmp_path: Path) -> None:
+    result = run_cli("doctor", "--set", "trace.backend=neuronx", cwd=tmp_path)
     assert result.returncode == 1
     assert "fix: pip install torch-neuronx neuronx-cc --extra-index-url" in result.stdout
     assert "fix: run on an Inf1/Inf2/Trn instance" in result.stdout
