@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from gunicorn.arbiter import Arbiter
@@ -33,23 +34,13 @@ class Worker(UvicornWorker):  # type: ignore[misc]
     }
 
     def _start_heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        turned = [time.monotonic()]
-
-        def mark() -> None:
-            turned[0] = time.monotonic()
-            loop.call_later(1.0, mark)
-
-        mark()
-        interval = max(0.5, self.timeout / 4)
-        tick = threading.Event()  # never set: its wait() is the heartbeat's interval
-
-        def beat() -> None:
-            while self.alive and not tick.wait(interval):
-                if time.monotonic() - turned[0] < LOOP_HUNG_S:
-                    self.notify()
-
-        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+        start_heartbeat(
+            asyncio.get_running_loop(),
+            notify=self.notify,
+            alive=lambda: bool(self.alive),
+            interval_s=max(0.5, self.timeout / 4),
+            hung_s=LOOP_HUNG_S,
+        )
 
     def init_process(self) -> None:
         die_with_parent(self.ppid)
@@ -90,3 +81,33 @@ def die_with_parent(parent: int) -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the master died before the request took effect
         os._exit(1)
+
+
+def start_heartbeat(
+    loop: asyncio.AbstractEventLoop,
+    *,
+    notify: Callable[[], None],
+    alive: Callable[[], bool],
+    interval_s: float,
+    hung_s: float,
+    mark_every_s: float = 1.0,
+) -> threading.Thread:
+    """Call ``notify`` every ``interval_s`` from a thread while ``alive()``, unless the event
+    loop has not turned for ``hung_s`` (a busy loop still turns now and then; a hung one not)."""
+    turned = [time.monotonic()]
+
+    def mark() -> None:
+        turned[0] = time.monotonic()
+        loop.call_later(mark_every_s, mark)
+
+    loop.call_soon_threadsafe(mark)
+    tick = threading.Event()  # never set: its wait() is the heartbeat's interval
+
+    def beat() -> None:
+        while alive() and not tick.wait(interval_s):
+            if time.monotonic() - turned[0] < hung_s:
+                notify()
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    return thread
