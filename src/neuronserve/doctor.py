@@ -44,9 +44,9 @@ def _version(name: str) -> str | None:
 
 
 def _neuron_ls() -> tuple[int, str, str] | None:
-    tool = shutil.which("neuron-ls") or (
-        "/opt/aws/neuron/bin/neuron-ls" if Path("/opt/aws/neuron/bin/neuron-ls").exists() else None
-    )
+    from neuronserve.deploy.inventory import neuron_ls_tool
+
+    tool = neuron_ls_tool()
     if tool is None:
         return None
     try:

@@ -493,6 +493,7 @@ def _compile_shapes(
     from neuronserve.backends.base import CoreSet
 
     eager = load_eager(model_dir, task)
+    weights = weight_bytes(eager.module)
     # Artifacts this run may try at a new shape, loaded once each; the largest shape goes
     # first so that the artifact every other shape tries was traced at full size.
     candidates: dict[str, LoadedModel] = {}
@@ -523,13 +524,13 @@ def _compile_shapes(
             verification=figures,
             cost_s=measure_cost(compiled, sample_inputs(eager, task, b, s)),
         )
-        on_shape(done[(b, s)], eager.input_names, weight_bytes(eager.module))
+        on_shape(done[(b, s)], eager.input_names, weights)
         say(
             f"b{b} s{s}: {how} (max abs diff {figures['max_abs_diff']:.2e}, "
             f"min cosine {figures['min_cosine']:.6f}, {done[(b, s)].cost_s * 1000:.1f} ms per call)"
         )
     bar.close()
-    return done, eager.input_names, weight_bytes(eager.module)
+    return done, eager.input_names, weights
 
 
 def _reuse(

@@ -76,21 +76,6 @@ def test_second_deploy_of_the_same_name_is_refused(
         local.start(settings, plan, bundled_artifacts, None)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("victim_process", ["worker", "master"])
 def test_killing_one_process_of_a_server_under_load(
     deployment: tuple[Settings, Plan, local.RunDir], tmp_path: Path, victim_process: str
@@ -117,7 +102,7 @@ def test_killing_one_process_of_a_server_under_load(
 
     def server_pids() -> tuple[int, int]:
         master = next(p["pid"] for p in local.Supervisor(rd).processes() if p["name"] == victim.name)
-        workers = _children(master)
+        workers = local.children(master)
         return master, workers[0] if workers else 0
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -161,8 +146,8 @@ def test_killing_one_process_of_a_server_under_load(
     }
     (tmp_path / "crash-figures.json").write_text(json.dumps(figures))
     print(f"\ncrash recovery: {json.dumps(figures)}")
-    assert not _alive(master if victim_process == "master" else worker)
-    assert not _alive(worker), "the old worker outlived its master"  # killed with it, never orphaned
+    assert not local.alive(master if victim_process == "master" else worker)
+    assert not local.alive(worker), "the old worker outlived its master"  # killed with it, never orphaned
     if victim_process == "master":
         assert local.restarts(rd).get(victim.name) == 1
     else:  # gunicorn replaced its worker: status and metrics say so
@@ -187,13 +172,13 @@ def test_cleanup_after_supervisord_was_killed_leaves_nothing_and_deploy_works_ag
         supervisord = local.supervisord_pid(rd)
         assert supervisord is not None
         os.kill(supervisord, signal.SIGKILL)  # its programs are orphaned, still holding the ports
-        while _alive(supervisord):
+        while local.alive(supervisord):
             time.sleep(0.05)  # poll until the kernel has reaped it
         assert local.deployment_processes(rd)
         # a new deploy of the same name stops the orphans itself and starts cleanly
         rd = local.start(settings, plan, bundled_artifacts, None)
         local.wait_ready(settings, plan, rd)
-        assert not any(_alive(pid) for pid in programs)
+        assert not any(local.alive(pid) for pid in programs)
     finally:
         local.stop(rd)
     assert local.deployment_processes(rd) == []

@@ -71,11 +71,15 @@ def parse_neuron_ls(text: str) -> Inventory:
     return Inventory("neuron", cores, device_of, per_device, core_memory)
 
 
+def neuron_ls_tool() -> str | None:
+    """``neuron-ls`` on PATH, or where aws-neuronx-tools installs it; None when absent."""
+    installed = "/opt/aws/neuron/bin/neuron-ls"
+    return shutil.which("neuron-ls") or (installed if os.path.exists(installed) else None)
+
+
 def neuron_inventory() -> Inventory:
     """Run ``neuron-ls -j`` (the driver and tools must be installed)."""
-    tool = shutil.which("neuron-ls") or (
-        "/opt/aws/neuron/bin/neuron-ls" if os.path.exists("/opt/aws/neuron/bin/neuron-ls") else None
-    )
+    tool = neuron_ls_tool()
     if tool is None:
         raise InventoryError("neuron-ls not found: install aws-neuronx-tools (or use the cpu backend)")
     result = subprocess.run([tool, "-j"], capture_output=True, text=True, timeout=60, check=False)

@@ -64,14 +64,22 @@ def run_dir(settings: Settings) -> RunDir:
     return RunDir(settings.path(settings.deploy.run_dir) / settings.deploy.name)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def supervisord_pid(rd: RunDir) -> int | None:
-    """The pid of this deployment's supervisord if it is alive (a zombie is not)."""
+    """The pid of this deployment's supervisord if it is alive."""
     try:
         pid = int(rd.pidfile.read_text().strip())
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
-    return None if state in ("Z", "X") else pid
+    return pid if alive(pid) else None
 
 
 RUN_DIR_MARKER = "NEURONSERVE_RUN_DIR"
@@ -491,7 +499,7 @@ def deployment_processes(rd: RunDir) -> list[int]:
             found.append(int(entry.name))
     nginx = _nginx_master(rd)
     if nginx is not None:
-        found += [nginx, *_children(nginx)]
+        found += [nginx, *children(nginx)]
     return sorted(set(found))
 
 
@@ -508,7 +516,8 @@ def _nginx_master(rd: RunDir) -> int | None:
     return pid if ours else None
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (none when it is gone)."""
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
