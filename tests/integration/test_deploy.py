@@ -96,7 +96,7 @@ def test_killing_one_process_of_a_server_under_load(
                 try:
                     kind = str(c.post("/predict", json={"inputs": "steady load"}).status_code)
                 except httpx.HTTPError as exc:
-                    kind = type(exc).__name__
+                    kind = f"{type(exc).__name__}: {exc}"
                 with lock:
                     outcomes[kind] += 1
 
@@ -156,7 +156,8 @@ def test_killing_one_process_of_a_server_under_load(
         metrics = httpx.get(f"http://127.0.0.1:{victim.port}/metrics").text
         assert "neuronserve_worker_restarts 1.0" in metrics
     assert recovered is not None and recovered < 15, figures
-    assert failed == 0, figures
+    nginx_errors = (rd.path / "logs" / "nginx-error.log").read_text()[-3000:]
+    assert failed == 0, (figures, nginx_errors)
 
 
 def test_cleanup_after_supervisord_was_killed_leaves_nothing_and_deploy_works_again(
