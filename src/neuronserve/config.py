@@ -276,7 +276,7 @@ class DeploySettings:
 class MonitorSettings:
     """``monitor.*``: the metrics exporter, Prometheus and dashboards."""
 
-    enabled: bool = setting(True, "Run the exporter as part of every local deployment.")
+    enabled: bool = setting(True, "Run the exporter as part of every deployment (local or Docker).")
     sources: str = setting(
         "auto",
         "Comma-separated exporter sources: neuron-monitor, stdin, replay, host; auto means host on "

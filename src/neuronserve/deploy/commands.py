@@ -92,8 +92,17 @@ def _deploy_docker(settings: Settings, plan: Plan, artifacts: Path) -> int:
     engine = containers.docker_engine()
     if engine.client is None:
         raise DeployError(f"{engine.reason}; start Docker, or use deploy.launcher=local")
-    docker.launch(engine.client, docker.container_specs(settings, plan, artifacts), plan)
-    print(f"started {len(plan.servers)} server containers and nginx; endpoint http://{plan.host}:{plan.port}")
+    specs = docker.container_specs(settings, plan, artifacts)
+    docker.deploy(engine.client, settings, plan, specs)
+    print(
+        f"ready: http://{plan.host}:{plan.port} ({len(plan.servers)} server containers; docker logs <name>)"
+    )
+    if settings.monitor.enabled:
+        print(f"metrics: exporter http://{settings.monitor.host}:{settings.monitor.port}/metrics")
+    if settings.monitor.prometheus:
+        print(
+            "prometheus: not started by the Docker launcher; docker compose -f monitor/docker-compose.yml up -d"
+        )
     return 0
 
 

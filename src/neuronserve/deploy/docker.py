@@ -1,23 +1,47 @@
-"""The Docker launcher: one container per server, an nginx container, a private network.
+"""The Docker launcher: one container per server, an nginx container, the exporter, a private
+network.
 
 Every container is a pure function of the plan (:func:`container_specs`), so tests check the
 exact containers an Inf2 or Inf1 host would get. Each server sees only its own devices,
-remapped to ``/dev/neuron0..k``, with ``NEURON_RT_VISIBLE_CORES`` relative to them. Cleanup
-removes only containers labelled with the deployment's name.
+remapped to ``/dev/neuron0..k``, with ``NEURON_RT_VISIBLE_CORES`` relative to them. Like the
+local launcher, :func:`deploy` returns once every server is healthy and the endpoint and the
+exporter answer, names the server and shows its log when one fails, and removes everything it
+started when it does not get there. Cleanup removes only containers labelled with the
+deployment's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from neuronserve.config import Settings, section_environment
+from neuronserve.deploy.local import CRASH_LOOP_RESTARTS, DeployError, all_cores
 from neuronserve.deploy.nginx import render_nginx_conf
 from neuronserve.deploy.plan import Plan, ServerPlan
 
 LABEL = "neuronserve.deployment"
 CONTAINER_PORT = 8080
+EXPORTER_PORT = 9110
+SECOND_NS = 1_000_000_000
+STOP_LABEL = "neuronserve.stop-timeout-s"
+DEFAULT_STOP_S = 10  # Docker's own
+# Docker runs this in each server container; it prints /ready's body, which the deploy reads
+# from the health log to tell a server that failed (its own verdict) from one still warming up.
+READY_PROBE = (
+    "import sys, urllib.error, urllib.request\n"
+    "try:\n"
+    f"    r = urllib.request.urlopen('http://127.0.0.1:{CONTAINER_PORT}/ready', timeout=2)\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    r = e\n"
+    "print(r.read(2000).decode(errors='replace'))\n"
+    "sys.exit(r.status != 200)\n"
+)
 ARTIFACTS_MOUNT = "/artifacts"
 NGINX_IMAGE = "nginx:1.27-alpine"
 
@@ -66,6 +90,13 @@ def server_spec(
         "cap_drop": ["ALL"],
         "stop_signal": "SIGTERM",
         "stop_grace_period_s": int(settings.serve.drain_timeout_s) + 10,
+        "healthcheck": {
+            "test": ["CMD", "python", "-c", READY_PROBE],
+            "interval": 3 * SECOND_NS,
+            "timeout": 3 * SECOND_NS,
+            "retries": 3,
+            "start_period": int(settings.deploy.ready_timeout_s) * SECOND_NS,
+        },
         "detach": True,
     }
     if plan.backend == "cpu":
@@ -96,12 +127,54 @@ def nginx_spec(settings: Settings, plan: Plan) -> dict[str, Any]:
     }
 
 
+def exporter_spec(settings: Settings, plan: Plan, image: str) -> dict[str, Any]:
+    """The metrics exporter, from the serving image (the Neuron DLCs bring neuron-monitor).
+
+    On cpu it reports the host (``/proc`` is the host's) for the servers' CPUs; on Neuron it runs
+    neuron-monitor, which sees the deployment's devices under their own numbers.
+    """
+    command = ["neuronserve", "monitor", "--backend", plan.backend]
+    if plan.backend == "cpu":
+        command += ["--cpus", all_cores(plan)]
+    spec: dict[str, Any] = {
+        "name": f"{plan.deployment}-exporter",
+        "image": image,
+        "command": command,
+        "environment": {
+            **section_environment(settings, "monitor"),
+            "NEURONSERVE_MONITOR__HOST": "0.0.0.0",  # noqa: S104 - inside the container; published on monitor.host only
+            "NEURONSERVE_MONITOR__PORT": str(EXPORTER_PORT),
+        },
+        "labels": {LABEL: plan.deployment, "neuronserve.server": "exporter"},
+        "network": f"{plan.deployment}-net",
+        "ports": {f"{EXPORTER_PORT}/tcp": (settings.monitor.host, settings.monitor.port)},
+        "restart_policy": {"Name": "unless-stopped"},
+        "user": "10001:10001",
+        "security_opt": ["no-new-privileges"],
+        "cap_drop": ["ALL"],
+        "stop_signal": "SIGTERM",
+        "stop_grace_period_s": 10,
+        "detach": True,
+    }
+    devices = sorted({d for s in plan.servers for d in s.devices})
+    if plan.backend != "cpu":
+        spec["devices"] = [f"/dev/neuron{d}:/dev/neuron{d}:rwm" for d in devices]
+    return spec
+
+
 def container_specs(settings: Settings, plan: Plan, artifacts: Path) -> list[dict[str, Any]]:
+    """Servers, then the exporter (when ``monitor.enabled``), then nginx."""
     image = settings.deploy.docker_image or f"neuronserve-serve-{plan.backend}:latest"
+    exporter = [exporter_spec(settings, plan, image)] if settings.monitor.enabled else []
     return [
         *(server_spec(settings, plan, s, artifacts, image) for s in plan.servers),
+        *exporter,
         nginx_spec(settings, plan),
     ]
+
+
+def _duration(ns: int) -> str:
+    return f"{ns // SECOND_NS}s"
 
 
 def compose_document(specs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
@@ -115,21 +188,27 @@ def compose_document(specs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
             "restart": spec["restart_policy"]["Name"],
             "networks": [spec["network"]],
         }
-        if "command" in spec:
-            service["command"] = spec["command"]
-            service["environment"] = spec["environment"]
+        for key in ("command", "environment", "user", "security_opt", "cap_drop", "devices"):
+            if key in spec:
+                service[key] = spec[key]
+        if "volumes" in spec:
             service["volumes"] = [f"{src}:{v['bind']}:{v['mode']}" for src, v in spec["volumes"].items()]
-            service["user"] = spec["user"]
-            service["security_opt"] = spec["security_opt"]
-            service["cap_drop"] = spec["cap_drop"]
+        if "stop_grace_period_s" in spec:
             service["stop_grace_period"] = f"{spec['stop_grace_period_s']}s"
-            if "devices" in spec:
-                service["devices"] = spec["devices"]
-            if "cpuset_cpus" in spec:
-                service["cpuset"] = spec["cpuset_cpus"]
-        else:
-            host, port = spec["ports"][f"{CONTAINER_PORT}/tcp"]
-            service["ports"] = [f"{host}:{port}:{CONTAINER_PORT}"]
+        if "cpuset_cpus" in spec:
+            service["cpuset"] = spec["cpuset_cpus"]
+        if "healthcheck" in spec:
+            check = spec["healthcheck"]
+            service["healthcheck"] = {
+                "test": check["test"],
+                "interval": _duration(check["interval"]),
+                "timeout": _duration(check["timeout"]),
+                "retries": check["retries"],
+                "start_period": _duration(check["start_period"]),
+            }
+        for inside, (host, port) in spec.get("ports", {}).items():
+            service.setdefault("ports", []).append(f"{host}:{port}:{inside.split('/')[0]}")
+        if "nginx_conf" in spec:
             service["configs"] = [{"source": "nginx_conf", "target": "/etc/nginx/nginx.conf"}]
         services[spec["name"]] = service
     nginx = next(s for s in specs if "nginx_conf" in s)
@@ -145,6 +224,38 @@ def write_compose(path: Path, specs: list[dict[str, Any]], plan: Plan) -> None:
     path.write_text(json.dumps(compose_document(specs, plan), indent=2) + "\n")
 
 
+def deploy(engine_client: Any, settings: Settings, plan: Plan, specs: list[dict[str, Any]]) -> None:
+    """Start the deployment and wait until it serves; on any failure remove what was started."""
+    if engine_client.containers.list(all=True, filters={"label": f"{LABEL}={plan.deployment}"}):
+        raise DeployError(
+            f"deployment {plan.deployment!r} is already running in Docker; run ./fast-api/cleanup.sh "
+            "first, or set deploy.name"
+        )
+    _check_images(engine_client, specs)
+    try:
+        launch(engine_client, specs, plan)
+        wait_ready(engine_client, settings, plan, specs)
+    except BaseException:
+        cleanup(engine_client, plan.deployment, timeout_s=10)
+        raise
+
+
+def _check_images(engine_client: Any, specs: list[dict[str, Any]]) -> None:
+    """Refuse before starting anything when an image is missing (the engine would otherwise try
+    to pull ``neuronserve-serve-*`` from a registry that does not have it)."""
+    from docker.errors import ImageNotFound
+
+    for image in sorted({s["image"] for s in specs}):
+        try:
+            engine_client.images.get(image)
+        except ImageNotFound:
+            if image.startswith("neuronserve-serve-"):
+                hint = "build it with: neuronserve image build serve"
+            else:
+                hint = f"pull it with: docker pull {image}"
+            raise DeployError(f"image {image} is not on this Docker engine; {hint}") from None
+
+
 def launch(engine_client: Any, specs: list[dict[str, Any]], plan: Plan) -> None:
     """Create the network and containers through the docker SDK."""
     import io
@@ -155,6 +266,8 @@ def launch(engine_client: Any, specs: list[dict[str, Any]], plan: Plan) -> None:
         engine_client.networks.create(network, labels={LABEL: plan.deployment})
     for spec in specs:
         kwargs = {k: v for k, v in spec.items() if k not in {"nginx_conf", "stop_grace_period_s"}}
+        if "stop_grace_period_s" in spec:  # docker stop gives no container more than it asks for
+            kwargs["labels"] = {**spec["labels"], STOP_LABEL: str(spec["stop_grace_period_s"])}
         if "nginx_conf" in spec:
             container = engine_client.containers.create(**{k: v for k, v in kwargs.items() if k != "detach"})
             data = spec["nginx_conf"].encode()
@@ -169,11 +282,89 @@ def launch(engine_client: Any, specs: list[dict[str, Any]], plan: Plan) -> None:
             engine_client.containers.run(**kwargs)
 
 
-def cleanup(engine_client: Any, deployment: str) -> int:
-    """Remove only this deployment's containers and network; returns how many containers."""
+def _local_url(host: str, port: int, path: str) -> str:
+    """A published port as reached from this host (a wildcard bind is reached on loopback)."""
+    reach = "127.0.0.1" if host in {"0.0.0.0", "", "::"} else host  # noqa: S104 - compared, not bound
+    return f"http://{reach}:{port}{path}"
+
+
+def wait_ready(
+    engine_client: Any,
+    settings: Settings,
+    plan: Plan,
+    specs: list[dict[str, Any]],
+    *,
+    poll_s: float = 0.5,
+) -> None:
+    """Wait until every server container is healthy (Docker runs :data:`READY_PROBE` in it),
+    then until the endpoint's /ready and the exporter's /metrics answer through their published
+    ports. A server that reports itself failed, or restarts ``CRASH_LOOP_RESTARTS`` times, or
+    anything still pending after ``deploy.ready_timeout_s``, fails the deploy naming it."""
+    deadline = time.monotonic() + settings.deploy.ready_timeout_s
+    servers = [s["name"] for s in specs if "healthcheck" in s]
+    pending: dict[str, str] = {}
+    for spec in specs:
+        if "nginx_conf" in spec:
+            pending[spec["name"]] = _local_url(plan.host, plan.port, "/ready")
+        elif spec["labels"].get("neuronserve.server") == "exporter":
+            pending[spec["name"]] = _local_url(settings.monitor.host, settings.monitor.port, "/metrics")
+    with httpx.Client(timeout=2) as client:
+        while True:
+            servers = [name for name in servers if not _healthy(engine_client.containers.get(name))]
+            for name, url in list(pending.items()):
+                if name.endswith("-nginx") and servers:
+                    continue  # the endpoint last: it is ready when every server is
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(url).status_code == 200:
+                        del pending[name]
+            if not servers and not pending:
+                return
+            if time.monotonic() > deadline:
+                first = servers[0] if servers else sorted(pending)[0]  # a server explains the most
+                waiting = ", ".join(sorted([*servers, *pending]))
+                raise DeployError(
+                    _failure(
+                        engine_client.containers.get(first),
+                        f"not ready after {settings.deploy.ready_timeout_s:.0f}s (waiting for {waiting})",
+                    )
+                )
+            time.sleep(poll_s)  # poll interval between readiness checks
+
+
+def _healthy(container: Any) -> bool:
+    """Whether a server container is healthy yet; raises when it will not get there."""
+    container.reload()
+    state = container.attrs.get("State", {})
+    health = state.get("Health") or {}
+    if health.get("Status") == "healthy":
+        return True
+    said = (health.get("Log") or [{}])[-1].get("Output", "")
+    if '"failed"' in said:
+        raise DeployError(_failure(container, f"failed while starting: {said.strip()[:500]}"))
+    # Docker restarts an exited server (unless-stopped); one restart may be bad luck, more is a loop.
+    if container.attrs.get("RestartCount", 0) >= CRASH_LOOP_RESTARTS or state.get("Status") == "dead":
+        code = state.get("ExitCode")
+        raise DeployError(_failure(container, f"keeps exiting while it starts (exit code {code})"))
+    return False
+
+
+def _failure(container: Any, reason: str) -> str:
+    try:
+        logs = container.logs(tail=20).decode(errors="replace").rstrip()
+    except Exception as exc:  # the container may be gone; the reason still stands
+        logs = f"(no log: {type(exc).__name__})"
+    return f"{container.name}: {reason}\n--- last lines of docker logs {container.name} ---\n{logs}"
+
+
+def cleanup(engine_client: Any, deployment: str, *, timeout_s: int | None = None) -> int:
+    """Remove only this deployment's containers and network; returns how many containers.
+
+    Each container gets its own stop timeout (servers: the drain timeout and then some) unless
+    ``timeout_s`` says otherwise."""
     found = engine_client.containers.list(all=True, filters={"label": f"{LABEL}={deployment}"})
     for container in found:
-        container.stop(timeout=40)
+        own = int(container.labels.get(STOP_LABEL, DEFAULT_STOP_S))
+        container.stop(timeout=own if timeout_s is None else timeout_s)
         container.remove()
     for network in engine_client.networks.list(filters={"label": f"{LABEL}={deployment}"}):
         network.remove()

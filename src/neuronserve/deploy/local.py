@@ -112,7 +112,7 @@ def server_environment(
     return env
 
 
-def _all_cores(plan: Plan) -> str:
+def all_cores(plan: Plan) -> str:
     from neuronserve.backends.base import CoreSet
 
     return str(CoreSet(tuple(sorted({c for s in plan.servers for c in s.cores.ids}))))
@@ -194,7 +194,7 @@ def render_supervisord_conf(
         lines += [
             "",
             "[program:exporter]",
-            f"command={python} -m neuronserve.cli monitor --backend {plan.backend} --cpus {_all_cores(plan)} --run-dir {rd.path}",
+            f"command={python} -m neuronserve.cli monitor --backend {plan.backend} --cpus {all_cores(plan)} --run-dir {rd.path}",
             f"environment={_supervisor_env({**passthrough_env, **marker, **section_environment(settings, 'monitor')})}",
             "autostart=true",
             "autorestart=true",

@@ -22,9 +22,13 @@ def _specs(tmp_path: Path, shape: str, backend: str, per_server: str) -> list[di
     return container_specs(settings, plan, tmp_path / "art")
 
 
+def _is_server(spec: dict[str, Any]) -> bool:
+    return str(spec["labels"]["neuronserve.server"]).startswith("server-")
+
+
 def test_inf2_48xlarge_one_core_per_server(tmp_path: Path) -> None:
     specs = _specs(tmp_path, "inf2.48xlarge", "neuronx", "1")
-    servers = [s for s in specs if "devices" in s]
+    servers = [s for s in specs if _is_server(s)]
     assert len(servers) == 24
     s5 = servers[5]  # core 5 lives on device 2 (2 cores per device), seen as neuron0, core 1
     assert s5["name"] == "bert-server-5"
@@ -46,7 +50,7 @@ def test_inf2_48xlarge_one_core_per_server(tmp_path: Path) -> None:
 
 
 def test_inf2_48xlarge_two_cores_per_server(tmp_path: Path) -> None:
-    servers = [s for s in _specs(tmp_path, "inf2.48xlarge", "neuronx", "2") if "devices" in s]
+    servers = [s for s in _specs(tmp_path, "inf2.48xlarge", "neuronx", "2") if _is_server(s)]
     assert len(servers) == 12
     assert servers[3]["devices"] == ["/dev/neuron3:/dev/neuron0:rwm"]
     assert servers[3]["environment"]["NEURONSERVE_SERVE__CORES"] == "0-1"
@@ -62,7 +66,7 @@ def test_inf2_48xlarge_two_cores_per_server(tmp_path: Path) -> None:
     ],
 )
 def test_inf1_6xlarge(tmp_path: Path, per_server: str, index: int, devices: list[str], cores: str) -> None:
-    servers = [s for s in _specs(tmp_path, "inf1.6xlarge", "neuron", per_server) if "devices" in s]
+    servers = [s for s in _specs(tmp_path, "inf1.6xlarge", "neuron", per_server) if _is_server(s)]
     assert servers[index]["devices"] == devices
     assert servers[index]["environment"]["NEURONSERVE_SERVE__CORES"] == cores
     assert servers[index]["image"] == "neuronserve-serve-neuron:latest"
@@ -77,6 +81,13 @@ def test_compose_file_mirrors_the_specs(tmp_path: Path) -> None:
     assert server["devices"] == ["/dev/neuron0:/dev/neuron0:rwm"]
     assert server["environment"]["NEURONSERVE_SERVE__CORES"] == "0-1"
     assert doc["services"]["bert-nginx"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert server["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
+    assert server["healthcheck"]["start_period"] == "300s"
+    exporter = doc["services"]["bert-exporter"]
+    assert exporter["command"] == ["neuronserve", "monitor", "--backend", "neuronx"]
+    assert exporter["ports"] == ["127.0.0.1:9110:9110"]
+    assert exporter["devices"] == ["/dev/neuron0:/dev/neuron0:rwm"]  # neuron-monitor sees the devices
+    assert exporter["user"] == "10001:10001" and exporter["cap_drop"] == ["ALL"]
     assert "least_conn" in doc["configs"]["nginx_conf"]["content"]
 
 
@@ -182,7 +193,7 @@ def test_containers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
         tmp_path, serve__max_batch_delay_ms="7", serve__neuron_shared_weights="true", deploy__name="bert"
     )
     plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
-    (server, *_rest) = [s for s in container_specs(settings, plan, tmp_path / "art") if "devices" in s]
+    (server, *_rest) = [s for s in container_specs(settings, plan, tmp_path / "art") if _is_server(s)]
     env = server["environment"]
     assert env["NEURONSERVE_SERVE__MAX_BATCH_DELAY_MS"] == "7.0"
     assert env["NEURONSERVE_SERVE__NEURON_SHARED_WEIGHTS"] == "true"
