@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,29 @@ import httpx
 READY_TIMEOUT_S = 180.0
 
 
-def free_port() -> int:
+# Below Linux's ephemeral range (32768-60999): the kernel never gives these to an outgoing
+# connection, so a port found free stays free for the server that binds it a moment later.
+_PORTS = (20000, 32000)
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive free loopback ports (a deployment's base_port needs
+    one per server)."""
+    rng = random.Random()
+    for _ in range(1000):
+        first = rng.randrange(_PORTS[0], _PORTS[1] - count)
+        if all(_bindable(first + i) for i in range(count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports in {_PORTS}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass

@@ -21,7 +21,7 @@ def test_the_acceptance_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
             str(REPO / "scripts" / "hardware-acceptance.sh"),
             *("--backend", "cpu", "--model", "bundled:all-MiniLM-L6-v2"),
             *("--concurrency", "1,4", "--duration", "2", "--output", str(out)),
-            *("--set", f"deploy.port={free_port()}", "--set", f"deploy.base_port={free_port()}"),
+            *("--set", f"deploy.port={free_port()}", "--set", f"deploy.base_port={free_port(8)}"),
             *(
                 "--set",
                 f"trace.output_dir={tmp_path / 'trace-models'}",

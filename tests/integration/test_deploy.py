@@ -32,7 +32,7 @@ def _settings(tmp_path: Path, artifacts: Path, **extra: str) -> Settings:
         deploy__name="itest",
         deploy__run_dir=str(tmp_path / "run"),
         deploy__port=str(free_port()),
-        deploy__base_port=str(free_port()),
+        deploy__base_port=str(free_port(8)),
         serve__artifacts=str(artifacts),
         serve__models_per_server="1",
         **extra,

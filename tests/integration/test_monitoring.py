@@ -51,7 +51,7 @@ def test_every_dashboard_query_returns_series(tmp_path: Path, bundled_artifacts:
         deploy__name="montest",
         deploy__run_dir=str(tmp_path / "run"),
         deploy__port=str(free_port()),
-        deploy__base_port=str(free_port()),
+        deploy__base_port=str(free_port(8)),
         serve__artifacts=str(bundled_artifacts),
         serve__models_per_server="1",
         monitor__sources="host,replay",

@@ -57,25 +57,36 @@ def test_deadline_gives_504_and_the_expired_input_never_runs(bundled_artifacts: 
                     return float(line.split()[-1])
             return 0.0
 
+        def inflight() -> float:
+            for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
+                if line.startswith("neuronserve_inflight_requests "):
+                    return float(line.split()[-1])
+            return 0.0
+
         before = items_run()
-        # Occupy the only copy with a batch of long texts, then ask for a short deadline.
-        with cf.ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(httpx.post, f"{srv.url}/predict", json={"inputs": [LONG] * 8}, timeout=120)
+        # Queue three batches of long texts on the only copy (hundreds of ms of work, first come
+        # first served), then ask for a 30 ms deadline: it expires behind them whatever the
+        # first batch's progress when it arrives.
+        with cf.ThreadPoolExecutor(3) as pool:
+            busy = [
+                pool.submit(httpx.post, f"{srv.url}/predict", json={"inputs": [LONG] * 8}, timeout=120)
+                for _ in range(3)
+            ]
             deadline_hit = None
-            for _ in range(50):  # the busy request must be queued or running first
-                if httpx.get(f"{srv.url}/metrics").text.count("neuronserve_inflight_requests 1.0"):
+            for _ in range(250):  # the busy requests must be queued or running first
+                if inflight() == 3:
                     deadline_hit = httpx.post(
                         f"{srv.url}/predict",
                         json={"inputs": "hello", "parameters": {"timeout_ms": 30}},
                         timeout=60,
                     )
                     break
-                time.sleep(0.02)
+                time.sleep(0.02)  # poll interval
             assert deadline_hit is not None
-            assert busy.result().status_code == 200
+            assert [b.result().status_code for b in busy] == [200] * 3
         assert deadline_hit.status_code == 504, deadline_hit.text
         assert deadline_hit.json()["type"] == "deadline_exceeded"
-        assert items_run() - before == 8  # the expired input was dropped, not run
+        assert items_run() - before == 24  # the expired input was dropped, not run
 
 
 def test_sigterm_drains_without_losing_accepted_requests(bundled_artifacts: Path, tmp_path: Path) -> None:
