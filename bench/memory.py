@@ -137,7 +137,7 @@ class Figures:
 
 def measure(work: Path, artifacts: Path, copies: int) -> Figures:
     name = "bench-memory"
-    port, base = free_port(), free_port()
+    port, base = free_port(), free_port(os.cpu_count() or 1)
     args = [
         "--set", f"serve.artifacts={artifacts}",
         "--set", f"serve.models_per_server={copies}",

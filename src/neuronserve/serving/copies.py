@@ -21,6 +21,7 @@ import torch
 
 from neuronserve.artifacts import Manifest
 from neuronserve.backends.base import Backend, CoreSet, LoadedModel
+from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batch, Batcher
 from neuronserve.serving.tasks import Task
 
@@ -112,6 +113,7 @@ class CopyWorker(threading.Thread):
         self._models: dict[tuple[int, int], LoadedModel] = {}
 
     def run(self) -> None:
+        libc.name_this_thread(self.name)  # so per-thread CPU (top -H, /proc) shows the copies
         # Whatever ends this thread other than the batcher closing is fatal to the server: a copy
         # that cannot load or dies must not leave a process that looks alive but never answers.
         try:

@@ -33,6 +33,7 @@ from neuronserve.backends import (
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.models import default_name
+from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
 from neuronserve.serving.copies import BatchOutcome, CopyWorker
 from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable
@@ -145,7 +146,12 @@ class Engine:
         self._trim_timer: asyncio.TimerHandle | None = None
         self._malloc_trim = find_malloc_trim()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._tokenizer_pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="tokenize",
+            initializer=libc.name_this_thread,
+            initargs=("tokenize",),
+        )
         metrics.describe_server(
             model=self.model_name, backend=self.backend_name, cores=str(self.cores), copies=self.copies
         )
@@ -387,12 +393,15 @@ class Engine:
         finally:
             self._admitting -= len(inputs)
 
-    def _enqueue(self, encoded: list[Encoded], options: list[ItemOptions], expires: float) -> list[WorkItem]:
+    @staticmethod
+    def _work_items(encoded: list[Encoded], options: list[ItemOptions], expires: float) -> list[WorkItem]:
         loop = asyncio.get_running_loop()
-        items = [
+        return [
             WorkItem(length=enc.length, deadline=expires, payload=(enc, opt), handle=loop.create_future())
             for enc, opt in zip(encoded, options, strict=True)
         ]
+
+    def _enqueue(self, items: list[WorkItem]) -> None:
         try:
             self.batcher.submit(items)
         except QueueFullError as exc:
@@ -401,7 +410,6 @@ class Engine:
         except BatcherClosedError:
             self.metrics.rejections.labels(reason="draining").inc()
             raise unavailable("the server is shutting down; retry on another server") from None
-        return items
 
     async def _tokenize(
         self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
@@ -440,22 +448,24 @@ class Engine:
         *,
         truncate: bool,
         timeout_s: float,
-        pending: list[asyncio.Future[Any]] | None = None,
+        watch: list[WorkItem] | None = None,
         field: str = "inputs",
     ) -> InferResult:
         """Tokenize, queue and await ``inputs``; raises ServeError for every refusal.
 
-        The futures of the queued items are appended to ``pending`` so that whoever watches the
-        client can cancel them; a cancelled item is dropped before it reaches a copy. ``field``
-        is what the request calls its inputs, for the errors that name one.
+        The work items are appended to ``watch`` before they are queued, so that whoever
+        watches the client can cancel them (a cancelled item is dropped before it reaches a
+        copy), also when the client left while its inputs were tokenized. ``field`` is what the
+        request calls its inputs, for the errors that name one.
         """
         self.check_available()
         started = time.monotonic()
         encoded = await self._admit(inputs, truncate=truncate, field=field)
         expires = started + timeout_s
-        items = self._enqueue(encoded, options, expires)
-        if pending is not None:
-            pending.extend(item.handle for item in items)
+        items = self._work_items(encoded, options, expires)
+        if watch is not None:
+            watch.extend(items)
+        self._enqueue(items)
         tokens = sum(enc.length for enc in encoded)
         self.metrics.input_tokens.inc(tokens)
         self._inflight += 1

