@@ -132,6 +132,7 @@ class TraceSettings:
 
 
 ServeMode = Literal["gunicorn", "uvicorn"]
+AccessLog = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,12 @@ class ServeSettings:
     )
     mode: ServeMode = setting(
         "gunicorn", "gunicorn (one uvicorn worker, for production) or uvicorn (development)."
+    )
+    access_log: AccessLog = setting(
+        "auto",
+        "One JSON line per request in the server's log: on, off, or auto (off behind a "
+        "deployment's nginx, which logs every request with its id, status and timings; on for a "
+        "server run alone).",
     )
 
 

@@ -22,7 +22,7 @@ import httpx
 
 from neuronserve.config import Settings, section_environment
 from neuronserve.deploy.local import CRASH_LOOP_RESTARTS, DeployError, all_cores
-from neuronserve.deploy.nginx import render_nginx_conf
+from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import Plan, ServerPlan
 
 LABEL = "neuronserve.deployment"
@@ -70,6 +70,7 @@ def server_spec(
         "NEURONSERVE_SERVE__MODELS_PER_SERVER": str(server.copies),
         "NEURONSERVE_SERVE__ARTIFACTS": ARTIFACTS_MOUNT,
         "NEURONSERVE_SERVE__MODE": "gunicorn",
+        "NEURONSERVE_SERVE__ACCESS_LOG": server_access_log(settings),
         "HF_HUB_OFFLINE": "1",
     }
     spec: dict[str, Any] = {

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from neuronserve.config import Settings, section_environment
-from neuronserve.deploy.nginx import render_nginx_conf
+from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import Plan, ServerPlan
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def server_environment(
         "NEURONSERVE_SERVE__MODELS_PER_SERVER": str(server.copies),
         "NEURONSERVE_SERVE__ARTIFACTS": str(artifacts),
         "NEURONSERVE_SERVE__MODE": "gunicorn",
+        "NEURONSERVE_SERVE__ACCESS_LOG": server_access_log(settings),
         "HF_HUB_OFFLINE": "1",
         # Marks every process of this deployment, so cleanup finds them whatever died before.
         RUN_DIR_MARKER: str(run_dir(settings).path.resolve()),

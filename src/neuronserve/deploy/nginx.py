@@ -14,6 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from neuronserve.config import Settings
+
+
+def server_access_log(settings: Settings) -> str:
+    """serve.access_log for servers behind nginx: nginx already logs each request (id, status,
+    timings), so ``auto`` turns the servers' own line off (it costs each request CPU)."""
+    return "off" if settings.serve.access_log == "auto" else settings.serve.access_log
+
 
 def render_nginx_conf(
     *,

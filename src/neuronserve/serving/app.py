@@ -21,7 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from neuronserve import __version__
 from neuronserve.config import Settings, load_settings
@@ -86,6 +86,21 @@ class ServingApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         return ServingMiddleware(super().build_middleware_stack(), **self.serving_options)
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """HTTP requests go straight to the middleware stack, as Starlette sends them.
+
+        FastAPI's own ``__call__`` first asks OpenTelemetry whether its native tracing is
+        configured, on every request (a measurable share of a request's CPU here); this server
+        exports its own metrics instead. Lifespan and anything else take FastAPI's way.
+        """
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        await self.middleware_stack(scope, receive, send)
+
 
 def _response(reply: handlers.Reply) -> Response:
     return Response(reply.body, status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
@@ -119,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
         api_key=settings.serve.api_key,
         metrics=metrics,
         draining=lambda: engine.draining,
+        access_log=settings.serve.access_log != "off",
         # The hot routes skip FastAPI's routing layers; the FastAPI routes below document them
         # and run the same handlers.
         fast_routes={

@@ -57,6 +57,7 @@ class ServingMiddleware:
         metrics: ServerMetrics,
         draining: Callable[[], bool] = lambda: False,
         fast_routes: dict[str, Callable[[bytes, Receive], Awaitable[Reply]]] | None = None,
+        access_log: bool = True,
     ) -> None:
         self.fast_routes = fast_routes or {}
         # Request ids: a random prefix per process and a counter (uuid4 costs a syscall each).
@@ -68,6 +69,7 @@ class ServingMiddleware:
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode()
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,17 +124,18 @@ class ServingMiddleware:
             self.metrics.request_duration.labels(route=label).observe(elapsed)
             if status in (401, 413):
                 self.metrics.rejections.labels(reason="unauthorized" if status == 401 else "too_large").inc()
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": scope["method"],
-                    "route": label,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "bytes_out": sent,
-                },
-            )
+            if self.access_log:
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "route": label,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "bytes_out": sent,
+                    },
+                )
 
     async def _serve_fast(
         self,

@@ -36,6 +36,7 @@ def run_uvicorn(settings: Settings) -> int:
 
     from neuronserve.serving.app import create_app
     from neuronserve.serving.logs import configure_logging
+    from neuronserve.serving.worker import HTTP_PROTOCOL
 
     configure_logging()
     app = create_app(settings)
@@ -44,6 +45,8 @@ def run_uvicorn(settings: Settings) -> int:
         host=settings.serve.host,
         port=settings.serve.port,
         lifespan="on",
+        http=HTTP_PROTOCOL,
+        proxy_headers=False,
         access_log=False,
         log_config=None,
         timeout_keep_alive=75,

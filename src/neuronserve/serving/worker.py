@@ -77,12 +77,18 @@ def whole_responses(protocol: type[Any]) -> type[asyncio.Protocol]:
     return WholeResponses
 
 
+# httptools when installed (it is a dependency), each response written whole.
+HTTP_PROTOCOL = whole_responses(import_from_string(HTTP_PROTOCOLS["auto"]))
+
+
 class Worker(UvicornWorker):  # type: ignore[misc]
     """One uvicorn worker per core set (the Neuron runtime gives each process exclusive cores)."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "auto",
-        "http": whole_responses(import_from_string(HTTP_PROTOCOLS["auto"])),
+        "http": HTTP_PROTOCOL,
+        # nginx is the only client and sends no forwarding headers: nothing to rewrite per request.
+        "proxy_headers": False,
         "lifespan": "on",
         "access_log": False,
     }
