@@ -47,14 +47,16 @@ class WorkItem:
     """One input waiting for a copy (a request with k inputs makes k items).
 
     ``length`` picks the sequence bucket; ``payload`` is the tokenized input and the options the
-    task needs afterwards; ``handle`` lets the owner answer it (an asyncio future). ``cancelled``
-    is set by the event loop when the client leaves or the deadline passes.
+    task needs afterwards; ``handle`` and ``slot`` let the owner answer it (the engine: its
+    request's answer and its place in it). ``cancelled`` is set by the event loop when the client
+    leaves or the deadline passes.
     """
 
     length: int
     deadline: float
     payload: Any
     handle: Any = None
+    slot: int = 0  # which of its request's inputs it is
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     dispatched_at: float = 0.0

@@ -53,7 +53,8 @@ def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torc
         n = enc.length
         ids[row, :n] = enc.ids
         mask[row, :n] = 1
-        types[row, :n] = enc.type_ids
+        if enc.type_ids is not None:
+            types[row, :n] = enc.type_ids
     by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     tensors = tuple(torch.from_numpy(by_name[name]) for name in input_names)
     return tensors, torch.from_numpy(mask)

@@ -95,12 +95,33 @@ class InferResult:
     tokens: int
 
 
-@dataclass(frozen=True)
-class _ItemResult:
-    value: Any
-    queue_s: float
-    inference_s: float
-    batch_size: int
+class _ExpiredError(Exception):
+    """A request's deadline passed before all of its inputs were answered."""
+
+
+class _Answer:
+    """One request's inputs, answered together: copies fill ``values`` and the future is set
+    once, when the last input lands (one future per request, not one per input)."""
+
+    __slots__ = ("batch_size", "future", "inference_s", "queue_s", "remaining", "values")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.future: asyncio.Future[_Answer] = loop.create_future()
+        self.values: list[Any] = [None] * count
+        self.remaining = count
+        self.queue_s = 0.0
+        self.inference_s = 0.0
+        self.batch_size = 0
+
+    def cancel(self) -> None:
+        self.future.cancel()  # a no-op once answered
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def expire(self) -> None:
+        self.fail(_ExpiredError())
 
 
 class Engine:
@@ -330,26 +351,31 @@ class Engine:
 
     def _resolve(self, outcome: BatchOutcome) -> None:
         size = len(outcome.batch.items)
+        results = outcome.results
+        failed = outcome.error is not None or results is None
         for i, item in enumerate(outcome.batch.items):
-            future: asyncio.Future[_ItemResult] = item.handle
-            if future.done():
+            answer: _Answer = item.handle
+            if answer.future.done():
                 continue
-            if outcome.error is not None or outcome.results is None:
-                future.set_exception(ServeError("internal_error", "inference failed; see the server log"))
-            else:
-                queue_s = item.dispatched_at - item.enqueued_at
-                future.set_result(_ItemResult(outcome.results[i], queue_s, outcome.inference_s, size))
+            if failed or results is None:
+                answer.fail(ServeError("internal_error", "inference failed; see the server log"))
+                continue
+            answer.values[item.slot] = results[i]
+            answer.queue_s = max(answer.queue_s, item.dispatched_at - item.enqueued_at)
+            answer.inference_s = max(answer.inference_s, outcome.inference_s)
+            answer.batch_size = max(answer.batch_size, size)
+            answer.remaining -= 1
+            if answer.remaining == 0:
+                answer.future.set_result(answer)
 
     def _resolve_dropped(self, dropped: list[tuple[WorkItem, str]]) -> None:
         for item, reason in dropped:
             self.metrics.inputs_dropped.labels(reason=reason).inc()
-            future: asyncio.Future[_ItemResult] = item.handle
-            if future.done():
-                continue
+            answer: _Answer = item.handle
             if reason == "expired":
-                future.set_exception(deadline("the request's deadline passed while it waited for a copy"))
+                answer.fail(deadline("the request's deadline passed while it waited for a copy"))
             else:
-                future.cancel()
+                answer.cancel()
 
     def _schedule_trim(self) -> None:
         if self._trim_timer is None and self._loop is not None:
@@ -394,11 +420,20 @@ class Engine:
             self._admitting -= len(inputs)
 
     @staticmethod
-    def _work_items(encoded: list[Encoded], options: list[ItemOptions], expires: float) -> list[WorkItem]:
-        loop = asyncio.get_running_loop()
+    def _work_items(
+        encoded: list[Encoded], options: list[ItemOptions], expires: float, answer: _Answer
+    ) -> list[WorkItem]:
+        now = time.monotonic()
         return [
-            WorkItem(length=enc.length, deadline=expires, payload=(enc, opt), handle=loop.create_future())
-            for enc, opt in zip(encoded, options, strict=True)
+            WorkItem(
+                length=enc.length,
+                deadline=expires,
+                payload=(enc, opt),
+                handle=answer,
+                slot=i,
+                enqueued_at=now,
+            )
+            for i, (enc, opt) in enumerate(zip(encoded, options, strict=True))
         ]
 
     def _enqueue(self, items: list[WorkItem]) -> None:
@@ -462,7 +497,9 @@ class Engine:
         started = time.monotonic()
         encoded = await self._admit(inputs, truncate=truncate, field=field)
         expires = started + timeout_s
-        items = self._work_items(encoded, options, expires)
+        loop = asyncio.get_running_loop()
+        answer = _Answer(loop, len(encoded))
+        items = self._work_items(encoded, options, expires, answer)
         if watch is not None:
             watch.extend(items)
         self._enqueue(items)
@@ -472,29 +509,28 @@ class Engine:
         self._idle.clear()
         self.metrics.inflight.inc()
         answered = False
+        timer = loop.call_later(max(0.0, expires - time.monotonic()), answer.expire)
         try:
-            waiter = items[0].handle if len(items) == 1 else asyncio.gather(*(i.handle for i in items))
-            done = await asyncio.wait_for(waiter, max(0.0, expires - time.monotonic()))
+            await answer.future
             answered = True
-        except asyncio.TimeoutError:  # a distinct class before Python 3.11
+        except _ExpiredError:
             self.metrics.rejections.labels(reason="deadline").inc()
             raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
         finally:
+            timer.cancel()
             if not answered:  # timed out, failed or the client left: never run what nobody awaits
                 for item in items:
                     item.cancelled = True
-                    if not item.handle.done():
-                        item.handle.cancel()
+                answer.cancel()
             self._inflight -= 1
             self.metrics.inflight.dec()
             if self._inflight == 0:
                 self._idle.set()
                 self._schedule_trim()
-        results: list[_ItemResult] = [done] if len(items) == 1 else list(done)
         return InferResult(
-            outputs=[r.value for r in results],
-            queue_ms=max(r.queue_s for r in results) * 1000.0,
-            inference_ms=max(r.inference_s for r in results) * 1000.0,
-            batch_size=max(r.batch_size for r in results),
+            outputs=answer.values,
+            queue_ms=answer.queue_s * 1000.0,
+            inference_ms=answer.inference_s * 1000.0,
+            batch_size=answer.batch_size,
             tokens=tokens,
         )

@@ -92,8 +92,7 @@ class DisconnectWatch:
 def _cancel(items: Iterable[WorkItem]) -> None:
     for item in items:
         item.cancelled = True  # the batcher drops it instead of dispatching it
-        if not item.handle.done():
-            item.handle.cancel()
+        item.handle.cancel()  # the request's answer: its awaiting handler stops waiting
 
 
 class _Registered(list):  # type: ignore[type-arg]
