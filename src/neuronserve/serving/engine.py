@@ -329,17 +329,17 @@ class Engine:
         self.metrics.copies_unhealthy.set(len(self._unhealthy))
 
     def _on_outcome(self, outcome: BatchOutcome) -> None:
-        m = self.metrics
-        real = len(outcome.batch.items)
-        m.inference_duration.observe(outcome.inference_s)
+        batch = outcome.batch
+        real = len(batch.items)
         if outcome.error is None:
-            self.batcher.observe(outcome.batch.batch_size, outcome.batch.sequence_length, outcome.inference_s)
-        m.batch_size.observe(real)
-        m.padding_rows.inc(outcome.batch.batch_size - real)
-        m.copy_inferences.labels(copy=str(outcome.copy)).inc()
-        m.copy_items.labels(copy=str(outcome.copy)).inc(real)
-        for item in outcome.batch.items:
-            m.queue_duration.observe(item.dispatched_at - item.enqueued_at)
+            self.batcher.observe(batch.batch_size, batch.sequence_length, outcome.inference_s)
+        self.metrics.batch_ran(
+            outcome.copy,
+            real,
+            batch.batch_size - real,
+            outcome.inference_s,
+            [item.dispatched_at - item.enqueued_at for item in batch.items],
+        )
         assert self._loop is not None, "this is a bug: a copy started before the engine"
         self._loop.call_soon_threadsafe(self._resolve, outcome)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -35,9 +38,12 @@ class ServerMetrics:
     def __init__(self, server: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self._requests = Counter(
             "neuronserve_requests", "HTTP requests by route and status code", ["route", "code"], registry=r
-        ).labels  # call with route=, code=
+        )
+        # Labelled children looked up once: every request and every batch updates them.
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._per_copy: dict[int, tuple[Any, Any]] = {}
         self.request_duration = Histogram(
             "neuronserve_request_duration_seconds",
             "Time from request to response",
@@ -104,6 +110,33 @@ class ServerMetrics:
         )
         self._server = server
 
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """One request answered: its count by route and status, and its duration by route."""
+        children = self._answered.get((route, status))
+        if children is None:
+            children = (
+                self._requests.labels(route=route, code=str(status)),
+                self.request_duration.labels(route=route),
+            )
+            self._answered[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def batch_ran(
+        self, copy: int, inputs: int, padding: int, seconds: float, queued: Sequence[float]
+    ) -> None:
+        """One model call of ``copy``: ``inputs`` real rows, their queue times, and its duration."""
+        children = self._per_copy.get(copy)
+        if children is None:
+            children = (self.copy_inferences.labels(copy=str(copy)), self.copy_items.labels(copy=str(copy)))
+            self._per_copy[copy] = children
+        children[0].inc()
+        children[1].inc(inputs)
+        self.inference_duration.observe(seconds)
+        self.batch_size.observe(inputs)
+        self.padding_rows.inc(padding)
+        observe_many(self.queue_duration, queued)
+
     def describe_server(self, *, model: str, backend: str, cores: str, copies: int) -> None:
         self.info.labels(
             server=self._server, model=model, backend=backend, cores=cores, copies=str(copies)
@@ -111,3 +144,22 @@ class ServerMetrics:
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one update per bucket touched instead of
+    one per value (a batch's inputs share a handful of buckets). Same samples as observing one
+    by one; falls back to that when the client library's internals are not the expected ones."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    if not values:
+        return
+    total.inc(sum(values))
+    # observe() counts a value in the first bucket whose upper bound is >= it.
+    for index, count in collections.Counter(bisect.bisect_left(bounds, v) for v in values).items():
+        buckets[index].inc(count)

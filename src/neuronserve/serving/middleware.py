@@ -120,8 +120,7 @@ class ServingMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
-            self.metrics.requests(route=label, code=str(status)).inc()
-            self.metrics.request_duration.labels(route=label).observe(elapsed)
+            self.metrics.answered(label, status, elapsed)
             if status in (401, 413):
                 self.metrics.rejections.labels(reason="unauthorized" if status == 401 else "too_large").inc()
             if self.access_log:

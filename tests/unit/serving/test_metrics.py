@@ -1,0 +1,64 @@
+"""Metrics updated in bulk export exactly what one update per value would."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from neuronserve.serving.metrics import LATENCY_BUCKETS, ServerMetrics, observe_many
+
+
+def _histogram() -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    return registry, Histogram("h_seconds", "h", buckets=LATENCY_BUCKETS, registry=registry)
+
+
+def _samples(registry: CollectorRegistry) -> list[str]:
+    return [
+        line
+        for line in generate_latest(registry).decode().splitlines()
+        if not line.startswith("h_seconds_created")
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_observe_many_matches_observing_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    # Values on bucket bounds, between them, below the first and above the last.
+    values = [rng.choice(LATENCY_BUCKETS) for _ in range(20)] + [rng.uniform(0, 40) for _ in range(40)]
+    values += [0.0, 1e-6, 31.0, float(LATENCY_BUCKETS[0])]
+    one_registry, one = _histogram()
+    for v in values:
+        one.observe(v)
+    bulk_registry, bulk = _histogram()
+    observe_many(bulk, values[:30])
+    observe_many(bulk, values[30:])
+    observe_many(bulk, [])
+    bulk_lines, one_lines = _samples(bulk_registry), _samples(one_registry)
+    sums = [
+        float(next(x for x in lines if x.startswith("h_seconds_sum ")).split()[1])
+        for lines in (bulk_lines, one_lines)
+    ]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-12)  # summed in another order
+    assert [x for x in bulk_lines if not x.startswith("h_seconds_sum ")] == [
+        x for x in one_lines if not x.startswith("h_seconds_sum ")
+    ]
+
+
+def test_answered_and_batch_ran_export_the_labelled_series() -> None:
+    m = ServerMetrics("s")
+    for _ in range(3):
+        m.answered("/predict", 200, 0.004)
+    m.answered("/predict", 429, 0.0001)
+    m.batch_ran(1, inputs=5, padding=3, seconds=0.02, queued=[0.001, 0.002, 0.003, 0.004, 0.2])
+    text = generate_latest(m.registry).decode()
+    assert 'neuronserve_requests_total{code="200",route="/predict"} 3.0' in text
+    assert 'neuronserve_requests_total{code="429",route="/predict"} 1.0' in text
+    assert 'neuronserve_request_duration_seconds_count{route="/predict"} 4.0' in text
+    assert 'neuronserve_copy_items_total{copy="1"} 5.0' in text
+    assert 'neuronserve_copy_inferences_total{copy="1"} 1.0' in text
+    assert "neuronserve_padding_rows_total 3.0" in text
+    assert "neuronserve_queue_duration_seconds_count 5.0" in text
+    assert 'neuronserve_queue_duration_seconds_bucket{le="0.0025"} 2.0' in text
