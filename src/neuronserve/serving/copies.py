@@ -43,18 +43,24 @@ class BatchOutcome:
 
 
 def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """Pad a batch to its compiled shape; returns (inputs in manifest order, attention mask)."""
+    """Pad a batch to its compiled shape; returns (inputs in manifest order, attention mask).
+
+    Vectorised: each row's tokens go to its first ``length`` columns, which is where a boolean
+    mask of the real tokens puts a concatenation of the rows (in row-major order).
+    """
     b, s = batch.batch_size, batch.sequence_length
+    encoded = [item.payload[0] for item in batch.items]
+    lengths = np.fromiter((enc.length for enc in encoded), dtype=np.int64, count=len(encoded))
+    real = np.zeros((b, s), dtype=bool)
+    real[: len(encoded)] = np.arange(s) < lengths[:, None]
     ids = np.zeros((b, s), dtype=np.int64)
-    mask = np.zeros((b, s), dtype=np.int64)
+    ids[real] = np.concatenate([enc.ids for enc in encoded])
+    mask = real.astype(np.int64)
     types = np.zeros((b, s), dtype=np.int64)
-    for row, item in enumerate(batch.items):
-        enc = item.payload[0]
-        n = enc.length
-        ids[row, :n] = enc.ids
-        mask[row, :n] = 1
-        if enc.type_ids is not None:
-            types[row, :n] = enc.type_ids
+    if any(enc.type_ids is not None for enc in encoded):
+        types[real] = np.concatenate(
+            [enc.type_ids if enc.type_ids is not None else np.zeros(enc.length, np.int64) for enc in encoded]
+        )
     by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     tensors = tuple(torch.from_numpy(by_name[name]) for name in input_names)
     return tensors, torch.from_numpy(mask)

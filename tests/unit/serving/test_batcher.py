@@ -269,3 +269,38 @@ def test_the_queue_is_bounded_in_tokens_too() -> None:
     batch = batcher.next_batch()
     assert batch is not None and [item.length for item in batch.items] == [12]
     assert batcher.depth_tokens == 0 and [item for item, _ in dropped] == [expired]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_build_inputs_pads_each_row_like_row_by_row_copying(seed: int) -> None:
+    """The vectorised padding equals the obvious loop, segment ids and padding rows included."""
+    import numpy as np
+
+    from neuronserve.serving.batcher import Batch
+    from neuronserve.serving.copies import build_inputs
+    from neuronserve.serving.tokenization import Encoded
+
+    rng = np.random.default_rng(seed)
+    size, seq = 8, 16
+    rows = int(rng.integers(1, size + 1))
+    encoded = []
+    for _ in range(rows):
+        n = int(rng.integers(1, seq + 1))
+        types = rng.integers(0, 2, n) if rng.random() < 0.5 else None
+        encoded.append(Encoded(ids=rng.integers(1, 1000, n), type_ids=types))
+    batch = Batch(
+        seq, size, tuple(WorkItem(length=e.length, deadline=1.0, payload=(e, None)) for e in encoded)
+    )
+    (ids, mask, types_out), mask_again = build_inputs(
+        batch, ("input_ids", "attention_mask", "token_type_ids")
+    )
+    want_ids, want_mask, want_types = (np.zeros((size, seq), dtype=np.int64) for _ in range(3))
+    for row, e in enumerate(encoded):
+        want_ids[row, : e.length] = e.ids
+        want_mask[row, : e.length] = 1
+        if e.type_ids is not None:
+            want_types[row, : e.length] = e.type_ids
+    assert np.array_equal(ids.numpy(), want_ids)
+    assert np.array_equal(mask.numpy(), want_mask) and np.array_equal(mask_again.numpy(), want_mask)
+    assert np.array_equal(types_out.numpy(), want_types)
+    assert ids.dtype == mask.dtype == types_out.dtype == mask_again.dtype  # int64, as traced
