@@ -15,6 +15,12 @@ is shared and its speed drifts by tens of percent within minutes):
   latency   served p50 at concurrency 1 against one raw batch-1 call (1 thread per copy).
 It prints every run and the medians: served/raw for ~120-token texts, and batched/unbatched
 throughput for ~15-token texts.
+
+    python bench/serve_overhead.py --deployment [--runs 5] [--duration 8]
+
+measures instead the figure compared with other serving stacks: requests/s of the default
+deployment (`neuronserve deploy` at every default: one server per core behind nginx) on
+~15-token texts, saturated by hey at concurrency 64.
 """
 
 from __future__ import annotations
@@ -360,9 +366,64 @@ def measure(args: argparse.Namespace, auto_cast: str) -> dict[str, float]:
     return median
 
 
+def deployment_throughput(args: argparse.Namespace) -> int:
+    """The peer-comparison figure: requests/s of the default deployment on ~15-token texts.
+
+    The bundled model is traced with the cpu defaults and deployed with `neuronserve deploy` at
+    every default (one server per core, behind nginx); hey saturates it (closed loop,
+    concurrency 64, one text per request, identical requests) for --duration seconds per run.
+    """
+    from bench.host_overhead import hey, neuronserve
+
+    work = Path(args.output) / "deployment"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.properties").write_text("")
+    artifacts = work / "trace" / "all-MiniLM-L6-v2" / "cpu"
+    if not (artifacts / "manifest.json").is_file():
+        neuronserve(
+            work,
+            "trace",
+            "--quiet",
+            "--set",
+            "trace.backend=cpu",
+            "--set",
+            f"trace.output_dir={work / 'trace'}",
+        )
+    text = texts_of_length(TokenCounter(artifacts), 14, 16, 1)[0]
+    payload = work / "short.json"
+    payload.write_bytes(orjson.dumps({"inputs": text}))
+    port, base = free_port(), free_port(os.cpu_count() or 1)
+    deploy = [
+        *("--set", f"serve.artifacts={artifacts}"),
+        *("--set", "deploy.name=bench-deployment"),
+        *("--set", f"deploy.run_dir={work / 'run'}"),
+        *("--set", f"deploy.port={port}"),
+        *("--set", f"deploy.base_port={base}"),
+        *("--set", "monitor.enabled=false"),
+    ]
+    neuronserve(work, "deploy", *deploy)
+    rates: list[float] = []
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        hey(url, payload, 64, 2.0)  # warm-up, not measured
+        for i in range(args.runs):
+            run = hey(url, payload, 64, args.duration)
+            rates.append(run.ok / run.seconds)
+            print(f"run {i + 1}: {rates[-1]:.0f} req/s, non-200: {run.other_codes or 'none'}", flush=True)
+    finally:
+        neuronserve(work, "cleanup", *deploy)
+    print(f"default deployment, ~15-token texts, concurrency 64: median {statistics.median(rates):.0f} req/s")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="instead: short-text saturation throughput of the default deployment (nginx, one server per core)",
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per served window")
@@ -375,6 +436,8 @@ def main() -> int:
     parser.add_argument("--output", default=str(REPO / "trace-models" / "bench"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.deployment:
+        return deployment_throughput(args)
     precisions = [p.strip() for p in args.auto_cast.split(",") if p.strip()]
     if not precisions or set(precisions) - {"none", "bf16"}:
         parser.error(f"--auto-cast {args.auto_cast!r}: use none, bf16 or none,bf16")
