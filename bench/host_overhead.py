@@ -91,15 +91,15 @@ def tiny_model(work: Path) -> Path:
 
 def trace(work: Path) -> Path:
     out = work / "trace"
-    if not (out / "tiny-bert" / "cpu" / "manifest.json").is_file():
-        neuronserve(
-            work,
-            "trace",
-            "--quiet",
-            *("--set", f"model.source={tiny_model(work)}"),
-            *("--set", "trace.backend=cpu"),
-            *("--set", f"trace.output_dir={out}"),
-        )
+    # Cached by the tracer itself: only what changed (model, settings, versions) compiles again.
+    neuronserve(
+        work,
+        "trace",
+        "--quiet",
+        *("--set", f"model.source={tiny_model(work)}"),
+        *("--set", "trace.backend=cpu"),
+        *("--set", f"trace.output_dir={out}"),
+    )
     return out / "tiny-bert" / "cpu"
 
 
