@@ -375,7 +375,7 @@ def deployment_throughput(args: argparse.Namespace) -> int:
     """
     from bench.host_overhead import hey, neuronserve
 
-    work = Path(args.output) / "deployment"
+    work = Path(args.output).resolve() / "deployment"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.properties").write_text("")
     artifacts = work / "trace" / "all-MiniLM-L6-v2" / "cpu"

@@ -72,9 +72,6 @@ def cast_linears_to_bf16(module: torch.nn.Module) -> torch.nn.Module:
     return converted
 
 
-CPU_PIPELINE = "trace+freeze+optimize_for_inference"
-
-
 class CpuBackend:
     """Runs anywhere; the embedded default and the vehicle for every test on hosts without Neuron."""
 
@@ -92,9 +89,8 @@ class CpuBackend:
         self._load_lock = threading.Lock()
 
     def versions(self) -> dict[str, str]:
-        # torch's own version is recorded for every backend by the tracer; this names what the
-        # cpu backend does with it, so artifacts from an older pipeline are compiled again.
-        return {"cpu-pipeline": CPU_PIPELINE}
+        # torch's own version is recorded for every backend by the tracer.
+        return {}
 
     def compile(
         self, module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], dest: Path
@@ -106,7 +102,7 @@ class CpuBackend:
         with torchscript_quietly(), torch.no_grad():
             traced = torch.jit.trace(module.eval(), example_inputs, check_trace=False)
             frozen = torch.jit.freeze(traced)
-            torch.jit.save(_optimized(frozen), str(dest))
+            torch.jit.save(frozen, str(dest))
         # Verify the round trip through the file, which is what serving will load.
         return _load_file(dest)
 
@@ -129,22 +125,6 @@ class CpuBackend:
             if key not in self._loaded:
                 self._loaded[key] = _load_file(artifact)
             return self._loaded[key]
-
-
-def _optimized(frozen: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """``torch.jit.optimize_for_inference``: linear layers on oneDNN with pre-packed weights
-    (all-MiniLM-L6-v2, batch 32 x 16 tokens, 1 thread: 3.58 vs 3.87 ms per text, measured). The
-    tracer verifies the saved result against eager like any artifact; a graph it cannot
-    optimise is kept frozen."""
-    import torch
-
-    try:
-        return torch.jit.optimize_for_inference(frozen)
-    except Exception as exc:  # an op oneDNN does not take: the frozen graph is still correct
-        log.warning(
-            "optimize_for_inference failed (%s: %s); keeping the frozen graph", type(exc).__name__, exc
-        )
-        return frozen
 
 
 def _load_file(artifact: Path) -> LoadedModel:
