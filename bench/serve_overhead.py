@@ -401,6 +401,11 @@ def deployment_throughput(args: argparse.Namespace) -> int:
         *("--set", f"deploy.base_port={base}"),
         *("--set", "monitor.enabled=false"),
     ]
+    cores = len(os.sched_getaffinity(0))
+    # The bound: the model alone, one copy per core at 1 thread (the deployment's arrangement)
+    # at its best batch size, in this process, before and after the served runs.
+    raw_configs_ = [(b, cores, 1) for b in (8, 16, 32)]
+    raws = [max(raw_throughput(artifacts, [text], 16, raw_configs_, args.duration / 2).values())]
     neuronserve(work, "deploy", *deploy)
     rates: list[float] = []
     try:
@@ -412,7 +417,13 @@ def deployment_throughput(args: argparse.Namespace) -> int:
             print(f"run {i + 1}: {rates[-1]:.0f} req/s, non-200: {run.other_codes or 'none'}", flush=True)
     finally:
         neuronserve(work, "cleanup", *deploy)
-    print(f"default deployment, ~15-token texts, concurrency 64: median {statistics.median(rates):.0f} req/s")
+    raws.append(max(raw_throughput(artifacts, [text], 16, raw_configs_, args.duration / 2).values()))
+    served_rate, raw = statistics.median(rates), statistics.mean(raws)
+    print(f"default deployment, ~15-token texts, concurrency 64: median {served_rate:.0f} req/s")
+    print(
+        f"the model alone on {cores} cores (no HTTP, best batch): {raw:.0f} texts/s "
+        f"({' and '.join(f'{r:.0f}' for r in raws)}, before and after); served/raw {served_rate / raw:.2f}"
+    )
     return 0
 
 
