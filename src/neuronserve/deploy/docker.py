@@ -93,7 +93,7 @@ def server_spec(
         "stop_grace_period_s": int(settings.serve.drain_timeout_s) + 10,
         "healthcheck": {
             "test": ["CMD", "python", "-c", READY_PROBE],
-            "interval": 3 * SECOND_NS,
+            "interval": 5 * SECOND_NS,  # a Python process per probe: not more often
             "timeout": 3 * SECOND_NS,
             "retries": 3,
             "start_period": int(settings.deploy.ready_timeout_s) * SECOND_NS,
@@ -155,6 +155,8 @@ def exporter_spec(settings: Settings, plan: Plan, image: str) -> dict[str, Any]:
         "cap_drop": ["ALL"],
         "stop_signal": "SIGTERM",
         "stop_grace_period_s": 10,
+        # The serving image's HEALTHCHECK probes a server's /ready, which the exporter is not.
+        "healthcheck": {"test": ["NONE"]},
         "detach": True,
     }
     devices = sorted({d for s in plan.servers for d in s.devices})
@@ -198,7 +200,9 @@ def compose_document(specs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
             service["stop_grace_period"] = f"{spec['stop_grace_period_s']}s"
         if "cpuset_cpus" in spec:
             service["cpuset"] = spec["cpuset_cpus"]
-        if "healthcheck" in spec:
+        if spec.get("healthcheck", {}).get("test") == ["NONE"]:
+            service["healthcheck"] = {"disable": True}
+        elif "healthcheck" in spec:
             check = spec["healthcheck"]
             service["healthcheck"] = {
                 "test": check["test"],
@@ -302,7 +306,9 @@ def wait_ready(
     ports. A server that reports itself failed, or restarts ``CRASH_LOOP_RESTARTS`` times, or
     anything still pending after ``deploy.ready_timeout_s``, fails the deploy naming it."""
     deadline = time.monotonic() + settings.deploy.ready_timeout_s
-    servers = [s["name"] for s in specs if "healthcheck" in s]
+    servers = [
+        s["name"] for s in specs if str(s["labels"].get("neuronserve.server", "")).startswith("server-")
+    ]
     pending: dict[str, str] = {}
     for spec in specs:
         if "nginx_conf" in spec:

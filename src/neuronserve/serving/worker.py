@@ -50,16 +50,23 @@ class _WholeWrites:
             self._loop.call_soon(self.flush)
         self._pending.append(data)
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
     def flush(self) -> None:
         pending, self._pending = self._pending, []
-        if len(pending) == 1:
-            self._transport.write(pending[0])
-        elif pending:
-            self._transport.write(b"".join(pending))
+        if not pending or self._transport.is_closing():
+            return  # the peer left meanwhile: as uvicorn's own writes, dropped
+        self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

@@ -88,6 +88,7 @@ def test_compose_file_mirrors_the_specs(tmp_path: Path) -> None:
     assert exporter["ports"] == ["127.0.0.1:9110:9110"]
     assert exporter["devices"] == ["/dev/neuron0:/dev/neuron0:rwm"]  # neuron-monitor sees the devices
     assert exporter["user"] == "10001:10001" and exporter["cap_drop"] == ["ALL"]
+    assert exporter["healthcheck"] == {"disable": True}  # the image's probe is a server's
     assert "least_conn" in doc["configs"]["nginx_conf"]["content"]
 
 

@@ -29,6 +29,8 @@ def test_observe_many_matches_observing_one_by_one(seed: int) -> None:
     # Values on bucket bounds, between them, below the first and above the last.
     values = [rng.choice(LATENCY_BUCKETS) for _ in range(20)] + [rng.uniform(0, 40) for _ in range(40)]
     values += [0.0, 1e-6, 31.0, float(LATENCY_BUCKETS[0])]
+    # The bulk path, not its fallback: the client library still has the internals it updates.
+    assert all(hasattr(_histogram()[1], a) for a in ("_upper_bounds", "_buckets", "_sum"))
     one_registry, one = _histogram()
     for v in values:
         one.observe(v)

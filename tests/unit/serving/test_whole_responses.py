@@ -109,3 +109,18 @@ def test_closing_writes_what_is_pending_first() -> None:
 def test_the_worker_serves_with_whole_responses() -> None:
     http = Worker.CONFIG_KWARGS["http"]
     assert isinstance(http, type) and http.__name__.startswith("WholeResponses")
+
+
+def test_what_is_pending_when_the_peer_left_is_dropped_not_raised() -> None:
+    base = import_from_string(HTTP_PROTOCOLS["h11"])
+    sock = _Socket()
+
+    async def main() -> None:
+        protocol = _connect(whole_responses(base), sock)
+        protocol.transport.write(b"late")
+        sock.closed = True  # the connection closed before the loop turned
+        await asyncio.sleep(0)  # the flush runs
+        await asyncio.sleep(0)
+        assert sock.writes == []
+
+    asyncio.run(main())
