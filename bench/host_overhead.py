@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
-import re
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.servers import free_port  # noqa: E402
+from bench.common import deployed, hey, trace_cpu  # noqa: E402
 
 NAME = "bench-host"
 TEXT = "serving transformer encoders on inferentia keeps every core busy"  # 12 words, ~15 tokens
@@ -52,15 +50,6 @@ CONCURRENCY = {1: 64, 8: 16, 64: 4}  # inputs in flight stay under the servers' 
 ROUTES = {"predict": "/predict", "embeddings": "/v1/embeddings"}
 PARTS = ("nginx", "loop", "copies", "other")
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def neuronserve(work: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"neuronserve {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result.stdout
 
 
 def tiny_model(work: Path) -> Path:
@@ -91,15 +80,7 @@ def tiny_model(work: Path) -> Path:
 
 def trace(work: Path) -> Path:
     out = work / "trace"
-    # Cached by the tracer itself: only what changed (model, settings, versions) compiles again.
-    neuronserve(
-        work,
-        "trace",
-        "--quiet",
-        *("--set", f"model.source={tiny_model(work)}"),
-        *("--set", "trace.backend=cpu"),
-        *("--set", f"trace.output_dir={out}"),
-    )
+    trace_cpu(work, out, f"model.source={tiny_model(work)}")
     return out / "tiny-bert" / "cpu"
 
 
@@ -183,37 +164,6 @@ def body(route: str, texts: int) -> bytes:
     return orjson.dumps({"inputs": inputs})
 
 
-@dataclass(frozen=True)
-class Hey:
-    """One closed-loop run of hey: 200s, other status codes and its wall time."""
-
-    ok: int
-    other_codes: dict[str, int]
-    seconds: float
-    output: str
-
-
-def hey(url: str, payload: Path, concurrency: int, duration: float) -> Hey:
-    """POST ``payload`` (JSON) to ``url`` from ``concurrency`` clients for ``duration`` seconds."""
-    tool = shutil.which("hey")
-    if tool is None:
-        raise SystemExit("hey not found: sudo apt-get install -y hey (the Debian package)")
-    started = time.perf_counter()
-    result = subprocess.run(
-        [tool, "-z", f"{duration}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json",
-         "-D", str(payload), url],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"hey failed: {result.stderr[-2000:]}")
-    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", result.stdout))
-    ok = int(codes.pop("200", 0))
-    if ok == 0:
-        raise SystemExit(f"no request succeeded:\n{result.stdout[-2000:]}")
-    return Hey(ok, {k: int(v) for k, v in codes.items()}, seconds, result.stdout)
-
-
 def load(work: Path, url: str, route: str, texts: int, duration: float) -> Run:
     payload = work / f"body-{route}-{texts}.json"
     payload.write_bytes(body(route, texts))
@@ -252,22 +202,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.properties").write_text("")
     artifacts = trace(work)
-    port, base = free_port(), free_port(os.cpu_count() or 1)
-    deploy = [
-        *("--set", f"serve.artifacts={artifacts}"),
-        *("--set", f"deploy.name={NAME}"),
-        *("--set", f"deploy.run_dir={work / 'run'}"),
-        *("--set", f"deploy.port={port}"),
-        *("--set", f"deploy.base_port={base}"),
-        *("--set", "monitor.enabled=false"),
-        *(a for kv in args.set for a in ("--set", kv)),
-    ]
     cores = len(os.sched_getaffinity(0))
     print(f"tiny BERT (2 layers, hidden 32) on {cores} cores; default deployment; hey closed loop")
-    neuronserve(work, "deploy", *deploy)
     runs: list[Run] = []
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with deployed(work, artifacts, NAME, *args.set) as deployment:
+        url = deployment.url
         for route in routes:  # a short warm-up per route, not measured
             load(work, url, route, 1, 1.0)
         print(f"{'run':<4}{'route':<12}{'texts':>6}{'conc':>6}{'req/s':>9}{'req/s/core':>11}"
@@ -286,8 +225,6 @@ def main() -> int:
                         + f"  {r.client_us:>7.0f}  {r.other_codes or ''}",
                         flush=True,
                     )
-    finally:
-        neuronserve(work, "cleanup", *deploy)
     print("\nmedians (microseconds of CPU per request; server side = nginx + loop + copies + other)")
     summary: dict[tuple[str, int], float] = {}
     for route in routes:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.servers import free_port  # noqa: E402
+from bench.common import deployed, trace_cpu  # noqa: E402
 
 GRIDS = {
     4: ("1,8", "32,128"),
@@ -47,36 +45,10 @@ LONG_TEXT = " ".join(["serving transformer encoders on inferentia keeps every co
 IDLE_WAIT_S = 4.0  # longer than the engine's idle trim delay
 
 
-def neuronserve(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-
-
-def checked(result: subprocess.CompletedProcess[str]) -> str:
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(result.args[:3])} failed ({result.returncode}):\n{result.stderr}")
-    return result.stdout
-
-
 def trace(work: Path, shapes: int) -> Path:
     batches, lengths = GRIDS[shapes]
     out = f"trace-s{shapes}"
-    checked(
-        neuronserve(
-            work,
-            "trace",
-            "--quiet",
-            "--set",
-            "trace.backend=cpu",
-            "--set",
-            f"trace.output_dir={out}",
-            "--set",
-            f"trace.batch_sizes={batches}",
-            "--set",
-            f"trace.sequence_lengths={lengths}",
-        )
-    )
+    trace_cpu(work, out, f"trace.batch_sizes={batches}", f"trace.sequence_lengths={lengths}")
     return work / out / "all-MiniLM-L6-v2" / "cpu"
 
 
@@ -137,27 +109,13 @@ class Figures:
 
 def measure(work: Path, artifacts: Path, copies: int) -> Figures:
     name = "bench-memory"
-    port, base = free_port(), free_port(os.cpu_count() or 1)
-    args = [
-        "--set", f"serve.artifacts={artifacts}",
-        "--set", f"serve.models_per_server={copies}",
-        "--set", f"deploy.name={name}",
-        "--set", f"deploy.port={port}",
-        "--set", f"deploy.base_port={base}",
-        "--set", "monitor.enabled=false",
-    ]  # fmt: skip
-    started = time.perf_counter()
-    result = neuronserve(work, "deploy", *args)
-    ready_s = time.perf_counter() - started
-    try:
-        checked(result)
+    with deployed(work, artifacts, name, f"serve.models_per_server={copies}") as deployment:
+        ready_s = deployment.ready_s
         at_ready = server_rss(work, name)
-        heavy_load(f"http://127.0.0.1:{port}", copies, len(at_ready))
+        heavy_load(deployment.url, copies, len(at_ready))
         loaded = server_rss(work, name)
         time.sleep(IDLE_WAIT_S)  # the state measured is "idle for a while", not a synchronisation
         idle = server_rss(work, name)
-    finally:
-        neuronserve(work, "cleanup", *args)
     return Figures(ready_s, at_ready, loaded, idle)
 
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.integration.servers import free_port, wait_ready  # noqa: E402
 
+from neuronserve.acceptance import WORDS as ACCEPTANCE_WORDS  # noqa: E402
 from neuronserve.loadgen.http import Payload, StepPlan, Target, run_step  # noqa: E402
 from neuronserve.loadgen.payloads import TokenCounter  # noqa: E402
 from neuronserve.loadgen.stats import percentile  # noqa: E402
@@ -51,27 +52,7 @@ from neuronserve.loadgen.stats import percentile  # noqa: E402
 BATCH_SIZES = "1,2,4,8,16,32"
 SEQUENCE_LENGTHS = "16,128"
 WORDS = [
-    "serving",
-    "transformer",
-    "encoders",
-    "on",
-    "inferentia",
-    "keeps",
-    "every",
-    "core",
-    "busy",
-    "when",
-    "requests",
-    "arrive",
-    "together",
-    "and",
-    "the",
-    "batcher",
-    "pads",
-    "them",
-    "to",
-    "compiled",
-    "shapes",
+    *ACCEPTANCE_WORDS,  # the hardware acceptance run's texts are made of these too
     "while",
     "monitoring",
     "reports",
@@ -373,50 +354,29 @@ def deployment_throughput(args: argparse.Namespace) -> int:
     every default (one server per core, behind nginx); hey saturates it (closed loop,
     concurrency 64, one text per request, identical requests) for --duration seconds per run.
     """
-    from bench.host_overhead import hey, neuronserve
+    from bench.common import deployed, hey, trace_cpu
 
     work = Path(args.output).resolve() / "deployment"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.properties").write_text("")
+    trace_cpu(work, work / "trace")
     artifacts = work / "trace" / "all-MiniLM-L6-v2" / "cpu"
-    # Cached by the tracer itself: only what changed (model, settings, versions) compiles again.
-    neuronserve(
-        work,
-        "trace",
-        "--quiet",
-        "--set",
-        "trace.backend=cpu",
-        "--set",
-        f"trace.output_dir={work / 'trace'}",
-    )
     text = texts_of_length(TokenCounter(artifacts), 14, 16, 1)[0]
     payload = work / "short.json"
     payload.write_bytes(orjson.dumps({"inputs": text}))
-    port, base = free_port(), free_port(os.cpu_count() or 1)
-    deploy = [
-        *("--set", f"serve.artifacts={artifacts}"),
-        *("--set", "deploy.name=bench-deployment"),
-        *("--set", f"deploy.run_dir={work / 'run'}"),
-        *("--set", f"deploy.port={port}"),
-        *("--set", f"deploy.base_port={base}"),
-        *("--set", "monitor.enabled=false"),
-    ]
     cores = len(os.sched_getaffinity(0))
     # The bound: the model alone, one copy per core at 1 thread (the deployment's arrangement)
     # at its best batch size, in this process, before and after the served runs.
     raw_configs_ = [(b, cores, 1) for b in (8, 16, 32)]
     raws = [max(raw_throughput(artifacts, [text], 16, raw_configs_, args.duration / 2).values())]
-    neuronserve(work, "deploy", *deploy)
     rates: list[float] = []
-    try:
-        url = f"http://127.0.0.1:{port}/predict"
+    with deployed(work, artifacts, "bench-deployment") as deployment:
+        url = f"{deployment.url}/predict"
         hey(url, payload, 64, 2.0)  # warm-up, not measured
         for i in range(args.runs):
             run = hey(url, payload, 64, args.duration)
             rates.append(run.ok / run.seconds)
             print(f"run {i + 1}: {rates[-1]:.0f} req/s, non-200: {run.other_codes or 'none'}", flush=True)
-    finally:
-        neuronserve(work, "cleanup", *deploy)
     raws.append(max(raw_throughput(artifacts, [text], 16, raw_configs_, args.duration / 2).values()))
     served_rate, raw = statistics.median(rates), statistics.mean(raws)
     print(f"default deployment, ~15-token texts, concurrency 64: median {served_rate:.0f} req/s")
