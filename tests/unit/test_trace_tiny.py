@@ -354,25 +354,17 @@ def test_a_shape_the_artifact_cannot_serve_gets_its_own(
     assert all(s.verification["max_abs_diff"] < 1e-4 for s in manifest.shapes)
 
 
-def test_artifacts_of_an_older_manifest_format_are_removed(
-    tmp_path: Path, tiny_model: Callable[..., Path]
-) -> None:
-    model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
-    settings = make_settings(
-        tmp_path,
-        model__source=str(model_dir),
-        trace__backend="cpu",
-        trace__batch_sizes="1,2",
-        trace__sequence_lengths="16",
-    )
-    out = tmp_path / "trace-models" / "fe" / "cpu"
+def test_artifacts_of_an_older_manifest_format_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "trace-models" / "tiny" / "cpu"  # where trace_tiny's model traces to
     out.mkdir(parents=True)
     # what format 1 left: one artifact per shape and a manifest this tracer refuses to read
     for name in ("model-b1-s16.pt", "model-b2-s16.pt", "model-b8-s128.pt"):
         (out / name).write_bytes(b"old")
     (out / "manifest.json").write_text(json.dumps({"format": 1}))
     (out / "notes.pt").write_bytes(b"not ours")
-    manifest = run_trace(settings, progress=False, emit=_quiet).manifest
+    report = trace_tiny(tmp_path, trace__batch_sizes="1,2")
+    manifest = report.manifest
+    assert report.directory == out
     assert sorted(p.name for p in out.glob("*.pt")) == ["model-b2-s16.pt", "notes.pt"]
     assert "model-b1-s16.pt" not in manifest.files and "model-b8-s128.pt" not in manifest.files
     load_manifest(out)
