@@ -84,7 +84,7 @@ class _Container:
         self.stopped_with: int | None = None
 
     # -- the docker SDK's Container API, as the launcher uses it
-    def reload(self) -> None:
+    def reload(self) -> None:  # an inspection, as containers.get makes one
         script = self.engine.scripts.get(self.labels.get("neuronserve.server", ""))
         if script is not None:
             self.attrs = {"RestartCount": 0, **script(self.inspections)}
@@ -152,9 +152,11 @@ class _Containers:
 
     def get(self, name: str) -> _Container:
         try:
-            return self.by_name[name]
+            container = self.by_name[name]
         except KeyError:
             raise NotFound(f"No such container: {name}") from None
+        container.reload()  # the SDK's get inspects the container: fresh attrs
+        return container
 
     def list(self, all: bool = False, filters: dict[str, str] | None = None) -> list[_Container]:
         key, _, value = (filters or {}).get("label", "").partition("=")

@@ -339,8 +339,9 @@ def wait_ready(
 
 
 def _healthy(container: Any) -> bool:
-    """Whether a server container is healthy yet; raises when it will not get there."""
-    container.reload()
+    """Whether a server container is healthy yet; raises when it will not get there.
+
+    ``container`` comes from ``containers.get``, which inspects it: its attrs are current."""
     state = container.attrs.get("State", {})
     health = state.get("Health") or {}
     if health.get("Status") == "healthy":
