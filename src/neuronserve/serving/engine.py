@@ -155,6 +155,8 @@ class Engine:
         # Called once, on the event loop, when a copy failed to load or died: the app drains
         # and exits non-zero so that the supervisor restarts the whole process.
         self.on_fatal: Callable[[str], None] | None = None
+        # Called once, on the event loop, when every copy is ready (before the first request).
+        self.on_ready: Callable[[], None] | None = None
         self._copy_threads: list[CopyWorker] = []
         self._unhealthy: dict[int, str] = {}  # copies out of rotation, and why
         self._stop = threading.Event()
@@ -298,6 +300,8 @@ class Engine:
         self._ready.add(index)
         self.metrics.copies_ready.set(len(self._ready))
         if self.ready:
+            if self.on_ready is not None:
+                self.on_ready()
             self._release_free_memory()  # warm-up ran every shape; keep none of its buffers
             log.info("all %d copies ready on cores %s", self.copies, self.cores)
 
