@@ -5,8 +5,9 @@
 
 On Inferentia the model runs on the NeuronCores and the host's vCPUs do everything else, so the
 host's CPU per request bounds what an instance can serve. This measures it on the real stack:
-a BERT so small that its compute is small next to the host's work (the bench prints its share) (2 layers, hidden 32, all-MiniLM-L6-v2's
-tokenizer so that tokenization costs what it costs for real) is traced on cpu like any model
+a BERT so small that its compute is small next to the host's work (2 layers, hidden 32; the
+bench prints its share; all-MiniLM-L6-v2's tokenizer so that tokenization costs what it costs
+for real) is traced on cpu like any model
 and deployed with `neuronserve deploy` at its defaults (one server per core, behind nginx).
 `hey` (a Go load generator) saturates it with a closed loop of identical requests, each of
 --texts short texts (16 tokens, the smallest default bucket), for --duration seconds per run.
