@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,32 +14,14 @@ from pathlib import Path
 
 import httpx
 
+from neuronserve.deploy.local import free_ports
+
 READY_TIMEOUT_S = 180.0
 
 
-# Below Linux's ephemeral range (32768-60999): the kernel never gives these to an outgoing
-# connection, so a port found free stays free for the server that binds it a moment later.
-_PORTS = (20000, 32000)
-
-
 def free_port(count: int = 1) -> int:
-    """The first of ``count`` consecutive free loopback ports (a deployment's base_port needs
-    one per server)."""
-    rng = random.Random()
-    for _ in range(1000):
-        first = rng.randrange(_PORTS[0], _PORTS[1] - count)
-        if all(_bindable(first + i) for i in range(count)):
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports in {_PORTS}")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    """The first of ``count`` consecutive free loopback ports."""
+    return free_ports(count)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -235,6 +236,22 @@ def render_supervisord_conf(
         "",
     ]
     return "\n".join(lines)
+
+
+# Below Linux's ephemeral range (32768-60999): the kernel never gives these to an outgoing
+# connection, so a port found free stays free for the server that binds it a moment later.
+FREE_PORT_RANGE = (20000, 32000)
+
+
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports (a deployment's base_port needs one per
+    server), for deployments that must not collide with anything running (tune, tests)."""
+    rng = random.Random()  # noqa: S311 - spreads concurrent searches apart; not a secret
+    for _ in range(1000):
+        first = rng.randrange(FREE_PORT_RANGE[0], FREE_PORT_RANGE[1] - count)
+        if not any(port_in_use(host, first + i) for i in range(count)):
+            return first
+    raise DeployError(f"no {count} consecutive free ports in {FREE_PORT_RANGE}")
 
 
 def port_in_use(host: str, port: int) -> bool:

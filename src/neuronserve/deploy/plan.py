@@ -52,7 +52,7 @@ def _say_list(items: list[int]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _chosen_cores(settings: Settings, inventory: Inventory) -> tuple[int, ...]:
+def chosen_cores(settings: Settings, inventory: Inventory) -> tuple[int, ...]:
     d = settings.deploy
     if not d.cores:
         return inventory.cores
@@ -96,7 +96,7 @@ def _layout(settings: Settings, total: int) -> tuple[int, int]:
 def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
     """Contiguous core ranges per server; errors say what would fit."""
     d = settings.deploy
-    chosen = _chosen_cores(settings, inventory)
+    chosen = chosen_cores(settings, inventory)
     per_server, count = _layout(settings, len(chosen))
     servers = []
     for i in range(count):
