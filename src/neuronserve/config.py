@@ -18,7 +18,7 @@ import difflib
 import os
 import re
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -671,9 +671,11 @@ def load_settings(
     return build_settings(values, base_dir=base_dir)
 
 
-def render_template() -> str:
-    """The documented ``config.properties`` with every key at its default."""
-    lines = [
+def render_template(settings: Settings | None = None, header: Sequence[str] = ()) -> str:
+    """The documented ``config.properties`` with every key at its default, or at its value in
+    ``settings`` (``header`` then replaces the first comment block). Relative paths stay as
+    written: the file keeps meaning the same thing only next to the config it came from."""
+    lines = list(header) or [
         "# neuronserve configuration (Java properties syntax).",
         "#",
         "# Every key is listed with its default. Override any key without editing this file:",
@@ -691,7 +693,8 @@ def render_template() -> str:
         lines.append("")
         lines += [f"# {chunk}" for chunk in _wrap(spec.doc)]
         lines.append(f"# default: {format_value(spec.default) or '(empty)'}")
-        lines.append(f"{spec.key}={format_value(spec.default)}")
+        value = spec.default if settings is None else getattr(getattr(settings, spec.section), spec.name)
+        lines.append(f"{spec.key}={format_value(value)}")
     return "\n".join(lines) + "\n"
 
 
