@@ -1,0 +1,1 @@
+"""neuronserve tune: shapes from traffic and a deployment search within budgets."""
