@@ -159,6 +159,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from neuronserve.tune.run import TuneOptions, tune
+
+    if args.time_budget < 60:
+        raise ConfigError("--time-budget must be at least 60 seconds (tracing and one trial need that)")
+    if args.max_sequence_lengths < 0 or args.max_batch_sizes < 0:
+        raise ConfigError("--max-sequence-lengths and --max-batch-sizes must be 0 (default) or more")
+    options = TuneOptions(
+        config=args.config,
+        overrides=tuple(args.overrides),
+        dataset=args.dataset,
+        time_budget_s=args.time_budget,
+        max_sequence_lengths=args.max_sequence_lengths,
+        max_batch_sizes=args.max_batch_sizes,
+    )
+    return tune(options, emit=lambda line: print(line, flush=True))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from neuronserve.deploy.commands import status
 
@@ -361,6 +379,45 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     p = sub.add_parser("cleanup", help="stop the deployment and remove exactly what it made")
     _add_config_args(p)
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser(
+        "tune",
+        help="choose shapes from traffic and search deployments for the best throughput within budgets",
+        description="Trace the grid the traffic needs, deploy candidate layouts one at a time on free "
+        "ports, load each within bench.latency_budget_ms / bench.error_budget / bench.cost_budget, and "
+        "write results/tune-<stamp>/ (report.md, pareto.png, tuned.properties). Ctrl-C stops cleanly "
+        "and writes the report so far.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--dataset",
+        metavar="FILE",
+        default="",
+        help="traffic sample, as run_apis.py reads it (.jsonl field bench.text_field, .csv column, or one "
+        "text per line); default: bench.dataset, else the built-in texts",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="wall-clock budget of the whole tune, tracing included (default 900)",
+    )
+    p.add_argument(
+        "--max-sequence-lengths",
+        type=int,
+        default=0,
+        metavar="N",
+        help="shape budget: sequence lengths to compile (default: as many as the configured grid has)",
+    )
+    p.add_argument(
+        "--max-batch-sizes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="shape budget: batch sizes to compile (default: as many as the configured grid has)",
+    )
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("bench", help="the load client (same options as run_apis.py)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

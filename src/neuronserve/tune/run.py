@@ -1,0 +1,656 @@
+"""``neuronserve tune``: shapes from the traffic, then a deployment search within the budgets.
+
+1. The configured grid is traced (cached); its per-shape costs and the sample's token lengths
+   choose the sequence buckets and batch sizes with the least expected padded compute, within
+   the shape budget (as many of each as the configured grid has, unless told otherwise).
+2. That grid is traced once into its own directory (cached across runs); every candidate
+   serves it.
+3. Candidates (cores per server, copies, largest batch, batch delay) are searched by successive
+   halving. Each trial deploys on free ports, runs a closed-loop sweep that stops at the first
+   load breaking a budget, keeps the best throughput within every budget, and tears down before
+   the next starts. A candidate the memory plan refuses is recorded, never started.
+4. ``results/tune-<stamp>/``: report.md, pareto.png, summary.json and tuned.properties (a
+   complete config: ``--config tuned.properties`` uses it as it is).
+
+Ctrl-C (or SIGTERM) ends the search: the deployment in progress is stopped, and the report of
+what ran so far is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuronserve.artifacts import Manifest
+from neuronserve.config import ConfigError, Settings, find_config, load_settings, render_template
+from neuronserve.tune import buckets
+from neuronserve.tune.search import Candidate, SearchResult, Trial, successive_halving
+
+# Closed-loop concurrency levels; a sweep stops at the first level over a budget. The first rung
+# screens on a coarse ladder; later rungs measure the survivors on a fine one.
+SCREEN_LEVELS = (4, 8, 16, 32)
+LEVELS = (4, 8, 12, 16, 24, 32, 48, 64)
+WARMUP_S = 0.5
+FIRST_DURATION_S = 2.0  # seconds of load per step in the first rung; x3 per rung
+LONGEST_DURATION_S = 8.0
+REPORT_RESERVE_S = 15.0  # kept from the time budget for the last teardown and the report
+DELAYS_MS = (2.0, 10.0)
+EXIT_INTERRUPTED = 130
+# Keys holding paths: tuned.properties lives elsewhere than the config, so they are written absolute.
+PATH_KEYS = (
+    "trace.output_dir",
+    "serve.artifacts",
+    "deploy.run_dir",
+    "bench.output_dir",
+    "bench.dataset",
+    "bench.pricing_file",
+    "monitor.replay_file",
+)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    config: str | None  # --config as given
+    overrides: tuple[str, ...]  # --set as given
+    dataset: str = ""  # empty: bench.dataset, else the built-in sample texts
+    time_budget_s: float = 900.0
+    max_sequence_lengths: int = 0  # 0: as many as the configured grid has
+    max_batch_sizes: int = 0
+
+
+@dataclass
+class Grid:
+    batch_sizes: tuple[int, ...]
+    sequence_lengths: tuple[int, ...]
+    expected_cost: float  # seconds of compute per text of the sample, at full batches
+
+
+@dataclass
+class Outcome:
+    """Everything the report says; filled as the run goes, so an interrupt still has a report."""
+
+    directory: Path
+    started_at: str
+    time_budget_s: float
+    budgets: dict[str, float]
+    instance_type: str
+    dataset: str
+    model: str = ""
+    backend: str = ""
+    lengths: list[int] = field(default_factory=list)
+    excluded: int = 0  # texts longer than the model can take, left out of the load
+    configured: Grid | None = None
+    tuned: Grid | None = None
+    candidates: int = 0
+    search: SearchResult | None = None
+    interrupted: bool = False
+    error: str = ""
+    elapsed_s: float = 0.0
+    tuned_properties: Path | None = None
+
+
+def tune(options: TuneOptions, emit: Callable[[str], None] = print) -> int:
+    """Run the whole tune; returns the exit status (130 when interrupted)."""
+    from neuronserve.loadgen.payloads import load_texts
+
+    settings = _load(options)
+    if settings.deploy.launcher != "local":
+        raise ConfigError("neuronserve tune deploys its candidates locally: use deploy.launcher=local")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = settings.path(settings.bench.output_dir) / f"tune-{stamp}"
+    out.mkdir(parents=True)
+    b = settings.bench
+    dataset = options.dataset or (str(settings.path(b.dataset)) if b.dataset else "")
+    outcome = Outcome(
+        directory=out,
+        started_at=stamp,
+        time_budget_s=options.time_budget_s,
+        budgets={
+            "latency_p95_ms": b.latency_budget_ms,
+            "error_rate": b.error_budget,
+            "cost_per_million": b.cost_budget,
+        },
+        instance_type=b.instance_type,
+        dataset=dataset or "built-in sample texts",
+    )
+    started = time.monotonic()
+    emit(f"tune: results in {out}; time budget {options.time_budget_s:.0f} s")
+    try:
+        with _interrupt_on_sigterm():
+            texts = load_texts(dataset, b.text_field)
+            _search(options, settings=settings, texts=texts, outcome=outcome, started=started, emit=emit)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        emit("tune: interrupted; the deployment in progress was stopped, writing the report so far")
+    except Exception as exc:  # reported, then raised for the CLI's one-line error
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        outcome.elapsed_s = time.monotonic() - started
+        with _no_interrupts(reraise=False):  # a second Ctrl-C does not cut the report short
+            report = write_report(outcome, settings, options)
+        emit(f"tune: report {report}")
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    best = outcome.search.best if outcome.search else None
+    return 0 if best is not None and best.rps > 0 else 1
+
+
+def _load(options: TuneOptions, *extra: str) -> Settings:
+    return load_settings(options.config, overrides=[*options.overrides, *extra])
+
+
+def _search(
+    options: TuneOptions,
+    *,
+    settings: Settings,
+    texts: list[str],
+    outcome: Outcome,
+    started: float,
+    emit: Callable[[str], None],
+) -> None:
+    from neuronserve.loadgen.payloads import TokenCounter
+    from neuronserve.trace import run_trace
+
+    emit("tune: tracing the configured grid (cached when unchanged)")
+    configured = run_trace(settings, progress=False, emit=lambda _line: None)
+    manifest = configured.manifest
+    outcome.model = str(manifest.model.get("name", ""))
+    outcome.backend = manifest.backend
+    counter = TokenCounter(configured.directory)
+    outcome.lengths = sorted(counter.count(t) for t in texts)
+    outcome.configured, outcome.tuned = choose_grid(manifest, outcome.lengths, options)
+    fits = max(outcome.tuned.sequence_lengths)
+    kept = [t for t, n in zip(texts, (counter.count(t) for t in texts), strict=True) if n <= fits]
+    outcome.excluded = len(texts) - len(kept)
+    if outcome.excluded:
+        emit(
+            f"tune: {outcome.excluded} of {len(texts)} texts exceed {fits} tokens (the model's limit) and are "
+            "left out of the load; served, they are refused unless the request truncates"
+        )
+    if not kept:
+        raise ConfigError(f"no text of the sample fits the model's {fits} tokens")
+    texts = kept
+    emit(
+        f"tune: shapes from traffic: sequence lengths {_csv(outcome.tuned.sequence_lengths)} "
+        f"(configured {_csv(outcome.configured.sequence_lengths)}), batch sizes "
+        f"{_csv(outcome.tuned.batch_sizes)}; expected compute per text "
+        f"{outcome.tuned.expected_cost / outcome.configured.expected_cost:.2f}x the configured grid's"
+    )
+    tuned_dir = settings.path(settings.trace.output_dir) / "tuned"
+    grid = _grid_overrides(outcome.tuned, tuned_dir)
+    tuned_settings = _load(options, *grid)
+    emit("tune: tracing the tuned grid (cached when unchanged)")
+    traced = run_trace(tuned_settings, progress=False, emit=lambda _line: None)
+    candidates = candidate_space(tuned_settings, traced.manifest)
+    outcome.candidates = len(candidates)
+    evaluate = TrialRunner(options, grid, traced.directory, texts, counter)
+    remaining = options.time_budget_s - (time.monotonic() - started) - REPORT_RESERVE_S
+    emit(f"tune: {len(candidates)} candidates, successive halving in {max(0.0, remaining):.0f} s")
+
+    def progress(trial: Trial, result: SearchResult) -> None:
+        outcome.search = result
+        used = time.monotonic() - started
+        verdict = trial.failure or (
+            f"{trial.rps:.1f} req/s within budget at concurrency {trial.level:g} (p95 {trial.p95_ms:.0f} ms)"
+            if trial.rps > 0
+            else f"no load within budget (p95 {trial.p95_ms:.0f} ms at the lowest)"
+        )
+        emit(
+            f"  rung {trial.rung + 1} | {trial.candidate.label}: {verdict} "
+            f"[{trial.wall_s:.0f} s; {used:.0f}/{options.time_budget_s:.0f} s used]"
+        )
+
+    outcome.search = SearchResult(trials=[], rungs=0)
+    outcome.search = successive_halving(
+        candidates,
+        evaluate,
+        time_budget_s=remaining,
+        first_duration_s=FIRST_DURATION_S,
+        longest_duration_s=LONGEST_DURATION_S,
+        on_trial=progress,
+    )
+    if outcome.search.interrupted:
+        raise KeyboardInterrupt
+
+
+def choose_grid(manifest: Manifest, lengths: Sequence[int], options: TuneOptions) -> tuple[Grid, Grid]:
+    """The configured grid and the grid chosen for ``lengths``, each with its expected cost."""
+    costs = {(e.batch_size, e.sequence_length): e.cost_s for e in manifest.shapes}
+    b_max = max(manifest.batch_sizes)
+    largest = tuned_largest(manifest, lengths)
+    per_text = buckets.interpolate({s: c / b_max for (b, s), c in costs.items() if b == b_max})
+    clipped = [min(n, largest) for n in lengths]  # longer ones cannot be served at all
+    k_seq = options.max_sequence_lengths or len(manifest.sequence_lengths)
+    k_batch = options.max_batch_sizes or len(manifest.batch_sizes)
+    seqs = buckets.sequence_buckets(clipped, per_text, max_buckets=k_seq, largest=largest)
+    # Batch sizes are chosen at the sequence length most of the sample's compute runs at.
+    counts: dict[int, int] = {}
+    for n in clipped:
+        bucket = min(s for s in seqs if s >= n)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    heaviest = max(counts, key=lambda s: counts[s] * per_text(s))
+    nearest = min(manifest.sequence_lengths, key=lambda s: abs(s - heaviest))
+    per_call = buckets.interpolate({b: c for (b, s), c in costs.items() if s == nearest})
+    sizes = buckets.batch_sizes(per_call, max_sizes=k_batch, largest=b_max)
+    mean = statistics.fmean
+
+    def expected(seq: Sequence[int]) -> float:
+        return mean(per_text(min(s for s in seq if s >= n)) for n in clipped) if clipped else 0.0
+
+    configured = Grid(manifest.batch_sizes, manifest.sequence_lengths, expected(manifest.sequence_lengths))
+    return configured, Grid(sizes, seqs, expected(seqs))
+
+
+def tuned_largest(manifest: Manifest, lengths: Sequence[int]) -> int:
+    """The largest sequence length to compile: the configured one, raised to hold the sample's
+    longest text (a multiple of 8) as far as the model's positions allow."""
+    configured = max(manifest.sequence_lengths)
+    positions = int(manifest.model.get("max_position_embeddings") or configured)
+    limit = max(configured, positions - positions % 8)
+    need = -(-max(lengths) // 8) * 8 if lengths else configured
+    return max(configured, min(need, limit))
+
+
+def candidate_space(settings: Settings, manifest: Manifest) -> list[Candidate]:
+    """Cores per server from one per core to one server owning all; copies; largest batch; delay."""
+    from neuronserve.backends import copies_per_server
+    from neuronserve.deploy.inventory import detect
+    from neuronserve.deploy.plan import chosen_cores
+
+    cores = len(chosen_cores(settings, detect(manifest.backend)))
+    per_server = [n for n in range(1, cores + 1) if cores % n == 0]
+    default_copies = copies_per_server(manifest.backend, 0)
+    copies = sorted(
+        {1, 2, default_copies} if manifest.backend == "cpu" else {1, default_copies, 2 * default_copies}
+    )
+    sizes = manifest.batch_sizes
+    # A small cap (latency: a long batch never holds up what queues behind it) and none.
+    batches = sorted({next((b for b in sizes if b >= 8), sizes[-1]), sizes[-1]})
+    return [
+        Candidate(cps, c, mb, delay)
+        for cps in per_server
+        for c in copies
+        for mb in batches
+        for delay in DELAYS_MS
+    ]
+
+
+def _grid_overrides(grid: Grid, tuned_dir: Path) -> list[str]:
+    return [
+        f"trace.batch_sizes={_csv(grid.batch_sizes)}",
+        f"trace.sequence_lengths={_csv(grid.sequence_lengths)}",
+        f"trace.output_dir={tuned_dir}",
+    ]
+
+
+class TrialRunner:
+    """``evaluate(candidate, rung, duration_s)`` for the search: plan, deploy on free ports, sweep,
+    tear down. Nothing of one trial is left when it returns (or raises)."""
+
+    def __init__(
+        self, options: TuneOptions, grid: list[str], artifacts: Path, texts: list[str], counter: Any
+    ) -> None:
+        from neuronserve.loadgen.payloads import build_payloads
+        from neuronserve.loadgen.stats import Budgets, Pricing
+
+        self.options, self.grid, self.artifacts = options, grid, artifacts
+        base = _load(options)
+        self.base = base
+        b = base.bench
+        self.budgets = Budgets(b.latency_budget_ms, b.error_budget, b.cost_budget)
+        pricing = Pricing.load(base.path(b.pricing_file) if b.pricing_file else None)
+        self.dollars = pricing.per_hour(b.instance_type, b.instance_count)
+        self.route = b.route if b.route != "v2" else "/predict"
+        self.payloads = build_payloads(texts, self.route, counter)
+        self.headers = {"Authorization": f"Bearer {base.serve.api_key}"} if base.serve.api_key else {}
+        self.config = find_config(options.config, {})
+
+    def __call__(self, candidate: Candidate, rung: int, duration_s: float) -> Trial:
+        from neuronserve.deploy.commands import plan_for
+        from neuronserve.deploy.local import DeployError, free_ports
+
+        trial = Trial(candidate, rung, duration_s, rps=0.0)
+        chosen = [
+            *self.grid,
+            *(f"{k}={v}" for k, v in candidate.overrides().items()),
+            f"serve.artifacts={self.artifacts}",
+            f"deploy.name={self.base.deploy.name}-tune",
+            "monitor.enabled=false",
+        ]
+        try:
+            servers = len(plan_for(_load(self.options, *chosen), verify=False)[0].servers)
+            port, first = free_ports(1), free_ports(servers)
+            settings = _load(self.options, *chosen, f"deploy.port={port}", f"deploy.base_port={first}")
+            plan, _manifest, memory = plan_for(settings, verify=False)
+        except (ConfigError, DeployError) as exc:
+            trial.failure = f"not deployable: {exc}"
+            return trial
+        trial.memory_bytes = memory.host_total
+        problem = memory.host_problem() or next(iter(memory.device_problems()), None)
+        if problem:
+            trial.failure = f"memory plan refused: {problem}"
+            return trial
+        self._load_test(trial, settings, plan)
+        return trial
+
+    def _load_test(self, trial: Trial, settings: Settings, plan: Any) -> None:
+        from neuronserve.deploy import local
+        from neuronserve.loadgen.client import Sweep, run_sweep
+        from neuronserve.loadgen.http import Target
+        from neuronserve.loadgen.stats import decide
+
+        started = time.monotonic()
+        try:
+            rd = local.start(settings, plan, self.artifacts, self.config)
+            local.wait_ready(settings, plan, rd)
+            levels = tuple(float(x) for x in (SCREEN_LEVELS if trial.rung == 0 else LEVELS))
+            sweep = Sweep(
+                "closed",
+                levels,
+                trial.duration_s,
+                WARMUP_S,
+                0,
+                self.base.bench.timeout_s,
+                1,
+                self.budgets,
+                self.dollars,
+            )
+            target = Target.parse(f"http://{settings.deploy.host}:{settings.deploy.port}", self.route)
+            steps, _rows = run_sweep(sweep, [target], self.payloads, self.headers, progress=False)
+        except local.DeployError as exc:
+            trial.failure = f"deploy failed: {str(exc).splitlines()[0]}"
+            return
+        finally:
+            # By name, not by what start returned: an interrupt inside start may come after
+            # supervisord is up. Stopping a deployment that never started is a no-op.
+            with _no_interrupts():
+                local.stop(local.run_dir(settings))
+            trial.wall_s = time.monotonic() - started
+        decision = decide(steps, self.budgets)
+        reported = steps[decision["best"]] if decision["best"] is not None else steps[0]
+        if decision["best"] is not None:
+            trial.rps = reported.rps
+        trial.level = reported.level
+        trial.p50_ms, trial.p95_ms, trial.p99_ms = (reported.latency_ms[k] for k in ("p50", "p95", "p99"))
+        trial.error_rate = reported.error_rate
+        trial.cost_per_million = reported.cost_per_million
+        trial.steps = [
+            {"level": s.level, "rps": s.rps, "p95_ms": s.latency_ms["p95"], "error_rate": s.error_rate}
+            for s in steps
+        ]
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM ends the tune like Ctrl-C (cleanup and a report), in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _no_interrupts(*, reraise: bool = True) -> Iterator[None]:
+    """Cleanup and the report are not cut short by Ctrl-C or SIGTERM: one that arrives meanwhile
+    is raised afterwards as KeyboardInterrupt (``reraise``), or dropped when the tune is ending."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, _f: pending.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending and reraise:
+            raise KeyboardInterrupt
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def write_report(outcome: Outcome, settings: Settings, options: TuneOptions) -> Path:
+    out = outcome.directory
+    search = outcome.search
+    best = search.best if search else None
+    if best is not None and best.rps > 0 and outcome.tuned is not None:
+        outcome.tuned_properties = write_tuned_properties(out / "tuned.properties", outcome, best, options)
+    trials = search.trials if search else []
+    plot = pareto_plot(out / "pareto.png", trials, best) if any(not t.failure for t in trials) else None
+    summary = {
+        "started_at": outcome.started_at,
+        "elapsed_s": round(outcome.elapsed_s, 1),
+        "time_budget_s": outcome.time_budget_s,
+        "interrupted": outcome.interrupted,
+        "out_of_time": bool(search and search.out_of_time),
+        "model": outcome.model,
+        "backend": outcome.backend,
+        "dataset": outcome.dataset,
+        "budgets": outcome.budgets,
+        "instance_type": outcome.instance_type,
+        "configured_grid": asdict(outcome.configured) if outcome.configured else None,
+        "tuned_grid": asdict(outcome.tuned) if outcome.tuned else None,
+        "candidates": outcome.candidates,
+        "rungs": search.rungs if search else 0,
+        "trials": [_trial_dict(t) for t in trials],
+        "winner": _trial_dict(best) if best else None,
+        "tuned_properties": str(outcome.tuned_properties) if outcome.tuned_properties else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    report = out / "report.md"
+    report.write_text(_markdown(outcome, best, trials, plot), encoding="utf-8")
+    return report
+
+
+def _trial_dict(trial: Trial) -> dict[str, Any]:
+    data = asdict(trial)
+    data["candidate"] = asdict(trial.candidate)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
+
+
+def _markdown(outcome: Outcome, best: Trial | None, trials: Sequence[Trial], plot: Path | None) -> str:
+    search = outcome.search
+    state = (
+        "interrupted (Ctrl-C): this report covers what ran before"
+        if outcome.interrupted
+        else "stopped by the time budget before every planned trial ran"
+        if search and search.out_of_time
+        else "complete"
+    )
+    lengths = outcome.lengths
+    lines = [
+        f"# neuronserve tune {outcome.started_at}",
+        "",
+        f"- Search: {state}; {outcome.elapsed_s:.0f} s of the {outcome.time_budget_s:.0f} s budget.",
+        f"- Model: {outcome.model or '?'} on {outcome.backend or '?'}; traffic: {outcome.dataset}"
+        + (
+            f" ({len(lengths)} texts, tokens p50 {lengths[len(lengths) // 2]}, max {lengths[-1]})"
+            if lengths
+            else ""
+        ),
+        f"- Budgets: p95 <= {outcome.budgets['latency_p95_ms']:g} ms, errors <= "
+        f"{outcome.budgets['error_rate']:.2%}"
+        + (
+            f", cost <= ${outcome.budgets['cost_per_million']:g} per million"
+            if outcome.budgets["cost_per_million"]
+            else ""
+        )
+        + f"; cost priced as {outcome.instance_type}."
+        + (
+            f" {outcome.excluded} text(s) longer than the model allows were left out."
+            if outcome.excluded
+            else ""
+        ),
+        f"- Candidates: {outcome.candidates}; trials run: {len(trials)} in {search.rungs if search else 0} "
+        f"rung(s) of successive halving (each rung keeps the best third and runs it 3x longer); "
+        f"load time per step {FIRST_DURATION_S:g} s in the first rung, up to {LONGEST_DURATION_S:g} s; "
+        f"{sum(t.wall_s for t in trials):.0f} s spent in trials.",
+        "",
+    ]
+    if outcome.configured and outcome.tuned:
+        ratio = (
+            outcome.tuned.expected_cost / outcome.configured.expected_cost
+            if outcome.configured.expected_cost
+            else 1
+        )
+        lines += [
+            "## Shapes from traffic",
+            "",
+            "| grid | sequence lengths | batch sizes | expected compute per text |",
+            "|---|---|---|---|",
+            f"| configured | {_csv(outcome.configured.sequence_lengths)} | {_csv(outcome.configured.batch_sizes)} "
+            f"| {outcome.configured.expected_cost * 1000:.2f} ms |",
+            f"| tuned | {_csv(outcome.tuned.sequence_lengths)} | {_csv(outcome.tuned.batch_sizes)} "
+            f"| {outcome.tuned.expected_cost * 1000:.2f} ms ({ratio:.2f}x) |",
+            "",
+            "Expected compute: each text of the sample padded to its bucket, at the trace's measured "
+            "per-text cost of the largest batch (one intra-op thread).",
+            "",
+        ]
+    lines += ["## Winner", ""]
+    if best is not None and best.rps > 0:
+        c = best.candidate
+        lines += [
+            f"**{c.label}**: {best.rps:.1f} req/s within every budget (concurrency {best.level:g}: "
+            f"p50 {best.p50_ms:.0f} ms, p95 {best.p95_ms:.0f} ms, p99 {best.p99_ms:.0f} ms"
+            + (f", ${best.cost_per_million:.2f} per million requests" if best.cost_per_million else "")
+            + ").",
+            "",
+            f"Why: the highest throughput within the budgets among the {sum(1 for t in trials if t.rung == best.rung)} "
+            f"candidate(s) of the last rung (rung {best.rung + 1}, {best.duration_s:g} s per load step), "
+            "which the shorter rungs had ranked best.",
+            "",
+        ]
+        if outcome.tuned_properties:
+            lines += [
+                f"Config: `{outcome.tuned_properties}` (complete; use it as it is):",
+                "",
+                "```bash",
+                f"./trace-model/run.sh --config {outcome.tuned_properties}",
+                f"./fast-api/deploy.sh --config {outcome.tuned_properties}",
+                "```",
+                "",
+            ]
+    else:
+        lines += [
+            "No candidate met the budgets" + (" before the interrupt" if outcome.interrupted else "") + ".",
+            "",
+        ]
+    if plot is not None:
+        lines += ["## Throughput vs p95", "", f"![pareto]({plot.name})", ""]
+    lines += [
+        "## Every trial",
+        "",
+        "| rung | cores/server | copies | max batch | delay ms | s/step | req/s in budget | at conc. "
+        "| p50 ms | p95 ms | p99 ms | errors | $/M | memory GiB | wall s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        c = t.candidate
+        lines.append(
+            f"| {t.rung + 1} | {c.cores_per_server} | {c.copies} | {c.max_batch} | {c.delay_ms:g} | {t.duration_s:g} "
+            f"| {t.rps:.1f} | {'' if t.level is None else f'{t.level:g}'} | {_ms(t.p50_ms)} | {_ms(t.p95_ms)} "
+            f"| {_ms(t.p99_ms)} | {t.error_rate:.2%} | {'' if t.cost_per_million is None else f'{t.cost_per_million:.2f}'} "
+            f"| {'' if t.memory_bytes is None else f'{t.memory_bytes / (1 << 30):.2f}'} | {t.wall_s:.0f} "
+            f"| {t.failure.replace('|', '/')} |"
+        )
+    if outcome.error:
+        lines += ["", f"Error: {outcome.error}"]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.0f}"
+
+
+def pareto_plot(path: Path, trials: Sequence[Trial], best: Trial | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest: dict[Candidate, Trial] = {}
+    for t in trials:
+        if not t.failure and not math.isnan(t.p95_ms):
+            latest[t.candidate] = t
+    points = sorted(latest.values(), key=lambda t: t.p95_ms)
+    frontier, top = [], -1.0
+    for t in points:
+        if t.rps > top:
+            frontier.append(t)
+            top = t.rps
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([t.p95_ms for t in points], [t.rps for t in points], s=18, color="#888", label="candidates")
+    ax.plot([t.p95_ms for t in frontier], [t.rps for t in frontier], color="#1f77b4", label="Pareto front")
+    if best is not None and not math.isnan(best.p95_ms):
+        ax.scatter([best.p95_ms], [best.rps], s=160, marker="*", color="#d62728", label="winner", zorder=3)
+    ax.set_xlabel("p95 latency at the reported load (ms)")
+    ax.set_ylabel("throughput within budget (req/s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: TuneOptions) -> Path:
+    """A complete config: the original settings, the tuned grid and the winner's settings, with
+    every path absolute (the file lives apart from the config it came from)."""
+    assert outcome.tuned is not None
+    base = _load(options)
+    tuned_dir = base.path(base.trace.output_dir) / "tuned"
+    extra = [
+        *_grid_overrides(outcome.tuned, tuned_dir),
+        *(f"{k}={v}" for k, v in best.candidate.overrides().items()),
+    ]
+    settings = _load(options, *extra)
+    absolute = []
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(settings, section), name)
+        if value:
+            absolute.append(f"{key}={settings.path(value)}")
+    source = Path(settings.model.source)
+    if source.exists():
+        absolute.append(f"model.source={source.resolve()}")
+    settings = _load(options, *extra, *absolute)
+    c = best.candidate
+    header = [
+        f"# Written by neuronserve tune {outcome.started_at}: {c.label}",
+        f"# {best.rps:.1f} req/s within p95 <= {outcome.budgets['latency_p95_ms']:g} ms on its traffic "
+        f"({outcome.dataset}); report: {outcome.directory / 'report.md'}",
+        f"# Use it as it is: ./trace-model/run.sh --config {path} && ./fast-api/deploy.sh --config {path}",
+    ]
+    path.write_text(render_template(settings, header), encoding="utf-8")
+    if settings.serve.api_key:
+        path.chmod(0o600)  # it carries the API key
+    load_settings(path)  # it must read back as a valid config
+    return path
