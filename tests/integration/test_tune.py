@@ -108,7 +108,7 @@ def test_tune_writes_a_report_and_a_config_that_deploys_as_it_is(tmp_path: Path)
         capture_output=True, text=True, cwd="/", env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False,
     )  # fmt: skip
     assert dry.returncode == 0, dry.stderr
-    assert f"{settings.deploy.cores_per_server}" in dry.stdout
+    assert "server-0" in dry.stdout  # the plan of the winner's layout, from the file alone
     assert not (tmp_path / "run" / "t-tune").exists()
     assert not _ours(tmp_path)
 
