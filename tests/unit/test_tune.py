@@ -139,13 +139,13 @@ def test_halving_finds_the_best_with_far_fewer_trials_than_brute_force() -> None
     )
     assert result.best is not None and result.best.candidate == best
     per_rung = Counter(rung for _c, rung, _d in world.calls)
-    assert per_rung[0] == 24 and per_rung[1] == 8 and per_rung[2] == 3 and per_rung[3] == 1
+    assert per_rung[0] == 24 and per_rung[1] == 8 and per_rung[2] == 3 and per_rung[3] == 0
     # durations grow 3x per rung up to the cap
     assert sorted({d for _c, _r, d in world.calls}) == [1.5, 4.5, 8.0]
     # brute force at the longest duration: 24 trials x (10 + 48) s; halving spends much less, and
-    # runs only the 4 most promising at that length
+    # runs only the 3 most promising at that length
     assert world.now < 0.75 * 24 * (10 + 6 * 8)
-    assert sum(1 for _c, _r, d in world.calls if d == 8.0) == 4
+    assert sum(1 for _c, _r, d in world.calls if d == 8.0) == 3
 
 
 def test_a_candidate_pruned_early_never_runs_again() -> None:

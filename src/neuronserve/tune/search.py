@@ -129,6 +129,8 @@ def successive_halving(
             ranked = sorted((t for t in this_rung if not t.failure), key=lambda t: t.score, reverse=True)
             keep = max(1, math.ceil(len(alive) / eta))
             alive = [t.candidate for t in ranked[:keep]]
+            if len(alive) == 1:
+                break  # the winner already beat the others at this rung's length: nothing to compare
             rung += 1
             duration = min(longest_duration_s, duration * eta)
     except KeyboardInterrupt:
