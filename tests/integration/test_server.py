@@ -212,6 +212,65 @@ def test_openai_client(server: RunningServer) -> None:
         client.embeddings.create(model="other-model", input="x")
 
 
+def test_model_discovery_through_the_clients(server: RunningServer) -> None:
+    import openai
+    import tritonclient.http as httpclient
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["all-MiniLM-L6-v2"]
+    assert client.models.retrieve("all-MiniLM-L6-v2").owned_by == "neuronserve"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other-model")
+    triton = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert triton.get_model_repository_index() == [
+        {"name": "all-MiniLM-L6-v2", "version": "1", "state": "READY", "reason": ""}
+    ]
+    ready_only = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}).json()
+    assert [m["name"] for m in ready_only] == ["all-MiniLM-L6-v2"]
+
+
+def test_embedding_dimensions_truncate_and_renormalise(server: RunningServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    full = np.array(client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[:2]).data[1].embedding)
+    short = np.array(
+        client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[:2], dimensions=128).data[1].embedding
+    )
+    assert short.shape == (128,)
+    assert np.linalg.norm(short) == pytest.approx(1.0, abs=1e-5)  # the model normalises, so does this
+    assert np.allclose(short, full[:128] / np.linalg.norm(full[:128]), atol=1e-6)
+    same = (
+        client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[1], dimensions=384).data[0].embedding
+    )
+    assert np.allclose(same, full, atol=1e-6)
+    too_many = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x", "dimensions": 385})
+    assert too_many.status_code == 422
+    assert too_many.json()["field"] == "dimensions" and "384" in too_many.json()["error"]
+
+
+def test_tokenize_agrees_with_the_tokenizer(server: RunningServer, bundled_artifacts: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundled_artifacts / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    texts = [TEXTS[0], "Café déjà vu, naïve coöperation!"]
+    r = httpx.post(f"{server.url}/tokenize", json={"inputs": texts})
+    assert r.status_code == 200
+    for text, tokens in zip(texts, r.json(), strict=True):
+        expected = tokenizer.encode(text)
+        assert [t["id"] for t in tokens] == expected.ids
+        assert tokens[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
+        for token, (start, stop) in zip(tokens[1:-1], expected.offsets[1:-1], strict=True):
+            assert not token["special"]
+            assert (token["start"], token["stop"]) == (start, stop)
+            assert token["text"] == text[start:stop]
+    bare = httpx.post(f"{server.url}/tokenize", json={"inputs": "hello world", "add_special_tokens": False})
+    assert [t["text"] for t in bare.json()[0]] == ["hello", "world"]
+    assert httpx.post(f"{server.url}/tokenize", json={"inputs": []}).status_code == 422
+
+
 def test_tritonclient_http(server: RunningServer) -> None:
     import tritonclient.http as httpclient
 
@@ -273,5 +332,9 @@ def test_ready_info_metrics_openapi(server: RunningServer) -> None:
     inputs = parts["PredictRequest"]["properties"]["inputs"]["anyOf"]
     assert "QAInput" not in str(inputs)  # a feature-extraction model takes texts
     assert [b.get("maxItems") for b in inputs if b.get("type") == "array"] == [16]
-    assert parts["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] == [384]
+    assert parts["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["maximum"] == 384
+    for path in ("/tokenize", "/v2/repository/index"):
+        assert spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert not spec["paths"]["/v2/repository/index"]["post"]["requestBody"]["required"]
+    assert "/v1/models" in spec["paths"]
     assert parts["PredictParameters"]["properties"]["timeout_ms"]["anyOf"][0]["maximum"] == 120000

@@ -7,6 +7,7 @@ event loop. Every error is a :class:`ServeError` mapped to its status in one pla
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
 import os
@@ -34,8 +35,14 @@ from neuronserve.serving.middleware import ServingMiddleware
 from neuronserve.serving.schemas import (
     EmbeddingsRequest,
     ErrorBody,
+    ModelCard,
+    ModelList,
     PredictRequest,
     PredictResponse,
+    RepositoryIndexRequest,
+    RepositoryModel,
+    Token,
+    TokenizeRequest,
     V2InferRequest,
     V2Live,
     V2ModelReady,
@@ -182,6 +189,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def embeddings(request: Request) -> Response:
         return _response(await handlers.embeddings(engine, await request.body(), request.receive))
 
+    _add_discovery_routes(app, engine, errors)
+
     # --- Open Inference Protocol (KServe v2) ---------------------------------------------------
 
     @app.get("/v2", summary="v2 server metadata.")
@@ -289,10 +298,56 @@ def create_app(settings: Settings) -> FastAPI:
             "/predict": PredictRequest,
             "/v1/embeddings": EmbeddingsRequest,
             "/v2/models/{model}/infer": V2InferRequest,
+            "/tokenize": TokenizeRequest,
+            "/v2/repository/index": RepositoryIndexRequest,
         },
         lambda components: _narrow_to_this_server(components, engine),
     )
     return app
+
+
+def _add_discovery_routes(app: FastAPI, engine: Engine, errors: dict[int | str, dict[str, Any]]) -> None:
+    """What clients call before or beside inference: the OpenAI model list, the v2 repository
+    index (tritonclient), and TEI's /tokenize."""
+
+    @app.get(
+        "/v1/models", summary="OpenAI model list: the models this server serves.", response_model=ModelList
+    )
+    async def v1_models() -> Response:
+        return Response(formats.dumps({"object": "list", "data": [_model_card(engine)]}), media_type=JSON)
+
+    @app.get(
+        "/v1/models/{model}", summary="One OpenAI model object.", response_model=ModelCard, responses=errors
+    )
+    async def v1_model(model: str) -> Response:
+        formats.check_model(engine, model)
+        return Response(formats.dumps(_model_card(engine)), media_type=JSON)
+
+    @app.post(
+        "/tokenize",
+        summary="Tokens of each input (TEI's shape): id, text, special, character span.",
+        response_model=list[list[Token]],
+        responses=errors,
+    )
+    async def tokenize(request: Request) -> Response:
+        return _response(await handlers.tokenize(engine, await request.body()))
+
+    @app.post(
+        "/v2/repository/index",
+        summary="v2 repository index: every model with its state (tritonclient's model list).",
+        response_model=list[RepositoryModel],
+        responses=errors,
+    )
+    async def v2_repository_index(request: Request) -> Response:
+        return _response(handlers.repository_index(engine, await request.body()))
+
+
+def _model_card(engine: Engine) -> dict[str, Any]:
+    try:
+        created = int(dt.datetime.fromisoformat(engine.manifest.created_at).timestamp())
+    except ValueError:
+        created = 0
+    return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "neuronserve"}
 
 
 def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
@@ -312,7 +367,10 @@ def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
         if branch.get("type") == "array":
             branch["maxItems"] = serve.max_inputs_per_request
     inputs["anyOf"] = kept
-    for schema in (components["EmbeddingsRequest"]["properties"]["input"],):
+    for schema in (
+        components["EmbeddingsRequest"]["properties"]["input"],
+        components["TokenizeRequest"]["properties"]["inputs"],
+    ):
         for branch in schema.get("anyOf", []):
             if branch.get("type") == "array":
                 branch["maxItems"] = serve.max_inputs_per_request
@@ -320,7 +378,10 @@ def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
     timeout["maximum"] = serve.max_request_timeout_ms
     hidden = engine.manifest.model.get("hidden_size")
     if isinstance(hidden, int):
-        components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["enum"] = [hidden]
+        components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["maximum"] = hidden
+
+
+OPTIONAL_BODIES = ("/v2/repository/index",)  # tritonclient posts it empty
 
 
 def _document_bodies(
@@ -340,7 +401,7 @@ def _document_bodies(
                 components[model.__name__] = body_schema
                 ref = {"$ref": f"#/components/schemas/{model.__name__}"}
                 schema["paths"][path]["post"]["requestBody"] = {
-                    "required": True,
+                    "required": path not in OPTIONAL_BODIES,
                     "content": {JSON: {"schema": ref}},
                 }
             narrow(components)

@@ -462,6 +462,20 @@ class Engine:
             self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate, field=field)
         )
 
+    async def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list[dict[str, Any]]]:
+        """Every token of each text (``/tokenize``); large requests on the tokenizer thread."""
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            return self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
+        )
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether this model's embeddings are L2-normalised by default."""
+        return bool(getattr(self.task, "normalize", False))
+
     def encode(
         self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
     ) -> list[Encoded]:

@@ -110,6 +110,20 @@ class _Registered(list):  # type: ignore[type-arg]
             _cancel(added)
 
 
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=JSON_OPTIONS)
+
+
+def shortened(outputs: list[Any], dimensions: int, normalize: bool) -> list[Any]:
+    """Matryoshka-style: the first ``dimensions`` values of each embedding, re-normalised to unit
+    length when the model's embeddings are normalised (a prefix of a unit vector is not)."""
+    vectors = np.asarray(outputs, dtype=np.float32)[:, :dimensions]
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return list(vectors)
+
+
 def predict_body(engine: Engine, result: InferResult) -> bytes:
     return orjson.dumps({"model": engine.model_name, "outputs": result.outputs}, option=JSON_OPTIONS)
 

@@ -7,6 +7,7 @@ for the hot routes call these, so there is one implementation of each protocol.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -17,7 +18,12 @@ from pydantic import BaseModel, ValidationError
 from neuronserve.serving import formats
 from neuronserve.serving.engine import Engine, InferResult
 from neuronserve.serving.errors import ServeError, validation
-from neuronserve.serving.schemas import EmbeddingsRequest, PredictRequest
+from neuronserve.serving.schemas import (
+    EmbeddingsRequest,
+    PredictRequest,
+    RepositoryIndexRequest,
+    TokenizeRequest,
+)
 from neuronserve.serving.tasks import ItemOptions
 from neuronserve.serving.v2 import encode_infer, parse_infer
 
@@ -113,9 +119,9 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
     request = parse_body(EmbeddingsRequest, body)
     formats.check_model(engine, request.model)
     dim = engine.manifest.model.get("hidden_size")
-    if request.dimensions is not None and request.dimensions != dim:
+    if request.dimensions is not None and dim and request.dimensions > dim:
         raise validation(
-            "dimensions", f"this model's embeddings have {dim} dimensions; omit it or send {dim}"
+            "dimensions", f"{request.dimensions} exceeds this model's {dim} dimensions; send at most {dim}"
         )
     inputs = request.input if isinstance(request.input, list) else [request.input]
     formats.check_count(len(inputs), engine.settings.serve.max_inputs_per_request, "input")
@@ -131,8 +137,37 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
     )
     if result is None:
         return Reply(CLIENT_CLOSED, b"")
+    if request.dimensions is not None and request.dimensions != dim:
+        result = dataclasses.replace(
+            result, outputs=formats.shortened(result.outputs, request.dimensions, engine.normalizes)
+        )
     body_out = formats.embeddings_body(engine, result, request.encoding_format)
     return Reply(200, body_out, formats.timing_headers(result))
+
+
+async def tokenize(engine: Engine, body: bytes) -> Reply:
+    """TEI's ``/tokenize``: every token of each input with its id, text and character span."""
+    request = parse_body(TokenizeRequest, body)
+    texts = request.inputs if isinstance(request.inputs, list) else [request.inputs]
+    formats.check_count(len(texts), engine.settings.serve.max_inputs_per_request, "inputs")
+    tokens = await engine.tokens(texts, add_special_tokens=request.add_special_tokens)
+    return Reply(200, formats.dumps(tokens))
+
+
+def repository_index(engine: Engine, body: bytes) -> Reply:
+    """The v2 repository index (tritonclient's ``get_model_repository_index``): an empty body
+    lists every model, ``{"ready": true}`` only the ready ones."""
+    request = parse_body(RepositoryIndexRequest, body) if body.strip() else RepositoryIndexRequest()
+    ready = engine.ready
+    entries = [
+        {
+            "name": engine.model_name,
+            "version": "1",
+            "state": "READY" if ready else "UNAVAILABLE",
+            "reason": "" if ready else (engine.load_error or f"not ready: {engine.state}"),
+        }
+    ]
+    return Reply(200, formats.dumps([e for e in entries if e["state"] == "READY" or not request.ready]))
 
 
 async def v2_infer(

@@ -58,8 +58,65 @@ class EmbeddingsRequest(BaseModel):
     input: Text | Annotated[list[Text], Field(min_length=1)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Must equal the model's dimension if given.")
+    dimensions: int | None = Field(
+        None,
+        ge=1,
+        description="Matryoshka-style: the first N values of each embedding (re-normalised when the "
+        "model normalises); above the model's size is a 422.",
+    )
     user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: one text or a list (TEI's request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: Text | Annotated[list[Text], Field(min_length=1)]
+    add_special_tokens: StrictBool = Field(
+        True, description="Include the model's special tokens ([CLS], [SEP])."
+    )
+
+
+class Token(BaseModel):
+    """One token: its id, its text, and (unless special) its character span in the input."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None = Field(None, description="First character of the token in the input (None: special).")
+    stop: int | None = Field(None, description="One past its last character (None: special).")
+
+
+class ModelCard(BaseModel):
+    """One model in ``GET /v1/models`` (OpenAI's model object)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: the models this server serves (OpenAI's list)."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class RepositoryIndexRequest(BaseModel):
+    """``POST /v2/repository/index`` body (optional): ``ready`` lists only ready models."""
+
+    model_config = ConfigDict(extra="forbid")
+    ready: StrictBool = False
+
+
+class RepositoryModel(BaseModel):
+    """One entry of the v2 repository index (Triton's shape)."""
+
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str
 
 
 class ErrorBody(BaseModel):

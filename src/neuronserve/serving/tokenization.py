@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
@@ -86,6 +87,35 @@ class TextEncoder:
             self._check(enc, i, field, truncate, cut=len(bounded[i]) < len(texts[i]))
             for i, enc in enumerate(encodings)
         ]
+
+    def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list[dict[str, Any]]]:
+        """Each text's tokens as TEI's ``/tokenize`` gives them: id, text, special, and the
+        character span ``[start, stop)`` of the input it came from (None for special tokens).
+        No length limit applies: this only tokenizes (the body size limit bounds the work)."""
+        out = []
+        for text, enc in zip(
+            texts, self._plain.encode_batch(texts, add_special_tokens=add_special_tokens), strict=True
+        ):
+            tokens = []
+            for token_id, token, (start, stop), special in zip(
+                enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask, strict=True
+            ):
+                if special:
+                    tokens.append(
+                        {"id": token_id, "text": token, "special": True, "start": None, "stop": None}
+                    )
+                else:
+                    tokens.append(
+                        {
+                            "id": token_id,
+                            "text": text[start:stop],
+                            "special": False,
+                            "start": start,
+                            "stop": stop,
+                        }
+                    )
+            out.append(tokens)
+        return out
 
     def bounded(self, text: str) -> str:
         """A prefix of ``text`` whose tokens begin like the whole text's and already number more
