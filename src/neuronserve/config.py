@@ -211,6 +211,12 @@ class ServeSettings:
     max_inputs_per_request: int = setting(
         64, "Inputs (texts or question/context pairs) one request may carry.", minimum=1, maximum=100_000
     )
+    default_prompt_name: str = setting(
+        "",
+        "feature-extraction: the sentence-transformers prompt (a name from the model's "
+        "config_sentence_transformers.json prompts) put before every text whose request names none; "
+        "empty means the model's own default_prompt_name, none means no prompt.",
+    )
     max_body_bytes: int = setting(
         1_048_576, "Largest request body in bytes; larger bodies get 413.", minimum=1024, maximum=1 << 30
     )

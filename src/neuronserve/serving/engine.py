@@ -36,9 +36,9 @@ from neuronserve.models import default_name
 from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
 from neuronserve.serving.copies import BatchOutcome, CopyWorker
-from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable
+from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable, validation
 from neuronserve.serving.metrics import ServerMetrics
-from neuronserve.serving.tasks import ItemOptions, task_for
+from neuronserve.serving.tasks import ItemOptions, Prompts, task_for
 from neuronserve.serving.tokenization import Encoded, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,15 @@ class Engine:
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
         self.task = task_for(self.task_name, directory)
+        try:
+            self.prompts = Prompts.from_directory(directory, settings.serve.default_prompt_name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.prompts.default is not None and not self.prompts.include_prompt:
+            raise ConfigError(
+                "this model pools without its prompt's tokens (1_Pooling include_prompt=false), which "
+                "neuronserve does not support; set serve.default_prompt_name=none"
+            )
         self.batcher = Batcher(
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
@@ -470,6 +479,24 @@ class Engine:
         return await loop.run_in_executor(
             self._tokenizer_pool, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
         )
+
+    def prompted(self, texts: list[str], name: str | None, field: str) -> list[str]:
+        """``texts`` with the named sentence-transformers prompt before each (the default one
+        when ``name`` is None); a 422 naming ``field`` for a name the model does not have."""
+        chosen = name if name is not None else self.prompts.default
+        if chosen is None:
+            return texts
+        if self.task_name != "feature-extraction":
+            raise validation(field, "prompts apply to feature-extraction (embedding) models only")
+        prompt = self.prompts.prompts.get(chosen)
+        if prompt is None:
+            names = ", ".join(sorted(self.prompts.prompts)) or "none"
+            raise validation(field, f"unknown prompt {chosen!r}; this model's prompts: {names}")
+        if not self.prompts.include_prompt:
+            raise validation(
+                field, "this model pools without its prompt's tokens (include_prompt=false): not supported"
+            )
+        return [prompt + text for text in texts]
 
     @property
     def normalizes(self) -> bool:

@@ -104,6 +104,12 @@ async def _run(
 async def predict(engine: Engine, body: bytes, receive: Receive) -> Reply:
     request = parse_body(PredictRequest, body)
     inputs, options = formats.predict_inputs(engine, request)
+    if engine.task_name == "feature-extraction":
+        inputs = engine.prompted(inputs, request.parameters.prompt_name, "parameters.prompt_name")  # type: ignore[arg-type]
+    elif request.parameters.prompt_name is not None:
+        raise validation(
+            "parameters.prompt_name", "prompts apply to feature-extraction (embedding) models only"
+        )
     timeout = formats.timeout_seconds(engine, request.parameters.timeout_ms, "parameters.timeout_ms")
     result = await _run(
         engine, receive, inputs, options, truncate=request.parameters.truncate, timeout_s=timeout
@@ -125,6 +131,7 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
         )
     inputs = request.input if isinstance(request.input, list) else [request.input]
     formats.check_count(len(inputs), engine.settings.serve.max_inputs_per_request, "input")
+    inputs = engine.prompted(inputs, request.prompt_name, "prompt_name")
     timeout = formats.timeout_seconds(engine, None, "timeout")
     result = await _run(
         engine,
@@ -176,6 +183,8 @@ async def v2_infer(
     formats.check_model(engine, model)
     parsed = parse_infer(body, header_length)
     inputs, options = formats.v2_inputs(engine, parsed)
+    if engine.task_name == "feature-extraction":  # the default prompt, as on every embedding route
+        inputs = engine.prompted(inputs, None, "inputs")  # type: ignore[arg-type]
     timeout = formats.timeout_seconds(engine, None, "timeout")
     result = await _run(engine, receive, inputs, options, truncate=False, timeout_s=timeout)
     if result is None:

@@ -36,6 +36,11 @@ class PredictParameters(BaseModel):
     timeout_ms: int | None = Field(
         None, ge=1, description="Deadline for this request, up to serve.max_request_timeout_ms."
     )
+    prompt_name: str | None = Field(
+        None,
+        description="feature-extraction: the model's sentence-transformers prompt to put before each "
+        "text (default: serve.default_prompt_name).",
+    )
 
 
 class PredictRequest(BaseModel):
@@ -65,6 +70,11 @@ class EmbeddingsRequest(BaseModel):
         "model normalises); above the model's size is a 422.",
     )
     user: str | None = None
+    prompt_name: str | None = Field(
+        None,
+        description="The model's sentence-transformers prompt to put before each input (default: "
+        "serve.default_prompt_name).",
+    )
 
 
 class TokenizeRequest(BaseModel):

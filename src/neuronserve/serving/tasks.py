@@ -146,6 +146,36 @@ class QuestionAnswering:
         }
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """sentence-transformers prompts: text put before an input, by name (``query: ``, ...)."""
+
+    prompts: dict[str, str]
+    default: str | None  # the name used when a request names none
+    include_prompt: bool = True  # pooling counts the prompt's tokens (sentence-transformers' default)
+
+    @classmethod
+    def from_directory(cls, directory: Path, configured_default: str) -> Prompts:
+        """The model's prompts; ``configured_default`` is serve.default_prompt_name ("" keeps the
+        model's own default, "none" turns it off). Raises ValueError for an unknown name."""
+        config_file = directory / "config_sentence_transformers.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        prompts = {str(k): str(v) for k, v in (config.get("prompts") or {}).items()}
+        default = config.get("default_prompt_name") or None
+        if configured_default == "none":
+            default = None
+        elif configured_default:
+            default = configured_default
+        if default is not None and default not in prompts:
+            names = ", ".join(sorted(prompts)) or "none"
+            raise ValueError(f"serve.default_prompt_name={default!r}: this model's prompts are: {names}")
+        pooling = directory / "1_Pooling" / "config.json"
+        include = True
+        if pooling.is_file():
+            include = bool(json.loads(pooling.read_text(encoding="utf-8")).get("include_prompt", True))
+        return cls(prompts, default, include)
+
+
 def task_for(task: str, directory: Path) -> Task:
     if task == "feature-extraction":
         return FeatureExtraction.from_directory(directory)
