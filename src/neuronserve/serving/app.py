@@ -33,6 +33,8 @@ from neuronserve.serving.errors import ServeError
 from neuronserve.serving.metrics import ServerMetrics
 from neuronserve.serving.middleware import ServingMiddleware
 from neuronserve.serving.schemas import (
+    CohereRerankRequest,
+    CohereRerankResponse,
     EmbeddingsRequest,
     ErrorBody,
     ModelCard,
@@ -41,6 +43,8 @@ from neuronserve.serving.schemas import (
     PredictResponse,
     RepositoryIndexRequest,
     RepositoryModel,
+    RerankRequest,
+    RerankResult,
     Token,
     TokenizeRequest,
     V2InferRequest,
@@ -191,6 +195,24 @@ def create_app(settings: Settings) -> FastAPI:
 
     _add_discovery_routes(app, engine, errors)
 
+    @app.post(
+        "/rerank",
+        summary="TEI rerank: each text's score against the query (cross-encoders), best first.",
+        response_model=list[RerankResult],
+        responses=errors,
+    )
+    async def rerank(request: Request) -> Response:
+        return _response(await handlers.rerank(engine, await request.body(), request.receive))
+
+    @app.post(
+        "/v1/rerank",
+        summary="Cohere/Jina rerank (LangChain, LlamaIndex): results[{index, relevance_score, document}].",
+        response_model=CohereRerankResponse,
+        responses=errors,
+    )
+    async def cohere_rerank(request: Request) -> Response:
+        return _response(await handlers.cohere_rerank(engine, await request.body(), request.receive))
+
     # --- Open Inference Protocol (KServe v2) ---------------------------------------------------
 
     @app.get("/v2", summary="v2 server metadata.")
@@ -299,6 +321,8 @@ def create_app(settings: Settings) -> FastAPI:
             "/v1/embeddings": EmbeddingsRequest,
             "/v2/models/{model}/infer": V2InferRequest,
             "/tokenize": TokenizeRequest,
+            "/rerank": RerankRequest,
+            "/v1/rerank": CohereRerankRequest,
             "/v2/repository/index": RepositoryIndexRequest,
         },
         lambda components: _narrow_to_this_server(components, engine),
@@ -370,8 +394,10 @@ def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
     for schema in (
         components["EmbeddingsRequest"]["properties"]["input"],
         components["TokenizeRequest"]["properties"]["inputs"],
+        components["RerankRequest"]["properties"]["texts"],
+        components["CohereRerankRequest"]["properties"]["documents"],
     ):
-        for branch in schema.get("anyOf", []):
+        for branch in [schema, *schema.get("anyOf", [])]:
             if branch.get("type") == "array":
                 branch["maxItems"] = serve.max_inputs_per_request
     timeout = components["PredictParameters"]["properties"]["timeout_ms"]["anyOf"][0]

@@ -19,9 +19,12 @@ from neuronserve.serving import formats
 from neuronserve.serving.engine import Engine, InferResult
 from neuronserve.serving.errors import ServeError, validation
 from neuronserve.serving.schemas import (
+    CohereRerankRequest,
     EmbeddingsRequest,
     PredictRequest,
     RepositoryIndexRequest,
+    RerankDocument,
+    RerankRequest,
     TokenizeRequest,
 )
 from neuronserve.serving.tasks import ItemOptions
@@ -150,6 +153,72 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
         )
     body_out = formats.embeddings_body(engine, result, request.encoding_format)
     return Reply(200, body_out, formats.timing_headers(result))
+
+
+async def _scores(
+    engine: Engine, receive: Receive, query: str, texts: list[str], *, truncate: bool, field: str
+) -> tuple[list[tuple[float, float]], InferResult] | None:
+    """(sigmoid score, logit) of each (query, text) pair, batched like any input; None when the
+    client left. Needs a model with one output: a cross-encoder."""
+    outputs = len(getattr(engine.task, "labels", ()))
+    if engine.task_name != "text-classification" or outputs != 1:
+        raise ServeError(
+            "not_found",
+            f"this server's model is a {engine.task_name} model"
+            + (f" with {outputs} outputs" if outputs else "")
+            + "; rerank needs a cross-encoder (text-classification with one output)",
+        )
+    formats.check_count(len(texts), engine.settings.serve.max_inputs_per_request, field)
+    pairs = [(query, text) for text in texts]
+    timeout = formats.timeout_seconds(engine, None, "timeout")
+    result = await _run(
+        engine, receive, pairs, [ItemOptions(rerank=True)] * len(pairs), truncate=truncate, timeout_s=timeout,
+        field=field,
+    )  # fmt: skip
+    if result is None:
+        return None
+    return list(result.outputs), result
+
+
+async def rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
+    """TEI's ``/rerank``: every text with its score against the query, best first."""
+    request = parse_body(RerankRequest, body)
+    scored = await _scores(
+        engine, receive, request.query, request.texts, truncate=request.truncate, field="texts"
+    )
+    if scored is None:
+        return Reply(CLIENT_CLOSED, b"")
+    scores, result = scored
+    pick = 1 if request.raw_scores else 0
+    order = sorted(range(len(scores)), key=lambda i: -scores[i][0])
+    ranked = [
+        {"index": i, "score": scores[i][pick], **({"text": request.texts[i]} if request.return_text else {})}
+        for i in order
+    ]
+    return Reply(200, formats.dumps(ranked), formats.timing_headers(result))
+
+
+async def cohere_rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
+    """The Cohere/Jina ``/v1/rerank``: ``results[{index, relevance_score, document}]``, best first."""
+    request = parse_body(CohereRerankRequest, body)
+    formats.check_model(engine, request.model)
+    texts = [d.text if isinstance(d, RerankDocument) else d for d in request.documents]
+    scored = await _scores(engine, receive, request.query, texts, truncate=False, field="documents")
+    if scored is None:
+        return Reply(CLIENT_CLOSED, b"")
+    scores, result = scored
+    order = sorted(range(len(scores)), key=lambda i: -scores[i][0])[: request.top_n]
+    results = [
+        {
+            "index": i,
+            "relevance_score": scores[i][0],
+            **({"document": {"text": texts[i]}} if request.return_documents else {}),
+        }
+        for i in order
+    ]
+    usage = {"total_tokens": result.tokens}
+    return Reply(200, formats.dumps({"model": engine.model_name, "results": results, "usage": usage}),
+                 formats.timing_headers(result))  # fmt: skip
 
 
 async def tokenize(engine: Engine, body: bytes) -> Reply:

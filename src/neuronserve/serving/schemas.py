@@ -77,6 +77,53 @@ class EmbeddingsRequest(BaseModel):
     )
 
 
+class RerankRequest(BaseModel):
+    """``POST /rerank``: TEI's request: one query, the texts to rank against it."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: Text
+    texts: Annotated[list[Text], Field(min_length=1)]
+    truncate: StrictBool = Field(
+        False, description="Cut pairs longer than the largest compiled length (else 422)."
+    )
+    raw_scores: StrictBool = Field(False, description="Logits instead of sigmoid scores.")
+    return_text: StrictBool = Field(False, description="Echo each text in its result.")
+
+
+class RerankResult(BaseModel):
+    """One ranked text (TEI's shape), best first."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+class RerankDocument(BaseModel):
+    """A document given as an object (Cohere/Jina also accept bare strings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+
+
+class CohereRerankRequest(BaseModel):
+    """``POST /v1/rerank``: the Cohere/Jina rerank request that LangChain and LlamaIndex send."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    query: Text
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1)]
+    top_n: int | None = Field(None, ge=1, description="Return the best N (default: all).")
+    return_documents: StrictBool = Field(False, description="Include each document's text.")
+
+
+class CohereRerankResponse(BaseModel):
+    """``POST /v1/rerank`` answer, best first."""
+
+    model: str
+    results: list[dict[str, Any]]
+    usage: dict[str, int]
+
+
 class TokenizeRequest(BaseModel):
     """``POST /tokenize``: one text or a list (TEI's request)."""
 

@@ -24,6 +24,7 @@ class ItemOptions:
     normalize: bool | None = None
     top_k: int | None = None
     context: str | None = None  # question-answering: the text answers are cut from
+    rerank: bool = False  # text-classification: (sigmoid score, logit) of the single output
 
 
 class Task(Protocol):
@@ -99,9 +100,15 @@ class TextClassification:
     ) -> list[Any]:
         del mask
         logits = outputs[0][: len(items)].float()
-        scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        # One output (a cross-encoder or a regression head): a sigmoid, as sentence-transformers'
+        # CrossEncoder and transformers' pipeline do; a softmax over one logit is always 1.
+        sigmoid = self.multi_label or logits.shape[-1] == 1
+        scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
         out: list[Any] = []
-        for row, (_, opt) in zip(scores.numpy(), items, strict=True):
+        for row, raw, (_, opt) in zip(scores.numpy(), logits.numpy(), items, strict=True):
+            if opt.rerank:
+                out.append((float(row[0]), float(raw[0])))
+                continue
             order = np.argsort(-row, kind="stable")[: opt.top_k or 1]
             out.append([{"label": self.labels[i], "score": float(row[i])} for i in order])
         return out

@@ -142,7 +142,9 @@ class TextEncoder:
             encodings = tokenizer.encode_batch(pairs)
         except Exception as exc:  # only_second cannot fit when the question alone is too long
             raise validation(
-                field, f"a question is longer than the largest compiled sequence length {self.max_length}"
+                field,
+                f"the first text of a pair (the question or query) is longer than the largest compiled "
+                f"sequence length {self.max_length}",
             ) from exc
         return [self._check(enc, i, field, truncate, pair=True) for i, enc in enumerate(encodings)]
 
