@@ -59,7 +59,7 @@ def test_pairs_keep_offsets_and_cut_only_the_context() -> None:
     (pair,) = encoder.encode_pairs([("who?", "the fox " * 40)], truncate=True)
     assert pair.length == 32
     assert pair.sequence_ids is not None and pair.sequence_ids.count(0) == 2  # the question, whole
-    with pytest.raises(ServeError, match="question is longer"):
+    with pytest.raises(ServeError, match="the question or query"):
         encoder.encode_pairs([("why " * 40, "c")], truncate=True)
 
 
