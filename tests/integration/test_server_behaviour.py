@@ -168,6 +168,16 @@ def test_api_key(bundled_artifacts: Path, tmp_path: Path) -> None:
         info = httpx.get(f"{srv.url}/info", headers={"x-api-key": "s3cret"}).json()
         assert info["settings"]["serve"]["api_key"] == "***"
         assert httpx.get(f"{srv.url}/ready").status_code == 200  # probes stay open
+        # Every documented operation that is not a probe, the schema or metrics needs the key.
+        spec = httpx.get(f"{srv.url}/openapi.json").json()
+        open_paths = {"/health", "/ready", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
+        for path, operations in spec["paths"].items():
+            if path in open_paths:
+                continue
+            url = srv.url + path.replace("{model}", "all-MiniLM-L6-v2")
+            for method in operations:
+                r = httpx.request(method, url, json={})
+                assert r.status_code == 401, (method, path, r.status_code)
         assert "s3cret" not in srv.log_text()
 
 

@@ -38,7 +38,7 @@ class _FastRoute:
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PROTECTED_PREFIXES = ("/predict", "/v1/", "/v2/models", "/info")
+PROTECTED_PREFIXES = ("/predict", "/v1/", "/v2/models", "/v2/repository", "/info", "/rerank", "/tokenize")
 TIMING_HEADERS = (b"x-queue-ms", b"x-inference-ms", b"x-batch-size")
 JSON_TYPES = (b"application/json",)
 BINARY_TYPES = (b"application/octet-stream",)  # the v2 binary tensor extension
