@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -162,7 +163,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from neuronserve.tune.run import TuneOptions, tune
 
-    if args.time_budget < 60:
+    if not math.isfinite(args.time_budget) or args.time_budget < 60:
         raise ConfigError("--time-budget must be at least 60 seconds (tracing and one trial need that)")
     if args.max_sequence_lengths < 0 or args.max_batch_sizes < 0:
         raise ConfigError("--max-sequence-lengths and --max-batch-sizes must be 0 (default) or more")

@@ -211,3 +211,12 @@ def test_an_interrupt_keeps_the_trials_so_far() -> None:
         space(), evaluate, time_budget_s=10_000, first_duration_s=1.5, longest_duration_s=8, clock=world.clock
     )
     assert result.interrupted and len(result.trials) == 5
+
+
+def test_a_last_rung_sunk_by_noise_does_not_lose_the_winner() -> None:
+    from neuronserve.tune.search import SearchResult
+
+    a, b = Candidate(1, 1, 8, 2.0), Candidate(2, 1, 8, 2.0)
+    trials = [Trial(a, 0, 2, rps=90.0), Trial(b, 0, 2, rps=80.0), Trial(a, 1, 6, rps=0.0, p95_ms=400.0)]
+    best = SearchResult(trials=trials, rungs=2).best
+    assert best is not None and best.candidate == a and best.rps == 90.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import math
 import os
@@ -146,10 +147,11 @@ class Engine:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.prompts.default is not None and not self.prompts.include_prompt:
-            raise ConfigError(
+            log.warning(
                 "this model pools without its prompt's tokens (1_Pooling include_prompt=false), which "
-                "neuronserve does not support; set serve.default_prompt_name=none"
+                "neuronserve does not support: no default prompt (requests naming one get a 422)"
             )
+            self.prompts = dataclasses.replace(self.prompts, default=None)
         self.batcher = Batcher(
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,

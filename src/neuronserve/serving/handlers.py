@@ -203,7 +203,7 @@ async def cohere_rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
     request = parse_body(CohereRerankRequest, body)
     formats.check_model(engine, request.model)
     texts = [d.text if isinstance(d, RerankDocument) else d for d in request.documents]
-    scored = await _scores(engine, receive, request.query, texts, truncate=False, field="documents")
+    scored = await _scores(engine, receive, request.query, texts, truncate=True, field="documents")
     if scored is None:
         return Reply(CLIENT_CLOSED, b"")
     scores, result = scored

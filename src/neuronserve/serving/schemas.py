@@ -99,16 +99,20 @@ class RerankResult(BaseModel):
 
 
 class RerankDocument(BaseModel):
-    """A document given as an object (Cohere/Jina also accept bare strings)."""
+    """A document given as an object (Cohere/Jina also accept bare strings); other keys are
+    ignored, as those APIs rank on ``text``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     text: Text
 
 
 class CohereRerankRequest(BaseModel):
-    """``POST /v1/rerank``: the Cohere/Jina rerank request that LangChain and LlamaIndex send."""
+    """``POST /v1/rerank``: the Cohere/Jina rerank request that LangChain and LlamaIndex send.
+    Fields of those APIs that do not apply here (``rank_fields``, ``max_chunks_per_doc``,
+    ``max_tokens_per_doc``) are accepted and ignored; a document longer than the model takes is
+    cut, as those APIs do."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     query: Text
     documents: Annotated[list[Text | RerankDocument], Field(min_length=1)]

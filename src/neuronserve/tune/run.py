@@ -22,6 +22,8 @@ import contextlib
 import datetime as dt
 import json
 import math
+import os
+import random
 import signal
 import statistics
 import threading
@@ -194,8 +196,15 @@ def _search(
     traced = run_trace(tuned_settings, progress=False, emit=lambda _line: None)
     candidates = candidate_space(tuned_settings, traced.manifest)
     outcome.candidates = len(candidates)
-    evaluate = TrialRunner(options, grid, traced.directory, texts, counter)
     remaining = options.time_budget_s - (time.monotonic() - started) - REPORT_RESERVE_S
+    evaluate = TrialRunner(
+        options,
+        grid=grid,
+        artifacts=traced.directory,
+        texts=texts,
+        counter=counter,
+        deadline=time.monotonic() + remaining,
+    )
     emit(f"tune: {len(candidates)} candidates, successive halving in {max(0.0, remaining):.0f} s")
 
     def progress(trial: Trial, result: SearchResult) -> None:
@@ -277,13 +286,17 @@ def candidate_space(settings: Settings, manifest: Manifest) -> list[Candidate]:
     sizes = manifest.batch_sizes
     # A small cap (latency: a long batch never holds up what queues behind it) and none.
     batches = sorted({next((b for b in sizes if b >= 8), sizes[-1]), sizes[-1]})
-    return [
+    space = [
         Candidate(cps, c, mb, delay)
         for cps in per_server
         for c in copies
         for mb in batches
         for delay in DELAYS_MS
     ]
+    # A fixed shuffle: if the time budget cuts the first rung short, what ran still spans every
+    # layout instead of only the first cores-per-server values.
+    random.Random(0).shuffle(space)  # noqa: S311 - an order, not a secret
+    return space
 
 
 def _grid_overrides(grid: Grid, tuned_dir: Path) -> list[str]:
@@ -299,12 +312,19 @@ class TrialRunner:
     tear down. Nothing of one trial is left when it returns (or raises)."""
 
     def __init__(
-        self, options: TuneOptions, grid: list[str], artifacts: Path, texts: list[str], counter: Any
+        self,
+        options: TuneOptions,
+        *,
+        grid: list[str],
+        artifacts: Path,
+        texts: list[str],
+        counter: Any,
+        deadline: float,
     ) -> None:
         from neuronserve.loadgen.payloads import build_payloads
         from neuronserve.loadgen.stats import Budgets, Pricing
 
-        self.options, self.grid, self.artifacts = options, grid, artifacts
+        self.options, self.grid, self.artifacts, self.deadline = options, grid, artifacts, deadline
         base = _load(options)
         self.base = base
         b = base.bench
@@ -321,17 +341,24 @@ class TrialRunner:
         from neuronserve.deploy.local import DeployError, free_ports
 
         trial = Trial(candidate, rung, duration_s, rps=0.0)
+        remaining = self.deadline - time.monotonic()
         chosen = [
             *self.grid,
             *(f"{k}={v}" for k, v in candidate.overrides().items()),
             f"serve.artifacts={self.artifacts}",
-            f"deploy.name={self.base.deploy.name}-tune",
+            # Its own name (two tunes never stop each other's trials) and nothing but the servers.
+            f"deploy.name={self.base.deploy.name}-tune-{os.getpid()}",
             "monitor.enabled=false",
+            "monitor.prometheus=false",
+            # A trial that cannot get ready within what is left of the budget is a failed trial.
+            f"deploy.ready_timeout_s={max(10.0, min(self.base.deploy.ready_timeout_s, remaining)):.0f}",
         ]
         try:
-            servers = len(plan_for(_load(self.options, *chosen), verify=False)[0].servers)
-            port, first = free_ports(1), free_ports(servers)
-            settings = _load(self.options, *chosen, f"deploy.port={port}", f"deploy.base_port={first}")
+            # Placeholder ports to count the servers, then one free range: the endpoint, the servers.
+            counted = _load(self.options, *chosen, "deploy.port=1", "deploy.base_port=2")
+            servers = len(plan_for(counted, verify=False)[0].servers)
+            port = free_ports(servers + 1)
+            settings = _load(self.options, *chosen, f"deploy.port={port}", f"deploy.base_port={port + 1}")
             plan, _manifest, memory = plan_for(settings, verify=False)
         except (ConfigError, DeployError) as exc:
             trial.failure = f"not deployable: {exc}"
@@ -386,7 +413,12 @@ class TrialRunner:
         trial.error_rate = reported.error_rate
         trial.cost_per_million = reported.cost_per_million
         trial.steps = [
-            {"level": s.level, "rps": s.rps, "p95_ms": s.latency_ms["p95"], "error_rate": s.error_rate}
+            {
+                "level": s.level,
+                "rps": s.rps,
+                "p95_ms": _finite(s.latency_ms["p95"]),
+                "error_rate": s.error_rate,
+            }
             for s in steps
         ]
 
@@ -429,6 +461,10 @@ def _no_interrupts(*, reraise: bool = True) -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN
+
+
 def _csv(values: Sequence[int]) -> str:
     return ",".join(str(v) for v in values)
 
@@ -440,10 +476,21 @@ def write_report(outcome: Outcome, settings: Settings, options: TuneOptions) -> 
     out = outcome.directory
     search = outcome.search
     best = search.best if search else None
-    if best is not None and best.rps > 0 and outcome.tuned is not None:
-        outcome.tuned_properties = write_tuned_properties(out / "tuned.properties", outcome, best, options)
     trials = search.trials if search else []
-    plot = pareto_plot(out / "pareto.png", trials, best) if any(not t.failure for t in trials) else None
+    plot = None
+    # Each extra is guarded: whatever fails in one of them, summary.json and report.md are written.
+    if best is not None and best.rps > 0 and outcome.tuned is not None:
+        try:
+            outcome.tuned_properties = write_tuned_properties(
+                out / "tuned.properties", outcome, best, options
+            )
+        except Exception as exc:
+            outcome.error = (outcome.error + "; " if outcome.error else "") + f"tuned.properties: {exc}"
+    if any(not t.failure for t in trials):
+        try:
+            plot = pareto_plot(out / "pareto.png", trials, best)
+        except Exception as exc:
+            outcome.error = (outcome.error + "; " if outcome.error else "") + f"pareto.png: {exc}"
     summary = {
         "started_at": outcome.started_at,
         "elapsed_s": round(outcome.elapsed_s, 1),
@@ -630,6 +677,7 @@ def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: T
     extra = [
         *_grid_overrides(outcome.tuned, tuned_dir),
         *(f"{k}={v}" for k, v in best.candidate.overrides().items()),
+        "serve.artifacts=",  # served from trace.output_dir: the tuned grid, not a configured path
     ]
     settings = _load(options, *extra)
     absolute = []
@@ -649,8 +697,9 @@ def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: T
         f"({outcome.dataset}); report: {outcome.directory / 'report.md'}",
         f"# Use it as it is: ./trace-model/run.sh --config {path} && ./fast-api/deploy.sh --config {path}",
     ]
-    path.write_text(render_template(settings, header), encoding="utf-8")
-    if settings.serve.api_key:
-        path.chmod(0o600)  # it carries the API key
+    text = render_template(settings, header)
+    mode = 0o600 if settings.serve.api_key else 0o644  # with the API key in it: never readable by others
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w", encoding="utf-8") as fh:
+        fh.write(text)
     load_settings(path)  # it must read back as a valid config
     return path

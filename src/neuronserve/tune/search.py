@@ -55,7 +55,7 @@ class Trial:
     memory_bytes: int | None = None
     wall_s: float = 0.0  # deploy + load + teardown
     failure: str = ""  # why the candidate could not run (deploy failed, memory plan refused)
-    steps: list[dict[str, float]] = field(default_factory=list)
+    steps: list[dict[str, float | None]] = field(default_factory=list)
 
     @property
     def score(self) -> tuple[float, float]:
@@ -77,8 +77,10 @@ class SearchResult:
         ran = [t for t in self.trials if not t.failure]
         if not ran:
             return None
-        top = max(t.rung for t in ran)
-        return max((t for t in ran if t.rung == top), key=lambda t: t.score)
+        # The highest rung where something met the budgets (noise may sink a whole later rung).
+        pool = [t for t in ran if t.rps > 0] or ran
+        top = max(t.rung for t in pool)
+        return max((t for t in pool if t.rung == top), key=lambda t: t.score)
 
 
 def rung_durations(first_s: float, eta: int, rungs: int, longest_s: float) -> list[float]:

@@ -84,6 +84,10 @@ def test_cohere_rerank_matches_cross_encoder(client: TestClient, cross_encoder: 
         assert x["document"] == {"text": DOCS[x["index"]]}
     assert out["model"] == "tiny" and out["usage"]["total_tokens"] > 0
     assert client.post("/v1/rerank", json={**body, "model": "other"}).status_code == 404
+    # what Cohere/Jina clients also send is accepted, and a long document is cut as those APIs do
+    sent = {"query": QUERY, "documents": [{"text": "word " * 200, "id": "d1"}], "rank_fields": ["text"],
+            "max_chunks_per_doc": 1}  # fmt: skip
+    assert client.post("/v1/rerank", json=sent).status_code == 200
 
 
 def test_rerank_refuses_bad_input_with_the_field(client: TestClient) -> None:
