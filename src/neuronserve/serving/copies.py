@@ -105,7 +105,7 @@ class CopyWorker(threading.Thread):
         super().__init__(name=f"copy-{index}", daemon=True)
         self._on_health = on_health
         self._max_failures = max_failures
-        self._stop = stop
+        self._stopping = stop
         self._measure_lock = measure_lock
         self.index = index
         self._start_nc = start_nc
@@ -212,7 +212,7 @@ class CopyWorker(threading.Thread):
         entry = min(self._manifest.shapes, key=lambda e: e.batch_size * e.sequence_length)
         shape = (entry.batch_size, entry.sequence_length)
         inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in self._manifest.input_names)
-        while not self._stop.wait(PROBE_INTERVAL_S):
+        while not self._stopping.wait(PROBE_INTERVAL_S):
             try:
                 self._models[shape].run(inputs)
             except Exception as exc:

@@ -300,9 +300,19 @@ class Engine:
 
     # --- copy thread callbacks (run in copy threads) ----------------------------------------
 
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the event loop. Once the loop is closed (the server stopped while a
+        copy was still loading or running) there is nobody left to tell, and it is dropped."""
+        assert self._loop is not None, "this is a bug: a copy started before the engine"
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            if not self._loop.is_closed():
+                raise
+
     def _on_copy_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
         assert self._loop is not None, "this is a bug: a copy started before the engine"
-        self._loop.call_soon_threadsafe(self._mark_ready, index, costs)
+        self._to_loop(self._mark_ready, index, costs)
 
     def _mark_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
         for shape, cost in costs.items():  # the slowest copy's figure is the safe one to plan with
@@ -319,7 +329,7 @@ class Engine:
     def _on_copy_failed(self, index: int, message: str) -> None:
         assert self._loop is not None, "this is a bug: a copy started before the engine"
         del index  # the message names the copy
-        self._loop.call_soon_threadsafe(self._fatal, message)
+        self._to_loop(self._fatal, message)
 
     def _fatal(self, message: str) -> None:
         if self.load_error is not None:
@@ -332,7 +342,7 @@ class Engine:
 
     def _on_copy_health(self, index: int, problem: str | None) -> None:
         assert self._loop is not None, "this is a bug: a copy started before the engine"
-        self._loop.call_soon_threadsafe(self._set_health, index, problem)
+        self._to_loop(self._set_health, index, problem)
 
     def _set_health(self, index: int, problem: str | None) -> None:
         if problem is None:
@@ -356,11 +366,11 @@ class Engine:
             [item.dispatched_at - item.enqueued_at for item in batch.items],
         )
         assert self._loop is not None, "this is a bug: a copy started before the engine"
-        self._loop.call_soon_threadsafe(self._resolve, outcome)
+        self._to_loop(self._resolve, outcome)
 
     def _on_drop(self, dropped: list[tuple[WorkItem, str]]) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._resolve_dropped, dropped)
+            self._to_loop(self._resolve_dropped, dropped)
 
     # --- event loop side ----------------------------------------------------------------------
 

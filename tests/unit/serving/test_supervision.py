@@ -208,3 +208,18 @@ def test_a_token_bound_that_cannot_hold_one_request_is_refused(tmp_path: Path) -
 
     with pytest.raises(ConfigError, match=r"serve\.max_queue_tokens=100 cannot hold one request"):
         _engine(tmp_path, serve__max_queue_tokens="100")
+
+
+def test_a_copy_that_finishes_loading_after_the_server_stopped_goes_quietly(tmp_path: Path) -> None:
+    """A server stopped while its copies still load (a client that leaves at once, a SIGTERM at
+    boot): the copy that finishes afterwards has no loop to tell, and must not raise."""
+    engine = _engine(tmp_path)
+
+    async def main() -> None:
+        engine.start()
+        engine.close()  # before any copy is ready; asyncio.run then closes the loop
+
+    asyncio.run(main())
+    for thread in engine._copy_threads:
+        thread.join(timeout=60)  # a raise in the thread fails the test (pytest -W error)
+    assert not any(thread.is_alive() for thread in engine._copy_threads)
