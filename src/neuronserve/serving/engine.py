@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from neuronserve.artifacts import Manifest, load_manifest
 from neuronserve.backends import (
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # Inputs up to this many characters are tokenized on the event loop (microseconds); larger ones
 # go to a tokenizer thread so the loop never stalls on long texts.
 INLINE_TOKENIZE_CHARS = 4096
+T = TypeVar("T")
 # After this long with nothing in flight, the memory freed by the last batches goes back to the OS.
 IDLE_TRIM_S = 2.0
 
@@ -474,23 +475,21 @@ class Engine:
     async def _tokenize(
         self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
     ) -> list[Encoded]:
-        """Small requests inline (microseconds); larger ones on the tokenizer thread."""
         size = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
-        if size <= INLINE_TOKENIZE_CHARS:
-            return self.encode(inputs, truncate=truncate, field=field)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool, lambda: self.encode(inputs, truncate=truncate, field=field)
-        )
+        return await self._tokenizer_work(size, lambda: self.encode(inputs, truncate=truncate, field=field))
 
     async def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list[dict[str, Any]]]:
-        """Every token of each text (``/tokenize``); large requests on the tokenizer thread."""
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            return self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
+        """Every token of each text (``/tokenize``)."""
+        size = sum(len(t) for t in texts)
+        return await self._tokenizer_work(
+            size, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
         )
+
+    async def _tokenizer_work(self, chars: int, work: Callable[[], T]) -> T:
+        """Small requests inline (microseconds); larger ones on the tokenizer thread."""
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, work)
 
     def prompted(self, texts: list[str], name: str | None, field: str) -> list[str]:
         """``texts`` with the named sentence-transformers prompt before each (the default one
