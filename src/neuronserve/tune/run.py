@@ -25,9 +25,9 @@ import math
 import os
 import random
 import signal
-import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,10 +170,11 @@ def _search(
     outcome.model = str(manifest.model.get("name", ""))
     outcome.backend = manifest.backend
     counter = TokenCounter(configured.directory)
-    outcome.lengths = sorted(counter.count(t) for t in texts)
+    lengths = [counter.count(t) for t in texts]
+    outcome.lengths = sorted(lengths)
     outcome.configured, outcome.tuned = choose_grid(manifest, outcome.lengths, options)
     fits = max(outcome.tuned.sequence_lengths)
-    kept = [t for t, n in zip(texts, (counter.count(t) for t in texts), strict=True) if n <= fits]
+    kept = [t for t, n in zip(texts, lengths, strict=True) if n <= fits]
     outcome.excluded = len(texts) - len(kept)
     if outcome.excluded:
         emit(
@@ -252,10 +253,10 @@ def choose_grid(manifest: Manifest, lengths: Sequence[int], options: TuneOptions
     nearest = min(manifest.sequence_lengths, key=lambda s: abs(s - heaviest))
     per_call = buckets.interpolate({b: c for (b, s), c in costs.items() if s == nearest})
     sizes = buckets.batch_sizes(per_call, max_sizes=k_batch, largest=b_max)
-    mean = statistics.fmean
+    sample = Counter(clipped)
 
-    def expected(seq: Sequence[int]) -> float:
-        return mean(per_text(min(s for s in seq if s >= n)) for n in clipped) if clipped else 0.0
+    def expected(seq: Sequence[int]) -> float:  # per text
+        return buckets.expected_cost(sample, seq, per_text) / len(clipped) if clipped else 0.0
 
     configured = Grid(manifest.batch_sizes, manifest.sequence_lengths, expected(manifest.sequence_lengths))
     return configured, Grid(sizes, seqs, expected(seqs))

@@ -83,10 +83,6 @@ class SearchResult:
         return max((t for t in pool if t.rung == top), key=lambda t: t.score)
 
 
-def rung_durations(first_s: float, eta: int, rungs: int, longest_s: float) -> list[float]:
-    return [min(longest_s, first_s * eta**r) for r in range(rungs)]
-
-
 def successive_halving(
     candidates: Sequence[Candidate],
     evaluate: Callable[[Candidate, int, float], Trial],
