@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -212,17 +214,34 @@ def build_tiny_model(directory: Path, task: str, *, token_types: bool = True, nu
     return directory
 
 
-def trace_tiny(tmp_path: Path, task: str = "feature-extraction", **values: str) -> Any:
+def trace_tiny(
+    tmp_path: Path, task: str = "feature-extraction", *, num_labels: int = 3, **values: str
+) -> Any:
     """Trace a tiny random model for ``task`` on cpu (grid b1 x s16 unless ``values`` say
-    otherwise); returns the TraceReport."""
+    otherwise; the model is in ``tmp_path/tiny``); returns the TraceReport."""
     from neuronserve.trace import run_trace
 
     grid = {"trace__batch_sizes": "1", "trace__sequence_lengths": "16", **values}
-    model_dir = build_tiny_model(tmp_path / "tiny", task)
+    model_dir = build_tiny_model(tmp_path / "tiny", task, num_labels=num_labels)
     settings = make_settings(
         tmp_path, model__source=str(model_dir), model__task=task, trace__backend="cpu", **grid
     )
     return run_trace(settings, progress=False, emit=lambda _line: None)
+
+
+@contextmanager
+def ready_client(settings: Settings, timeout_s: float = 60.0) -> Iterator[Any]:
+    """An in-process server for ``settings`` (a FastAPI TestClient), once /ready answers 200."""
+    from fastapi.testclient import TestClient
+
+    from neuronserve.serving.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + timeout_s
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.01)  # poll readiness
+        yield client
 
 
 @pytest.fixture

@@ -7,11 +7,12 @@ import itertools
 import math
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from neuronserve.tune import buckets
-from neuronserve.tune.search import Candidate, Trial, successive_halving
+from neuronserve.tune.search import Candidate, SearchResult, Trial, successive_halving
 
 
 def linear(x: int) -> float:
@@ -126,17 +127,22 @@ def surface(best: Candidate) -> dict[Candidate, float]:
     return truth
 
 
-def test_halving_finds_the_best_with_far_fewer_trials_than_brute_force() -> None:
-    best = Candidate(1, 1, 8, 2.0)
-    world = FakeWorld(surface(best), noise=0.05)
-    result = successive_halving(
+def halve(world: FakeWorld, evaluate: Any = None, budget: float = 10_000) -> SearchResult:
+    """The search over space() on ``world``'s clock: 1.5 s first rung, 8 s cap."""
+    return successive_halving(
         space(),
-        world.evaluate,
-        time_budget_s=10_000,
+        evaluate or world.evaluate,
+        time_budget_s=budget,
         first_duration_s=1.5,
         longest_duration_s=8,
         clock=world.clock,
     )
+
+
+def test_halving_finds_the_best_with_far_fewer_trials_than_brute_force() -> None:
+    best = Candidate(1, 1, 8, 2.0)
+    world = FakeWorld(surface(best), noise=0.05)
+    result = halve(world)
     assert result.best is not None and result.best.candidate == best
     per_rung = Counter(rung for _c, rung, _d in world.calls)
     assert per_rung[0] == 24 and per_rung[1] == 8 and per_rung[2] == 3 and per_rung[3] == 0
@@ -150,14 +156,7 @@ def test_halving_finds_the_best_with_far_fewer_trials_than_brute_force() -> None
 
 def test_a_candidate_pruned_early_never_runs_again() -> None:
     world = FakeWorld(surface(Candidate(2, 2, 32, 10.0)), noise=0.0)
-    result = successive_halving(
-        space(),
-        world.evaluate,
-        time_budget_s=10_000,
-        first_duration_s=1.5,
-        longest_duration_s=8,
-        clock=world.clock,
-    )
+    result = halve(world)
     first = sorted((t for t in result.trials if t.rung == 0), key=lambda t: t.rps, reverse=True)
     survivors = {t.candidate for t in first[:8]}
     later = {t.candidate for t in result.trials if t.rung > 0}
@@ -167,14 +166,7 @@ def test_a_candidate_pruned_early_never_runs_again() -> None:
 def test_the_time_budget_stops_before_a_trial_that_would_not_fit() -> None:
     world = FakeWorld(surface(Candidate(1, 1, 4, 2.0)), noise=0.0)
     budget = 400.0
-    result = successive_halving(
-        space(),
-        world.evaluate,
-        time_budget_s=budget,
-        first_duration_s=1.5,
-        longest_duration_s=8,
-        clock=world.clock,
-    )
+    result = halve(world, budget=budget)
     assert result.out_of_time
     assert world.now <= budget  # no trial was started that would end past the budget
     assert result.best is not None  # the best of what ran
@@ -192,9 +184,7 @@ def test_failed_candidates_are_never_promoted() -> None:
             trial.failure = "memory plan refused: too big"
         return trial
 
-    result = successive_halving(
-        space(), evaluate, time_budget_s=10_000, first_duration_s=1.5, longest_duration_s=8, clock=world.clock
-    )
+    result = halve(world, evaluate)
     assert all(t.candidate != broken for t in result.trials if t.rung > 0)
     assert result.best is not None and result.best.candidate != broken
 
@@ -207,15 +197,11 @@ def test_an_interrupt_keeps_the_trials_so_far() -> None:
             raise KeyboardInterrupt
         return world.evaluate(candidate, rung, duration)
 
-    result = successive_halving(
-        space(), evaluate, time_budget_s=10_000, first_duration_s=1.5, longest_duration_s=8, clock=world.clock
-    )
+    result = halve(world, evaluate)
     assert result.interrupted and len(result.trials) == 5
 
 
 def test_a_last_rung_sunk_by_noise_does_not_lose_the_winner() -> None:
-    from neuronserve.tune.search import SearchResult
-
     a, b = Candidate(1, 1, 8, 2.0), Candidate(2, 1, 8, 2.0)
     trials = [Trial(a, 0, 2, rps=90.0), Trial(b, 0, 2, rps=80.0), Trial(a, 1, 6, rps=0.0, p95_ms=400.0)]
     best = SearchResult(trials=trials, rungs=2).best

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from neuronserve.config import ConfigError
 from neuronserve.serving.app import create_app
-from tests.conftest import build_tiny_model, make_settings
+from tests.conftest import build_tiny_model, make_settings, ready_client
 
 TEXTS = ["the quick brown fox", "a lazy dog sleeps"]
 PROMPTS = {"query": "query: ", "doc": "a passage of text: "}  # different lengths: different means
@@ -58,11 +57,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _client(tmp_path: Path, artifacts: Path, **values: str) -> Iterator[TestClient]:
     settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0", **values)
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.01)  # poll readiness
+    with ready_client(settings) as client:
         yield client
 
 

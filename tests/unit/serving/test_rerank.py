@@ -3,7 +3,6 @@ Cohere/Jina /v1/rerank, scores equal to sentence-transformers' CrossEncoder on t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from neuronserve.serving.app import create_app
-from tests.conftest import build_tiny_model, make_settings
+from tests.conftest import make_settings, ready_client, trace_tiny
 
 QUERY = "what is the capital of france"
 DOCS = ["paris is the capital of france", "the cat sat on the mat", "berlin is in germany", "a b c"]
@@ -21,29 +20,17 @@ DOCS = ["paris is the capital of france", "the cat sat on the mat", "berlin is i
 
 @pytest.fixture(scope="module")
 def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from neuronserve.trace import run_trace
-
+    """(model directory, artifacts) of a tiny random cross-encoder: one output."""
     tmp = tmp_path_factory.mktemp("rerank")
-    model = build_tiny_model(tmp / "tiny", "text-classification", num_labels=1)
-    settings = make_settings(
-        tmp,
-        model__source=str(model),
-        model__task="text-classification",
-        trace__backend="cpu",
-        trace__batch_sizes="1,4",
-        trace__sequence_lengths="32",
+    report = trace_tiny(
+        tmp, "text-classification", num_labels=1, trace__batch_sizes="1,4", trace__sequence_lengths="32"
     )
-    return model, run_trace(settings, progress=False, emit=lambda _line: None).directory
+    return tmp / "tiny", report.directory
 
 
 @pytest.fixture
 def client(tmp_path: Path, cross_encoder: tuple[Path, Path]) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path, serve__artifacts=str(cross_encoder[1]), serve__cores="0")
-    with TestClient(create_app(settings)) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.01)  # poll readiness
+    with ready_client(make_settings(tmp_path, serve__artifacts=str(cross_encoder[1]), serve__cores="0")) as c:
         yield c
 
 
@@ -108,8 +95,6 @@ def test_predict_on_a_one_output_model_is_a_sigmoid_not_a_constant(client: TestC
 
 
 def test_rerank_on_an_embedding_model_is_a_clear_404(tmp_path: Path) -> None:
-    from tests.conftest import trace_tiny
-
     artifacts = trace_tiny(tmp_path).directory
     settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0")
     with TestClient(create_app(settings)) as c:

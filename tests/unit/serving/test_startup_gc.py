@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from neuronserve.serving.app import create_app
-from tests.conftest import make_settings, trace_tiny
+from tests.conftest import make_settings, ready_client, trace_tiny
 
 
 @pytest.fixture
@@ -54,11 +53,6 @@ def test_a_server_in_its_own_main_thread_freezes_start_up_objects_when_ready(
 
 
 def test_an_app_run_by_a_test_client_leaves_the_collector_alone(tmp_path: Path, unfrozen: None) -> None:
-    app = create_app(_settings(tmp_path))  # type: ignore[arg-type]
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.01)  # poll readiness
+    with ready_client(_settings(tmp_path)) as client:  # type: ignore[arg-type]
         assert client.post("/predict", json={"inputs": "hello"}).status_code == 200
     assert gc.get_freeze_count() == 0
