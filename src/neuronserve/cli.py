@@ -68,8 +68,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.runner != "local" and _trace_in_docker(settings, args):
         return 0
-    report = run_trace(settings, force=args.force, progress=not args.quiet, emit=print)
-    print(format_manifest_summary(report.manifest))
+    for name, model in settings.per_model().items():
+        if settings.extra_models:
+            print(f"== model {name} ==")
+        report = run_trace(model, force=args.force, progress=not args.quiet, emit=print)
+        print(format_manifest_summary(report.manifest))
     return 0
 
 
@@ -91,9 +94,11 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         raise BackendError(f"image {tag} not built; run ./trace-model/build.sh first")
     output_dir = settings.path(settings.trace.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    local_model = None
-    if not settings.model.source.startswith(BUNDLED_PREFIX):
-        local_model = resolve_source(settings.model.source)
+    local_models = {
+        "model" if name == settings.model_name else f"models.{name}": (name, resolve_source(model.model.source))
+        for name, model in settings.per_model().items()
+        if not model.model.source.startswith(BUNDLED_PREFIX)
+    }
     uid, gid = containers.current_ids()
     config_path = Path(args.config or settings.base_dir / "config.properties")
     spec = containers.trace_container_spec(
@@ -104,7 +109,7 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         devices=containers.neuron_devices(),
         uid=uid,
         gid=gid,
-        model_dir=local_model,
+        model_dirs=local_models,
         force=args.force,
     )
     print(f"{engine.reason}: tracing in container image {tag}")

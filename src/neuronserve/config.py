@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from neuronserve.models import default_name
+
 ENV_PREFIX = "NEURONSERVE_"
 DEFAULT_CONFIG_NAME = "config.properties"
 
@@ -67,8 +69,39 @@ class ModelSettings:
     )
     name: str = setting(
         "",
-        "Directory name for the artifacts under trace.output_dir; empty derives it from model.source.",
+        "The model's name: requests choose it by this (the model field, the v2 path) and its "
+        "artifacts go to <trace.output_dir>/<name>/; empty derives it from model.source.",
     )
+
+
+@dataclass(frozen=True)
+class ExtraModel:
+    """``models.<name>.*``: one more model that every server holds beside ``model.*``.
+
+    Each key left out takes the single-model setting named in its description. For example::
+
+        models.reranker.source=/models/ms-marco-MiniLM-L-6-v2
+        models.reranker.task=text-classification
+        models.reranker.sequence_lengths=128,256
+    """
+
+    name: str = setting("", "The model's name (the <name> in its keys); requests choose it by this.")
+    source: str = setting("", "Model to trace, as model.source (required).")
+    task: Task = setting("feature-extraction", "What the model does, as model.task.")
+    batch_sizes: tuple[int, ...] = setting(
+        (), "Batch sizes to compile; empty takes trace.batch_sizes.", minimum=1, maximum=1024
+    )
+    sequence_lengths: tuple[int, ...] = setting(
+        (), "Sequence lengths to compile; empty takes trace.sequence_lengths.", minimum=8, maximum=8192
+    )
+    copies: int = setting(
+        0, "Copies of this model in each server; 0 takes serve.models_per_server.", minimum=0, maximum=64
+    )
+    default_prompt_name: str = setting(
+        "", "feature-extraction: the default prompt, as serve.default_prompt_name (not inherited)."
+    )
+    artifacts: str = setting("", "Artifact directory to serve; empty means <trace.output_dir>/<name>/<backend>.")
+    artifacts_fingerprint: str = setting("", "Set by deploy, as serve.artifacts_fingerprint.")
 
 
 @dataclass(frozen=True)
@@ -374,6 +407,8 @@ class Settings:
     deploy: DeploySettings = field(default_factory=DeploySettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
+    # ``models.<name>.*``: further models, in the order the config first names them.
+    extra_models: tuple[ExtraModel, ...] = ()
     # Where the settings came from; relative paths in the settings resolve against this.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
 
@@ -394,14 +429,53 @@ class Settings:
                     value = "***"
                 values[f.name] = list(value) if isinstance(value, tuple) else value
             out[section_name] = values
+        out["models"] = {
+            m.name: {f.name: _plain(getattr(m, f.name)) for f in dataclasses.fields(ExtraModel) if f.name != "name"}
+            for m in self.extra_models
+        }
         return out
+
+    @property
+    def model_name(self) -> str:
+        """The name of ``model.*``'s model: ``model.name``, or one derived from its source."""
+        return self.model.name or default_name(self.model.source)
+
+    def per_model(self) -> dict[str, Settings]:
+        """Settings for each served model, by name, ``model.*``'s first: each is a single-model
+        Settings whose ``model.*``, trace grid, copies, prompt and artifacts are that model's, so
+        whatever traces, plans or serves one model takes one of these."""
+        out = {self.model_name: dataclasses.replace(self, extra_models=())}
+        for m in self.extra_models:
+            trace = dataclasses.replace(
+                self.trace,
+                batch_sizes=m.batch_sizes or self.trace.batch_sizes,
+                sequence_lengths=m.sequence_lengths or self.trace.sequence_lengths,
+            )
+            serve = dataclasses.replace(
+                self.serve,
+                models_per_server=m.copies or self.serve.models_per_server,
+                default_prompt_name=m.default_prompt_name,
+                artifacts=m.artifacts,
+                artifacts_fingerprint=m.artifacts_fingerprint,
+            )
+            model = ModelSettings(source=m.source, task=m.task, name=m.name)
+            out[m.name] = dataclasses.replace(self, model=model, trace=trace, serve=serve, extra_models=())
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name]
     for f in dataclasses.fields(Settings)
-    if f.name != "base_dir"
+    if f.name not in ("base_dir", "extra_models")
 }
+MODELS_PREFIX = "models."
+# models.<name>.<key>: the name is what requests send, so it stays simple and lower case
+# (environment variables carry it upper-cased: NEURONSERVE_MODELS__RERANKER__SOURCE).
+_MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -419,25 +493,37 @@ class KeySpec:
     secret: bool
 
 
+def _specs_of(section_name: str, section_cls: type, prefix: str) -> dict[str, KeySpec]:
+    hints = typing.get_type_hints(section_cls)
+    specs: dict[str, KeySpec] = {}
+    for f in dataclasses.fields(section_cls):
+        key = f"{prefix}{f.name}"
+        specs[key] = KeySpec(
+            key=key,
+            section=section_name,
+            name=f.name,
+            type=hints[f.name],
+            default=f.default,
+            doc=f.metadata["doc"],
+            minimum=f.metadata.get("minimum"),
+            maximum=f.metadata.get("maximum"),
+            secret=bool(f.metadata.get("secret")),
+        )
+    return specs
+
+
 def key_specs() -> dict[str, KeySpec]:
-    """Every valid ``section.key``, in declaration order."""
+    """Every valid ``section.key``, in declaration order (``models.<name>.*`` apart: see
+    :func:`model_key_specs`)."""
     specs: dict[str, KeySpec] = {}
     for section_name, section_cls in SECTIONS.items():
-        hints = typing.get_type_hints(section_cls)
-        for f in dataclasses.fields(section_cls):
-            key = f"{section_name}.{f.name}"
-            specs[key] = KeySpec(
-                key=key,
-                section=section_name,
-                name=f.name,
-                type=hints[f.name],
-                default=f.default,
-                doc=f.metadata["doc"],
-                minimum=f.metadata.get("minimum"),
-                maximum=f.metadata.get("maximum"),
-                secret=bool(f.metadata.get("secret")),
-            )
+        specs.update(_specs_of(section_name, section_cls, f"{section_name}."))
     return specs
+
+
+def model_key_specs() -> dict[str, KeySpec]:
+    """The keys of one further model, ``models.<name>.<key>``, by ``<key>`` (its name is in the key)."""
+    return {k: v for k, v in _specs_of("models", ExtraModel, "").items() if k != "name"}
 
 
 # --- Java properties syntax -------------------------------------------------------------------
@@ -585,7 +671,8 @@ def _unknown_key_message(key: str, specs: Mapping[str, KeySpec], where: str) -> 
     if section in SECTIONS:
         valid = ", ".join(k for k in specs if k.startswith(section + "."))
         return f"{where}: unknown key {key}; valid {section}.* keys are: {valid}"
-    return f"{where}: unknown key {key}; keys start with one of: {', '.join(s + '.' for s in SECTIONS)}"
+    starts = ", ".join([*(s + "." for s in SECTIONS), MODELS_PREFIX + "<name>."])
+    return f"{where}: unknown key {key}; keys start with one of: {starts}"
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -594,7 +681,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             section, _, key = name[len(ENV_PREFIX) :].partition("__")
-            out[f"{section.lower()}.{key.lower()}"] = (value, f"environment {name}")
+            # NEURONSERVE_MODELS__<NAME>__<KEY> is models.<name>.<key>; no other key has "__".
+            out[f"{section.lower()}.{key.lower().replace('__', '.')}"] = (value, f"environment {name}")
     return out
 
 
@@ -614,7 +702,11 @@ def build_settings(values: Mapping[str, tuple[str, str]], base_dir: Path | None 
     specs = key_specs()
     errors: list[str] = []
     typed: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    extras: dict[str, dict[str, Any]] = {}  # in the order the config first names each model
     for key, (raw, where) in values.items():
+        if key.startswith(MODELS_PREFIX):
+            _extra_model_key(key, raw, where, extras, errors)
+            continue
         spec = specs.get(key)
         if spec is None:
             errors.append(_unknown_key_message(key, specs, where))
@@ -625,10 +717,40 @@ def build_settings(values: Mapping[str, tuple[str, str]], base_dir: Path | None 
             errors.append(f"{where}: {key} {exc}")
     if errors:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(errors))
+    for name, fields in extras.items():
+        if not fields.get("source"):
+            errors.append(f"models.{name}.source is missing: every further model needs its source")
+    if errors:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(errors))
     sections = {name: cls(**typed[name]) for name, cls in SECTIONS.items()}
-    settings = Settings(**sections, base_dir=base_dir or Path.cwd())
+    models = tuple(ExtraModel(name=name, **fields) for name, fields in extras.items())
+    settings = Settings(**sections, extra_models=models, base_dir=base_dir or Path.cwd())
     _check_consistency(settings)
     return settings
+
+
+def _extra_model_key(
+    key: str, raw: str, where: str, extras: dict[str, dict[str, Any]], errors: list[str]
+) -> None:
+    """One ``models.<name>.<key>`` value into ``extras[name]``, or a message into ``errors``."""
+    name, _, field_name = key[len(MODELS_PREFIX) :].rpartition(".")
+    specs = model_key_specs()
+    if not _MODEL_NAME.fullmatch(name):
+        errors.append(
+            f"{where}: {key}: write further models as models.<name>.<key>, with a name of lower-case "
+            "letters, digits, '-' or '_' (at most 63)"
+        )
+        return
+    spec = specs.get(field_name)
+    if spec is None:
+        close = difflib.get_close_matches(field_name, list(specs), n=1)
+        hint = f"did you mean models.{name}.{close[0]}?" if close else f"valid keys: {', '.join(specs)}"
+        errors.append(f"{where}: unknown key {key}; {hint}")
+        return
+    try:
+        extras.setdefault(name, {})[field_name] = _convert(spec, raw)
+    except ValueError as exc:
+        errors.append(f"{where}: {key} {exc}")
 
 
 def _check_consistency(settings: Settings) -> None:
@@ -638,6 +760,12 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(f"deploy.servers must be max, auto or a positive number; got {deploy.servers!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", deploy.name):
         raise ConfigError(f"deploy.name {deploy.name!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    names = [settings.model_name, *(m.name for m in settings.extra_models)]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"models.{names[0]}: a further model has the name of model.* ({names[0]}); rename one "
+            "(model.name sets model.*'s)"
+        )
     serve = settings.serve
     if serve.request_timeout_ms > serve.max_request_timeout_ms:
         raise ConfigError(
@@ -701,6 +829,25 @@ def render_template(settings: Settings | None = None, header: Sequence[str] = ()
         lines.append(f"# default: {format_value(spec.default) or '(empty)'}")
         value = spec.default if settings is None else getattr(getattr(settings, spec.section), spec.name)
         lines.append(f"{spec.key}={format_value(value)}")
+    lines += [
+        "",
+        "#" * 78,
+        "# ``models.<name>.*``: further models that every server holds beside model.*.",
+        "#" * 78,
+        "# Requests choose a model by its name (the model field, the v2 path). For example:",
+        "#   models.reranker.source=/models/ms-marco-MiniLM-L-6-v2",
+        "#   models.reranker.task=text-classification",
+        "# The keys of each (a key left out takes the setting it names):",
+    ]
+    for spec in model_key_specs().values():
+        lines += [f"#   {spec.name}: {chunk}" if i == 0 else f"#     {chunk}"
+                  for i, chunk in enumerate(_wrap(spec.doc, 80))]  # fmt: skip
+    for model in settings.extra_models if settings is not None else ():
+        lines.append("")
+        for spec in model_key_specs().values():
+            value = getattr(model, spec.name)
+            if value != spec.default:
+                lines.append(f"models.{model.name}.{spec.name}={format_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -710,6 +857,9 @@ def render_reference() -> str:
     for spec in key_specs().values():
         default = format_value(spec.default) or "(empty)"
         rows.append(f"| `{spec.key}` | `{default}` | {spec.doc.replace('|', '/')} |")
+    for spec in model_key_specs().values():
+        default = format_value(spec.default) or "(empty)"
+        rows.append(f"| `models.<name>.{spec.name}` | `{default}` | {spec.doc.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -736,4 +886,14 @@ def section_environment(settings: Settings, section: str) -> dict[str, str]:
         if spec.name.endswith("_file") and value:
             value = str(settings.path(value))
         env[f"NEURONSERVE_{section.upper()}__{spec.name.upper()}"] = format_value(value)
+    return env
+
+
+def extra_models_environment(settings: Settings) -> dict[str, str]:
+    """Every further model's keys as NEURONSERVE_MODELS__<NAME>__<KEY> variables."""
+    env = {}
+    for model in settings.extra_models:
+        for spec in model_key_specs().values():
+            key = f"NEURONSERVE_MODELS__{model.name.upper()}__{spec.name.upper()}"
+            env[key] = format_value(getattr(model, spec.name))
     return env

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def trace_container_spec(
     devices: list[str],
     uid: int,
     gid: int,
-    model_dir: Path | None = None,
+    model_dirs: Mapping[str, tuple[str, Path]] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for ``client.containers.run`` that trace inside the image.
@@ -92,10 +93,13 @@ def trace_container_spec(
         str(config_path.resolve()): {"bind": f"{CONTAINER_WORKDIR}/config.properties", "mode": "ro"},
         str(output_dir.resolve()): {"bind": CONTAINER_OUTPUT, "mode": "rw"},
     }
-    if model_dir is not None:
-        # A model given as a local directory is mounted read-only; bundled models are in the image.
-        volumes[str(model_dir.resolve())] = {"bind": CONTAINER_MODEL, "mode": "ro"}
-        command += ["--set", f"model.source={CONTAINER_MODEL}"]
+    # Models given as local directories (``model_dirs``: the key before ``.source``, "model" or
+    # "models.<name>", to the model's name and directory) are mounted read-only; bundled models
+    # are in the image. The name is kept: derived from the mount point it would change.
+    for prefix, (name, model_dir) in (model_dirs or {}).items():
+        bind = CONTAINER_MODEL if prefix == "model" else f"{CONTAINER_MODEL}-{name}"
+        volumes[str(model_dir.resolve())] = {"bind": bind, "mode": "ro"}
+        command += ["--set", f"{prefix}.source={bind}", *(["--set", f"model.name={name}"] if prefix == "model" else [])]
     if force:
         command.append("--force")
     spec: dict[str, Any] = {

@@ -159,3 +159,60 @@ def test_readme_reference_is_in_sync() -> None:
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     settings = build_settings({"trace.output_dir": ("out", "t")}, base_dir=tmp_path)
     assert settings.path(settings.trace.output_dir) == tmp_path / "out"
+
+
+MULTI = """
+model.source=bundled:all-MiniLM-L6-v2
+trace.batch_sizes=1,8
+serve.default_prompt_name=none
+models.reranker.source=/models/ce
+models.reranker.task=text-classification
+models.reranker.sequence_lengths=64,256
+models.reranker.copies=2
+models.second.source=/models/other
+"""
+
+
+def test_further_models_each_get_single_model_settings(tmp_path: Path) -> None:
+    (tmp_path / "c.properties").write_text(MULTI)
+    settings = load_settings(tmp_path / "c.properties", environ={})
+    models = settings.per_model()
+    assert list(models) == ["all-MiniLM-L6-v2", "reranker", "second"]  # model.* first, then file order
+    first, reranker, second = models.values()
+    assert first.model == settings.model and first.extra_models == ()
+    assert reranker.model.source == "/models/ce" and reranker.model.task == "text-classification"
+    assert reranker.model_name == "reranker"
+    assert reranker.trace.sequence_lengths == (64, 256)
+    assert reranker.trace.batch_sizes == (1, 8)  # left out: trace.batch_sizes
+    assert reranker.serve.models_per_server == 2
+    assert second.serve.models_per_server == 0 and second.model.task == "feature-extraction"
+    # a prompt belongs to one model: serve.default_prompt_name stays with model.*
+    assert first.serve.default_prompt_name == "none" and reranker.serve.default_prompt_name == ""
+    assert settings.as_dict()["models"]["reranker"]["sequence_lengths"] == [64, 256]
+
+
+def test_further_models_from_the_environment_and_round_trip_through_the_template(tmp_path: Path) -> None:
+    (tmp_path / "c.properties").write_text(MULTI)
+    env = {"NEURONSERVE_MODELS__RERANKER__COPIES": "3", "NEURONSERVE_MODELS__THIRD__SOURCE": "/m3"}
+    settings = load_settings(tmp_path / "c.properties", environ=env)
+    assert settings.per_model()["reranker"].serve.models_per_server == 3
+    assert settings.per_model()["third"].model.source == "/m3"
+    (tmp_path / "again.properties").write_text(render_template(settings))
+    again = load_settings(tmp_path / "again.properties", environ={})
+    assert again.extra_models == settings.extra_models
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"models.rr.task": "text-classification"}, "models.rr.source is missing"),
+        ({"models.rr.source": "/x", "models.rr.sorce": "/y"}, "did you mean models.rr.source?"),
+        ({"models.Big.source": "/x"}, "lower-case letters"),
+        ({"models.rr.source": "/x", "models.rr.copies": "-1"}, "models.rr.copies must be at least 0"),
+        ({"models.rr.source": "/x", "models.rr.task": "rerank"}, "must be one of"),
+        ({"models.all-minilm-l6-v2.source": "/x", "model.name": "all-minilm-l6-v2"}, "has the name of model.*"),
+    ],
+)
+def test_further_model_mistakes_say_how_to_fix_them(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("*", r"\*")):
+        build_settings({k: (v, "test") for k, v in values.items()})

@@ -10,7 +10,9 @@ import pytest
 from neuronserve.containers import docker_engine, trace_container_spec
 
 
-def _spec(tmp_path: Path, backend: str, devices: list[str], model_dir: Path | None = None) -> dict[str, Any]:
+def _spec(
+    tmp_path: Path, backend: str, devices: list[str], model_dirs: dict[str, tuple[str, Path]] | None = None
+) -> dict[str, Any]:
     (tmp_path / "config.properties").write_text("")
     (tmp_path / "out").mkdir(exist_ok=True)
     return trace_container_spec(
@@ -21,7 +23,7 @@ def _spec(tmp_path: Path, backend: str, devices: list[str], model_dir: Path | No
         devices=devices,
         uid=1000,
         gid=1000,
-        model_dir=model_dir,
+        model_dirs=model_dirs,
     )
 
 
@@ -42,10 +44,17 @@ def test_neuronx_trace_container(tmp_path: Path) -> None:
 def test_cpu_trace_container_has_no_devices_and_mounts_a_local_model(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    spec = _spec(tmp_path, "cpu", [], model_dir=model)
+    reranker = tmp_path / "reranker"
+    reranker.mkdir()
+    spec = _spec(tmp_path, "cpu", [], {"model": ("minilm", model), "models.rerank": ("rerank", reranker)})
     assert "devices" not in spec
     assert spec["volumes"][str(model)] == {"bind": "/workspace/model", "mode": "ro"}
-    assert "model.source=/workspace/model" in spec["command"]
+    assert spec["volumes"][str(reranker)] == {"bind": "/workspace/model-rerank", "mode": "ro"}
+    command = spec["command"]
+    assert "model.source=/workspace/model" in command
+    # the name stays the host's: derived from the mount point, the artifacts would move
+    assert "model.name=minilm" in command
+    assert "models.rerank.source=/workspace/model-rerank" in command
 
 
 def test_neuron_backend_without_devices_is_refused(tmp_path: Path) -> None:
