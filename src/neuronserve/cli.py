@@ -95,7 +95,10 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
     output_dir = settings.path(settings.trace.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     local_models = {
-        "model" if name == settings.model_name else f"models.{name}": (name, resolve_source(model.model.source))
+        "model" if name == settings.model_name else f"models.{name}": (
+            name,
+            resolve_source(model.model.source),
+        )
         for name, model in settings.per_model().items()
         if not model.model.source.startswith(BUNDLED_PREFIX)
     }

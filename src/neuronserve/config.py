@@ -100,7 +100,9 @@ class ExtraModel:
     default_prompt_name: str = setting(
         "", "feature-extraction: the default prompt, as serve.default_prompt_name (not inherited)."
     )
-    artifacts: str = setting("", "Artifact directory to serve; empty means <trace.output_dir>/<name>/<backend>.")
+    artifacts: str = setting(
+        "", "Artifact directory to serve; empty means <trace.output_dir>/<name>/<backend>."
+    )
     artifacts_fingerprint: str = setting("", "Set by deploy, as serve.artifacts_fingerprint.")
 
 
@@ -350,8 +352,18 @@ class BenchSettings:
     target: str = setting(
         "", "Comma-separated server URLs (client-side round robin); empty means the deployment endpoint."
     )
-    route: Literal["/predict", "/v1/embeddings", "v2"] = setting(
-        "/predict", "Route to load: /predict, /v1/embeddings or v2."
+    route: Literal["/predict", "/v1/embeddings", "/rerank", "v2"] = setting(
+        "/predict",
+        "Route to load: /predict, /v1/embeddings, /rerank (each request: one text as the query and "
+        "the next bench.documents_per_query texts to rank) or v2.",
+    )
+    model: str = setting(
+        "",
+        "The model to load (the name requests send); empty sends none, which a server with one model "
+        "(or one that suits the route) answers.",
+    )
+    documents_per_query: int = setting(
+        4, "/rerank: texts ranked against each query.", minimum=1, maximum=10_000
     )
     mode: LoadMode = setting(
         "closed", "closed (a sweep of concurrency levels) or open (a sweep of Poisson rates)."
@@ -430,7 +442,9 @@ class Settings:
                 values[f.name] = list(value) if isinstance(value, tuple) else value
             out[section_name] = values
         out["models"] = {
-            m.name: {f.name: _plain(getattr(m, f.name)) for f in dataclasses.fields(ExtraModel) if f.name != "name"}
+            m.name: {
+                f.name: _plain(getattr(m, f.name)) for f in dataclasses.fields(ExtraModel) if f.name != "name"
+            }
             for m in self.extra_models
         }
         return out

@@ -99,7 +99,11 @@ def trace_container_spec(
     for prefix, (name, model_dir) in (model_dirs or {}).items():
         bind = CONTAINER_MODEL if prefix == "model" else f"{CONTAINER_MODEL}-{name}"
         volumes[str(model_dir.resolve())] = {"bind": bind, "mode": "ro"}
-        command += ["--set", f"{prefix}.source={bind}", *(["--set", f"model.name={name}"] if prefix == "model" else [])]
+        command += [
+            "--set",
+            f"{prefix}.source={bind}",
+            *(["--set", f"model.name={name}"] if prefix == "model" else []),
+        ]
     if force:
         command.append("--force")
     spec: dict[str, Any] = {

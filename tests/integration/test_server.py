@@ -293,25 +293,29 @@ def test_tritonclient_http(server: RunningServer) -> None:
 
 
 def test_ready_info_metrics_openapi(server: RunningServer) -> None:
-    ready = {"status": "ready", "copies_ready": 2, "copies": 2, "unhealthy": {}}
+    model = {"status": "ready", "copies_ready": 2, "copies": 2, "unhealthy": {}}
+    ready = {"status": "ready", "copies_ready": 2, "copies": 2, "models": {"all-MiniLM-L6-v2": model}}
     assert httpx.get(f"{server.url}/ready").json() == ready
     info = httpx.get(f"{server.url}/info").json()
     assert info["backend"] == "cpu"
-    assert info["copies"] == 2
-    assert set(info["measured_ms"]) == {"b1-s32", "b8-s32", "b1-s128", "b8-s128"}
+    (served,) = info["models"]
+    assert served["name"] == "all-MiniLM-L6-v2" and served["task"] == "feature-extraction"
+    assert served["copies"] == 2
+    assert set(served["measured_ms"]) == {"b1-s32", "b8-s32", "b1-s128", "b8-s128"}
     assert info["settings"]["serve"]["api_key"] == ""
     metrics = httpx.get(f"{server.url}/metrics").text
+    minilm = 'model="all-MiniLM-L6-v2"'
     for name in (
-        'neuronserve_requests_total{code="200",route="/predict"}',
+        f'neuronserve_requests_total{{code="200",{minilm},route="/predict"}}',
         "neuronserve_request_duration_seconds_bucket",
-        "neuronserve_queue_duration_seconds_count",
-        "neuronserve_inference_duration_seconds_count",
+        f"neuronserve_queue_duration_seconds_count{{{minilm}}}",
+        f"neuronserve_inference_duration_seconds_count{{{minilm}}}",
         "neuronserve_batch_size_bucket",
-        "neuronserve_queue_depth",
-        "neuronserve_inflight_requests",
-        "neuronserve_copies_ready 2.0",
-        'neuronserve_copy_inferences_total{copy="0"}',
-        'neuronserve_rejections_total{reason="too_large"}',
+        f"neuronserve_queue_depth{{{minilm}}}",
+        f"neuronserve_inflight_requests{{{minilm}}}",
+        f"neuronserve_copies_ready{{{minilm}}} 2.0",
+        f'neuronserve_copy_inferences_total{{copy="0",{minilm}}}',
+        'neuronserve_rejections_total{model="",reason="too_large"}',
     ):
         assert name in metrics, name
     spec = httpx.get(f"{server.url}/openapi.json").json()

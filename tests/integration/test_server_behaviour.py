@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from neuronserve.trace import run_trace
 from tests.conftest import make_settings
@@ -20,6 +21,7 @@ from tests.integration.servers import start_server
 
 pytestmark = pytest.mark.integration
 
+MINILM = "all-MiniLM-L6-v2"
 LONG = (
     "Static shapes mean every request is padded to a compiled sequence length and batch size, and the "
     "batcher picks the smallest bucket that fits so that short texts do not pay for long ones. " * 2
@@ -45,23 +47,17 @@ def test_overload_gets_429_with_retry_after_and_no_5xx(bundled_artifacts: Path, 
         assert codes[200] > 0, codes
         assert set(codes) <= {200, 429}, codes
         assert all(ra is not None and int(ra) >= 1 for code, ra in results if code == 429)
-        assert 'neuronserve_rejections_total{reason="queue_full"}' in httpx.get(f"{srv.url}/metrics").text
+        assert _metric(srv.url, "neuronserve_rejections_total", reason="queue_full", model=MINILM) >= 1
 
 
 def test_deadline_gives_504_and_the_expired_input_never_runs(bundled_artifacts: Path, tmp_path: Path) -> None:
     with start_server(bundled_artifacts, tmp_path, copies=1) as srv:
 
         def items_run() -> float:
-            for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
-                if line.startswith("neuronserve_copy_items_total"):
-                    return float(line.split()[-1])
-            return 0.0
+            return _metric(srv.url, "neuronserve_copy_items_total")
 
         def inflight() -> float:
-            for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
-                if line.startswith("neuronserve_inflight_requests "):
-                    return float(line.split()[-1])
-            return 0.0
+            return _metric(srv.url, "neuronserve_inflight_requests")
 
         before = items_run()
         # Queue three batches of long texts on the only copy (hundreds of ms of work, first come
@@ -140,7 +136,7 @@ def test_sigterm_drains_without_losing_accepted_requests(bundled_artifacts: Path
         # access log names every request the app received, whatever its outcome.
         received = [rid for rid in unanswered if f'"request_id":"{rid}"' in log]
         assert received == [], f"accepted and then lost: {received}"
-        answered_ok = log.count('"route":"/predict","status":200')
+        answered_ok = log.count(f'"route":"/predict","model":"{MINILM}","status":200')
         assert answered_ok == outcomes["200"], (answered_ok, outcomes)
 
 
@@ -242,12 +238,13 @@ def test_text_classification_server(tmp_path: Path, tiny_model: Callable[..., Pa
         assert len(top1) == 1
 
 
-def _metric(url: str, name: str) -> float:
-    """The sum of a metric's samples on /metrics, over all label values (0 when absent)."""
+def _metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples on /metrics over the samples with ``labels`` (0 when absent)."""
     total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.split("{")[0].split(" ")[0] == name:
-            total += float(line.split()[-1])
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
     return total
 
 
@@ -288,7 +285,7 @@ def test_abandoned_requests_never_run(
             time.sleep(0.01)  # poll interval
         assert dropped == 64
         assert _metric(srv.url, "neuronserve_copy_items_total") - before == 64  # only the busy request ran
-        closed = f'neuronserve_requests_total{{code="499",route="{route}"}} 1.0'
+        closed = f'neuronserve_requests_total{{code="499",model="{MINILM}",route="{route}"}} 1.0'
         assert closed in httpx.get(f"{srv.url}/metrics").text  # answered as "client closed"
 
 

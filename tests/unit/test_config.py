@@ -210,7 +210,10 @@ def test_further_models_from_the_environment_and_round_trip_through_the_template
         ({"models.Big.source": "/x"}, "lower-case letters"),
         ({"models.rr.source": "/x", "models.rr.copies": "-1"}, "models.rr.copies must be at least 0"),
         ({"models.rr.source": "/x", "models.rr.task": "rerank"}, "must be one of"),
-        ({"models.all-minilm-l6-v2.source": "/x", "model.name": "all-minilm-l6-v2"}, "has the name of model.*"),
+        (
+            {"models.all-minilm-l6-v2.source": "/x", "model.name": "all-minilm-l6-v2"},
+            "has the name of model.*",
+        ),
     ],
 )
 def test_further_model_mistakes_say_how_to_fix_them(values: dict[str, str], message: str) -> None:

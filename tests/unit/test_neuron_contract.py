@@ -226,12 +226,13 @@ class Placement:
 
 
 def _serve_engine(settings: Any) -> Any:
-    """Start an Engine in a fresh event loop, poll until every copy loaded (or one failed)."""
-    from neuronserve.serving.engine import Engine
+    """Start a server's models in a fresh event loop (the process pinned as a server pins it),
+    poll until every copy loaded (or one failed)."""
     from neuronserve.serving.metrics import ServerMetrics
+    from neuronserve.serving.registry import ModelRegistry
 
     async def run() -> Any:
-        engine = Engine(settings, ServerMetrics("test"))
+        engine = ModelRegistry(settings, ServerMetrics("test"))
         engine.start()
         deadline = time.monotonic() + 60
         while engine.state == "loading" and time.monotonic() < deadline:

@@ -43,6 +43,7 @@ SHORTCUTS = {
     "name": "bench.name",
     "output": "bench.output_dir",
     "instance_type": "bench.instance_type",
+    "model": "bench.model",
 }
 
 
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="run name (report directory prefix)")
     parser.add_argument("--output", help="results directory")
     parser.add_argument("--instance-type", dest="instance_type", help="for the cost figures")
-    parser.add_argument("--model", help="model name for the v2 route (default: from the server's /info)")
+    parser.add_argument(
+        "--model", help="the model to load (bench.model; v2 default: the server's only model, from /info)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--compare", nargs=2, metavar=("A", "B"), help="print a regression table between two runs"
@@ -96,13 +99,24 @@ def _server_info(url: str, headers: dict[str, str]) -> dict[str, Any]:
 
 
 def _artifacts(settings: Settings) -> Path | None:
+    """The loaded model's artifacts (for its tokenizer), when they are on this host."""
     from neuronserve.serving.engine import artifacts_directory
 
+    models = settings.per_model()
+    chosen = models.get(settings.bench.model) or next(iter(models.values()))
     try:
-        directory = artifacts_directory(settings)
+        directory = artifacts_directory(chosen)
     except Exception:
         return None
     return directory if directory.is_dir() else None
+
+
+def _served(info: dict[str, Any], model: str) -> dict[str, Any]:
+    """The /info entry of the loaded model: the one named, else the server's only one."""
+    models = [m for m in info.get("models", []) if isinstance(m, dict)]
+    if model:
+        return next((m for m in models if m.get("name") == model), {})
+    return models[0] if len(models) == 1 else {}
 
 
 def monitoring_snapshot(settings: Settings, directory: Path) -> str:
@@ -142,19 +156,20 @@ def monitoring_snapshot(settings: Settings, directory: Path) -> str:
     return "\n".join(lines)
 
 
-def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
+def run(settings: Settings, *, progress: bool) -> list[Path]:
     b = settings.bench
     urls = [u.strip() for u in b.target.split(",") if u.strip()] or [
         f"http://{settings.deploy.host}:{settings.deploy.port}"
     ]
     headers = _headers(settings)
     info = _server_info(urls[0].rstrip("/"), headers)
+    served = _served(info, b.model)
     path: str = b.route
     if b.route == "v2":
-        name = model or (info.get("model") or {}).get("name")
+        name = b.model or served.get("name")
         if not name:
             raise ConfigError(
-                "the v2 route needs a model name: pass --model NAME (the server's /info did not say)"
+                "the v2 route needs a model name: pass --model NAME (the server's /info did not name one)"
             )
         path = f"/v2/models/{name}/infer"
     targets = [Target.parse(u, path) for u in urls]
@@ -171,7 +186,9 @@ def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     written = []
     for bucket in buckets:
-        payloads = build_payloads(texts, b.route, counter, bucket)
+        payloads = build_payloads(
+            texts, b.route, counter, bucket, model=b.model, documents_per_query=b.documents_per_query
+        )
         suffix = f"-{bucket.low}-{bucket.high}" if bucket else ""
         label = f"[{bucket.label}] " if bucket else ""
         steps, rows = run_sweep(sweep, targets, payloads, headers, progress=progress, name=label)
@@ -184,6 +201,7 @@ def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
             "config": {
                 "targets": urls,
                 "route": path,
+                "model": b.model or served.get("name", "the server's default"),
                 "mode": b.mode,
                 "levels": list(levels),
                 "duration_s": b.duration_s,
@@ -210,12 +228,13 @@ def run(settings: Settings, *, model: str | None, progress: bool) -> list[Path]:
                 "python": platform.python_version(),
                 "neuronserve": __version__,
                 "server backend": info.get("backend", "unknown (no /info)"),
-                "server model": (info.get("model") or {}).get("name", "unknown"),
+                "server model": served.get("name", "unknown"),
+                "server models": ", ".join(str(m.get("name")) for m in info.get("models", [])) or "unknown",
                 "server shapes": ", ".join(
-                    f"b{s['batch_size']}xs{s['sequence_length']}" for s in info.get("shapes", [])
+                    f"b{s['batch_size']}xs{s['sequence_length']}" for s in served.get("shapes", [])
                 )
                 or "unknown",
-                "server copies": info.get("copies", "unknown"),
+                "server copies": served.get("copies", "unknown"),
             },
             "pricing": {"source": pricing.source, "date": pricing.date},
             "knee": knee_index,
@@ -240,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = _settings(args)
-        run(settings, model=args.model, progress=not args.no_progress)
+        run(settings, progress=not args.no_progress)
     except (ConfigError, PayloadError, ValueError) as exc:
         print(f"run_apis: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,22 +87,38 @@ class TokenCounter:
         return len(self._tokenizer.encode(text).ids)
 
 
-def body_for(route: str, text: str) -> bytes:
+def body_for(route: str, text: str, model: str = "", documents: Sequence[str] = ()) -> bytes:
+    """One request's body; ``model`` (when set) names the model; ``documents`` are /rerank's texts."""
+    named = {"model": model} if model else {}
     if route == "/v1/embeddings":
-        return orjson.dumps({"input": text})
+        return orjson.dumps({"input": text, **named})
+    if route == "/rerank":
+        return orjson.dumps({"query": text, "texts": list(documents), **named})
     if route == "v2":
         return orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]})
-    return orjson.dumps({"inputs": text})
+    return orjson.dumps({"inputs": text, **named})
 
 
 def build_payloads(
-    texts: list[str], route: str, counter: TokenCounter, bucket: Bucket | None = None
+    texts: list[str],
+    route: str,
+    counter: TokenCounter,
+    bucket: Bucket | None = None,
+    *,
+    model: str = "",
+    documents_per_query: int = 4,
 ) -> list[Payload]:
+    """One payload per text. /rerank: the text is the query, the next ``documents_per_query``
+    texts (in a circle) are ranked against it, and the tokens are the longest pair's."""
     payloads = []
-    for text in texts:
+    for i, text in enumerate(texts):
         tokens = counter.count(text)
+        documents: list[str] = []
+        if route == "/rerank":
+            documents = [texts[(i + 1 + k) % len(texts)] for k in range(documents_per_query)]
+            tokens += max(counter.count(d) for d in documents)
         if bucket is None or bucket.low <= tokens <= bucket.high:
-            payloads.append(Payload(body_for(route, text), tokens))
+            payloads.append(Payload(body_for(route, text, model, documents), tokens))
     if not payloads:
         where = f" in bucket {bucket.label}" if bucket else ""
         raise PayloadError(f"no input texts{where}; widen bench.token_buckets or use another dataset")

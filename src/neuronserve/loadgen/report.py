@@ -126,7 +126,8 @@ def write_report(
     lines = [
         f"# Load report: {summary['name']}",
         "",
-        f"Run at {summary['started_at']} against {', '.join(cfg['targets'])} ({cfg['route']}).",
+        f"Run at {summary['started_at']} against {', '.join(cfg['targets'])} ({cfg['route']}), "
+        f"model **{cfg.get('model', 'unknown')}**.",
         "",
         "## Configuration",
         "",

@@ -1,6 +1,6 @@
 """The FastAPI application: routes only. Everything starts in ``create_app(settings)``.
 
-Routes validate, hand inputs to the engine, await, and format; model code never runs on the
+Routes validate, hand inputs to a model's engine, await, and format; model code never runs on the
 event loop. Every error is a :class:`ServeError` mapped to its status in one place.
 """
 
@@ -32,6 +32,7 @@ from neuronserve.serving.engine import Engine
 from neuronserve.serving.errors import ServeError
 from neuronserve.serving.metrics import ServerMetrics
 from neuronserve.serving.middleware import ServingMiddleware
+from neuronserve.serving.registry import ModelRegistry, describe
 from neuronserve.serving.schemas import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -124,34 +125,36 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = ServerMetrics(server_name)
     # gunicorn numbers the workers it spawns (see serving.worker): the first is 1.
     metrics.worker_restarts.set(int(os.environ.get("NEURONSERVE_WORKER_AGE", "1")) - 1)
-    engine = Engine(settings, metrics)
+    registry = ModelRegistry(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        _install_drain(app, engine)
+        registry.start()
+        _install_drain(app, registry)
         yield
-        engine.close()
+        registry.close()
 
     app = ServingApp(
         title="neuronserve",
         version=__version__,
-        description=f"Serving {engine.model_name} ({engine.task_name}) on {engine.backend_name}.",
+        description="Serving "
+        + ", ".join(f"{name} ({describe(e)})" for name, e in registry.engines.items())
+        + f" on {registry.backend_name}.",
         lifespan=lifespan,
     )
-    app.state.engine = engine
+    app.state.registry = registry
     app.serving_options = dict(
         server_name=server_name,
         max_body_bytes=settings.serve.max_body_bytes,
         api_key=settings.serve.api_key,
         metrics=metrics,
-        draining=lambda: engine.draining,
+        draining=lambda: registry.draining,
         access_log=settings.serve.access_log != "off",
         # The hot routes skip FastAPI's routing layers; the FastAPI routes below document them
         # and run the same handlers.
         fast_routes={
-            "/predict": lambda body, receive: handlers.predict(engine, body, receive),
-            "/v1/embeddings": lambda body, receive: handlers.embeddings(engine, body, receive),
+            "/predict": lambda body, receive: handlers.predict(registry, body, receive),
+            "/v1/embeddings": lambda body, receive: handlers.embeddings(registry, body, receive),
         },
     )
     errors = _error_responses(settings)
@@ -187,13 +190,13 @@ def create_app(settings: Settings) -> FastAPI:
         responses=errors,
     )
     async def predict(request: Request) -> Response:
-        return _response(await handlers.predict(engine, await request.body(), request.receive))
+        return _response(await handlers.predict(registry, await request.body(), request.receive))
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings.", responses=errors)
     async def embeddings(request: Request) -> Response:
-        return _response(await handlers.embeddings(engine, await request.body(), request.receive))
+        return _response(await handlers.embeddings(registry, await request.body(), request.receive))
 
-    _add_discovery_routes(app, engine, errors)
+    _add_discovery_routes(app, registry, errors)
 
     @app.post(
         "/rerank",
@@ -202,7 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=errors,
     )
     async def rerank(request: Request) -> Response:
-        return _response(await handlers.rerank(engine, await request.body(), request.receive))
+        return _response(await handlers.rerank(registry, await request.body(), request.receive))
 
     @app.post(
         "/v1/rerank",
@@ -211,7 +214,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=errors,
     )
     async def cohere_rerank(request: Request) -> Response:
-        return _response(await handlers.cohere_rerank(engine, await request.body(), request.receive))
+        return _response(await handlers.cohere_rerank(registry, await request.body(), request.receive))
 
     # --- Open Inference Protocol (KServe v2) ---------------------------------------------------
 
@@ -232,14 +235,13 @@ def create_app(settings: Settings) -> FastAPI:
         responses={503: {"model": V2Ready, "description": "Loading, draining or a copy failing."}},
     )
     async def v2_ready() -> Response:
-        ready = engine.ready
+        ready = registry.ready
         return Response(orjson.dumps({"ready": ready}), status_code=200 if ready else 503, media_type=JSON)
 
     @app.get("/v2/models/{model}", summary="v2 model metadata.", responses=errors)
     @app.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
     async def v2_model(model: str, version: str | None = None) -> dict[str, Any]:
-        formats.check_model(engine, model)
-        return formats.v2_metadata(engine)
+        return formats.v2_metadata(registry.pick(model, "v2 model metadata"))
 
     @app.get(
         "/v2/models/{model}/ready",
@@ -248,7 +250,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses={**errors, 503: {"model": V2ModelReady, "description": "Not ready."}},
     )
     async def v2_model_ready(model: str) -> Response:
-        formats.check_model(engine, model)
+        engine = registry.pick(model, "v2 model readiness")
         ready = engine.ready
         body = orjson.dumps({"name": engine.model_name, "ready": ready})
         return Response(body, status_code=200 if ready else 503, media_type=JSON)
@@ -258,7 +260,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def v2_infer(model: str, request: Request, version: str | None = None) -> Response:
         body = await request.body()
         reply = await handlers.v2_infer(
-            engine, model, body, request.headers.get(HEADER_LENGTH), request.receive
+            registry, model, body, request.headers.get(HEADER_LENGTH), request.receive
         )
         return _response(reply)
 
@@ -273,35 +275,36 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def ready() -> Response:
         body: dict[str, Any] = {
-            "status": engine.state,
-            "copies_ready": engine.copies_ready,
-            "copies": engine.copies,
-            "unhealthy": {str(copy): why for copy, why in engine.unhealthy.items()},
+            "status": registry.state,
+            "copies_ready": registry.copies_ready,
+            "copies": registry.copies,
+            "models": {
+                name: {
+                    "status": e.state,
+                    "copies_ready": e.copies_ready,
+                    "copies": e.copies,
+                    "unhealthy": {str(copy): why for copy, why in e.unhealthy.items()},
+                }
+                for name, e in registry.engines.items()
+            },
         }
-        if engine.ready:
+        if registry.ready:
             return Response(orjson.dumps(body), media_type=JSON)
-        message = engine.load_error or f"not ready: {engine.state}"
+        message = registry.load_error or f"not ready: {registry.state}"
         error = {"error": message, "type": "unavailable", **body}
         return Response(orjson.dumps(error), status_code=503, media_type=JSON)
 
     @app.get(
-        "/info", summary="Effective settings (secrets redacted), model, shapes and copies.", responses=errors
+        "/info", summary="Effective settings (secrets redacted), models, shapes and copies.", responses=errors
     )
     async def info() -> dict[str, Any]:
-        m = engine.manifest
         return {
             "server": server_name,
-            "state": engine.state,
-            "model": m.model,
-            "backend": engine.backend_name,
-            "versions": m.versions,
-            "artifacts": str(m.directory),
-            "shapes": [{"batch_size": s.batch_size, "sequence_length": s.sequence_length} for s in m.shapes],
-            "batch_sizes_in_use": list(engine.batch_sizes),
-            "cores": str(engine.cores),
-            "copies": engine.copies,
-            "threads_per_copy": engine.threads_per_copy,
-            "measured_ms": {f"b{b}-s{s}": round(c * 1000, 3) for (b, s), c in sorted(engine.costs.items())},
+            "state": registry.state,
+            "backend": registry.backend_name,
+            "cores": str(registry.cores),
+            "threads_per_copy": registry.threads_per_copy,
+            "models": [_model_info(e) for e in registry.engines.values()],
             "settings": settings.as_dict(redact=True),
         }
 
@@ -325,12 +328,31 @@ def create_app(settings: Settings) -> FastAPI:
             "/v1/rerank": CohereRerankRequest,
             "/v2/repository/index": RepositoryIndexRequest,
         },
-        lambda components: _narrow_to_this_server(components, engine),
+        lambda components: _narrow_to_this_server(components, registry),
     )
     return app
 
 
-def _add_discovery_routes(app: FastAPI, engine: Engine, errors: dict[int | str, dict[str, Any]]) -> None:
+def _model_info(engine: Engine) -> dict[str, Any]:
+    m = engine.manifest
+    return {
+        "name": engine.model_name,
+        "task": engine.task_name,
+        "kind": describe(engine),
+        "state": engine.state,
+        "model": m.model,
+        "versions": m.versions,
+        "artifacts": str(m.directory),
+        "shapes": [{"batch_size": s.batch_size, "sequence_length": s.sequence_length} for s in m.shapes],
+        "batch_sizes_in_use": list(engine.batch_sizes),
+        "copies": engine.copies,
+        "measured_ms": {f"b{b}-s{s}": round(c * 1000, 3) for (b, s), c in sorted(engine.costs.items())},
+    }
+
+
+def _add_discovery_routes(
+    app: FastAPI, registry: ModelRegistry, errors: dict[int | str, dict[str, Any]]
+) -> None:
     """What clients call before or beside inference: the OpenAI model list, the v2 repository
     index (tritonclient), and TEI's /tokenize."""
 
@@ -338,14 +360,14 @@ def _add_discovery_routes(app: FastAPI, engine: Engine, errors: dict[int | str, 
         "/v1/models", summary="OpenAI model list: the models this server serves.", response_model=ModelList
     )
     async def v1_models() -> Response:
-        return Response(formats.dumps({"object": "list", "data": [_model_card(engine)]}), media_type=JSON)
+        cards = [_model_card(e) for e in registry.engines.values()]
+        return Response(formats.dumps({"object": "list", "data": cards}), media_type=JSON)
 
     @app.get(
         "/v1/models/{model}", summary="One OpenAI model object.", response_model=ModelCard, responses=errors
     )
     async def v1_model(model: str) -> Response:
-        formats.check_model(engine, model)
-        return Response(formats.dumps(_model_card(engine)), media_type=JSON)
+        return Response(formats.dumps(_model_card(registry.pick(model, "/v1/models"))), media_type=JSON)
 
     @app.post(
         "/tokenize",
@@ -354,7 +376,7 @@ def _add_discovery_routes(app: FastAPI, engine: Engine, errors: dict[int | str, 
         responses=errors,
     )
     async def tokenize(request: Request) -> Response:
-        return _response(await handlers.tokenize(engine, await request.body()))
+        return _response(await handlers.tokenize(registry, await request.body()))
 
     @app.post(
         "/v2/repository/index",
@@ -363,7 +385,7 @@ def _add_discovery_routes(app: FastAPI, engine: Engine, errors: dict[int | str, 
         responses=errors,
     )
     async def v2_repository_index(request: Request) -> Response:
-        return _response(handlers.repository_index(engine, await request.body()))
+        return _response(handlers.repository_index(registry, await request.body()))
 
 
 def _model_card(engine: Engine) -> dict[str, Any]:
@@ -374,18 +396,20 @@ def _model_card(engine: Engine) -> dict[str, Any]:
     return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "neuronserve"}
 
 
-def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
+def _narrow_to_this_server(components: dict[str, Any], registry: ModelRegistry) -> None:
     """Make the body schemas say what this server accepts, so that what the schema calls valid
-    is served: its task's input kind only, at most serve.max_inputs_per_request of them, its
-    deadline limit, its model's embedding size. (A text's limit is in tokens, which JSON Schema
-    cannot say; that one stays a 422 at run time.)"""
-    serve = engine.settings.serve
-    qa = engine.task_name == "question-answering"
+    is served: its models' input kinds only, at most serve.max_inputs_per_request of them, its
+    deadline limit, its models' names and embedding sizes. (A text's limit is in tokens, which
+    JSON Schema cannot say; that one stays a 422 at run time.)"""
+    serve = registry.settings.serve
+    engines = list(registry.engines.values())
+    tasks = {e.task_name for e in engines}
     inputs = components["PredictRequest"]["properties"]["inputs"]
     kept = [
         branch
         for branch in inputs["anyOf"]
-        if ("QAInput" in orjson.dumps(branch).decode()) == qa and (qa or branch.get("type") != "object")
+        if ("QAInput" in orjson.dumps(branch).decode() and "question-answering" in tasks)
+        or ("QAInput" not in orjson.dumps(branch).decode() and tasks - {"question-answering"})
     ]
     for branch in kept:
         if branch.get("type") == "array":
@@ -402,9 +426,9 @@ def _narrow_to_this_server(components: dict[str, Any], engine: Engine) -> None:
                 branch["maxItems"] = serve.max_inputs_per_request
     timeout = components["PredictParameters"]["properties"]["timeout_ms"]["anyOf"][0]
     timeout["maximum"] = serve.max_request_timeout_ms
-    hidden = engine.manifest.model.get("hidden_size")
-    if isinstance(hidden, int):
-        components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["maximum"] = hidden
+    hidden = [e.manifest.model.get("hidden_size") for e in engines if e.task_name == "feature-extraction"]
+    if hidden and all(isinstance(h, int) for h in hidden):
+        components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["maximum"] = max(hidden)  # type: ignore[type-var]
 
 
 OPTIONAL_BODIES = ("/v2/repository/index",)  # tritonclient posts it empty
@@ -444,7 +468,7 @@ EXIT_BOOT_FAILED = 3
 EXIT_COPY_DIED = 70
 
 
-def _install_drain(app: FastAPI, engine: Engine) -> None:
+def _install_drain(app: FastAPI, registry: ModelRegistry) -> None:
     """On SIGTERM, or when a copy failed: ready and new requests turn 503, in-flight requests
     finish, then exit (status 0 after SIGTERM, non-zero after a failed copy).
 
@@ -455,7 +479,7 @@ def _install_drain(app: FastAPI, engine: Engine) -> None:
     loop = asyncio.get_running_loop()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
-    timeout = engine.settings.serve.drain_timeout_s
+    timeout = registry.settings.serve.drain_timeout_s
 
     def stop() -> None:
         request_exit: Callable[[], None] | None = getattr(app.state, "request_exit", None)
@@ -465,7 +489,7 @@ def _install_drain(app: FastAPI, engine: Engine) -> None:
             previous(signal.SIGTERM, None)
 
     async def drain() -> None:
-        finished = await engine.wait_idle(timeout)
+        finished = await registry.wait_idle(timeout)
         if finished:
             log.info("drained: no request in flight; exiting")
         else:
@@ -473,19 +497,19 @@ def _install_drain(app: FastAPI, engine: Engine) -> None:
         stop()
 
     def begin() -> None:
-        if engine.draining:  # gunicorn forwards the signal too; SIGINT or SIGQUIT force an exit
+        if registry.draining:  # gunicorn forwards the signal too; SIGINT or SIGQUIT force an exit
             return
         log.info("SIGTERM: draining (ready and new requests answer 503)")
-        engine.begin_drain()
+        registry.begin_drain()
         app.state.drain_task = loop.create_task(drain())
 
-    def fatal(_message: str) -> None:  # the engine has logged why and begun draining
-        app.state.exit_code = EXIT_COPY_DIED if engine.copies_ready == engine.copies else EXIT_BOOT_FAILED
+    def fatal(_message: str) -> None:  # the failing engine has logged why and begun draining
+        app.state.exit_code = EXIT_COPY_DIED if registry.copies_ready == registry.copies else EXIT_BOOT_FAILED
         app.state.drain_task = loop.create_task(drain())
 
-    engine.on_fatal = fatal
+    registry.on_fatal = fatal
     if main:
-        engine.on_ready = freeze_startup_objects
+        registry.on_ready = freeze_startup_objects
         signal.signal(signal.SIGTERM, lambda _sig, _frame: loop.call_soon_threadsafe(begin))
 
 

@@ -24,21 +24,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from neuronserve.artifacts import Manifest, load_manifest
-from neuronserve.backends import (
-    choose_backend,
-    copies_per_server,
-    copy_core,
-    create_backend,
-    prepare_process,
-)
+from neuronserve.backends import choose_backend, copies_per_server, copy_core, create_backend
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
-from neuronserve.models import default_name
 from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
 from neuronserve.serving.copies import BatchOutcome, CopyWorker
 from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable, validation
-from neuronserve.serving.metrics import ServerMetrics
+from neuronserve.serving.metrics import ModelMetrics
 from neuronserve.serving.tasks import ItemOptions, Prompts, task_for
 from neuronserve.serving.tokenization import Encoded, TextEncoder
 
@@ -70,8 +63,7 @@ def artifacts_directory(settings: Settings) -> Path:
     if settings.serve.artifacts:
         return settings.path(settings.serve.artifacts)
     backend, _ = choose_backend(settings.trace.backend)
-    name = settings.model.name or default_name(settings.model.source)
-    return settings.path(settings.trace.output_dir) / name / backend
+    return settings.path(settings.trace.output_dir) / settings.model_name / backend
 
 
 def server_cores(settings: Settings, backend: str) -> CoreSet:
@@ -127,15 +119,18 @@ class _Answer:
 
 
 class Engine:
-    """See the module docstring. Create it, then ``start()`` it inside the running event loop."""
+    """See the module docstring: one model of a server (``settings`` as from
+    :meth:`Settings.per_model`). Create it, then ``start()`` it inside the running event loop,
+    once the process is pinned (see :class:`~neuronserve.serving.registry.ModelRegistry`)."""
 
-    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ModelMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         directory = artifacts_directory(settings)
         self.manifest: Manifest = load_manifest(directory, fingerprint=settings.serve.artifacts_fingerprint)
         self.backend_name = self.manifest.backend
-        self.model_name = str(self.manifest.model["name"])
+        # Requests choose the model by this: model.name (models.<name>), else the manifest's.
+        self.model_name = settings.model.name or str(self.manifest.model["name"])
         self.task_name = self.manifest.task
         self.cores = server_cores(settings, self.backend_name)
         self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server)
@@ -187,9 +182,6 @@ class Engine:
             initializer=libc.name_this_thread,
             initargs=("tokenize",),
         )
-        metrics.describe_server(
-            model=self.model_name, backend=self.backend_name, cores=str(self.cores), copies=self.copies
-        )
         metrics.track_queue_depth(lambda: self.batcher.depth)
 
     def _queue_tokens(self) -> int:
@@ -220,14 +212,12 @@ class Engine:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Pin the process, then load and warm every copy in its own thread (ready comes later)."""
+    def start(self, threads_per_copy: int) -> None:
+        """Load and warm every copy in its own thread (ready comes later); the process is
+        already pinned, with ``threads_per_copy`` torch threads for each copy."""
         self._loop = asyncio.get_running_loop()
-        tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
+        self.threads_per_copy = threads_per_copy
         shared = self.settings.serve.neuron_shared_weights
-        self.threads_per_copy = prepare_process(
-            self.backend_name, self.cores, self.copies, tag, shared_weights=shared
-        )
         backend = create_backend(self.backend_name, self.settings.trace, shared_weights=shared)
         slots = [copy_core(self.backend_name, index, self.cores) for index in range(self.copies)]
         locks = {slot: threading.Lock() for slot in slots}
@@ -282,6 +272,10 @@ class Engine:
         """Stop taking work: ready and new requests answer 503; queued work still runs."""
         self.draining = True
         self.batcher.close()
+
+    @property
+    def idle(self) -> bool:
+        return self._idle.is_set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if ``timeout_s`` passed first."""
@@ -396,7 +390,7 @@ class Engine:
 
     def _resolve_dropped(self, dropped: list[tuple[WorkItem, str]]) -> None:
         for item, reason in dropped:
-            self.metrics.inputs_dropped.labels(reason=reason).inc()
+            self.metrics.dropped(reason)
             answer: _Answer = item.handle
             if reason == "expired":
                 answer.fail(deadline("the request's deadline passed while it waited for a copy"))
@@ -434,7 +428,7 @@ class Engine:
         limit = self.settings.serve.max_queue
         waiting = self._admitting + self.batcher.depth
         if waiting + len(inputs) > limit:
-            self.metrics.rejections.labels(reason="queue_full").inc()
+            self.metrics.rejected("queue_full")
             raise overloaded(
                 f"server overloaded: queue full ({waiting} of {limit} inputs waiting); retry later",
                 self.retry_after_s(),
@@ -466,10 +460,10 @@ class Engine:
         try:
             self.batcher.submit(items)
         except QueueFullError as exc:
-            self.metrics.rejections.labels(reason="queue_full").inc()
+            self.metrics.rejected("queue_full")
             raise overloaded(f"server overloaded: {exc}; retry later", self.retry_after_s()) from None
         except BatcherClosedError:
-            self.metrics.rejections.labels(reason="draining").inc()
+            self.metrics.rejected("draining")
             raise unavailable("the server is shutting down; retry on another server") from None
 
     async def _tokenize(
@@ -524,10 +518,10 @@ class Engine:
 
     def check_available(self) -> None:
         if self.draining:
-            self.metrics.rejections.labels(reason="draining").inc()
+            self.metrics.rejected("draining")
             raise unavailable("the server is shutting down; retry on another server")
         if not self.ready:
-            self.metrics.rejections.labels(reason="not_ready").inc()
+            self.metrics.rejected("not_ready")
             if self._unhealthy:
                 raise unavailable(f"copy {min(self._unhealthy)} is failing; retry on another server")
             raise unavailable(self.load_error or "model copies are still loading; retry shortly")
@@ -570,7 +564,7 @@ class Engine:
             await answer.future
             answered = True
         except _ExpiredError:
-            self.metrics.rejections.labels(reason="deadline").inc()
+            self.metrics.rejected("deadline")
             raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
         finally:
             timer.cancel()

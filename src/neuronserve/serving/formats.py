@@ -12,7 +12,7 @@ import orjson
 
 from neuronserve.serving.batcher import WorkItem
 from neuronserve.serving.engine import Engine, InferResult
-from neuronserve.serving.errors import ServeError, too_large, validation
+from neuronserve.serving.errors import too_large, validation
 from neuronserve.serving.schemas import PredictRequest, QAInput
 from neuronserve.serving.tasks import ItemOptions
 from neuronserve.serving.v2 import V2Request, V2Tensor
@@ -224,10 +224,3 @@ def v2_metadata(engine: Engine) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": outputs,
     }
-
-
-def check_model(engine: Engine, name: str | None) -> None:
-    if name is not None and name != engine.model_name:
-        raise ServeError(
-            "not_found", f"model {name!r} not found; this server serves {engine.model_name!r}", field="model"
-        )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from neuronserve.serving import formats
 from neuronserve.serving.engine import Engine, InferResult
 from neuronserve.serving.errors import ServeError, validation
+from neuronserve.serving.registry import ModelRegistry, is_cross_encoder, is_embedder
 from neuronserve.serving.schemas import (
     CohereRerankRequest,
     EmbeddingsRequest,
@@ -104,8 +105,25 @@ async def _run(
         watch.close()
 
 
-async def predict(engine: Engine, body: bytes, receive: Receive) -> Reply:
+async def _labelled(engine: Engine, work: Awaitable[Reply]) -> Reply:
+    """``work``'s reply, or its error, with the ``x-model`` header that says which model answered
+    (clients see it; the middleware labels the request's metrics and log line by it)."""
+    try:
+        reply = await work
+    except ServeError as exc:
+        exc.headers["x-model"] = engine.model_name
+        raise
+    reply.headers["x-model"] = engine.model_name
+    return reply
+
+
+async def predict(registry: ModelRegistry, body: bytes, receive: Receive) -> Reply:
     request = parse_body(PredictRequest, body)
+    engine = registry.pick(request.model, "/predict")
+    return await _labelled(engine, _predict(engine, request, receive))
+
+
+async def _predict(engine: Engine, request: PredictRequest, receive: Receive) -> Reply:
     inputs, options = formats.predict_inputs(engine, request)
     if engine.task_name == "feature-extraction":
         inputs = engine.prompted(inputs, request.parameters.prompt_name, "parameters.prompt_name")  # type: ignore[arg-type]
@@ -122,11 +140,15 @@ async def predict(engine: Engine, body: bytes, receive: Receive) -> Reply:
     return Reply(200, formats.predict_body(engine, result), formats.timing_headers(result))
 
 
-async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
-    if engine.task_name != "feature-extraction":
-        raise ServeError("not_found", f"this server's model is {engine.task_name}; use POST /predict")
+async def embeddings(registry: ModelRegistry, body: bytes, receive: Receive) -> Reply:
     request = parse_body(EmbeddingsRequest, body)
-    formats.check_model(engine, request.model)
+    engine = registry.pick(
+        request.model, "/v1/embeddings", is_embedder, "a feature-extraction model (POST /predict serves any)"
+    )
+    return await _labelled(engine, _embeddings(engine, request, receive))
+
+
+async def _embeddings(engine: Engine, request: EmbeddingsRequest, receive: Receive) -> Reply:
     dim = engine.manifest.model.get("hidden_size")
     if request.dimensions is not None and dim and request.dimensions > dim:
         raise validation(
@@ -155,19 +177,14 @@ async def embeddings(engine: Engine, body: bytes, receive: Receive) -> Reply:
     return Reply(200, body_out, formats.timing_headers(result))
 
 
+RERANKER = "a cross-encoder (a text-classification model with one output)"
+
+
 async def _scores(
     engine: Engine, receive: Receive, query: str, texts: list[str], *, truncate: bool, field: str
 ) -> tuple[list[tuple[float, float]], InferResult] | None:
     """(sigmoid score, logit) of each (query, text) pair, batched like any input; None when the
-    client left. Needs a model with one output: a cross-encoder."""
-    outputs = len(getattr(engine.task, "labels", ()))
-    if engine.task_name != "text-classification" or outputs != 1:
-        raise ServeError(
-            "not_found",
-            f"this server's model is a {engine.task_name} model"
-            + (f" with {outputs} outputs" if outputs else "")
-            + "; rerank needs a cross-encoder (text-classification with one output)",
-        )
+    client left. ``engine`` is a cross-encoder (see :func:`registry.is_cross_encoder`)."""
     formats.check_count(len(texts), engine.settings.serve.max_inputs_per_request, field)
     pairs = [(query, text) for text in texts]
     timeout = formats.timeout_seconds(engine, None, "timeout")
@@ -180,9 +197,14 @@ async def _scores(
     return list(result.outputs), result
 
 
-async def rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
+async def rerank(registry: ModelRegistry, body: bytes, receive: Receive) -> Reply:
     """TEI's ``/rerank``: every text with its score against the query, best first."""
     request = parse_body(RerankRequest, body)
+    engine = registry.pick(request.model, "/rerank", is_cross_encoder, RERANKER)
+    return await _labelled(engine, _rerank(engine, request, receive))
+
+
+async def _rerank(engine: Engine, request: RerankRequest, receive: Receive) -> Reply:
     scored = await _scores(
         engine, receive, request.query, request.texts, truncate=request.truncate, field="texts"
     )
@@ -198,10 +220,14 @@ async def rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
     return Reply(200, formats.dumps(ranked), formats.timing_headers(result))
 
 
-async def cohere_rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
+async def cohere_rerank(registry: ModelRegistry, body: bytes, receive: Receive) -> Reply:
     """The Cohere/Jina ``/v1/rerank``: ``results[{index, relevance_score, document}]``, best first."""
     request = parse_body(CohereRerankRequest, body)
-    formats.check_model(engine, request.model)
+    engine = registry.pick(request.model, "/v1/rerank", is_cross_encoder, RERANKER)
+    return await _labelled(engine, _cohere_rerank(engine, request, receive))
+
+
+async def _cohere_rerank(engine: Engine, request: CohereRerankRequest, receive: Receive) -> Reply:
     texts = [d.text if isinstance(d, RerankDocument) else d for d in request.documents]
     scored = await _scores(engine, receive, request.query, texts, truncate=True, field="documents")
     if scored is None:
@@ -221,35 +247,40 @@ async def cohere_rerank(engine: Engine, body: bytes, receive: Receive) -> Reply:
                  formats.timing_headers(result))  # fmt: skip
 
 
-async def tokenize(engine: Engine, body: bytes) -> Reply:
+async def tokenize(registry: ModelRegistry, body: bytes) -> Reply:
     """TEI's ``/tokenize``: every token of each input with its id, text and character span."""
     request = parse_body(TokenizeRequest, body)
+    engine = registry.pick(request.model, "/tokenize")
     texts = request.inputs if isinstance(request.inputs, list) else [request.inputs]
     formats.check_count(len(texts), engine.settings.serve.max_inputs_per_request, "inputs")
     tokens = await engine.tokens(texts, add_special_tokens=request.add_special_tokens)
-    return Reply(200, formats.dumps(tokens))
+    return Reply(200, formats.dumps(tokens), {"x-model": engine.model_name})
 
 
-def repository_index(engine: Engine, body: bytes) -> Reply:
+def repository_index(registry: ModelRegistry, body: bytes) -> Reply:
     """The v2 repository index (tritonclient's ``get_model_repository_index``): an empty body
     lists every model, ``{"ready": true}`` only the ready ones."""
     request = parse_body(RepositoryIndexRequest, body) if body.strip() else RepositoryIndexRequest()
-    ready = engine.ready
     entries = [
         {
-            "name": engine.model_name,
+            "name": name,
             "version": "1",
-            "state": "READY" if ready else "UNAVAILABLE",
-            "reason": "" if ready else (engine.load_error or f"not ready: {engine.state}"),
+            "state": "READY" if engine.ready else "UNAVAILABLE",
+            "reason": "" if engine.ready else (engine.load_error or f"not ready: {engine.state}"),
         }
+        for name, engine in registry.engines.items()
     ]
     return Reply(200, formats.dumps([e for e in entries if e["state"] == "READY" or not request.ready]))
 
 
 async def v2_infer(
-    engine: Engine, model: str, body: bytes, header_length: str | None, receive: Receive
+    registry: ModelRegistry, model: str, body: bytes, header_length: str | None, receive: Receive
 ) -> Reply:
-    formats.check_model(engine, model)
+    engine = registry.pick(model, "v2 infer")
+    return await _labelled(engine, _v2_infer(engine, body, header_length, receive))
+
+
+async def _v2_infer(engine: Engine, body: bytes, header_length: str | None, receive: Receive) -> Reply:
     parsed = parse_infer(body, header_length)
     inputs, options = formats.v2_inputs(engine, parsed)
     if engine.task_name == "feature-extraction":  # the default prompt, as on every embedding route

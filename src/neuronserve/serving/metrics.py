@@ -28,65 +28,80 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
-REJECTION_REASONS = ("queue_full", "deadline", "draining", "not_ready", "unauthorized", "too_large")
+REJECTION_REASONS = ("queue_full", "deadline", "draining", "not_ready")
+DROP_REASONS = ("cancelled", "expired")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    """Every metric one server exports. Thread-safe (copy threads update some of them)."""
+    """Every metric one server exports, labelled by model where a model is known (``model=""``
+    for requests refused before one was chosen). Thread-safe (copy threads update some)."""
 
     def __init__(self, server: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._requests = Counter(
-            "neuronserve_requests", "HTTP requests by route and status code", ["route", "code"], registry=r
+            "neuronserve_requests",
+            "HTTP requests by route, status code and model",
+            ["route", "code", "model"],
+            registry=r,
         )
         # Labelled children looked up once: every request and every batch updates them.
-        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._per_copy: dict[int, tuple[Any, Any]] = {}
+        self._answered: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self.request_duration = Histogram(
             "neuronserve_request_duration_seconds",
             "Time from request to response",
-            ["route"],
+            ["route", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_duration = Histogram(
             "neuronserve_queue_duration_seconds",
             "Time an input waited for a copy",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_duration = Histogram(
             "neuronserve_inference_duration_seconds",
             "Time of one model call (a whole batch)",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            "neuronserve_batch_size", "Real inputs per model call", buckets=BATCH_BUCKETS, registry=r
+            "neuronserve_batch_size",
+            "Real inputs per model call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.padding_rows = Counter(
             "neuronserve_padding_rows",
             "Batch rows that were padding (compiled size minus real inputs)",
+            ["model"],
             registry=r,
         )
-        self.queue_depth = Gauge("neuronserve_queue_depth", "Inputs waiting for a copy", registry=r)
-        self.inflight = Gauge("neuronserve_inflight_requests", "Requests being answered", registry=r)
-        self.rejections = Counter(
-            "neuronserve_rejections", "Requests refused, by reason", ["reason"], registry=r
+        self.queue_depth = Gauge(
+            "neuronserve_queue_depth", "Inputs waiting for a copy", ["model"], registry=r
         )
-        for reason in REJECTION_REASONS:  # present at 0 from the start, so rates and panels exist
-            self.rejections.labels(reason=reason)
+        self.inflight = Gauge(
+            "neuronserve_inflight_requests", "Requests being answered", ["model"], registry=r
+        )
+        self.rejections = Counter(
+            "neuronserve_rejections", "Requests refused, by reason", ["reason", "model"], registry=r
+        )
+        for reason in ("unauthorized", "too_large"):  # refused before a model is chosen
+            self.rejections.labels(reason=reason, model="")
         self.inputs_dropped = Counter(
             "neuronserve_inputs_dropped",
             "Queued inputs dropped before reaching a copy: the client left, or the deadline passed",
-            ["reason"],
+            ["reason", "model"],
             registry=r,
         )
-        for reason in ("cancelled", "expired"):
-            self.inputs_dropped.labels(reason=reason)
-        self.copies_ready = Gauge("neuronserve_copies_ready", "Model copies loaded and warmed", registry=r)
+        self.copies_ready = Gauge(
+            "neuronserve_copies_ready", "Model copies loaded and warmed", ["model"], registry=r
+        )
         self.worker_restarts = Gauge(
             "neuronserve_worker_restarts",
             "Times this server's master replaced its worker process since the master started",
@@ -95,32 +110,74 @@ class ServerMetrics:
         self.copies_unhealthy = Gauge(
             "neuronserve_copies_unhealthy",
             "Copies out of rotation after serve.max_failed_batches failed batches in a row",
+            ["model"],
             registry=r,
         )
         self.copy_inferences = Counter(
-            "neuronserve_copy_inferences", "Model calls per copy", ["copy"], registry=r
+            "neuronserve_copy_inferences", "Model calls per copy", ["model", "copy"], registry=r
         )
-        self.copy_items = Counter("neuronserve_copy_items", "Real inputs run per copy", ["copy"], registry=r)
-        self.input_tokens = Counter("neuronserve_input_tokens", "Tokens of accepted inputs", registry=r)
+        self.copy_items = Counter(
+            "neuronserve_copy_items", "Real inputs run per copy", ["model", "copy"], registry=r
+        )
+        self.input_tokens = Counter(
+            "neuronserve_input_tokens", "Tokens of accepted inputs", ["model"], registry=r
+        )
         self.info = Gauge(
             "neuronserve_server_info",
-            "Constant 1, labelled with what this server runs",
-            ["server", "model", "backend", "cores", "copies"],
+            "Constant 1, labelled with what this server runs (one series per model)",
+            ["server", "model", "task", "backend", "cores", "copies"],
             registry=r,
         )
         self._server = server
 
-    def answered(self, route: str, status: int, seconds: float) -> None:
-        """One request answered: its count by route and status, and its duration by route."""
-        children = self._answered.get((route, status))
+    def answered(self, route: str, status: int, seconds: float, model: str = "") -> None:
+        """One request answered: its count by route, status and model, and its duration."""
+        children = self._answered.get((route, status, model))
         if children is None:
             children = (
-                self._requests.labels(route=route, code=str(status)),
-                self.request_duration.labels(route=route),
+                self._requests.labels(route=route, code=str(status), model=model),
+                self.request_duration.labels(route=route, model=model),
             )
-            self._answered[(route, status)] = children
+            self._answered[(route, status, model)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(self, model)
+
+    def describe_model(self, *, model: str, task: str, backend: str, cores: str, copies: int) -> None:
+        self.info.labels(
+            server=self._server, model=model, task=task, backend=backend, cores=cores, copies=str(copies)
+        ).set(1)
+
+
+class ModelMetrics:
+    """One model's children of the server's metrics (its engine and copies update these)."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.server = metrics
+        self.model = model
+        self.queue_duration = metrics.queue_duration.labels(model=model)
+        self.inference_duration = metrics.inference_duration.labels(model=model)
+        self.batch_size = metrics.batch_size.labels(model=model)
+        self.padding_rows = metrics.padding_rows.labels(model=model)
+        self.queue_depth = metrics.queue_depth.labels(model=model)
+        self.inflight = metrics.inflight.labels(model=model)
+        self.copies_ready = metrics.copies_ready.labels(model=model)
+        self.copies_unhealthy = metrics.copies_unhealthy.labels(model=model)
+        self.input_tokens = metrics.input_tokens.labels(model=model)
+        # present at 0 from the start, so rates and panels exist
+        self._rejections = {r: metrics.rejections.labels(reason=r, model=model) for r in REJECTION_REASONS}
+        self._dropped = {r: metrics.inputs_dropped.labels(reason=r, model=model) for r in DROP_REASONS}
+        self._copy_inferences = metrics.copy_inferences
+        self._copy_items = metrics.copy_items
+        self._per_copy: dict[int, tuple[Any, Any]] = {}
+
+    def rejected(self, reason: str) -> None:
+        self._rejections[reason].inc()
+
+    def dropped(self, reason: str) -> None:
+        self._dropped[reason].inc()
 
     def batch_ran(
         self, copy: int, inputs: int, padding: int, seconds: float, queued: Sequence[float]
@@ -128,7 +185,10 @@ class ServerMetrics:
         """One model call of ``copy``: ``inputs`` real rows, their queue times, and its duration."""
         children = self._per_copy.get(copy)
         if children is None:
-            children = (self.copy_inferences.labels(copy=str(copy)), self.copy_items.labels(copy=str(copy)))
+            children = (
+                self._copy_inferences.labels(model=self.model, copy=str(copy)),
+                self._copy_items.labels(model=self.model, copy=str(copy)),
+            )
             self._per_copy[copy] = children
         children[0].inc()
         children[1].inc(inputs)
@@ -136,11 +196,6 @@ class ServerMetrics:
         self.batch_size.observe(inputs)
         self.padding_rows.inc(padding)
         observe_many(self.queue_duration, queued)
-
-    def describe_server(self, *, model: str, backend: str, cores: str, copies: int) -> None:
-        self.info.labels(
-            server=self._server, model=model, backend=backend, cores=cores, copies=str(copies)
-        ).set(1)
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)

@@ -82,14 +82,17 @@ class ServingMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         sent = 0
+        model = ""
         extra = [(b"x-request-id", request_id.encode()), (b"x-server", self.server_name)]
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, model
             if message["type"] == "http.response.start":
                 status = message["status"]
                 out = list(message.get("headers", []))
                 present = {k.lower() for k, _ in out}
+                if b"x-model" in present:  # the handler says which model answered
+                    model = next(v for k, v in out if k.lower() == b"x-model").decode("latin-1")
                 out.extend(extra)
                 out.extend((name, b"0") for name in TIMING_HEADERS if name not in present)
                 if self.draining():  # clients must not reuse a connection to a server that is leaving
@@ -118,23 +121,30 @@ class ServingMiddleware:
                 await self.app(scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            self.metrics.answered(label, status, elapsed)
-            if status in (401, 413):
-                self.metrics.rejections.labels(reason="unauthorized" if status == 401 else "too_large").inc()
-            if self.access_log:
-                access_log.info(
-                    "request",
-                    extra={
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "route": label,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "bytes_out": sent,
-                    },
-                )
+            self._record(scope, request_id, status=status, model=model, elapsed=elapsed, sent=sent)
+
+    def _record(
+        self, scope: Scope, request_id: str, *, status: int, model: str, elapsed: float, sent: int
+    ) -> None:
+        """One request's metrics and access-log line (never its input text)."""
+        label = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.answered(label, status, elapsed, model)
+        if status in (401, 413):
+            reason = "unauthorized" if status == 401 else "too_large"
+            self.metrics.rejections.labels(reason=reason, model=model).inc()
+        if self.access_log:
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": label,
+                    "model": model,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "bytes_out": sent,
+                },
+            )
 
     async def _serve_fast(
         self,

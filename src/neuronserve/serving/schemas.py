@@ -54,6 +54,9 @@ class PredictRequest(BaseModel):
         | Annotated[list[QAInput], Field(min_length=1)]
     )
     parameters: PredictParameters = PredictParameters()
+    model: str | None = Field(
+        None, description="The model to run (GET /v1/models lists them); needed when several could."
+    )
 
 
 class EmbeddingsRequest(BaseModel):
@@ -88,6 +91,9 @@ class RerankRequest(BaseModel):
     )
     raw_scores: StrictBool = Field(False, description="Logits instead of sigmoid scores.")
     return_text: StrictBool = Field(False, description="Echo each text in its result.")
+    model: str | None = Field(
+        None, description="The model to run (GET /v1/models lists them); needed when several could."
+    )
 
 
 class RerankResult(BaseModel):
@@ -135,6 +141,9 @@ class TokenizeRequest(BaseModel):
     inputs: Text | Annotated[list[Text], Field(min_length=1)]
     add_special_tokens: StrictBool = Field(
         True, description="Include the model's special tokens ([CLS], [SEP])."
+    )
+    model: str | None = Field(
+        None, description="The model to run (GET /v1/models lists them); needed when several could."
     )
 
 

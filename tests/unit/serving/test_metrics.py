@@ -49,18 +49,27 @@ def test_observe_many_matches_observing_one_by_one(seed: int) -> None:
     ]
 
 
-def test_answered_and_batch_ran_export_the_labelled_series() -> None:
+def test_answered_and_batch_ran_export_the_series_labelled_by_model() -> None:
     m = ServerMetrics("s")
     for _ in range(3):
-        m.answered("/predict", 200, 0.004)
-    m.answered("/predict", 429, 0.0001)
-    m.batch_ran(1, inputs=5, padding=3, seconds=0.02, queued=[0.001, 0.002, 0.003, 0.004, 0.2])
+        m.answered("/predict", 200, 0.004, "emb")
+    m.answered("/predict", 429, 0.0001, "rr")
+    m.answered("/predict", 401, 0.0001)  # refused before a model was chosen
+    m.for_model("emb").batch_ran(
+        1, inputs=5, padding=3, seconds=0.02, queued=[0.001, 0.002, 0.003, 0.004, 0.2]
+    )
+    rr = m.for_model("rr")
+    rr.rejected("queue_full")
     text = generate_latest(m.registry).decode()
-    assert 'neuronserve_requests_total{code="200",route="/predict"} 3.0' in text
-    assert 'neuronserve_requests_total{code="429",route="/predict"} 1.0' in text
-    assert 'neuronserve_request_duration_seconds_count{route="/predict"} 4.0' in text
-    assert 'neuronserve_copy_items_total{copy="1"} 5.0' in text
-    assert 'neuronserve_copy_inferences_total{copy="1"} 1.0' in text
-    assert "neuronserve_padding_rows_total 3.0" in text
-    assert "neuronserve_queue_duration_seconds_count 5.0" in text
-    assert 'neuronserve_queue_duration_seconds_bucket{le="0.0025"} 2.0' in text
+    assert 'neuronserve_requests_total{code="200",model="emb",route="/predict"} 3.0' in text
+    assert 'neuronserve_requests_total{code="429",model="rr",route="/predict"} 1.0' in text
+    assert 'neuronserve_requests_total{code="401",model="",route="/predict"} 1.0' in text
+    assert 'neuronserve_request_duration_seconds_count{model="emb",route="/predict"} 3.0' in text
+    assert 'neuronserve_copy_items_total{copy="1",model="emb"} 5.0' in text
+    assert 'neuronserve_copy_inferences_total{copy="1",model="emb"} 1.0' in text
+    assert 'neuronserve_padding_rows_total{model="emb"} 3.0' in text
+    assert 'neuronserve_queue_duration_seconds_count{model="emb"} 5.0' in text
+    assert 'neuronserve_queue_duration_seconds_bucket{le="0.0025",model="emb"} 2.0' in text
+    assert 'neuronserve_rejections_total{model="rr",reason="queue_full"} 1.0' in text
+    # every model's reasons exist from the start, so rates and panels do too
+    assert 'neuronserve_rejections_total{model="emb",reason="deadline"} 0.0' in text

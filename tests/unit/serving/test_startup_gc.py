@@ -34,7 +34,7 @@ def test_a_server_in_its_own_main_thread_freezes_start_up_objects_when_ready(
     tmp_path: Path, unfrozen: None
 ) -> None:
     app = create_app(_settings(tmp_path))  # type: ignore[arg-type]
-    engine = app.state.engine
+    engine = app.state.registry
     seen: dict[str, int] = {}
 
     async def main() -> None:

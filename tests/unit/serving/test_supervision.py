@@ -24,7 +24,7 @@ from tests.conftest import make_settings, trace_tiny
 def _engine(tmp_path: Path, **values: str) -> Engine:
     artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2").directory
     settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0", **values)
-    return Engine(settings, ServerMetrics("test"))
+    return Engine(settings, ServerMetrics("test").for_model("tiny"))
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -39,7 +39,7 @@ def _run(engine: Engine, scenario: Callable[[Engine, list[str]], Awaitable[None]
 
     async def main() -> None:
         engine.on_fatal = fatal.append
-        engine.start()
+        engine.start(threads_per_copy=1)
         try:
             await scenario(engine, fatal)
         finally:
@@ -196,8 +196,9 @@ def test_a_client_that_leaves_while_its_inputs_are_tokenized_is_not_served(
         gates[0].set()
         assert await task is None  # answered as "client closed", not run
         await engine.infer(["after"], [ItemOptions()], truncate=False, timeout_s=30)  # the copy moves on
-        assert engine.metrics.copy_items.labels(copy="0")._value.get() == 1
-        assert engine.metrics.inputs_dropped.labels(reason="cancelled")._value.get() == 8
+        sample = engine.metrics.server.registry.get_sample_value
+        assert sample("neuronserve_copy_items_total", {"model": "tiny", "copy": "0"}) == 1
+        assert sample("neuronserve_inputs_dropped_total", {"model": "tiny", "reason": "cancelled"}) == 8
         assert fatal == []
 
     _run(_engine(tmp_path), scenario)
@@ -216,7 +217,7 @@ def test_a_copy_that_finishes_loading_after_the_server_stopped_goes_quietly(tmp_
     engine = _engine(tmp_path)
 
     async def main() -> None:
-        engine.start()
+        engine.start(threads_per_copy=1)
         engine.close()  # before any copy is ready; asyncio.run then closes the loop
 
     asyncio.run(main())
