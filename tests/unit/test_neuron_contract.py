@@ -398,7 +398,7 @@ def test_shared_weights_memory_plan_counts_the_weights_once_per_device(tmp_path:
     def per_core(shared: bool) -> dict[int, int]:
         settings = make_settings(tmp_path, deploy__cores_per_server="2", serve__models_per_server="2")
         plan = make_plan(settings, inventory, "neuronx")
-        return estimate(plan, manifest, inventory, shared_weights=shared).servers[0].device
+        return estimate(plan, [manifest], inventory, shared_weights=shared).servers[0].device
 
     separate, shared = per_core(False), per_core(True)
     assert separate[0] == separate[1]  # one copy on each core, each with every shape's weights

@@ -7,6 +7,7 @@ import itertools
 import math
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -206,3 +207,14 @@ def test_a_last_rung_sunk_by_noise_does_not_lose_the_winner() -> None:
     trials = [Trial(a, 0, 2, rps=90.0), Trial(b, 0, 2, rps=80.0), Trial(a, 1, 6, rps=0.0, p95_ms=400.0)]
     best = SearchResult(trials=trials, rungs=2).best
     assert best is not None and best.candidate == a and best.rps == 90.0
+
+
+def test_tune_refuses_a_config_of_several_models(tmp_path: Path) -> None:
+    from neuronserve.config import ConfigError
+    from neuronserve.tune.run import TuneOptions, tune
+
+    config = tmp_path / "c.properties"
+    config.write_text("models.reranker.source=/models/ce\nmodels.reranker.task=text-classification\n")
+    options = TuneOptions(config=str(config), overrides=(), dataset="", time_budget_s=60)
+    with pytest.raises(ConfigError, match="tune measures one model: this config also serves reranker"):
+        tune(options, emit=lambda _line: None)

@@ -19,22 +19,49 @@ from neuronserve.deploy.plan import Plan, make_plan
 
 def plan_for(
     settings: Settings, *, verify: bool = True, neuron_ls: Path | None = None, host_memory: int | None = None
-) -> tuple[Plan, Manifest, MemoryPlan]:
-    """The plan and its memory estimate for this host (or the host ``neuron_ls`` describes).
+) -> tuple[Plan, dict[str, Manifest], MemoryPlan]:
+    """The plan, each model's manifest (by name) and their memory estimate for this host (or the
+    host ``neuron_ls`` describes).
 
-    ``verify`` checks every artifact against the manifest (a deployment refuses tampered or
-    mismatched artifacts before anything starts); a dry run plans from the manifest alone.
+    ``verify`` checks every artifact against its manifest (a deployment refuses tampered or
+    mismatched artifacts before anything starts); a dry run plans from the manifests alone.
     """
     from neuronserve.serving.engine import artifacts_directory
 
-    artifacts = artifacts_directory(settings)
-    if not (artifacts / "manifest.json").is_file():
-        raise DeployError(f"no artifacts in {artifacts}; run ./trace-model/run.sh first")
-    manifest = load_manifest(artifacts) if verify else read_manifest(artifacts)
-    inventory = detect(manifest.backend, neuron_ls=neuron_ls, host_memory=host_memory)
-    plan = make_plan(settings, inventory, manifest.backend)
+    manifests: dict[str, Manifest] = {}
+    for name, model in settings.per_model().items():
+        artifacts = artifacts_directory(model)
+        if not (artifacts / "manifest.json").is_file():
+            raise DeployError(f"no artifacts for model {name} in {artifacts}; run ./trace-model/run.sh first")
+        manifests[name] = load_manifest(artifacts) if verify else read_manifest(artifacts)
+    backends = {m.backend for m in manifests.values()}
+    if len(backends) > 1:
+        raise DeployError(
+            f"the models are traced for different backends ({', '.join(sorted(backends))}); "
+            "trace them all for one (trace.backend)"
+        )
+    backend = backends.pop()
+    inventory = detect(backend, neuron_ls=neuron_ls, host_memory=host_memory)
+    plan = make_plan(settings, inventory, backend)
     shared = settings.serve.neuron_shared_weights
-    return plan, manifest, estimate(plan, manifest, inventory, shared_weights=shared)
+    memory = estimate(plan, list(manifests.values()), inventory, shared_weights=shared)
+    return plan, manifests, memory
+
+
+def verified(settings: Settings, manifests: dict[str, Manifest]) -> Settings:
+    """``settings`` with each model's fingerprint (and each further model's directory) set:
+    plan_for hashed every artifact, so servers whose files are unchanged since skip doing it again."""
+    first, *_ = manifests.values()
+    serve = dataclasses.replace(settings.serve, artifacts_fingerprint=artifacts_fingerprint(first))
+    extras = tuple(
+        dataclasses.replace(
+            m,
+            artifacts=str(manifests[m.name].directory),
+            artifacts_fingerprint=artifacts_fingerprint(manifests[m.name]),
+        )
+        for m in settings.extra_models
+    )
+    return dataclasses.replace(settings, serve=serve, extra_models=extras)
 
 
 def deploy(
@@ -46,29 +73,27 @@ def deploy(
     neuron_ls: Path | None = None,
     host_memory: int | None = None,
 ) -> int:
-    plan, manifest, memory = plan_for(
+    plan, manifests, memory = plan_for(
         settings, verify=not dry_run, neuron_ls=neuron_ls, host_memory=host_memory
     )
     print(plan.table())
     print(memory.table())
     memory.check()  # a plan that does not fit is refused before anything starts
-    artifacts = manifest.directory
     if emit_compose:  # run elsewhere or later: its servers hash the artifacts themselves
         from neuronserve.deploy import docker
 
-        docker.write_compose(Path(emit_compose), docker.container_specs(settings, plan, artifacts), plan)
+        specs = docker.container_specs(settings, plan, _directories(manifests))
+        docker.write_compose(Path(emit_compose), specs, plan)
         print(f"wrote {emit_compose}")
         return 0
     if dry_run:
         return 0
-    # plan_for hashed every artifact: servers whose files are unchanged since skip doing it again.
-    verified = dataclasses.replace(settings.serve, artifacts_fingerprint=artifacts_fingerprint(manifest))
-    settings = dataclasses.replace(settings, serve=verified)
+    settings = verified(settings, manifests)
     config_path = find_config(config, os.environ)
     config_abs = config_path.resolve() if config_path is not None else None
     if settings.deploy.launcher == "docker":
-        return _deploy_docker(settings, plan, artifacts)
-    rd = local.start(settings, plan, artifacts, config_abs)
+        return _deploy_docker(settings, plan, _directories(manifests))
+    rd = local.start(settings, plan, next(iter(manifests.values())).directory, config_abs)
     try:
         local.wait_ready(settings, plan, rd)
     except BaseException:
@@ -85,7 +110,11 @@ def deploy(
     return 0
 
 
-def _deploy_docker(settings: Settings, plan: Plan, artifacts: Path) -> int:
+def _directories(manifests: dict[str, Manifest]) -> dict[str, Path]:
+    return {name: m.directory for name, m in manifests.items()}
+
+
+def _deploy_docker(settings: Settings, plan: Plan, artifacts: dict[str, Path]) -> int:
     from neuronserve import containers
     from neuronserve.deploy import docker
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from neuronserve.config import Settings, section_environment
+from neuronserve.config import Settings, extra_models_environment, section_environment
 from neuronserve.deploy.local import CRASH_LOOP_RESTARTS, DeployError, all_cores
 from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import Plan, ServerPlan
@@ -56,13 +56,23 @@ def relative_cores(server: ServerPlan, cores_per_device: int | None) -> str:
 
 
 def server_spec(
-    settings: Settings, plan: Plan, server: ServerPlan, artifacts: Path, image: str
+    settings: Settings, plan: Plan, server: ServerPlan, artifacts: dict[str, Path], image: str
 ) -> dict[str, Any]:
+    """``artifacts``: each model's directory by name, model.*'s first (mounted at /artifacts,
+    each further model's at /artifacts-<name>)."""
     name = f"{plan.deployment}-{server.name}"
+    first, *further = artifacts.items()
+    mounts = {str(first[1].resolve()): {"bind": ARTIFACTS_MOUNT, "mode": "ro"}}
+    further_env: dict[str, str] = {}
+    for model, directory in further:
+        mounts[str(directory.resolve())] = {"bind": f"{ARTIFACTS_MOUNT}-{model}", "mode": "ro"}
+        further_env[f"NEURONSERVE_MODELS__{model.upper()}__ARTIFACTS"] = f"{ARTIFACTS_MOUNT}-{model}"
     env = {
         # The deploy's effective settings, then what the plan decides for this container.
         **section_environment(settings, "serve"),
         **section_environment(settings, "trace"),
+        **extra_models_environment(settings),
+        **further_env,
         "NEURONSERVE_SERVE__HOST": "0.0.0.0",  # noqa: S104 - inside the container, on the private network
         "NEURONSERVE_SERVE__PORT": str(CONTAINER_PORT),
         "NEURONSERVE_SERVE__CORES": relative_cores(server, plan.cores_per_device),
@@ -78,7 +88,7 @@ def server_spec(
         "image": image,
         "command": ["neuronserve", "serve"],
         "environment": env,
-        "volumes": {str(artifacts.resolve()): {"bind": ARTIFACTS_MOUNT, "mode": "ro"}},
+        "volumes": mounts,
         "labels": {
             LABEL: plan.deployment,
             "neuronserve.server": server.name,
@@ -165,8 +175,13 @@ def exporter_spec(settings: Settings, plan: Plan, image: str) -> dict[str, Any]:
     return spec
 
 
-def container_specs(settings: Settings, plan: Plan, artifacts: Path) -> list[dict[str, Any]]:
-    """Servers, then the exporter (when ``monitor.enabled``), then nginx."""
+def container_specs(
+    settings: Settings, plan: Plan, artifacts: Path | dict[str, Path]
+) -> list[dict[str, Any]]:
+    """Servers, then the exporter (when ``monitor.enabled``), then nginx. ``artifacts``: the
+    directory of model.*'s artifacts, or every model's by name (model.*'s first)."""
+    if isinstance(artifacts, Path):
+        artifacts = {settings.model_name: artifacts}
     image = settings.deploy.docker_image or f"neuronserve-serve-{plan.backend}:latest"
     exporter = [exporter_spec(settings, plan, image)] if settings.monitor.enabled else []
     return [

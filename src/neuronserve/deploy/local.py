@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from neuronserve.config import Settings, section_environment
+from neuronserve.config import Settings, extra_models_environment, section_environment
 from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import Plan, ServerPlan
 
@@ -97,6 +97,8 @@ def server_environment(
     env = {
         **section_environment(settings, "serve"),
         **section_environment(settings, "trace"),
+        # Further models with their artifacts and fingerprints (deploy set them to what it verified).
+        **extra_models_environment(settings),
         "NEURONSERVE_SERVE__HOST": "127.0.0.1",
         "NEURONSERVE_SERVE__PORT": str(server.port),
         "NEURONSERVE_SERVE__CORES": str(server.cores),

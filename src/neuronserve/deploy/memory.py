@@ -1,6 +1,7 @@
 """The memory plan: host and device memory each server and core will hold, checked before start.
 
-Estimated from the manifest (artifact sizes, weight bytes, what the backend shares) and the plan:
+Estimated from each model's manifest (artifact sizes, weight bytes, what the backend shares) and
+the plan; every server holds every model, so each figure sums over the models:
 - host, per server: the process itself (Python, torch, the app), the artifacts it loads (once
   when copies share a load, as on cpu; once per copy otherwise, since each Neuron load keeps its
   host copy), and on cpu each copy's working set at the largest shape;
@@ -13,6 +14,7 @@ The figures are estimates: ``bench/memory.py`` measures the real ones on cpu.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neuronserve.artifacts import Manifest
@@ -32,13 +34,13 @@ RUNTIME_BYTES_PER_CORE = 96 << 20
 # measured ~10x on MiniLM at b32 s128; 16 leaves room.
 WORKING_SET_FACTOR = 16
 DEVICE_KNOBS = (
-    "lower serve.models_per_server, compile fewer shapes (trace.batch_sizes, "
+    "lower serve.models_per_server (a further model's: models.<name>.copies), serve fewer models, compile fewer shapes (trace.batch_sizes, "
     "trace.sequence_lengths), give each server more cores (deploy.cores_per_server) so its "
     "copies spread over them, or share one load per server (serve.neuron_shared_weights=true)"
 )
 HOST_KNOBS = (
-    "run fewer servers (deploy.servers, deploy.cores_per_server), lower serve.models_per_server, "
-    "or compile fewer shapes (trace.batch_sizes, trace.sequence_lengths)"
+    "run fewer servers (deploy.servers, deploy.cores_per_server), lower serve.models_per_server "
+    "(models.<name>.copies), serve fewer models, or compile fewer shapes (trace.batch_sizes, trace.sequence_lengths)"
 )
 
 
@@ -132,48 +134,75 @@ def working_set(manifest: Manifest) -> int:
 
 
 def estimate(
-    plan: Plan, manifest: Manifest, inventory: Inventory, *, shared_weights: bool = False
+    plan: Plan, manifests: Sequence[Manifest], inventory: Inventory, *, shared_weights: bool = False
 ) -> MemoryPlan:
-    """The memory plan of ``plan`` serving ``manifest`` on ``inventory``'s host.
+    """The memory plan of ``plan`` serving ``manifests`` (one per model, in the order of
+    ``plan.model_copies``; every server holds them all) on ``inventory``'s host.
 
     ``shared_weights`` (``serve.neuron_shared_weights``): each artifact is loaded once per server,
     replicated on its cores; the first replica on each device holds the weights, the others
     share them. How much of a NEFF is weights is not recorded, so the saving per further replica
     is counted as half the model's fp32 weight bytes (the weights in bf16), never more.
     """
-    facts = manifest.memory
-    artifacts = sum(facts.artifact_bytes.values())
-    scratch = working_set(manifest)
+    copies_of = [c for _name, c in plan.model_copies] or [plan.servers[0].copies if plan.servers else 1]
+    if len(copies_of) != len(manifests):
+        raise ValueError(f"this is a bug: {len(manifests)} manifests for {len(copies_of)} planned models")
     neuron = plan.backend != "cpu"
     multicore = neuron and shared_weights
-    saving = sum(min(size, facts.weight_bytes // 2) for size in facts.artifact_bytes.values())
     servers = []
     for server in plan.servers:
-        loads = 1 if facts.copies_share_load or multicore else server.copies
-        host = PROCESS_BYTES + loads * artifacts + (0 if neuron else server.copies * scratch)
+        host = PROCESS_BYTES
         device: dict[int, int] = {}
-        if multicore:
-            devices_seen: set[int] = set()
-            for core in server.cores.ids:
-                on_device = inventory.device_of.get(core, core)
-                first = on_device not in devices_seen
-                devices_seen.add(on_device)
-                device[core] = RUNTIME_BYTES_PER_CORE + scratch + artifacts - (0 if first else saving)
-        elif neuron:
-            for index in range(server.copies):
-                core = server.cores.ids[copy_core(plan.backend, index, server.cores)]
-                if core not in device:
-                    device[core] = RUNTIME_BYTES_PER_CORE + scratch
-                device[core] += artifacts
+        scratch_of: dict[int, int] = {}  # the runtime shares one scratchpad between a core's models
+        first_copy = 0  # placements go on where the previous model's ended (see Engine.start)
+        for manifest, copies in zip(manifests, copies_of, strict=True):
+            facts = manifest.memory
+            artifacts = sum(facts.artifact_bytes.values())
+            scratch = working_set(manifest)
+            loads = 1 if facts.copies_share_load or multicore else copies
+            host += loads * artifacts + (0 if neuron else copies * scratch)
+            if multicore:
+                saving = sum(min(size, facts.weight_bytes // 2) for size in facts.artifact_bytes.values())
+                devices_seen: set[int] = set()
+                for core in server.cores.ids:
+                    on_device = inventory.device_of.get(core, core)
+                    first = on_device not in devices_seen
+                    devices_seen.add(on_device)
+                    device[core] = device.get(core, 0) + artifacts - (0 if first else saving)
+                    scratch_of[core] = max(scratch_of.get(core, 0), scratch)
+            elif neuron:
+                for index in range(first_copy, first_copy + copies):
+                    core = server.cores.ids[copy_core(plan.backend, index, server.cores)]
+                    device[core] = device.get(core, 0) + artifacts
+                    scratch_of[core] = max(scratch_of.get(core, 0), scratch)
+            first_copy += copies
+        for core in device:
+            device[core] += RUNTIME_BYTES_PER_CORE + scratch_of[core]
         servers.append(ServerMemory(server.name, host, device))
+    names = [name for name, _copies in plan.model_copies] or [str(m.model.get("name")) for m in manifests]
+    lines = [_model_summary(m, multicore) for m in manifests]
+    summary = (
+        lines[0]
+        if len(lines) == 1
+        else "memory estimate, every server holding every model:\n"
+        + "\n".join(
+            f"  {name}: {line.removeprefix('memory estimate: ')}"
+            for name, line in zip(names, lines, strict=True)
+        )
+    )
+    return MemoryPlan(tuple(servers), inventory.host_memory, dict(inventory.core_memory), summary)
+
+
+def _model_summary(manifest: Manifest, multicore: bool) -> str:
+    facts = manifest.memory
+    artifacts = sum(facts.artifact_bytes.values())
     shared = "one artifact serves several shapes" if len(facts.artifact_bytes) < len(manifest.shapes) else ""
     if multicore:
         copies = "copies share one load per server, replicated on its cores with shared weights"
     else:
         copies = "copies share one load" if facts.copies_share_load else "copies each load their own"
-    summary = (
+    return (
         f"memory estimate: weights {facts.weight_bytes / GIB:.2f} GiB; {len(facts.artifact_bytes)} "
         f"artifact(s) of {artifacts / GIB:.2f} GiB for {len(manifest.shapes)} shapes"
         f"{' (' + shared + ')' if shared else ''}; {copies}"
     )
-    return MemoryPlan(tuple(servers), inventory.host_memory, dict(inventory.core_memory), summary)

@@ -29,13 +29,17 @@ class Plan:
     servers: tuple[ServerPlan, ...]
     cores_per_device: int | None
     idle_cores: tuple[int, ...]
+    # (model name, copies in each server), model.*'s first; every server holds every model.
+    model_copies: tuple[tuple[str, int], ...] = ()
 
     def table(self) -> str:
         """The plan as a text table, for --dry-run and after deploy."""
         rows = [f"{'server':<12}{'cores':<10}{'devices':<12}{'port':<8}copies"]
+        several = len(self.model_copies) > 1
         for s in self.servers:
             devices = ",".join(str(d) for d in s.devices) or "-"
-            rows.append(f"{s.name:<12}{s.cores!s:<10}{devices:<12}{s.port:<8}{s.copies}")
+            copies = " ".join(f"{n}:{c}" for n, c in self.model_copies) if several else str(s.copies)
+            rows.append(f"{s.name:<12}{s.cores!s:<10}{devices:<12}{s.port:<8}{copies}")
         idle = f"; idle cores: {CoreSet(self.idle_cores)}" if self.idle_cores else ""
         rows.append(
             f"endpoint http://{self.host}:{self.port}  backend {self.backend}  {len(self.servers)} servers{idle}"
@@ -118,6 +122,10 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
                 copies=copies_per_server(backend, settings.serve.models_per_server),
             )
         )
+    model_copies = tuple(
+        (name, copies_per_server(backend, model.serve.models_per_server))
+        for name, model in settings.per_model().items()
+    )
     used = {c for s in servers for c in s.cores.ids}
     return Plan(
         deployment=d.name,
@@ -127,4 +135,5 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
         servers=tuple(servers),
         cores_per_device=inventory.cores_per_device,
         idle_cores=tuple(c for c in chosen if c not in used),
+        model_copies=model_copies,
     )

@@ -212,15 +212,24 @@ class Engine:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self, threads_per_copy: int) -> None:
+    def start(
+        self, threads_per_copy: int, *, first_copy: int = 0, locks: dict[int, threading.Lock] | None = None
+    ) -> None:
         """Load and warm every copy in its own thread (ready comes later); the process is
-        already pinned, with ``threads_per_copy`` torch threads for each copy."""
+        already pinned, with ``threads_per_copy`` torch threads for each copy.
+
+        Copies go on the server's cores from the ``first_copy``-th placement on (a server's
+        models take turns, so the second model's first copy is not on the first model's core);
+        ``locks`` (one per core, shared by the server's models) keep warm-up timings apart.
+        """
         self._loop = asyncio.get_running_loop()
         self.threads_per_copy = threads_per_copy
         shared = self.settings.serve.neuron_shared_weights
         backend = create_backend(self.backend_name, self.settings.trace, shared_weights=shared)
-        slots = [copy_core(self.backend_name, index, self.cores) for index in range(self.copies)]
-        locks = {slot: threading.Lock() for slot in slots}
+        slots = [copy_core(self.backend_name, first_copy + i, self.cores) for i in range(self.copies)]
+        locks = {} if locks is None else locks
+        for slot in slots:
+            locks.setdefault(slot, threading.Lock())
         for index, slot in enumerate(slots):
             worker = CopyWorker(
                 index=index,

@@ -9,6 +9,7 @@ one model that suits the route when the request names none.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 from neuronserve.backends import prepare_process
@@ -113,8 +114,11 @@ class ModelRegistry:
         self.threads_per_copy = prepare_process(
             self.backend_name, self.cores, copies, tag, shared_weights=shared
         )
+        first_copy = 0
+        locks: dict[int, threading.Lock] = {}
         for engine in self.engines.values():
-            engine.start(self.threads_per_copy)
+            engine.start(self.threads_per_copy, first_copy=first_copy, locks=locks)
+            first_copy += engine.copies
 
     @property
     def state(self) -> str:

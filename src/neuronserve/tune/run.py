@@ -149,7 +149,14 @@ def tune(options: TuneOptions, emit: Callable[[str], None] = print) -> int:
 
 
 def _load(options: TuneOptions, *extra: str) -> Settings:
-    return load_settings(options.config, overrides=[*options.overrides, *extra])
+    settings = load_settings(options.config, overrides=[*options.overrides, *extra])
+    if settings.extra_models:
+        names = ", ".join(m.name for m in settings.extra_models)
+        raise ConfigError(
+            f"tune measures one model: this config also serves {names} (models.<name>.*); tune each "
+            "model with a config of its own (model.* only), then copy the chosen grid and copies back"
+        )
+    return settings
 
 
 def _search(

@@ -24,7 +24,7 @@ def _plan(tmp_path: Path, **values: str) -> MemoryPlan:
     inventory = parse_neuron_ls(INF2_48.read_text())
     inventory = dataclasses.replace(inventory, host_memory=768 * GIB)
     plan = make_plan(settings, inventory, "neuronx")
-    return estimate(plan, read_manifest(BERT_LARGE), inventory)
+    return estimate(plan, [read_manifest(BERT_LARGE)], inventory)
 
 
 def test_device_memory_per_core_comes_from_neuron_ls() -> None:
@@ -82,7 +82,7 @@ def test_cpu_copies_share_one_load_and_host_memory_is_checked(tmp_path: Path) ->
     def host(copies: int, available: int) -> MemoryPlan:
         s = make_settings(tmp_path, serve__models_per_server=str(copies), deploy__cores="0-1")
         inventory = Inventory("cpu", (0, 1), {}, host_memory=available)
-        return estimate(make_plan(s, inventory, "cpu"), manifest, inventory)
+        return estimate(make_plan(s, inventory, "cpu"), [manifest], inventory)
 
     one, two = host(1, 64 * GIB), host(2, 64 * GIB)
     per_copy = two.servers[0].host - one.servers[0].host
@@ -142,3 +142,41 @@ def test_a_real_deploy_that_does_not_fit_starts_nothing(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "of host memory but 0.0 GiB is available; run fewer servers (deploy.servers" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+def test_every_model_of_a_server_counts_and_a_pair_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    inventory = dataclasses.replace(parse_neuron_ls(INF2_48.read_text()), host_memory=768 * GIB)
+    manifest = read_manifest(BERT_LARGE)
+    artifacts = sum(manifest.memory.artifact_bytes.values())
+
+    def memory(**values: str) -> MemoryPlan:
+        settings = make_settings(
+            tmp_path,
+            serve__artifacts=str(BERT_LARGE),
+            serve__models_per_server="1",
+            models__second__source="/models/second",
+            models__second__artifacts=str(BERT_LARGE),
+            **values,
+        )
+        plan = make_plan(settings, inventory, "neuronx")
+        assert [name for name, _copies in plan.model_copies][1:] == ["second"]
+        return estimate(plan, [manifest, manifest], inventory)
+
+    alone = _plan(tmp_path, serve__models_per_server="1")
+    alone.check()  # one BERT-large copy per core fits (see test_plans_that_fit_pass)
+    pair = memory()
+    for one, both in zip(alone.servers, pair.servers, strict=True):
+        ((core, used_alone),) = one.device.items()
+        # the second model's artifacts join the first's on the core; the scratchpad is shared
+        assert both.device[core] - used_alone == artifacts
+        assert both.host - one.host == artifacts  # each Neuron load keeps its host copy
+    assert "second:" in pair.summary and pair.summary.count("artifact(s)") == 2
+    with pytest.raises(MemoryPlanError, match=r"would need ~21\.4 GiB") as refused:
+        pair.check()
+    assert "models.<name>.copies" in str(refused.value)
+    # two cores per server: the second model's copy goes on the core the first one left free
+    spread = memory(deploy__cores_per_server="2")
+    spread.check()
+    assert all(
+        used == max(alone.servers[0].device.values()) for s in spread.servers for used in s.device.values()
+    )
