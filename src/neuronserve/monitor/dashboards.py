@@ -20,7 +20,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="prometheus")
-INFERENCE_ROUTES = 'route=~"/predict|/v1/embeddings|/v2/models/.*/infer"'
+INFERENCE_ROUTES = 'route=~"/predict|/v1/embeddings|/rerank|/v1/rerank|/v2/models/.*/infer"'
 
 
 @dataclass(frozen=True)
@@ -60,41 +60,51 @@ SERVING: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                 (Query("sum by (code) (rate(neuronserve_requests_total[$__rate_interval]))", "{{code}}"),),
             ),
             PanelSpec(
-                "Request latency (inference routes)",
+                "Requests per second per model (inference routes)",
+                "reqps",
+                (
+                    Query(
+                        f"sum by (model) (rate(neuronserve_requests_total{{{INFERENCE_ROUTES}}}[$__rate_interval]))",
+                        "{{model}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Request latency per model (inference routes)",
                 "s",
                 tuple(
                     Query(
-                        f"histogram_quantile({q}, sum by (le) (rate(neuronserve_request_duration_seconds_bucket{{{INFERENCE_ROUTES}}}[$__rate_interval])))",
-                        f"p{int(q * 100)}",
+                        f"histogram_quantile({q}, sum by (le, model) (rate(neuronserve_request_duration_seconds_bucket{{{INFERENCE_ROUTES}}}[$__rate_interval])))",
+                        f"p{int(q * 100)} {{{{model}}}}",
                     )
                     for q in (0.5, 0.95, 0.99)
                 ),
             ),
             PanelSpec(
-                "Queue vs inference time (p50)",
+                "Queue vs inference time per model (p50)",
                 "s",
                 (
                     Query(
-                        "histogram_quantile(0.5, sum by (le) (rate(neuronserve_queue_duration_seconds_bucket[$__rate_interval])))",
-                        "queue",
+                        "histogram_quantile(0.5, sum by (le, model) (rate(neuronserve_queue_duration_seconds_bucket[$__rate_interval])))",
+                        "queue {{model}}",
                     ),
                     Query(
-                        "histogram_quantile(0.5, sum by (le) (rate(neuronserve_inference_duration_seconds_bucket[$__rate_interval])))",
-                        "inference",
+                        "histogram_quantile(0.5, sum by (le, model) (rate(neuronserve_inference_duration_seconds_bucket[$__rate_interval])))",
+                        "inference {{model}}",
                     ),
                 ),
             ),
             PanelSpec(
-                "Batch size (real inputs per model call)",
+                "Batch size per model (real inputs per model call)",
                 "short",
                 (
                     Query(
-                        "sum(rate(neuronserve_batch_size_sum[$__rate_interval])) / sum(rate(neuronserve_batch_size_count[$__rate_interval]))",
-                        "mean",
+                        "sum by (model) (rate(neuronserve_batch_size_sum[$__rate_interval])) / sum by (model) (rate(neuronserve_batch_size_count[$__rate_interval]))",
+                        "mean {{model}}",
                     ),
                     Query(
-                        "histogram_quantile(0.95, sum by (le) (rate(neuronserve_batch_size_bucket[$__rate_interval])))",
-                        "p95",
+                        "histogram_quantile(0.95, sum by (le, model) (rate(neuronserve_batch_size_bucket[$__rate_interval])))",
+                        "p95 {{model}}",
                     ),
                 ),
             ),
@@ -104,26 +114,30 @@ SERVING: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
         "Backpressure",
         (
             PanelSpec(
-                "Queue depth per server",
+                "Queue depth per server and model",
                 "short",
-                (Query("sum by (server) (neuronserve_queue_depth)", "{{server}}"),),
+                (Query("sum by (server, model) (neuronserve_queue_depth)", "{{server}} {{model}}"),),
             ),
             PanelSpec(
-                "In-flight requests per server",
+                "In-flight requests per server and model",
                 "short",
-                (Query("sum by (server) (neuronserve_inflight_requests)", "{{server}}"),),
+                (Query("sum by (server, model) (neuronserve_inflight_requests)", "{{server}} {{model}}"),),
             ),
             PanelSpec(
                 "Rejections by reason",
                 "reqps",
                 (
                     Query(
-                        "sum by (reason) (rate(neuronserve_rejections_total[$__rate_interval]))", "{{reason}}"
+                        "sum by (reason, model) (rate(neuronserve_rejections_total[$__rate_interval]))",
+                        "{{reason}} {{model}}",
                     ),
                 ),
             ),
             PanelSpec(
-                "Copies ready", "short", (Query("sum(neuronserve_copies_ready)", "ready"),), kind="stat"
+                "Copies ready per model",
+                "short",
+                (Query("sum by (model) (neuronserve_copies_ready)", "{{model}}"),),
+                kind="stat",
             ),
         ),
     ),
@@ -155,8 +169,8 @@ SERVING: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                 "short",
                 (
                     Query(
-                        "sum by (server, copy) (rate(neuronserve_copy_items_total[$__rate_interval]))",
-                        "{{server}} copy {{copy}}",
+                        "sum by (server, model, copy) (rate(neuronserve_copy_items_total[$__rate_interval]))",
+                        "{{server}} {{model}} copy {{copy}}",
                     ),
                 ),
                 width=24,

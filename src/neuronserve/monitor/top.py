@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-INFERENCE = ("/predict", "/v1/embeddings", "/v2/models/{model}/infer")
+INFERENCE = ("/predict", "/v1/embeddings", "/rerank", "/v1/rerank", "/v2/models/{model}/infer")
+BAD_CODES = tuple(str(c) for c in range(400, 600))
 
 
 @dataclass
@@ -30,11 +31,11 @@ class Scrape:
                 out += value
         return out
 
-    def buckets(self, name: str) -> dict[float, float]:
+    def buckets(self, name: str, model: str | None = None) -> dict[float, float]:
         out: dict[float, float] = {}
         for (metric, labels), value in self.samples.items():
             d = dict(labels)
-            if metric == f"{name}_bucket" and d.get("route") in INFERENCE:
+            if metric == f"{name}_bucket" and d.get("route") in INFERENCE and model in (None, d.get("model")):
                 le = float(d["le"])
                 out[le] = out.get(le, 0.0) + value
         return out
@@ -64,6 +65,43 @@ def quantile(q: float, before: dict[float, float], after: dict[float, float]) ->
     return math.inf
 
 
+def _row(pairs: list[tuple[Scrape, Scrape]], **match: str) -> str:
+    """req/s, p50, p99, queue, in-flight, err/s and mean batch over ``pairs`` of scrapes (one
+    per server), of the samples labelled ``match`` (a model) or all."""
+
+    def change(name: str, **more: str | tuple[str, ...]) -> float:
+        return sum(b.total(name, **match, **more) - a.total(name, **match, **more) for a, b in pairs)
+
+    seconds = max(1e-9, *(b.at - a.at for a, b in pairs))
+    model = match.get("model")
+    before: dict[float, float] = {}
+    after: dict[float, float] = {}
+    for a, b in pairs:
+        for mine, theirs in ((before, a), (after, b)):
+            for le, count in theirs.buckets("neuronserve_request_duration_seconds", model).items():
+                mine[le] = mine.get(le, 0.0) + count
+    batches = change("neuronserve_batch_size_count")
+    items = change("neuronserve_batch_size_sum")
+    queue = sum(b.total("neuronserve_queue_depth", **match) for _a, b in pairs)
+    inflight = sum(b.total("neuronserve_inflight_requests", **match) for _a, b in pairs)
+    return (
+        f"{change('neuronserve_requests_total', route=INFERENCE) / seconds:>8.1f}"
+        f"{quantile(0.5, before, after) * 1000:>9.1f}{quantile(0.99, before, after) * 1000:>9.1f}"
+        f"{queue:>7.0f}{inflight:>10.0f}{change('neuronserve_requests_total', code=BAD_CODES) / seconds:>7.1f}"
+        f"{(items / batches if batches else 0):>7.1f}"
+    )
+
+
+def _models(scrapes: list[Scrape]) -> list[str]:
+    """The models the servers serve, in the order their info series list them."""
+    names: dict[str, None] = {}
+    for scrape_ in scrapes:
+        for metric, labels in scrape_.samples:
+            if metric == "neuronserve_server_info":
+                names[dict(labels)["model"]] = None
+    return list(names)
+
+
 def frame(plan: dict[str, object], before: dict[str, Scrape | None], after: dict[str, Scrape | None]) -> str:
     servers = plan["servers"]
     assert isinstance(servers, list)
@@ -71,35 +109,20 @@ def frame(plan: dict[str, object], before: dict[str, Scrape | None], after: dict
         f"neuronserve top - deployment {plan['deployment']} ({plan['backend']}) - endpoint http://{plan['host']}:{plan['port']}",
         "",
     ]
-    lines.append(
-        f"{'server':<10}{'cores':<8}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'queue':>7}{'in-flight':>10}{'err/s':>7}{'batch':>7}"
-    )
+    header = f"{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'queue':>7}{'in-flight':>10}{'err/s':>7}{'batch':>7}"
+    lines.append(f"{'server':<10}{'cores':<8}{header}")
+    pairs: list[tuple[Scrape, Scrape]] = []
     for server in servers:
         a, b = before.get(server["name"]), after.get(server["name"])
         if a is None or b is None:
             lines.append(f"{server['name']:<10}{server['cores']:<8}{'down':>8}")
             continue
-        dt = max(1e-9, b.at - a.at)
-        ok = (
-            b.total("neuronserve_requests_total", route=INFERENCE)
-            - a.total("neuronserve_requests_total", route=INFERENCE)
-        ) / dt
-        bad_codes = tuple(str(c) for c in range(400, 600))
-        errs = (
-            b.total("neuronserve_requests_total", code=bad_codes)
-            - a.total("neuronserve_requests_total", code=bad_codes)
-        ) / dt
-        hb, ha = (
-            b.buckets("neuronserve_request_duration_seconds"),
-            a.buckets("neuronserve_request_duration_seconds"),
-        )
-        batches = b.total("neuronserve_batch_size_count") - a.total("neuronserve_batch_size_count")
-        items = b.total("neuronserve_batch_size_sum") - a.total("neuronserve_batch_size_sum")
-        lines.append(
-            f"{server['name']:<10}{server['cores']:<8}{ok:>8.1f}{quantile(0.5, ha, hb) * 1000:>9.1f}"
-            f"{quantile(0.99, ha, hb) * 1000:>9.1f}{b.total('neuronserve_queue_depth'):>7.0f}"
-            f"{b.total('neuronserve_inflight_requests'):>10.0f}{errs:>7.1f}{(items / batches if batches else 0):>7.1f}"
-        )
+        pairs.append((a, b))
+        lines.append(f"{server['name']:<10}{server['cores']:<8}{_row([(a, b)])}")
+    models = _models([b for _a, b in pairs])
+    if pairs and len(models) > 1:  # one model: its row would repeat the servers' total
+        lines += ["", f"{'model (all servers)':<18}{header}"]
+        lines += [f"{name[:17]:<18}{_row(pairs, model=name)}" for name in models]
     exporter = after.get("exporter")
     lines.append("")
     if exporter is None:
