@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import platform
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 
 from neuronserve import __version__
-from neuronserve.config import ConfigError, Settings, load_settings
+from neuronserve.config import BenchSettings, ConfigError, Settings, load_settings
 from neuronserve.loadgen.client import Sweep, run_sweep
 from neuronserve.loadgen.http import Target
 from neuronserve.loadgen.payloads import (
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="config.properties (bench.* keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--target", help="server URL(s), comma-separated (default: the deployment endpoint)")
-    parser.add_argument("--route", choices=("/predict", "/v1/embeddings", "v2"))
+    parser.add_argument("--route", choices=typing.get_args(typing.get_type_hints(BenchSettings)["route"]))
     parser.add_argument("--mode", choices=("closed", "open"))
     parser.add_argument("--concurrency", help="closed-loop levels, e.g. 1,4,16")
     parser.add_argument("--rates", help="open-loop rates (req/s), e.g. 5,10,20")
