@@ -107,7 +107,8 @@ def check_host(settings: Settings, host: Host | None = None) -> list[Check]:
     checks += _devices(devices, neuron, h)
     checks += _packages(backend, h)
     checks += _programs(h)
-    checks += _artifacts(settings, backend, h)
+    for model in settings.per_model().values():  # every served model's artifacts
+        checks += _artifacts(model, backend, h)
     assert set(BACKENDS) >= {backend}, "this is a bug: an unknown backend was chosen"
     return checks
 
