@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def _models(scrapes: list[Scrape]) -> list[str]:
     return list(names)
 
 
-def frame(plan: dict[str, object], before: dict[str, Scrape | None], after: dict[str, Scrape | None]) -> str:
+def frame(
+    plan: Mapping[str, object], before: Mapping[str, Scrape | None], after: Mapping[str, Scrape | None]
+) -> str:
     servers = plan["servers"]
     assert isinstance(servers, list)
     lines = [

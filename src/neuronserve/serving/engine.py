@@ -31,7 +31,7 @@ from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
 from neuronserve.serving.copies import BatchOutcome, CopyWorker
 from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable, validation
-from neuronserve.serving.metrics import ModelMetrics
+from neuronserve.serving.metrics import ModelMetrics, ServerMetrics
 from neuronserve.serving.tasks import ItemOptions, Prompts, task_for
 from neuronserve.serving.tokenization import Encoded, TextEncoder
 
@@ -123,14 +123,14 @@ class Engine:
     :meth:`Settings.per_model`). Create it, then ``start()`` it inside the running event loop,
     once the process is pinned (see :class:`~neuronserve.serving.registry.ModelRegistry`)."""
 
-    def __init__(self, settings: Settings, metrics: ModelMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
         self.settings = settings
-        self.metrics = metrics
         directory = artifacts_directory(settings)
         self.manifest: Manifest = load_manifest(directory, fingerprint=settings.serve.artifacts_fingerprint)
         self.backend_name = self.manifest.backend
         # Requests choose the model by this: model.name (models.<name>), else the manifest's.
         self.model_name = settings.model.name or str(self.manifest.model["name"])
+        self.metrics: ModelMetrics = metrics.for_model(self.model_name)
         self.task_name = self.manifest.task
         self.cores = server_cores(settings, self.backend_name)
         self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server)
@@ -182,7 +182,7 @@ class Engine:
             initializer=libc.name_this_thread,
             initargs=("tokenize",),
         )
-        metrics.track_queue_depth(lambda: self.batcher.depth)
+        self.metrics.track_queue_depth(lambda: self.batcher.depth)
 
     def _queue_tokens(self) -> int:
         """``serve.max_queue_tokens``, or half of what max_queue inputs of the largest length

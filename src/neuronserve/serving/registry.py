@@ -40,7 +40,7 @@ class ModelRegistry:
         self.settings = settings
         self.engines: dict[str, Engine] = {}
         for model_settings in settings.per_model().values():
-            engine = Engine(model_settings, metrics.for_model(model_settings.model_name))
+            engine = Engine(model_settings, metrics)
             if engine.model_name in self.engines:
                 raise ConfigError(f"two models are named {engine.model_name!r}; give each its own name")
             self.engines[engine.model_name] = engine

@@ -24,7 +24,7 @@ from tests.conftest import make_settings, trace_tiny
 def _engine(tmp_path: Path, **values: str) -> Engine:
     artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2").directory
     settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0", **values)
-    return Engine(settings, ServerMetrics("test").for_model("tiny"))
+    return Engine(settings, ServerMetrics("test"))
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
