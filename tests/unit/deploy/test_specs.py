@@ -200,3 +200,40 @@ def test_containers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
     assert env["NEURONSERVE_SERVE__NEURON_SHARED_WEIGHTS"] == "true"
     assert env["NEURONSERVE_SERVE__ARTIFACTS"] == "/artifacts"  # the plan's values win
     assert env["NEURONSERVE_SERVE__HOST"] == "0.0.0.0"  # inside the container
+
+
+def test_every_model_reaches_each_server_container_and_supervisord_program(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        deploy__name="rag",
+        models__rerank__source="/models/ce",
+        models__rerank__task="text-classification",
+        models__rerank__copies="1",
+        models__rerank__artifacts_fingerprint="abc",
+    )
+    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    artifacts = {"all-MiniLM-L6-v2": tmp_path / "emb", "rerank": tmp_path / "rr"}
+    server = next(s for s in container_specs(settings, plan, artifacts) if _is_server(s))
+    assert server["volumes"] == {
+        str((tmp_path / "emb").resolve()): {"bind": "/artifacts", "mode": "ro"},
+        str((tmp_path / "rr").resolve()): {"bind": "/artifacts-rerank", "mode": "ro"},
+    }
+    env = server["environment"]
+    assert env["NEURONSERVE_SERVE__ARTIFACTS"] == "/artifacts"
+    assert env["NEURONSERVE_MODELS__RERANK__ARTIFACTS"] == "/artifacts-rerank"
+    assert env["NEURONSERVE_MODELS__RERANK__TASK"] == "text-classification"
+    assert env["NEURONSERVE_MODELS__RERANK__COPIES"] == "1"
+    # the local launcher hands every model's settings to every program
+    conf = render_supervisord_conf(
+        settings=settings,
+        plan=plan,
+        rd=RunDir(tmp_path / "run"),
+        artifacts=tmp_path / "emb",
+        config=None,
+        nginx="/usr/sbin/nginx",
+        python="/usr/bin/python3",
+        passthrough_env={},
+    )
+    for program in conf.split("[program:server-")[1:]:
+        assert 'NEURONSERVE_MODELS__RERANK__SOURCE="/models/ce"' in program
+        assert 'NEURONSERVE_MODELS__RERANK__ARTIFACTS_FINGERPRINT="abc"' in program
