@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: venv system-deps test lint typecheck unit demo clean dockerfiles
+.PHONY: venv system-deps test lint typecheck unit demo clean dockerfiles k8s
 
 venv: $(STAMP)
 
@@ -49,10 +49,19 @@ typecheck: venv
 unit: venv system-deps
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck dockerfiles unit
+# The Kubernetes base, emitted for cpu and neuronx from the committed config: rendered with
+# kubectl kustomize, every object validated strictly (kubernetes-validate; the CRDs against their
+# published schemas), checkov's Kubernetes policies. Nothing reaches a cluster.
+k8s: venv $(TOOLS)/.installed
+	for backend in cpu neuronx; do \
+	  $(VENV)/bin/neuronserve deploy --launcher k8s --emit build/k8s-$$backend --set trace.backend=$$backend >/dev/null && \
+	  $(VENV)/bin/neuronserve k8s check build/k8s-$$backend --checkov $(TOOLS)/bin/checkov || exit 1; \
+	done
+
+test: lint typecheck dockerfiles k8s unit
 
 demo: venv system-deps
 	./scripts/demo.sh
 
 clean:
-	rm -rf trace-models run results .mypy_cache .ruff_cache .pytest_cache $(TOOLS)
+	rm -rf trace-models run results build demo-models .mypy_cache .ruff_cache .pytest_cache $(TOOLS)

@@ -158,14 +158,35 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.host_memory_gib is not None and args.host_memory_gib <= 0:
         raise ConfigError("--host-memory-gib must be above 0, e.g. --host-memory-gib 64")
     host_memory = None if args.host_memory_gib is None else int(args.host_memory_gib * (1 << 30))
+    overrides = [*args.overrides, *([f"deploy.launcher={args.launcher}"] if args.launcher else [])]
+    settings = load_settings(args.config, overrides=overrides)
+    if settings.deploy.launcher == "k8s":
+        from neuronserve.deploy.commands import emit_k8s
+
+        if not args.emit:
+            raise ConfigError(
+                "the k8s launcher writes a Kustomize base: pass --emit DIR (then kubectl apply -k DIR; "
+                "nothing here talks to a cluster)"
+            )
+        return emit_k8s(settings, Path(args.emit))
+    if args.emit:
+        raise ConfigError("--emit writes a Kubernetes base: use it with --launcher k8s")
     return deploy(
-        _settings(args),
+        settings,
         args.config,
         dry_run=args.dry_run,
         emit_compose=args.emit_compose,
         neuron_ls=Path(args.neuron_ls) if args.neuron_ls else None,
         host_memory=host_memory,
     )
+
+
+def cmd_k8s_check(args: argparse.Namespace) -> int:
+    from neuronserve.deploy.k8s_check import check
+
+    report = check(Path(args.directory), kubernetes_version=args.kubernetes_version, checkov=args.checkov)
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -379,7 +400,23 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
         metavar="GIB",
         help="host memory to plan with (default: MemAvailable of this host, capped by its cgroup)",
     )
+    p.add_argument("--launcher", choices=("local", "docker", "k8s"), help="deploy.launcher for this run")
+    p.add_argument(
+        "--emit",
+        metavar="DIR",
+        help="k8s: write the Kustomize base into DIR (kubectl apply -k DIR deploys it)",
+    )
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("k8s", help="Kubernetes: validate an emitted Kustomize base offline")
+    k8s_sub = p.add_subparsers(dest="k8s_command", required=True)
+    c = k8s_sub.add_parser(
+        "check", help="render with kubectl kustomize, validate every object strictly, run checkov"
+    )
+    c.add_argument("directory", help="the base (or an overlay) to check")
+    c.add_argument("--kubernetes-version", default="1.32", help="the schemas to validate against")
+    c.add_argument("--checkov", help="the checkov executable (default: on PATH, else .venv-tools)")
+    c.set_defaults(func=cmd_k8s_check)
 
     p = sub.add_parser("status", help="state, readiness, cores, port and restarts of each server")
     _add_config_args(p)

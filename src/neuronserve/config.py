@@ -260,6 +260,11 @@ class ServeSettings:
         "When set, inference and /info require Authorization: Bearer <key> (or x-api-key).",
         secret=True,
     )
+    api_key_file: str = setting(
+        "",
+        "A file holding the API key (a mounted Secret, say); when set, it wins over serve.api_key. "
+        "Read once at start.",
+    )
     artifacts_fingerprint: str = setting(
         "",
         "Set by deploy once it has hashed every artifact: the manifest's hash with each artifact's "
@@ -283,7 +288,8 @@ class ServeSettings:
     )
 
 
-Launcher = Literal["local", "docker"]
+Launcher = Literal["local", "docker", "k8s"]
+Autoscaler = Literal["hpa", "keda", "none"]
 
 
 @dataclass(frozen=True)
@@ -303,7 +309,11 @@ class DeploySettings:
     host: str = setting("127.0.0.1", "Address the endpoint (nginx) listens on.")
     port: int = setting(8080, "Port of the endpoint (nginx).", minimum=1, maximum=65535)
     base_port: int = setting(8081, "Server i listens on base_port + i (loopback).", minimum=1, maximum=65535)
-    launcher: Launcher = setting("local", "local (supervisord + nginx on this host) or docker (containers).")
+    launcher: Launcher = setting(
+        "local",
+        "local (supervisord + nginx on this host), docker (containers), or k8s (deploy --emit DIR "
+        "writes a Kustomize base; nothing here talks to a cluster).",
+    )
     run_dir: str = setting(
         "run", "Where local deployments keep configs, logs and sockets: <run_dir>/<name>/."
     )
@@ -317,7 +327,49 @@ class DeploySettings:
     ready_timeout_s: float = setting(
         300.0, "How long deploy waits for every server's /ready.", minimum=1.0, maximum=7200.0
     )
-    docker_image: str = setting("", "Serving image; empty means neuronserve-serve-<backend>:latest.")
+    docker_image: str = setting(
+        "",
+        "Serving image; empty means neuronserve-serve-<backend>:latest (k8s: :<neuronserve version>, "
+        "which the base's kustomization images: entry lets an overlay pin to a digest).",
+    )
+    k8s_namespace: str = setting("neuronserve", "k8s: the namespace of every object.")
+    k8s_replicas: int = setting(
+        2,
+        "k8s: server pods (each one core group of deploy.cores_per_server cores).",
+        minimum=1,
+        maximum=10_000,
+    )
+    k8s_max_replicas: int = setting(
+        8, "k8s: the autoscaler's ceiling (at least deploy.k8s_replicas).", minimum=1, maximum=10_000
+    )
+    k8s_autoscaler: Autoscaler = setting(
+        "hpa",
+        "k8s: hpa (autoscaling/v2 on per-pod custom metrics, e.g. from prometheus-adapter), keda (a "
+        "ScaledObject querying Prometheus) or none.",
+    )
+    k8s_target_per_pod: float = setting(
+        8.0,
+        "k8s: the autoscaler's target per pod for queued inputs and for in-flight requests.",
+        minimum=0.1,
+    )
+    k8s_prometheus_url: str = setting(
+        "http://prometheus-operated.monitoring.svc:9090", "k8s: the Prometheus that KEDA queries."
+    )
+    k8s_scheduler: str = setting(
+        "my-scheduler",
+        "k8s Neuron backends: the Neuron scheduler extension's scheduler name (contiguous cores for "
+        "pods asking for more than one); empty uses the default scheduler.",
+    )
+    k8s_artifacts: str = setting(
+        "pvc:neuronserve-artifacts",
+        "k8s: where the trace Job writes artifacts and each pod's init container takes them from: "
+        "pvc:<claim> (a ReadWriteMany volume the base creates) or s3://bucket/prefix.",
+    )
+    k8s_memory: str = setting(
+        "",
+        "k8s: each server pod's memory request and limit (e.g. 6Gi); empty takes the memory plan's "
+        "host estimate when the artifacts are here, else 4Gi.",
+    )
 
 
 @dataclass(frozen=True)
@@ -448,6 +500,19 @@ class Settings:
             for m in self.extra_models
         }
         return out
+
+    def api_key(self) -> str:
+        """The API key: ``serve.api_key_file``'s content (stripped) when set, else ``serve.api_key``."""
+        if not self.serve.api_key_file:
+            return self.serve.api_key
+        path = self.path(self.serve.api_key_file)
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"serve.api_key_file {path}: {exc.strerror}") from None
+        if not key:
+            raise ConfigError(f"serve.api_key_file {path} is empty; put the key in it")
+        return key
 
     @property
     def model_name(self) -> str:
@@ -770,6 +835,15 @@ def _extra_model_key(
 def _check_consistency(settings: Settings) -> None:
     """Rules that span several keys."""
     deploy = settings.deploy
+    if deploy.k8s_max_replicas < deploy.k8s_replicas:
+        raise ConfigError(
+            f"deploy.k8s_max_replicas ({deploy.k8s_max_replicas}) is below deploy.k8s_replicas "
+            f"({deploy.k8s_replicas}); raise the ceiling or lower the replicas"
+        )
+    if not re.fullmatch(r"pvc:[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?|s3://[^/\s]+(/\S*)?", deploy.k8s_artifacts):
+        raise ConfigError(
+            f"deploy.k8s_artifacts {deploy.k8s_artifacts!r}: write pvc:<claim name> or s3://bucket/prefix"
+        )
     if deploy.servers not in {"max", "auto"} and not (deploy.servers.isdigit() and int(deploy.servers) > 0):
         raise ConfigError(f"deploy.servers must be max, auto or a positive number; got {deploy.servers!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", deploy.name):

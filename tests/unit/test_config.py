@@ -219,3 +219,19 @@ def test_further_models_from_the_environment_and_round_trip_through_the_template
 def test_further_model_mistakes_say_how_to_fix_them(values: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("*", r"\*")):
         build_settings({k: (v, "test") for k, v in values.items()})
+
+
+def test_the_api_key_can_come_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("from-the-secret\n")
+    settings = build_settings(
+        {"serve.api_key": ("inline", "test"), "serve.api_key_file": ("api-key", "test")}, base_dir=tmp_path
+    )
+    assert settings.api_key() == "from-the-secret"  # the file wins, stripped
+    assert build_settings({"serve.api_key": ("inline", "test")}).api_key() == "inline"
+    key_file.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        settings.api_key()
+    key_file.unlink()
+    with pytest.raises(ConfigError, match="api_key_file"):
+        settings.api_key()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import httpx
 
-from neuronserve.artifacts import Manifest, artifacts_fingerprint, load_manifest, read_manifest
+from neuronserve.artifacts import ArtifactError, Manifest, artifacts_fingerprint, load_manifest, read_manifest
 from neuronserve.config import Settings, find_config
 from neuronserve.deploy import local
-from neuronserve.deploy.inventory import detect
+from neuronserve.deploy.inventory import Inventory, detect
 from neuronserve.deploy.local import DeployError
 from neuronserve.deploy.memory import MemoryPlan, estimate
 from neuronserve.deploy.plan import Plan, make_plan
@@ -108,6 +108,48 @@ def deploy(
             f"prometheus: http://127.0.0.1:{m.prometheus_port} (targets in {rd.path / 'prometheus' / 'targets'})"
         )
     return 0
+
+
+def emit_k8s(settings: Settings, directory: Path) -> int:
+    """Write the Kustomize base for ``settings`` into ``directory`` (see deploy.k8s)."""
+    from neuronserve.backends import choose_backend
+    from neuronserve.deploy import k8s
+    from neuronserve.serving.engine import artifacts_directory
+
+    backend, why = choose_backend(settings.trace.backend, devices=lambda: ["(the cluster's)"])
+    plan = k8s.pod_plan(settings, backend)
+    copies = ", ".join(f"{name} x{c}" for name, c in plan.model_copies)
+    print(
+        f"backend {backend} ({why}); each pod is one server of {settings.deploy.cores_per_server} "
+        f"core(s) holding {copies}; {settings.deploy.k8s_replicas} pod(s), autoscaled up to "
+        f"{settings.deploy.k8s_max_replicas} ({settings.deploy.k8s_autoscaler})"
+    )
+    host_bytes = None
+    try:
+        manifests = [read_manifest(artifacts_directory(m)) for m in settings.per_model().values()]
+    except (OSError, ValueError, ArtifactError):
+        manifests = []
+    if manifests and {m.backend for m in manifests} == {backend}:
+        memory = estimate(
+            plan, manifests, detect_none(backend, plan), shared_weights=settings.serve.neuron_shared_weights
+        )
+        print(memory.table())
+        host_bytes = memory.servers[0].host
+    elif not settings.deploy.k8s_memory:
+        print(
+            f"no {backend} artifacts here to estimate memory from: each pod asks for "
+            f"{k8s.DEFAULT_MEMORY >> 30}Gi (set deploy.k8s_memory to choose)"
+        )
+    files = k8s.write_base(settings, backend, directory, host_bytes)
+    print(f"wrote {len(files)} files to {directory}")
+    print(f"check: neuronserve k8s check {directory}; deploy: kubectl apply -k {directory}")
+    return 0
+
+
+def detect_none(backend: str, plan: Plan) -> Inventory:
+    """The pod's inventory for the memory estimate: its cores, memory unknown (the node's)."""
+    cores = tuple(c for s in plan.servers for c in s.cores.ids)
+    return Inventory("cpu" if backend == "cpu" else "neuron", cores, {})
 
 
 def _directories(manifests: dict[str, Manifest]) -> dict[str, Path]:

@@ -88,7 +88,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _headers(settings: Settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.serve.api_key}"} if settings.serve.api_key else {}
+    key = settings.api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _server_info(url: str, headers: dict[str, str]) -> dict[str, Any]:

@@ -63,7 +63,10 @@ def _error_responses(settings: Settings) -> dict[int | str, dict[str, Any]]:
     s = settings.serve
     return {
         400: {"model": ErrorBody, "description": "A malformed request (a bad v2 header length, say)."},
-        401: {"model": ErrorBody, "description": "Missing or wrong API key (when serve.api_key is set)."},
+        401: {
+            "model": ErrorBody,
+            "description": "Missing or wrong API key (when serve.api_key or serve.api_key_file is set).",
+        },
         404: {"model": ErrorBody, "description": "Unknown model name."},
         413: {
             "model": ErrorBody,
@@ -146,7 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.serving_options = dict(
         server_name=server_name,
         max_body_bytes=settings.serve.max_body_bytes,
-        api_key=settings.serve.api_key,
+        api_key=settings.api_key(),
         metrics=metrics,
         draining=lambda: registry.draining,
         access_log=settings.serve.access_log != "off",

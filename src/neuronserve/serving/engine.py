@@ -74,7 +74,18 @@ def server_cores(settings: Settings, backend: str) -> CoreSet:
         except ValueError as exc:
             raise ConfigError(f"serve.cores {exc}") from None
     if backend != "cpu":
-        raise ConfigError("serve.cores must name this server's NeuronCores (e.g. 0-1); deploy sets it")
+        # On Kubernetes the Neuron device plugin allocates the pod's cores; whatever set
+        # NEURON_RT_VISIBLE_CORES for this process (the plugin, Ray) has named them.
+        given = os.environ.get("NEURON_RT_VISIBLE_CORES", "")
+        if given:
+            try:
+                return CoreSet.parse(given)
+            except ValueError as exc:
+                raise ConfigError(f"NEURON_RT_VISIBLE_CORES {exc}") from None
+        raise ConfigError(
+            "serve.cores must name this server's NeuronCores (e.g. 0-1): deploy sets it, and on "
+            "Kubernetes NEURON_RT_VISIBLE_CORES does; neither is set"
+        )
     return CoreSet(tuple(sorted(os.sched_getaffinity(0))))
 
 

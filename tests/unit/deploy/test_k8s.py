@@ -1,0 +1,168 @@
+"""The Kubernetes base: what the pods ask for, how they stop, what scales them, and a check that
+renders, validates and scans it (and fails on what it must refuse)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from neuronserve.config import Settings, build_settings
+from neuronserve.deploy import k8s
+from neuronserve.deploy.k8s_check import check
+from tests.conftest import make_settings, ready_client, trace_tiny
+
+
+def _objects(settings: Settings, backend: str) -> dict[str, dict[str, Any]]:
+    return k8s.objects(settings, backend, host_bytes=None)
+
+
+def _server(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    containers = objects["deployment.yaml"]["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "server")
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4])
+def test_a_pod_asks_for_the_neuroncores_of_one_server(tmp_path: Path, cores: int) -> None:
+    settings = make_settings(tmp_path, deploy__cores_per_server=str(cores))
+    objects = _objects(settings, "neuronx")
+    resources = _server(objects)["resources"]
+    assert resources["limits"][k8s.NEURONCORE] == cores == resources["requests"][k8s.NEURONCORE]
+    pod = objects["deployment.yaml"]["spec"]["template"]["spec"]
+    assert pod["schedulerName"] == "my-scheduler"  # the Neuron scheduler extension: contiguous cores
+    assert pod["tolerations"] == [
+        {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert "inf2.xlarge" in terms[0]["matchExpressions"][0]["values"]
+    # cpu: CPUs, not NeuronCores, and the default scheduler
+    cpu_objects = _objects(settings, "cpu")
+    cpu = _server(cpu_objects)["resources"]["limits"]
+    assert k8s.NEURONCORE not in cpu and cpu["cpu"] == str(cores)
+    assert "schedulerName" not in cpu_objects["deployment.yaml"]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("drain", ["0", "30", "47.5", "600"])
+def test_the_grace_period_outlasts_the_drain_and_start_up_gets_its_time(tmp_path: Path, drain: str) -> None:
+    settings = make_settings(tmp_path, serve__drain_timeout_s=drain, deploy__ready_timeout_s="420")
+    pod = _objects(settings, "neuronx")["deployment.yaml"]["spec"]["template"]["spec"]
+    server = _server(_objects(settings, "neuronx"))
+    pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + float(drain)
+    startup = server["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 420
+    assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    security = server["securityContext"]
+    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["allowPrivilegeEscalation"] is False
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def _autoscaler_metrics(settings: Settings) -> set[str]:
+    scaler = k8s.autoscaler(settings)
+    assert scaler is not None
+    if scaler["kind"] == "HorizontalPodAutoscaler":
+        return {m["pods"]["metric"]["name"] for m in scaler["spec"]["metrics"]}
+    return {re.match(r"sum\((\w+)\{", t["metadata"]["query"]).group(1) for t in scaler["spec"]["triggers"]}  # type: ignore[union-attr]
+
+
+def test_the_autoscalers_metrics_are_what_a_real_server_exports(tmp_path: Path) -> None:
+    artifacts = trace_tiny(tmp_path).directory
+    with ready_client(make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0")) as client:
+        exposition = client.get("/metrics").text
+    exported = {f.name for f in text_string_to_metric_families(exposition)}
+    for scaler in ("hpa", "keda"):
+        wanted = _autoscaler_metrics(make_settings(tmp_path, deploy__k8s_autoscaler=scaler))
+        assert wanted and wanted <= exported, (scaler, wanted - exported)
+
+
+def test_the_settings_config_map_builds_each_models_server_settings(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        serve__api_key="s3cret",
+        models__rerank__source="cross-encoder/x",
+        models__rerank__task="text-classification",
+    )
+    env = k8s.settings_env(settings, "neuronx")
+    assert "s3cret" not in "".join(env.values())  # the key comes from a mounted Secret
+    rebuilt = build_settings({k: (v, "env") for k, v in _as_keys(env).items()})
+    models = rebuilt.per_model()
+    assert str(models["all-MiniLM-L6-v2"].serve.artifacts) == "/artifacts/all-MiniLM-L6-v2/neuronx"
+    assert models["rerank"].serve.artifacts == "/artifacts/rerank/neuronx"
+    assert rebuilt.serve.api_key_file == "/etc/neuronserve/api-key/api-key"
+    assert rebuilt.trace.backend == "neuronx" and rebuilt.serve.cores == ""
+
+
+def _as_keys(env: dict[str, str]) -> dict[str, str]:
+    from neuronserve.config import env_overrides
+
+    return {key: value for key, (value, _where) in env_overrides(env).items()}
+
+
+@pytest.fixture(scope="module")
+def emitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("k8s") / "base"
+    settings = build_settings({"deploy.k8s_autoscaler": ("keda", "test")})
+    k8s.write_base(settings, "neuronx", directory, host_bytes=None)
+    return directory
+
+
+def test_the_emitted_base_passes_the_check(emitted: Path) -> None:
+    report = check(emitted)
+    assert report.ok, report.text()
+    assert (
+        "ScaledObject/neuronserve-server" in report.objects
+        and "PodMonitor/neuronserve-server" in report.objects
+    )
+    assert report.checkov_passed > 100
+
+
+def _edit(directory: Path, file_name: str, change: Any) -> None:
+    path = directory / file_name
+    document = yaml.safe_load(path.read_text())
+    change(document)
+    path.write_text(yaml.safe_dump(document))
+
+
+def test_the_check_refuses_unknown_fields_and_insecure_pods(emitted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(emitted, broken)
+    _edit(broken, "deployment.yaml", lambda d: d["spec"].update(replica=3))  # a typo of replicas
+    _edit(broken, "autoscaler.yaml", lambda d: d["spec"].update(maxReplicas=9))  # HPA's field, not KEDA's
+    server = lambda d: d["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
+    _edit(
+        broken,
+        "deployment.yaml",
+        lambda d: server(d)["securityContext"].update(allowPrivilegeEscalation=True),
+    )
+    report = check(broken)
+    assert not report.ok
+    assert any("Deployment/neuronserve-server" in e and "replica" in e for e in report.schema_errors)
+    assert any("ScaledObject/neuronserve-server" in e and "maxReplicas" in e for e in report.schema_errors)
+    assert any(f.startswith("CKV_K8S_20 ") for f in report.checkov_failed), report.checkov_failed
+
+
+def test_a_neuron_server_without_serve_cores_takes_the_cores_its_pod_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuronserve.config import ConfigError
+    from neuronserve.serving.engine import server_cores
+
+    settings = make_settings(tmp_path)  # serve.cores empty, as in the base's ConfigMap
+    monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
+    with pytest.raises(ConfigError, match="neither is set"):
+        server_cores(settings, "neuronx")
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "4-5")  # as the device plugin allocated them
+    assert server_cores(settings, "neuronx").ids == (4, 5)
+    explicit = make_settings(tmp_path, serve__cores="0")
+    assert server_cores(explicit, "neuronx").ids == (0,)  # deploy's own choice wins
