@@ -10,7 +10,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from neuronserve import __version__
-from neuronserve.config import ConfigError, Settings, load_settings, render_reference, render_template
+from neuronserve.config import (
+    ConfigError,
+    Settings,
+    extra_models_environment,
+    load_settings,
+    render_reference,
+    render_template,
+    section_environment,
+)
 
 log = logging.getLogger("neuronserve")
 
@@ -113,6 +121,11 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         uid=uid,
         gid=gid,
         model_dirs=local_models,
+        environment={
+            **section_environment(settings, "model"),
+            **section_environment(settings, "trace"),
+            **extra_models_environment(settings),
+        },
         force=args.force,
     )
     print(f"{engine.reason}: tracing in container image {tag}")

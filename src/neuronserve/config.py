@@ -365,6 +365,11 @@ class DeploySettings:
         "k8s: where the trace Job writes artifacts and each pod's init container takes them from: "
         "pvc:<claim> (a ReadWriteMany volume the base creates) or s3://bucket/prefix.",
     )
+    k8s_storage_class: str = setting(
+        "efs-sc",
+        "k8s, deploy.k8s_artifacts=pvc:...: the StorageClass of the ReadWriteMany claim (an EFS one; "
+        "EBS is ReadWriteOnce); empty uses the cluster's default.",
+    )
     k8s_memory: str = setting(
         "",
         "k8s: each server pod's memory request and limit (e.g. 6Gi); empty takes the memory plan's "
@@ -814,10 +819,10 @@ def _extra_model_key(
     """One ``models.<name>.<key>`` value into ``extras[name]``, or a message into ``errors``."""
     name, _, field_name = key[len(MODELS_PREFIX) :].rpartition(".")
     specs = model_key_specs()
-    if not _MODEL_NAME.fullmatch(name):
+    if not _MODEL_NAME.fullmatch(name) or "__" in name or name.endswith("_"):
         errors.append(
             f"{where}: {key}: write further models as models.<name>.<key>, with a name of lower-case "
-            "letters, digits, '-' or '_' (at most 63)"
+            "letters, digits, '-' or single '_' inside (at most 63; environment variables carry it)"
         )
         return
     spec = specs.get(field_name)

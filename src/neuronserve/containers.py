@@ -69,6 +69,7 @@ def trace_container_spec(
     gid: int,
     model_dirs: Mapping[str, tuple[str, Path]] | None = None,
     force: bool = False,
+    environment: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``client.containers.run`` that trace inside the image.
 
@@ -111,7 +112,8 @@ def trace_container_spec(
         "command": command,
         "user": f"{uid}:{gid}",
         "working_dir": CONTAINER_WORKDIR,
-        "environment": {"HF_HUB_OFFLINE": "1", "HOME": "/tmp"},  # noqa: S108 - a writable HOME for a non-root uid
+        # The caller's effective settings (environment and --set included) beside the mounted file.
+        "environment": {**(environment or {}), "HF_HUB_OFFLINE": "1", "HOME": "/tmp"},  # noqa: S108 - a writable HOME for a non-root uid
         "volumes": volumes,
         "labels": {"neuronserve.stage": "trace", "neuronserve.repo": str(repo.resolve())},
         "remove": True,

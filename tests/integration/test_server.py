@@ -294,14 +294,21 @@ def test_tritonclient_http(server: RunningServer) -> None:
 
 def test_ready_info_metrics_openapi(server: RunningServer) -> None:
     model = {"status": "ready", "copies_ready": 2, "copies": 2, "unhealthy": {}}
-    ready = {"status": "ready", "copies_ready": 2, "copies": 2, "models": {"all-MiniLM-L6-v2": model}}
+    ready = {
+        "status": "ready",
+        "copies_ready": 2,
+        "copies": 2,
+        "unhealthy": {},
+        "models": {"all-MiniLM-L6-v2": model},
+    }
     assert httpx.get(f"{server.url}/ready").json() == ready
     info = httpx.get(f"{server.url}/info").json()
     assert info["backend"] == "cpu"
     (served,) = info["models"]
     assert served["name"] == "all-MiniLM-L6-v2" and served["task"] == "feature-extraction"
-    assert served["copies"] == 2
+    assert served["copies"] == 2 == info["copies"]  # model.*'s fields stay at the top too
     assert set(served["measured_ms"]) == {"b1-s32", "b8-s32", "b1-s128", "b8-s128"}
+    assert info["measured_ms"] == served["measured_ms"] and info["shapes"] == served["shapes"]
     assert info["settings"]["serve"]["api_key"] == ""
     metrics = httpx.get(f"{server.url}/metrics").text
     minilm = 'model="all-MiniLM-L6-v2"'

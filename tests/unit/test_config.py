@@ -208,6 +208,8 @@ def test_further_models_from_the_environment_and_round_trip_through_the_template
         ({"models.rr.task": "text-classification"}, "models.rr.source is missing"),
         ({"models.rr.source": "/x", "models.rr.sorce": "/y"}, "did you mean models.rr.source?"),
         ({"models.Big.source": "/x"}, "lower-case letters"),
+        ({"models.a__b.source": "/x"}, "single '_' inside"),  # NEURONSERVE_MODELS__A__B__SOURCE is ambiguous
+        ({"models.rr_.source": "/x"}, "single '_' inside"),
         ({"models.rr.source": "/x", "models.rr.copies": "-1"}, "models.rr.copies must be at least 0"),
         ({"models.rr.source": "/x", "models.rr.task": "rerank"}, "must be one of"),
         (

@@ -11,7 +11,11 @@ from neuronserve.containers import docker_engine, trace_container_spec
 
 
 def _spec(
-    tmp_path: Path, backend: str, devices: list[str], model_dirs: dict[str, tuple[str, Path]] | None = None
+    tmp_path: Path,
+    backend: str,
+    devices: list[str],
+    model_dirs: dict[str, tuple[str, Path]] | None = None,
+    environment: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     (tmp_path / "config.properties").write_text("")
     (tmp_path / "out").mkdir(exist_ok=True)
@@ -24,6 +28,7 @@ def _spec(
         uid=1000,
         gid=1000,
         model_dirs=model_dirs,
+        environment=environment,
     )
 
 
@@ -46,7 +51,11 @@ def test_cpu_trace_container_has_no_devices_and_mounts_a_local_model(tmp_path: P
     model.mkdir()
     reranker = tmp_path / "reranker"
     reranker.mkdir()
-    spec = _spec(tmp_path, "cpu", [], {"model": ("minilm", model), "models.rerank": ("rerank", reranker)})
+    settings = {"NEURONSERVE_MODELS__RERANK__TASK": "text-classification"}  # set by env, not in the file
+    spec = _spec(
+        tmp_path, "cpu", [], {"model": ("minilm", model), "models.rerank": ("rerank", reranker)}, settings
+    )
+    assert spec["environment"]["NEURONSERVE_MODELS__RERANK__TASK"] == "text-classification"
     assert "devices" not in spec
     assert spec["volumes"][str(model)] == {"bind": "/workspace/model", "mode": "ro"}
     assert spec["volumes"][str(reranker)] == {"bind": "/workspace/model-rerank", "mode": "ro"}

@@ -134,6 +134,26 @@ def _load_file(artifact: Path) -> LoadedModel:
         return TorchScriptModel(torch.jit.load(str(artifact), map_location="cpu"))
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs this process's cgroup may use (its quota over its period, rounded up), or None
+    without a limit (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``)."""
+    try:
+        quota_text, period_text = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota_text = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period_text = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota_text in ("max", "-1"):
+        return None
+    try:
+        quota, period = int(quota_text), int(period_text)
+    except ValueError:
+        return None
+    return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
+
+
 def pin_process(cores: CoreSet, copies: int) -> int:
     """Pin this process to ``cores`` and size torch's thread pool; returns threads per copy.
 
@@ -151,6 +171,9 @@ def pin_process(cores: CoreSet, copies: int) -> int:
             f"(available: {sorted(available)})"
         )
     os.sched_setaffinity(0, set(cores.ids))
-    threads = max(1, len(cores) // max(1, copies))
+    # In a container with a CPU limit (a Kubernetes pod) the affinity may list every CPU of the
+    # node: size the pool by the limit, or the copies are throttled.
+    usable = min(len(cores), cgroup_cpu_limit() or len(cores))
+    threads = max(1, usable // max(1, copies))
     torch.set_num_threads(threads)
     return threads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -33,7 +34,16 @@ def plan_for(
         artifacts = artifacts_directory(model)
         if not (artifacts / "manifest.json").is_file():
             raise DeployError(f"no artifacts for model {name} in {artifacts}; run ./trace-model/run.sh first")
-        manifests[name] = load_manifest(artifacts) if verify else read_manifest(artifacts)
+        manifest = load_manifest(artifacts) if verify else read_manifest(artifacts)
+        # A directory named by serve.artifacts defines its model; traced ones must be what the
+        # config says now (a stale trace of another task would answer the wrong routes).
+        given = name == settings.model_name and settings.serve.artifacts
+        if not given and manifest.task != model.model.task:
+            raise DeployError(
+                f"model {name}: the artifacts in {artifacts} are a {manifest.task} model but its task "
+                f"is {model.model.task}; trace again (./trace-model/run.sh)"
+            )
+        manifests[name] = manifest
     backends = {m.backend for m in manifests.values()}
     if len(backends) > 1:
         raise DeployError(
@@ -112,12 +122,33 @@ def deploy(
 
 def emit_k8s(settings: Settings, directory: Path) -> int:
     """Write the Kustomize base for ``settings`` into ``directory`` (see deploy.k8s)."""
-    from neuronserve.backends import choose_backend
     from neuronserve.deploy import k8s
     from neuronserve.serving.engine import artifacts_directory
 
-    backend, why = choose_backend(settings.trace.backend, devices=lambda: ["(the cluster's)"])
+    if settings.trace.backend == "auto":
+        raise DeployError(
+            "the k8s launcher plans for the cluster's nodes, not this host: set trace.backend "
+            "(neuronx for inf2/trn1, neuron for inf1, cpu)"
+        )
+    name = settings.deploy.name
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", name):
+        raise DeployError(
+            f"deploy.name {name!r} names Kubernetes objects: use lower-case letters, digits and '-', "
+            "starting with a letter (at most 40)"
+        )
+    backend, why = settings.trace.backend, f"trace.backend={settings.trace.backend}"
     plan = k8s.pod_plan(settings, backend)
+    local_sources = [
+        f"{model_name} ({m.model.source})"
+        for model_name, m in settings.per_model().items()
+        if Path(m.model.source).expanduser().is_absolute() or Path(m.model.source).exists()
+    ]
+    if local_sources:
+        print(
+            "note: the trace Job runs in the cluster, where these local model directories are not: "
+            f"{', '.join(local_sources)}; bake them into the image or mount them in an overlay, or "
+            "use hub ids"
+        )
     copies = ", ".join(f"{name} x{c}" for name, c in plan.model_copies)
     print(
         f"backend {backend} ({why}); each pod is one server of {settings.deploy.cores_per_server} "

@@ -43,6 +43,7 @@ READY_PROBE = (
     "sys.exit(r.status != 200)\n"
 )
 ARTIFACTS_MOUNT = "/artifacts"
+API_KEY_MOUNT = "/run/secrets/neuronserve-api-key"
 NGINX_IMAGE = "nginx:1.27-alpine"
 
 
@@ -67,6 +68,12 @@ def server_spec(
     for model, directory in further:
         mounts[str(directory.resolve())] = {"bind": f"{ARTIFACTS_MOUNT}-{model}", "mode": "ro"}
         further_env[f"NEURONSERVE_MODELS__{model.upper()}__ARTIFACTS"] = f"{ARTIFACTS_MOUNT}-{model}"
+    if settings.serve.api_key_file:  # the key file, mounted where the container reads it
+        mounts[str(settings.path(settings.serve.api_key_file).resolve())] = {
+            "bind": API_KEY_MOUNT,
+            "mode": "ro",
+        }
+        further_env["NEURONSERVE_SERVE__API_KEY_FILE"] = API_KEY_MOUNT
     env = {
         # The deploy's effective settings, then what the plan decides for this container.
         **section_environment(settings, "serve"),

@@ -10,6 +10,7 @@ writes files, ``neuronserve k8s check DIR`` renders and validates them offline.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import shutil
 from collections.abc import Mapping
@@ -159,6 +160,7 @@ def settings_env(settings: Settings, backend: str) -> dict[str, str]:
     further model's key, then what a pod decides. Never the API key: that comes from a Secret."""
     dirs = _model_dirs(settings, backend)
     env = {
+        **section_environment(settings, "model"),
         **section_environment(settings, "serve"),
         **section_environment(settings, "trace"),
         **extra_models_environment(settings),
@@ -237,7 +239,7 @@ def deployment(settings: Settings, backend: str, memory: str) -> dict[str, Any]:
     period = 5
     grace = grace_period_s(settings)
     neuroncores = 0 if backend == "cpu" else settings.deploy.cores_per_server
-    server = {
+    server: dict[str, Any] = {
         "name": "server",
         "image": image(settings, backend),
         "imagePullPolicy": "Always",
@@ -280,6 +282,10 @@ def deployment(settings: Settings, backend: str, memory: str) -> dict[str, Any]:
         volumes.append(
             {"name": "trace-models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
+    if _uses_api_key(settings):
+        secret = {"secretName": f"{settings.deploy.name}-api-key", "defaultMode": 0o440}
+        volumes.append({"name": "api-key", "secret": secret})
+        server["volumeMounts"].append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -320,6 +326,11 @@ def grace_period_s(settings: Settings) -> int:
     return PRESTOP_S + math.ceil(settings.serve.drain_timeout_s) + 10
 
 
+def settings_hash(settings: Settings, backend: str) -> str:
+    text = "".join(f"{k}={v}\n" for k, v in sorted(settings_env(settings, backend).items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def trace_job(settings: Settings, backend: str) -> dict[str, Any]:
     """Traces every model into the artifacts volume (pvc:) or uploads the trace (s3://)."""
     labels = _labels(settings, "trace")
@@ -329,6 +340,8 @@ def trace_job(settings: Settings, backend: str) -> dict[str, Any]:
         "imagePullPolicy": "Always",
         "command": ["neuronserve", "trace", "--runner", "local"],
         "envFrom": [{"configMapRef": {"name": f"{settings.deploy.name}-settings"}}],
+        # Tracing may fetch a hub model (model.source=<hub id>); serving never does.
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "0"}, {"name": "TRANSFORMERS_OFFLINE", "value": "0"}],
         "resources": _resources(_cpu(settings, backend), "8Gi", 0 if backend == "cpu" else 1),
         "securityContext": _security(),
         "volumeMounts": [
@@ -373,7 +386,8 @@ def trace_job(settings: Settings, backend: str) -> dict[str, Any]:
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": f"{settings.deploy.name}-trace",
+            # A Job's pod template cannot change: settings that change what is traced make a new Job.
+            "name": f"{settings.deploy.name}-trace-{settings_hash(settings, backend)}",
             "labels": labels,
             "annotations": {"checkov.io/skip1": SKIP_DIGEST},
         },
@@ -431,7 +445,7 @@ def autoscaler(settings: Settings) -> dict[str, Any] | None:
                         "metadata": {
                             "serverAddress": d.k8s_prometheus_url,
                             "query": f"sum({metric}{{{selector}}})",
-                            "threshold": target,
+                            "threshold": format_value(d.k8s_target_per_pod),  # KEDA: a plain number
                         },
                     }
                     for metric in AUTOSCALE_METRICS
@@ -511,6 +525,10 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
                     "port": port,
                     "path": "/metrics",
                     "interval": f"{_quantity(settings.monitor.scrape_interval_s)}s",
+                    # the dashboards group by server: one pod is one server
+                    "relabelings": [
+                        {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}
+                    ],
                 }
             ],
         },
@@ -578,7 +596,11 @@ def objects(settings: Settings, backend: str, host_bytes: int | None) -> dict[st
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
             "metadata": {"name": d.k8s_artifacts.removeprefix("pvc:"), "labels": _labels(settings, "trace")},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "20Gi"}},
+                **({"storageClassName": d.k8s_storage_class} if d.k8s_storage_class else {}),
+            },
         }
     return out
 

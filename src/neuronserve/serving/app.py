@@ -277,10 +277,17 @@ def create_app(settings: Settings) -> FastAPI:
         "/ready", summary="Readiness: every copy loaded and warmed on every compiled shape.", responses=errors
     )
     async def ready() -> Response:
+        several = len(registry.engines) > 1
         body: dict[str, Any] = {
             "status": registry.state,
             "copies_ready": registry.copies_ready,
             "copies": registry.copies,
+            # copies out of rotation: by copy number, as ever; "<model>/<copy>" with several models
+            "unhealthy": {
+                (f"{name}/{copy}" if several else str(copy)): why
+                for name, e in registry.engines.items()
+                for copy, why in e.unhealthy.items()
+            },
             "models": {
                 name: {
                     "status": e.state,
@@ -301,12 +308,15 @@ def create_app(settings: Settings) -> FastAPI:
         "/info", summary="Effective settings (secrets redacted), models, shapes and copies.", responses=errors
     )
     async def info() -> dict[str, Any]:
+        first = _model_info(next(iter(registry.engines.values())))
         return {
             "server": server_name,
             "state": registry.state,
             "backend": registry.backend_name,
             "cores": str(registry.cores),
             "threads_per_copy": registry.threads_per_copy,
+            # model.*'s fields at the top, as before several models (each is also in "models")
+            **{k: v for k, v in first.items() if k not in ("name", "task", "kind", "state")},
             "models": [_model_info(e) for e in registry.engines.values()],
             "settings": settings.as_dict(redact=True),
         }

@@ -341,7 +341,8 @@ class TrialRunner:
         self.dollars = pricing.per_hour(b.instance_type, b.instance_count)
         self.route = b.route if b.route != "v2" else "/predict"
         self.payloads = build_payloads(texts, self.route, counter)
-        self.headers = {"Authorization": f"Bearer {base.serve.api_key}"} if base.serve.api_key else {}
+        key = base.api_key()
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.config = find_config(options.config, {})
 
     def __call__(self, candidate: Candidate, rung: int, duration_s: float) -> Trial:
@@ -706,7 +707,9 @@ def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: T
         f"# Use it as it is: ./trace-model/run.sh --config {path} && ./fast-api/deploy.sh --config {path}",
     ]
     text = render_template(settings, header)
-    mode = 0o600 if settings.serve.api_key else 0o644  # with the API key in it: never readable by others
+    mode = (
+        0o600 if settings.serve.api_key or settings.serve.api_key_file else 0o644
+    )  # with the API key in it: never readable by others
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w", encoding="utf-8") as fh:
         fh.write(text)
     load_settings(path)  # it must read back as a valid config

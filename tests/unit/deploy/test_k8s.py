@@ -166,3 +166,68 @@ def test_a_neuron_server_without_serve_cores_takes_the_cores_its_pod_was_given(
     assert server_cores(settings, "neuronx").ids == (4, 5)
     explicit = make_settings(tmp_path, serve__cores="0")
     assert server_cores(explicit, "neuronx").ids == (0,)  # deploy's own choice wins
+
+
+def test_the_trace_job_traces_what_the_config_names_and_is_replaced_when_that_changes(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, model__source="BAAI/bge-small-en-v1.5", deploy__k8s_autoscaler="keda")
+    env = k8s.settings_env(settings, "neuronx")
+    assert env["NEURONSERVE_MODEL__SOURCE"] == "BAAI/bge-small-en-v1.5"  # model.* reaches the Job
+    assert env["NEURONSERVE_SERVE__ARTIFACTS"] == "/artifacts/bge-small-en-v1.5/neuronx"
+    objects = _objects(settings, "neuronx")
+    job = objects["trace-job.yaml"]
+    trace = job["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_HUB_OFFLINE", "value": "0"} in trace["env"]  # a hub id may be fetched to trace
+    other = _objects(make_settings(tmp_path, model__source="BAAI/bge-base-en-v1.5"), "neuronx")
+    assert other["trace-job.yaml"]["metadata"]["name"] != job["metadata"]["name"]  # a Job is immutable
+    keda = objects["autoscaler.yaml"]["spec"]["triggers"][0]["metadata"]
+    assert keda["threshold"] == "8.0"  # a plain number, as KEDA parses it
+    relabel = objects["podmonitor-server.yaml"]["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert relabel == [{"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}]
+    assert objects["pvc.yaml"]["spec"]["storageClassName"] == "efs-sc"  # EBS cannot be ReadWriteMany
+
+
+def test_an_api_key_is_mounted_from_its_secret_never_written(tmp_path: Path) -> None:
+    pod = _objects(make_settings(tmp_path, serve__api_key="s3cret"), "cpu")["deployment.yaml"]["spec"][
+        "template"
+    ]
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "api-key")
+    assert volume["secret"]["secretName"] == "neuronserve-api-key"
+    mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "api-key")
+    assert (
+        f"{mount['mountPath']}/api-key"
+        == k8s.settings_env(make_settings(tmp_path, serve__api_key="x"), "cpu")[
+            "NEURONSERVE_SERVE__API_KEY_FILE"
+        ]
+    )
+    assert "s3cret" not in yaml.safe_dump(pod)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"trace__backend": "auto"}, "set trace.backend"),
+        ({"trace__backend": "neuronx", "deploy__name": "Demo.v2"}, "names Kubernetes objects"),
+    ],
+)
+def test_emit_refuses_what_a_cluster_would(tmp_path: Path, values: dict[str, str], message: str) -> None:
+    from neuronserve.deploy.commands import emit_k8s
+    from neuronserve.deploy.local import DeployError
+
+    with pytest.raises(DeployError, match=message):
+        emit_k8s(make_settings(tmp_path, **values), tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+def test_cpu_threads_follow_the_containers_cpu_limit(tmp_path: Path) -> None:
+    from neuronserve.backends.cpu import cgroup_cpu_limit
+
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 3  # 2.5 CPUs: three threads' worth, rounded up
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1) == 2
+    assert cgroup_cpu_limit(tmp_path / "none") is None

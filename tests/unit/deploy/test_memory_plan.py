@@ -180,3 +180,27 @@ def test_every_model_of_a_server_counts_and_a_pair_that_does_not_fit_is_refused(
     assert all(
         used == max(alone.servers[0].device.values()) for s in spread.servers for used in s.device.values()
     )
+
+
+def test_a_traced_model_of_another_task_than_configured_is_refused(tmp_path: Path) -> None:
+    from neuronserve.deploy.commands import plan_for
+    from neuronserve.deploy.local import DeployError
+
+    classifier = trace_tiny(tmp_path, "text-classification", num_labels=1).directory
+    settings = make_settings(
+        tmp_path,
+        serve__artifacts=str(classifier),  # a directory given for model.*: it defines the model
+        models__rr__source="/m",
+        models__rr__task="feature-extraction",  # but a stale trace: the artifacts classify
+        models__rr__artifacts=str(classifier),
+    )
+    with pytest.raises(DeployError, match=r"model rr: the artifacts in .* are a text-classification model"):
+        plan_for(settings, verify=False, host_memory=64 * GIB)
+    fixed = make_settings(
+        tmp_path,
+        serve__artifacts=str(classifier),
+        models__rr__source="/m",
+        models__rr__task="text-classification",
+        models__rr__artifacts=str(classifier),
+    )
+    plan_for(fixed, verify=False, host_memory=64 * GIB)

@@ -237,3 +237,15 @@ def test_every_model_reaches_each_server_container_and_supervisord_program(tmp_p
     for program in conf.split("[program:server-")[1:]:
         assert 'NEURONSERVE_MODELS__RERANK__SOURCE="/models/ce"' in program
         assert 'NEURONSERVE_MODELS__RERANK__ARTIFACTS_FINGERPRINT="abc"' in program
+
+
+def test_a_key_file_is_mounted_into_each_server_container(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("k\n")
+    settings = make_settings(tmp_path, serve__api_key_file="key")
+    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    server = next(s for s in container_specs(settings, plan, tmp_path / "art") if _is_server(s))
+    assert server["volumes"][str(tmp_path / "key")] == {
+        "bind": "/run/secrets/neuronserve-api-key",
+        "mode": "ro",
+    }
+    assert server["environment"]["NEURONSERVE_SERVE__API_KEY_FILE"] == "/run/secrets/neuronserve-api-key"
