@@ -525,10 +525,17 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
                     "port": port,
                     "path": "/metrics",
                     "interval": f"{_quantity(settings.monitor.scrape_interval_s)}s",
-                    # the dashboards group by server: one pod is one server
-                    "relabelings": [
-                        {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}
-                    ],
+                    # the dashboards group by server: one pod is one server (the exporter's
+                    # series carry their own server label)
+                    **(
+                        {
+                            "relabelings": [
+                                {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}
+                            ]
+                        }
+                        if component == "server"
+                        else {}
+                    ),
                 }
             ],
         },

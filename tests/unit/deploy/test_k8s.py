@@ -183,6 +183,7 @@ def test_the_trace_job_traces_what_the_config_names_and_is_replaced_when_that_ch
     assert keda["threshold"] == "8.0"  # a plain number, as KEDA parses it
     relabel = objects["podmonitor-server.yaml"]["spec"]["podMetricsEndpoints"][0]["relabelings"]
     assert relabel == [{"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}]
+    assert "relabelings" not in objects["podmonitor-exporter.yaml"]["spec"]["podMetricsEndpoints"][0]
     assert objects["pvc.yaml"]["spec"]["storageClassName"] == "efs-sc"  # EBS cannot be ReadWriteMany
 
 
