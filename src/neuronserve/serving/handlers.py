@@ -251,10 +251,14 @@ async def tokenize(registry: ModelRegistry, body: bytes) -> Reply:
     """TEI's ``/tokenize``: every token of each input with its id, text and character span."""
     request = parse_body(TokenizeRequest, body)
     engine = registry.pick(request.model, "/tokenize")
+    return await _labelled(engine, _tokenize(engine, request))
+
+
+async def _tokenize(engine: Engine, request: TokenizeRequest) -> Reply:
     texts = request.inputs if isinstance(request.inputs, list) else [request.inputs]
     formats.check_count(len(texts), engine.settings.serve.max_inputs_per_request, "inputs")
     tokens = await engine.tokens(texts, add_special_tokens=request.add_special_tokens)
-    return Reply(200, formats.dumps(tokens), {"x-model": engine.model_name})
+    return Reply(200, formats.dumps(tokens))
 
 
 def repository_index(registry: ModelRegistry, body: bytes) -> Reply:
