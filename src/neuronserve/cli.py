@@ -13,11 +13,10 @@ from neuronserve import __version__
 from neuronserve.config import (
     ConfigError,
     Settings,
-    extra_models_environment,
     load_settings,
     render_reference,
     render_template,
-    section_environment,
+    settings_environment,
 )
 
 log = logging.getLogger("neuronserve")
@@ -122,9 +121,7 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         gid=gid,
         model_dirs=local_models,
         environment={
-            **section_environment(settings, "model"),
-            **section_environment(settings, "trace"),
-            **extra_models_environment(settings),
+            **settings_environment(settings, "model", "trace"),
         },
         force=args.force,
     )

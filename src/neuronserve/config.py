@@ -982,9 +982,12 @@ def section_environment(settings: Settings, section: str) -> dict[str, str]:
     return env
 
 
-def extra_models_environment(settings: Settings) -> dict[str, str]:
-    """Every further model's keys as NEURONSERVE_MODELS__<NAME>__<KEY> variables."""
-    env = {}
+def settings_environment(settings: Settings, *sections: str) -> dict[str, str]:
+    """``sections``' keys and every further model's, as NEURONSERVE_* variables: what a process
+    started elsewhere (a server, a container, a pod) needs to serve or trace the same models."""
+    env: dict[str, str] = {}
+    for section in sections:
+        env.update(section_environment(settings, section))
     for model in settings.extra_models:
         for spec in model_key_specs().values():
             key = f"NEURONSERVE_MODELS__{model.name.upper()}__{spec.name.upper()}"

@@ -12,7 +12,7 @@ import httpx
 from neuronserve.artifacts import ArtifactError, Manifest, artifacts_fingerprint, load_manifest, read_manifest
 from neuronserve.config import Settings, find_config
 from neuronserve.deploy import local
-from neuronserve.deploy.inventory import Inventory, detect
+from neuronserve.deploy.inventory import detect
 from neuronserve.deploy.local import DeployError
 from neuronserve.deploy.memory import MemoryPlan, estimate
 from neuronserve.deploy.plan import Plan, make_plan
@@ -162,7 +162,10 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
         manifests = []
     if manifests and {m.backend for m in manifests} == {backend}:
         memory = estimate(
-            plan, manifests, detect_none(backend, plan), shared_weights=settings.serve.neuron_shared_weights
+            plan,
+            manifests,
+            k8s.pod_inventory(settings, backend),
+            shared_weights=settings.serve.neuron_shared_weights,
         )
         print(memory.table())
         host_bytes = memory.servers[0].host
@@ -175,12 +178,6 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
     print(f"wrote {len(files)} files to {directory}")
     print(f"check: neuronserve k8s check {directory}; deploy: kubectl apply -k {directory}")
     return 0
-
-
-def detect_none(backend: str, plan: Plan) -> Inventory:
-    """The pod's inventory for the memory estimate: its cores, memory unknown (the node's)."""
-    cores = tuple(c for s in plan.servers for c in s.cores.ids)
-    return Inventory("cpu" if backend == "cpu" else "neuron", cores, {})
 
 
 def _directories(manifests: dict[str, Manifest]) -> dict[str, Path]:

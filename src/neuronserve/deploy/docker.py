@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from neuronserve.config import Settings, extra_models_environment, section_environment
+from neuronserve.config import Settings, section_environment, settings_environment
 from neuronserve.deploy.local import CRASH_LOOP_RESTARTS, DeployError, all_cores
 from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import Plan, ServerPlan
@@ -76,9 +76,7 @@ def server_spec(
         further_env["NEURONSERVE_SERVE__API_KEY_FILE"] = API_KEY_MOUNT
     env = {
         # The deploy's effective settings, then what the plan decides for this container.
-        **section_environment(settings, "serve"),
-        **section_environment(settings, "trace"),
-        **extra_models_environment(settings),
+        **settings_environment(settings, "serve", "trace"),
         **further_env,
         "NEURONSERVE_SERVE__HOST": "0.0.0.0",  # noqa: S104 - inside the container, on the private network
         "NEURONSERVE_SERVE__PORT": str(CONTAINER_PORT),

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from neuronserve import __version__
-from neuronserve.config import Settings, extra_models_environment, format_value, section_environment
+from neuronserve.config import Settings, format_value, settings_environment
 from neuronserve.deploy.inventory import Inventory
 from neuronserve.deploy.plan import Plan, make_plan
 
@@ -55,13 +55,17 @@ AUTOSCALE_METRICS = ("neuronserve_queue_depth", "neuronserve_inflight_requests")
 SKIP_DIGEST = "CKV_K8S_43=the image is built by the user: pin its digest in an overlay (kustomize images:)"
 
 
+def pod_inventory(settings: Settings, backend: str) -> Inventory:
+    """What one pod has: ``deploy.cores_per_server`` cores, numbered from 0 as the pod sees them
+    (its node's memory is not known here)."""
+    cores = tuple(range(settings.deploy.cores_per_server))
+    return Inventory("cpu" if backend == "cpu" else "neuron", cores, {})
+
+
 def pod_plan(settings: Settings, backend: str) -> Plan:
-    """The plan of one pod: one server owning ``deploy.cores_per_server`` cores (numbered from
-    0, as the pod sees them)."""
-    per_server = settings.deploy.cores_per_server
-    inventory = Inventory("cpu" if backend == "cpu" else "neuron", tuple(range(per_server)), {})
+    """The plan of one pod: one server owning all of :func:`pod_inventory`'s cores."""
     deploy = dataclasses.replace(settings.deploy, servers="1", cores="")
-    return make_plan(dataclasses.replace(settings, deploy=deploy), inventory, backend)
+    return make_plan(dataclasses.replace(settings, deploy=deploy), pod_inventory(settings, backend), backend)
 
 
 def image(settings: Settings, backend: str) -> str:
@@ -92,26 +96,27 @@ def _labels(settings: Settings, component: str) -> dict[str, str]:
     }
 
 
-def _security(*, read_only: bool = True) -> dict[str, Any]:
+def _identity() -> dict[str, Any]:
+    """Who every container of the base runs as: the images' non-root user, default seccomp."""
     return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": read_only,
         "runAsNonRoot": True,
         "runAsUser": UID,
         "runAsGroup": UID,
-        "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _security() -> dict[str, Any]:
+    return {
+        **_identity(),
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
     }
 
 
 def _pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "fsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {**_identity(), "fsGroup": UID}
 
 
 def _placement(settings: Settings, backend: str) -> dict[str, Any]:
@@ -160,10 +165,7 @@ def settings_env(settings: Settings, backend: str) -> dict[str, str]:
     further model's key, then what a pod decides. Never the API key: that comes from a Secret."""
     dirs = _model_dirs(settings, backend)
     env = {
-        **section_environment(settings, "model"),
-        **section_environment(settings, "serve"),
-        **section_environment(settings, "trace"),
-        **extra_models_environment(settings),
+        **settings_environment(settings, "model", "serve", "trace"),
         "NEURONSERVE_TRACE__BACKEND": backend,
         "NEURONSERVE_TRACE__OUTPUT_DIR": "/trace-models",
         "NEURONSERVE_SERVE__HOST": "0.0.0.0",  # noqa: S104 - the pod's own address; the Service faces clients

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from neuronserve.config import Settings, extra_models_environment, section_environment
+from neuronserve.config import Settings, section_environment, settings_environment
 from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import Plan, ServerPlan
 
@@ -95,10 +95,8 @@ def server_environment(
     and ``--set``) go to every server, then what the plan decides for this server.
     """
     env = {
-        **section_environment(settings, "serve"),
-        **section_environment(settings, "trace"),
-        # Further models with their artifacts and fingerprints (deploy set them to what it verified).
-        **extra_models_environment(settings),
+        # with further models' artifacts and fingerprints (deploy set them to what it verified)
+        **settings_environment(settings, "serve", "trace"),
         "NEURONSERVE_SERVE__HOST": "127.0.0.1",
         "NEURONSERVE_SERVE__PORT": str(server.port),
         "NEURONSERVE_SERVE__CORES": str(server.cores),

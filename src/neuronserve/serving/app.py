@@ -308,7 +308,7 @@ def create_app(settings: Settings) -> FastAPI:
         "/info", summary="Effective settings (secrets redacted), models, shapes and copies.", responses=errors
     )
     async def info() -> dict[str, Any]:
-        first = _model_info(next(iter(registry.engines.values())))
+        models = [_model_info(e) for e in registry.engines.values()]
         return {
             "server": server_name,
             "state": registry.state,
@@ -316,8 +316,8 @@ def create_app(settings: Settings) -> FastAPI:
             "cores": str(registry.cores),
             "threads_per_copy": registry.threads_per_copy,
             # model.*'s fields at the top, as before several models (each is also in "models")
-            **{k: v for k, v in first.items() if k not in ("name", "task", "kind", "state")},
-            "models": [_model_info(e) for e in registry.engines.values()],
+            **{k: v for k, v in models[0].items() if k not in ("name", "task", "kind", "state")},
+            "models": models,
             "settings": settings.as_dict(redact=True),
         }
 
