@@ -232,3 +232,29 @@ def test_cpu_threads_follow_the_containers_cpu_limit(tmp_path: Path) -> None:
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpu_limit(v1) == 2
     assert cgroup_cpu_limit(tmp_path / "none") is None
+
+
+def test_the_check_says_what_is_missing_or_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuronserve.deploy import k8s_check
+
+    with pytest.raises(k8s_check.CheckError, match="nope not found: install kubectl"):
+        k8s_check.render(tmp_path, kubectl="nope")
+    with pytest.raises(k8s_check.CheckError, match=r"kubectl kustomize .* failed"):
+        k8s_check.render(tmp_path)  # no kustomization.yaml there
+    monkeypatch.delenv("NEURONSERVE_CHECKOV", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    with pytest.raises(k8s_check.CheckError, match="checkov not found: install it in a venv of its own"):
+        k8s_check.find_checkov(None)
+    assert k8s_check.find_checkov("/opt/checkov") == "/opt/checkov"
+    with pytest.raises(k8s_check.CheckError, match="checkov did not report"):
+        k8s_check.run_checkov("kind: Namespace\n", "/bin/true")  # runs, prints nothing
+
+
+def test_unparsable_visible_cores_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuronserve.config import ConfigError
+    from neuronserve.serving.engine import server_cores
+
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "two")
+    with pytest.raises(ConfigError, match="NEURON_RT_VISIBLE_CORES"):
+        server_cores(make_settings(tmp_path), "neuronx")
