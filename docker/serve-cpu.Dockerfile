@@ -14,6 +14,6 @@ RUN pip install -c constraints/cpu.txt torch --index-url https://download.pytorc
 USER 10001
 EXPOSE 8080
 # Ready means every copy answered every compiled shape.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=2).status != 200)"]
+HEALTHCHECK --interval=10s --timeout=7s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=5).status != 200)"]
 CMD ["neuronserve", "serve"]

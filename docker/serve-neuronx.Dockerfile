@@ -19,8 +19,8 @@ RUN pip freeze | grep -iE '^(torch|numpy)==' > /tmp/keep.txt \
  && useradd --create-home --uid 10001 neuronserve
 USER 10001
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=2).status != 200)"]
+HEALTHCHECK --interval=10s --timeout=7s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=5).status != 200)"]
 # The DLC's own entrypoint script would sit between the server and SIGTERM (no drain) and keep
 # the container alive after the server exits (no restart): run the server directly.
 ENTRYPOINT []

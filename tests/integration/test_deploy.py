@@ -221,23 +221,43 @@ def test_cli_dry_run_and_status_of_nothing(tmp_path: Path, bundled_artifacts: Pa
     assert clean.returncode == 0 and "nothing to clean up" in clean.stdout
 
 
+# A probe slower than this is a stall, not noise: the Kubernetes base's probes time out at
+# k8s.PROBE_TIMEOUT_S, and bench/probes_under_load.py measures ~0.1 s under this burst.
+STALL_S = 5.0
 LONG_TEXT = "Static shapes mean every request is padded to a compiled sequence length and batch size. " * 3
 
 
 def test_an_open_loop_burst_above_saturation_restarts_nothing(
     deployment: tuple[Settings, Plan, local.RunDir],
 ) -> None:
-    """~6x what the deployment can serve, open loop, for 6 s: every answer is 200, 429 or 503
-    (never a reset), /health keeps answering within 1 s, no process restarts, and a normal
-    request succeeds right after."""
+    """An open-loop schedule of 300 req/s for 6 s (the client sends what it can of it, above what
+    the deployment serves): every answer is 200, 429 or 503 (never a reset), /health never stalls, no process restarts, and a normal request succeeds
+    right after. How fast the probes answer under overload is measured by
+    bench/probes_under_load.py; this fails only on a stall (STALL_S), never on a slow figure."""
     import asyncio
+    import http.client
 
     _, plan, rd = deployment
     url = f"http://{plan.host}:{plan.port}"
-    health = f"http://127.0.0.1:{plan.servers[0].port}/health"
     rate, duration = 300.0, 6.0
     codes: Counter[str] = Counter()
-    health_s: list[float] = []
+    health: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        """A kubelet's way: its own thread (not the burst's event loop), a new connection each."""
+        while not stop.is_set():
+            started = time.monotonic()
+            connection = http.client.HTTPConnection("127.0.0.1", plan.servers[0].port, timeout=STALL_S)
+            try:
+                connection.request("GET", "/health")
+                status = connection.getresponse().status
+            except OSError:
+                status = 0
+            finally:
+                connection.close()
+            health.append((status, time.monotonic() - started))
+            stop.wait(0.1)  # probe interval
 
     async def one(client: httpx.AsyncClient) -> None:
         try:
@@ -245,18 +265,8 @@ def test_an_open_loop_burst_above_saturation_restarts_nothing(
         except httpx.HTTPError as exc:
             codes[type(exc).__name__] += 1
 
-    async def probe(stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(timeout=10) as client:
-            while not stop.is_set():
-                started = time.monotonic()
-                assert (await client.get(health)).status_code == 200
-                health_s.append(time.monotonic() - started)
-                await asyncio.sleep(0.1)  # probe interval
-
     async def burst() -> None:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        prober = asyncio.create_task(probe(stop))
         limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
             tasks = []
@@ -265,15 +275,21 @@ def test_an_open_loop_burst_above_saturation_restarts_nothing(
                 tasks.append(asyncio.create_task(one(client)))
                 await asyncio.sleep(max(0.0, len(tasks) / rate - elapsed))  # the open-loop schedule
             await asyncio.gather(*tasks)
-        stop.set()
-        await prober
 
-    asyncio.run(burst())
-    assert health_s, "the /health probe never ran"
-    print(f"\nburst: {dict(codes)}; /health max {max(health_s) * 1000:.0f} ms over {len(health_s)} probes")
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        asyncio.run(burst())
+    finally:
+        stop.set()
+        prober.join()
+    assert health, "the /health probe never ran"
+    slowest = max(seconds for _, seconds in health)
+    print(f"\nburst: {dict(codes)}; /health max {slowest * 1000:.0f} ms over {len(health)} probes")
     assert set(codes) <= {"200", "429", "503"}, codes
     assert codes["200"] > 0 and codes["429"] + codes["503"] > 0, codes
-    assert max(health_s) < 1.0, max(health_s)
+    assert all(status == 200 for status, _ in health), health
+    assert slowest < STALL_S, slowest
     assert all(n == 0 for n in local.restarts(rd).values()), local.restarts(rd)
     assert all(local.worker_restarts(rd, s.name) == 0 for s in plan.servers)
     after = httpx.post(f"{url}/predict", json={"inputs": "hello"}, timeout=5)

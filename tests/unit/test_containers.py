@@ -100,10 +100,17 @@ def test_images_build_from_their_stage_dockerfile(stage: str, backend: str) -> N
 
 
 def test_serve_images_run_as_a_user_and_probe_readiness() -> None:
+    import re
+
+    from neuronserve.deploy.docker import HEALTHCHECK_TIMEOUT_S
+    from neuronserve.deploy.plan import PROBE_TIMEOUT_S
     from tests.conftest import REPO
 
     for backend in ("cpu", "neuronx", "neuron"):
         text = (REPO / "docker" / f"serve-{backend}.Dockerfile").read_text()
         assert "USER 10001" in text and "/ready" in text and 'CMD ["neuronserve", "serve"]' in text
+        # the image's probe waits as long as the launchers' do (a busy server is not a dead one)
+        assert re.search(r"HEALTHCHECK .*--timeout=(\d+)s", text).group(1) == str(HEALTHCHECK_TIMEOUT_S)  # type: ignore[union-attr]
+        assert f"/ready', timeout={PROBE_TIMEOUT_S})" in text
         if backend != "cpu":  # the DLC's entrypoint script must not stand between server and SIGTERM
             assert "ENTRYPOINT []" in text and "pip install -c /tmp/keep.txt ." in text

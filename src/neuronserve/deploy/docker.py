@@ -23,7 +23,7 @@ import httpx
 from neuronserve.config import Settings, section_environment, settings_environment
 from neuronserve.deploy.local import CRASH_LOOP_RESTARTS, DeployError, all_cores
 from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
-from neuronserve.deploy.plan import Plan, ServerPlan
+from neuronserve.deploy.plan import PROBE_TIMEOUT_S, Plan, ServerPlan
 
 LABEL = "neuronserve.deployment"
 CONTAINER_PORT = 8080
@@ -36,12 +36,13 @@ DEFAULT_STOP_S = 10  # Docker's own
 READY_PROBE = (
     "import sys, urllib.error, urllib.request\n"
     "try:\n"
-    f"    r = urllib.request.urlopen('http://127.0.0.1:{CONTAINER_PORT}/ready', timeout=2)\n"
+    f"    r = urllib.request.urlopen('http://127.0.0.1:{CONTAINER_PORT}/ready', timeout={PROBE_TIMEOUT_S})\n"
     "except urllib.error.HTTPError as e:\n"
     "    r = e\n"
     "print(r.read(2000).decode(errors='replace'))\n"
     "sys.exit(r.status != 200)\n"
 )
+HEALTHCHECK_TIMEOUT_S = PROBE_TIMEOUT_S + 2  # also the serve images' HEALTHCHECK --timeout
 ARTIFACTS_MOUNT = "/artifacts"
 API_KEY_MOUNT = "/run/secrets/neuronserve-api-key"
 NGINX_IMAGE = "nginx:1.27-alpine"
@@ -109,7 +110,8 @@ def server_spec(
         "healthcheck": {
             "test": ["CMD", "python", "-c", READY_PROBE],
             "interval": 5 * SECOND_NS,  # a Python process per probe: not more often
-            "timeout": 3 * SECOND_NS,
+            # the probe's own wait, plus the start of a Python process on a busy host
+            "timeout": HEALTHCHECK_TIMEOUT_S * SECOND_NS,
             "retries": 3,
             "start_period": int(settings.deploy.ready_timeout_s) * SECOND_NS,
         },

@@ -22,7 +22,7 @@ import yaml
 from neuronserve import __version__
 from neuronserve.config import Settings, format_value, settings_environment
 from neuronserve.deploy.inventory import Inventory
-from neuronserve.deploy.plan import Plan, make_plan
+from neuronserve.deploy.plan import PROBE_TIMEOUT_S, Plan, make_plan
 
 SERVER_PORT = 8080
 EXPORTER_PORT = 9110
@@ -257,13 +257,20 @@ def deployment(settings: Settings, backend: str, memory: str) -> dict[str, Any]:
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": period,
+            "timeoutSeconds": PROBE_TIMEOUT_S,
             "failureThreshold": math.ceil(settings.deploy.ready_timeout_s / period),
         },
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": period},
+        # Probes are answered ahead of inference work, but a saturated host still delays them:
+        # Kubernetes' default timeout of 1 s would drop busy pods from the Service.
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": PROBE_TIMEOUT_S,
+        },
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 10,
-            "timeoutSeconds": 3,
+            "timeoutSeconds": PROBE_TIMEOUT_S,
             "failureThreshold": 3,
         },
         # Endpoints drop the pod before SIGTERM starts the drain (serve.drain_timeout_s).

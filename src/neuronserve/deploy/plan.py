@@ -9,6 +9,12 @@ from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.deploy.inventory import Inventory
 
+# How long a probe of /health or /ready may take before Kubernetes (timeoutSeconds) or Docker's
+# HEALTHCHECK counts it failed. Probes are answered before any inference work, and under a burst
+# of 1000 req/s bench/probes_under_load.py measures ~0.1-0.25 s at most on a 2-core host: this
+# is far above that, so only a real stall fails a probe (Kubernetes' own default is 1 s).
+PROBE_TIMEOUT_S = 5
+
 
 @dataclass(frozen=True)
 class ServerPlan:

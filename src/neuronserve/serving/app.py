@@ -38,6 +38,7 @@ from neuronserve.serving.schemas import (
     CohereRerankResponse,
     EmbeddingsRequest,
     ErrorBody,
+    Liveness,
     ModelCard,
     ModelList,
     PredictRequest,
@@ -159,6 +160,14 @@ def create_app(settings: Settings) -> FastAPI:
             "/predict": lambda body, receive: handlers.predict(registry, body, receive),
             "/v1/embeddings": lambda body, receive: handlers.embeddings(registry, body, receive),
         },
+        # Probes are answered first, before the body, the API key and FastAPI's routing: under
+        # overload they wait only for the event loop's turn, never behind inference work.
+        probe_routes={
+            "/health": handlers.liveness,
+            "/ready": lambda: handlers.readiness(registry),
+            "/v2/health/live": handlers.v2_liveness,
+            "/v2/health/ready": lambda: handlers.v2_readiness(registry),
+        },
     )
     errors = _error_responses(settings)
     auth_errors: dict[int | str, dict[str, Any]] = {401: errors[401]}
@@ -229,7 +238,7 @@ def create_app(settings: Settings) -> FastAPI:
     # read the status code (tritonclient) are unaffected.
     @app.get("/v2/health/live", summary="v2 liveness.", response_model=V2Live)
     async def v2_live() -> Response:
-        return Response(b'{"live":true}', media_type=JSON)
+        return _response(handlers.v2_liveness())
 
     @app.get(
         "/v2/health/ready",
@@ -238,8 +247,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses={503: {"model": V2Ready, "description": "Loading, draining or a copy failing."}},
     )
     async def v2_ready() -> Response:
-        ready = registry.ready
-        return Response(orjson.dumps({"ready": ready}), status_code=200 if ready else 503, media_type=JSON)
+        return _response(handlers.v2_readiness(registry))
 
     @app.get("/v2/models/{model}", summary="v2 model metadata.", responses=errors)
     @app.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
@@ -269,40 +277,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- health, info, metrics -------------------------------------------------------------
 
-    @app.get("/health", summary="Liveness: the process answers.")
-    async def health() -> dict[str, str]:
-        return {"status": "alive"}
+    @app.get("/health", summary="Liveness: the process answers.", response_model=Liveness)
+    async def health() -> Response:
+        return _response(handlers.liveness())
 
     @app.get(
         "/ready", summary="Readiness: every copy loaded and warmed on every compiled shape.", responses=errors
     )
     async def ready() -> Response:
-        several = len(registry.engines) > 1
-        body: dict[str, Any] = {
-            "status": registry.state,
-            "copies_ready": registry.copies_ready,
-            "copies": registry.copies,
-            # copies out of rotation: by copy number, as ever; "<model>/<copy>" with several models
-            "unhealthy": {
-                (f"{name}/{copy}" if several else str(copy)): why
-                for name, e in registry.engines.items()
-                for copy, why in e.unhealthy.items()
-            },
-            "models": {
-                name: {
-                    "status": e.state,
-                    "copies_ready": e.copies_ready,
-                    "copies": e.copies,
-                    "unhealthy": {str(copy): why for copy, why in e.unhealthy.items()},
-                }
-                for name, e in registry.engines.items()
-            },
-        }
-        if registry.ready:
-            return Response(orjson.dumps(body), media_type=JSON)
-        message = registry.load_error or f"not ready: {registry.state}"
-        error = {"error": message, "type": "unavailable", **body}
-        return Response(orjson.dumps(error), status_code=503, media_type=JSON)
+        return _response(handlers.readiness(registry))
 
     @app.get(
         "/info", summary="Effective settings (secrets redacted), models, shapes and copies.", responses=errors

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from neuronserve.serving import formats
@@ -44,6 +45,55 @@ class Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     media_type: str = JSON
+
+
+# --- probes: answered by the middleware before anything else (see ServingMiddleware) -----------
+
+_ALIVE = Reply(200, b'{"status":"alive"}')
+_V2_LIVE = Reply(200, b'{"live":true}')
+
+
+def liveness() -> Reply:
+    """``/health``: the process and its event loop answer."""
+    return _ALIVE
+
+
+def v2_liveness() -> Reply:
+    return _V2_LIVE
+
+
+def readiness(registry: ModelRegistry) -> Reply:
+    """``/ready``: 200 once every copy of every model is loaded and warmed; else 503 and why."""
+    several = len(registry.engines) > 1
+    body: dict[str, Any] = {
+        "status": registry.state,
+        "copies_ready": registry.copies_ready,
+        "copies": registry.copies,
+        # copies out of rotation: by copy number, as ever; "<model>/<copy>" with several models
+        "unhealthy": {
+            (f"{name}/{copy}" if several else str(copy)): why
+            for name, e in registry.engines.items()
+            for copy, why in e.unhealthy.items()
+        },
+        "models": {
+            name: {
+                "status": e.state,
+                "copies_ready": e.copies_ready,
+                "copies": e.copies,
+                "unhealthy": {str(copy): why for copy, why in e.unhealthy.items()},
+            }
+            for name, e in registry.engines.items()
+        },
+    }
+    if registry.ready:
+        return Reply(200, orjson.dumps(body))
+    message = registry.load_error or f"not ready: {registry.state}"
+    return Reply(503, orjson.dumps({"error": message, "type": "unavailable", **body}))
+
+
+def v2_readiness(registry: ModelRegistry) -> Reply:
+    ready = registry.ready
+    return Reply(200 if ready else 503, orjson.dumps({"ready": ready}))
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

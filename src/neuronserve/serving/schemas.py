@@ -204,6 +204,12 @@ class PredictResponse(BaseModel):
     outputs: list[Any]
 
 
+class Liveness(BaseModel):
+    """``GET /health``."""
+
+    status: Literal["alive"]
+
+
 class V2Live(BaseModel):
     """``GET /v2/health/live``."""
 

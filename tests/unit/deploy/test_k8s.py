@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from neuronserve.config import Settings, build_settings
 from neuronserve.deploy import k8s
 from neuronserve.deploy.k8s_check import check
+from neuronserve.deploy.plan import PROBE_TIMEOUT_S
 from tests.conftest import make_settings, ready_client, trace_tiny
 
 
@@ -59,6 +60,9 @@ def test_the_grace_period_outlasts_the_drain_and_start_up_gets_its_time(tmp_path
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 420
     assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    # a busy server is not a dead one: no probe keeps Kubernetes' default timeout of 1 s
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["timeoutSeconds"] == PROBE_TIMEOUT_S >= 5, probe
     security = server["securityContext"]
     assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
     assert security["allowPrivilegeEscalation"] is False
