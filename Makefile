@@ -2,26 +2,35 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+EXTRAS ?= dev
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
 .PHONY: venv system-deps test lint typecheck unit demo clean dockerfiles k8s
 
-venv: $(STAMP)
+# The venv with the package's extras for one job (pyproject.toml lists them): `make venv` is the
+# whole dev set, the wrappers ask for theirs (EXTRAS=deploy, ...). A dev venv holds every extra.
+venv: $(VENV)/.installed-$(EXTRAS)
 
 # torch is installed first, from constraints/cpu.txt (the local CPU wheel); the package itself
 # does not pin it, so Neuron hosts keep theirs (README "Neuron hosts").
-$(STAMP): pyproject.toml constraints/cpu.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/cpu.txt torch
-	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'
-	touch $@
+$(VENV)/.installed-%: pyproject.toml constraints/cpu.txt
+	@if [ "$*" != dev ] && [ $(VENV)/.installed-dev -nt pyproject.toml ] && [ $(VENV)/.installed-dev -nt constraints/cpu.txt ]; then \
+	  touch $@; \
+	else \
+	  echo "installing neuronserve[$*] into $(VENV)"; \
+	  test -x $(PY) || python3 -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q -c constraints/cpu.txt torch && \
+	  $(PY) -m pip install -q -c constraints/cpu.txt -e '.[$*]' && \
+	  touch $@; \
+	fi
 
-# Debian packages (nginx for deployments, hey for comparisons), installed when missing.
+# Debian packages neuronserve runs, installed with apt-get when missing (SYSTEM_DEPS: nginx for
+# deployments, prometheus for the monitoring tests; hey for the benches that compare with it).
+SYSTEM_DEPS ?= nginx prometheus
 system-deps:
-	./scripts/system-deps.sh
+	./scripts/system-deps.sh $(SYSTEM_DEPS)
 
 # Python 3.10 is the floor (the Neuron DLC images): ruff targets it, and vermin fails on any
 # construct that needs a later Python.
@@ -60,7 +69,8 @@ k8s: venv $(TOOLS)/.installed
 
 test: lint typecheck dockerfiles k8s unit
 
-demo: venv system-deps
+demo: venv
+	$(MAKE) --no-print-directory system-deps SYSTEM_DEPS=nginx
 	./scripts/demo.sh
 
 clean:

@@ -5,12 +5,13 @@
     python run_apis.py --mode open --rates 5,10,20 --target http://127.0.0.1:8081
     python run_apis.py --compare results/bench-A results/bench-B
 
-Every option is also a bench.* key in config.properties; see `python run_apis.py --help`.
+It is `neuronserve bench`; every option is also a bench.* key in config.properties (see
+`python run_apis.py --help`).
 """
 
 import sys
 
-from neuronserve.loadgen.cli import main
+from neuronserve.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -4,17 +4,20 @@
 ARG BASE_IMAGE=public.ecr.aws/neuron/pytorch-inference-neuron:1.13.1-neuron-py310-sdk2.18.2-ubuntu20.04
 # checkov:skip=CKV_DOCKER_7: the tag is pinned in BASE_IMAGE above
 FROM ${BASE_IMAGE}
+# What the image can do: serve (one server, the exporter) and trace (the Kubernetes trace Job).
+# The bundled demo model needs EXTRAS=serve,trace,bundled; a load client in the cluster, bench.
+ARG EXTRAS=serve,trace
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 NEURONSERVE_SERVE__HOST=0.0.0.0 NEURONSERVE_SERVE__PORT=8080 \
     NEURONSERVE_SERVE__ARTIFACTS=/artifacts
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/neuronserve
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 # The dependencies are ranges, resolved against the image's own torch and numpy, which stay
 # exactly as the image has them (the SDK and compiler were built against them).
 # hadolint ignore=DL3013
 RUN pip freeze | grep -iE '^(torch|numpy)==' > /tmp/keep.txt \
- && pip install -c /tmp/keep.txt . \
+ && pip install -c /tmp/keep.txt ".[${EXTRAS}]" \
  && rm /tmp/keep.txt \
  && useradd --create-home --uid 10001 neuronserve
 USER 10001

@@ -5,7 +5,7 @@ ARG BASE_IMAGE=public.ecr.aws/neuron/pytorch-inference-neuronx:2.1.2-neuronx-py3
 FROM ${BASE_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
 WORKDIR /opt/neuronserve
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 # hadolint ignore=DL3013
 RUN pip install --no-deps . \

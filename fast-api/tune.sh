@@ -4,6 +4,6 @@
 # Extra arguments go to `neuronserve tune` (e.g. --dataset traffic.jsonl --time-budget 900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make --no-print-directory -s venv system-deps 2>&1  # setup output on stdout: stderr is for errors
+make --no-print-directory -s venv system-deps EXTRAS=tune,bundled SYSTEM_DEPS=nginx 2>&1  # setup output on stdout: stderr is for errors
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 exec .venv/bin/neuronserve tune "$@"

@@ -11,5 +11,5 @@ cd "$(dirname "$0")/.."
 if compgen -G "/dev/neuron[0-9]*" > /dev/null; then
     exec neuronserve acceptance "$@"
 fi
-make --no-print-directory -s venv system-deps 2>&1
+make --no-print-directory -s venv system-deps EXTRAS=tune,bundled SYSTEM_DEPS=nginx 2>&1
 exec .venv/bin/neuronserve acceptance "$@"

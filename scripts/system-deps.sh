@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Install the Debian packages neuronserve runs when they are missing: nginx (deployments),
-# prometheus (monitoring) and hey (bench/loadgen_vs_hey.py).
+# Install the Debian packages of the named tools when they are missing (default: nginx and
+# prometheus). nginx fronts every local deployment; prometheus runs in the monitoring tests and
+# with monitor.prometheus=true; hey is only for the benches that compare with it.
+#   scripts/system-deps.sh nginx            what fast-api/deploy.sh needs
+#   scripts/system-deps.sh nginx prometheus hey
 set -euo pipefail
+[ $# -eq 0 ] && set -- nginx prometheus
 missing=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-command -v hey >/dev/null 2>&1 || missing+=(hey)
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+for tool in "$@"; do
+  case "$tool" in
+    nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light) ;;
+    prometheus) command -v prometheus >/dev/null 2>&1 || missing+=(prometheus) ;;
+    hey) command -v hey >/dev/null 2>&1 || missing+=(hey) ;;
+    *) echo "system-deps.sh: unknown tool '$tool' (nginx, prometheus or hey)" >&2; exit 2 ;;
+  esac
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing Debian packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2
@@ -15,7 +24,6 @@ echo "installing ${missing[*]} (apt-get)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
-# The package starts a system nginx on port 80; neuronserve runs its own per deployment.
 # The packages start system services (nginx on :80, prometheus on :9090); neuronserve runs its own.
 if command -v service >/dev/null 2>&1; then
   service nginx stop >/dev/null 2>&1 || true

@@ -18,9 +18,12 @@ import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuronserve.models import sha256_file
+
+if TYPE_CHECKING:
+    from neuronserve.config import Settings
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
@@ -279,3 +282,13 @@ def load_manifest(directory: Path, backend: str | None = None, *, fingerprint: s
             "trace again on this host"
         )
     return manifest
+
+
+def artifacts_directory(settings: Settings) -> Path:
+    """``serve.artifacts``, or the trace output for the configured model and backend."""
+    from neuronserve.backends import choose_backend
+
+    if settings.serve.artifacts:
+        return settings.path(settings.serve.artifacts)
+    backend, _ = choose_backend(settings.trace.backend)
+    return settings.path(settings.trace.output_dir) / settings.model_name / backend

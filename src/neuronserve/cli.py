@@ -18,6 +18,7 @@ from neuronserve.config import (
     render_template,
     settings_environment,
 )
+from neuronserve.loadgen import options as bench_options
 
 log = logging.getLogger("neuronserve")
 
@@ -26,27 +27,28 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from neuronserve.artifacts import ArtifactError
-    from neuronserve.backends.base import BackendError
-    from neuronserve.deploy.inventory import InventoryError
-    from neuronserve.deploy.local import DeployError
-    from neuronserve.deploy.memory import MemoryPlanError
-    from neuronserve.models import ModelSourceError
-    from neuronserve.serving.tokenization import TokenizerMissingError
-    from neuronserve.trace import VerificationError
+# The errors a user can fix, by the module that defines each. Only modules already imported are
+# looked at: one that was not cannot have raised, and importing it here could fail on a missing
+# extra (a trace-only install has no deploy modules).
+_USER_ERRORS = (
+    ("neuronserve.artifacts", "ArtifactError"),
+    ("neuronserve.backends.base", "BackendError"),
+    ("neuronserve.deploy.inventory", "InventoryError"),
+    ("neuronserve.deploy.local", "DeployError"),
+    ("neuronserve.deploy.memory", "MemoryPlanError"),
+    ("neuronserve.models", "ModelSourceError"),
+    ("neuronserve.serving.tokenization", "TokenizerMissingError"),
+    ("neuronserve.trace", "VerificationError"),
+)
 
-    return (
-        ConfigError,
-        BackendError,
-        ModelSourceError,
-        ArtifactError,
-        VerificationError,
-        TokenizerMissingError,
-        DeployError,
-        InventoryError,
-        MemoryPlanError,
-    )
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [ConfigError]
+    for module, name in _USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            found.append(getattr(loaded, name))
+    return tuple(found)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -230,15 +232,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from neuronserve.loadgen.cli import main as bench_main
+    from neuronserve.loadgen.cli import run_parsed
 
-    return bench_main(args.bench_args)
+    return run_parsed(args)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    from neuronserve.artifacts import artifacts_directory
     from neuronserve.backends.base import CoreSet
     from neuronserve.monitor.run import resolve_sources, serve
-    from neuronserve.serving.engine import artifacts_directory
 
     settings = _settings(args)
     backend = args.backend
@@ -475,8 +477,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     )
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("bench", help="the load client (same options as run_apis.py)", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "bench",
+        help="the load client (the same options as run_apis.py)",
+        description=bench_options.DESCRIPTION,
+    )
+    bench_options.add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -549,6 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"neuronserve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        from neuronserve.extras import missing_extra
+
+        message = missing_extra(exc, args.command)
+        if message is None:
+            raise
+        print(f"neuronserve {message}", file=sys.stderr)
+        return EXIT_FAILURE
     except _user_errors() as exc:
         print(f"neuronserve: {exc}", file=sys.stderr)
         return EXIT_FAILURE

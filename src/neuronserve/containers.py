@@ -32,8 +32,10 @@ def docker_engine(timeout_s: float = 3.0) -> Engine:
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if host.startswith("unix://") and not Path(host[len("unix://") :]).exists():
         return Engine(None, f"no Docker engine reachable (no socket at {host})")
-    from docker.client import DockerClient
-
+    try:
+        from docker.client import DockerClient
+    except ModuleNotFoundError:
+        return Engine(None, "the Docker SDK is not installed (pip install 'neuronserve[deploy]')")
     client = None
     try:
         # An explicit API version skips the SDK's version probe, which leaks its socket on failure.

@@ -258,8 +258,7 @@ def _artifacts(settings: Settings, backend: str, h: Host) -> list[Check]:
     """Whether the traced artifacts serve on this host: the backend, and torch's major.minor
     (what the server itself checks); other version differences only mean a re-trace would
     compile again."""
-    from neuronserve.artifacts import MANIFEST_NAME, ArtifactError, read_manifest
-    from neuronserve.serving.engine import artifacts_directory
+    from neuronserve.artifacts import MANIFEST_NAME, ArtifactError, artifacts_directory, read_manifest
 
     directory = artifacts_directory(settings)
     if not (directory / MANIFEST_NAME).is_file():

@@ -52,17 +52,23 @@ def wait_ready(
 
 @contextmanager
 def start_server(
-    artifacts: Path, tmp: Path, *settings: str, mode: str = "uvicorn", copies: int = 2
+    artifacts: Path,
+    tmp: Path,
+    *settings: str,
+    mode: str = "uvicorn",
+    copies: int = 2,
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningServer]:
+    """A server on a free port, ready; ``env`` adds to the environment it runs in."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     args = [sys.executable, "-m", "neuronserve.cli", "serve", "--mode", mode, "--port", str(port)]
     args += ["--artifacts", str(artifacts), "--copies", str(copies)]
     for item in settings:
         args += ["--set", item]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=environment, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log)

@@ -5,6 +5,7 @@ the clients people use (openai, tritonclient) and TEI's and Cohere's rerank shap
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -150,6 +151,20 @@ def test_one_deployment_serves_an_embedder_and_a_reranker(tmp_path: Path, bundle
             if s.name == "neuronserve_requests_total"
         }
         assert {MINILM, "reranker"} <= models
+
+        # the operator's commands against the same deployment: status, and the load client
+        status = run_cli("status", *args, cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+        assert re.search(r"^server-0\s+RUNNING\s+yes\s", status.stdout, re.MULTILINE), status.stdout
+        results = tmp_path / "results"
+        bench = run_cli(
+            "bench", "--concurrency", "4", "--duration", "3", "--warmup", "0.5", "--model", MINILM,
+            "--route", "/v1/embeddings", "--output", str(results), "--no-progress", *args, cwd=tmp_path,
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stderr
+        (summary,) = results.glob("bench-*/summary.json")
+        (step,) = json.loads(summary.read_text())["steps"]
+        assert step["level"] == 4 and step["ok"] > 0 and step["errors"] == {}, step
     finally:
         cleaned = run_cli("cleanup", *args, cwd=tmp_path)
     assert cleaned.returncode == 0, cleaned.stderr

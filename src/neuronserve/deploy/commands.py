@@ -27,7 +27,7 @@ def plan_for(
     ``verify`` checks every artifact against its manifest (a deployment refuses tampered or
     mismatched artifacts before anything starts); a dry run plans from the manifests alone.
     """
-    from neuronserve.serving.engine import artifacts_directory
+    from neuronserve.artifacts import artifacts_directory
 
     manifests: dict[str, Manifest] = {}
     for name, model in settings.per_model().items():
@@ -122,8 +122,9 @@ def deploy(
 
 def emit_k8s(settings: Settings, directory: Path) -> int:
     """Write the Kustomize base for ``settings`` into ``directory`` (see deploy.k8s)."""
+    from neuronserve.artifacts import artifacts_directory
     from neuronserve.deploy import k8s
-    from neuronserve.serving.engine import artifacts_directory
+    from neuronserve.models import BUNDLED_PREFIX
 
     if settings.trace.backend == "auto":
         raise DeployError(
@@ -148,6 +149,12 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
             "note: the trace Job runs in the cluster, where these local model directories are not: "
             f"{', '.join(local_sources)}; bake them into the image or mount them in an overlay, or "
             "use hub ids"
+        )
+    bundled = [n for n, m in settings.per_model().items() if m.model.source.startswith(BUNDLED_PREFIX)]
+    if bundled:
+        print(
+            f"note: {', '.join(bundled)} is the bundled demo model: the trace Job needs it in the serve "
+            "image (build it with --build-arg EXTRAS=serve,trace,bundled)"
         )
     copies = ", ".join(f"{name} x{c}" for name, c in plan.model_copies)
     print(

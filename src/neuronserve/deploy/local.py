@@ -273,7 +273,15 @@ def write_run_dir(settings: Settings, plan: Plan, artifacts: Path, config: Path 
     rd = run_dir(settings)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
-        raise DeployError("nginx is not installed: apt-get install nginx-light (make demo/test do this)")
+        raise DeployError(
+            "nginx is not installed: scripts/system-deps.sh nginx (apt-get install nginx-light; "
+            "fast-api/deploy.sh does this)"
+        )
+    if settings.monitor.prometheus and not Path(shutil.which("prometheus") or "/usr/bin/prometheus").exists():
+        raise DeployError(
+            "monitor.prometheus=true but prometheus is not installed: scripts/system-deps.sh prometheus "
+            "(apt-get install prometheus), or set monitor.prometheus=false"
+        )
     (rd.path / "logs").mkdir(parents=True, exist_ok=True)
     temp = rd.path / "nginx"
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):

@@ -7,7 +7,6 @@ import datetime as dt
 import os
 import platform
 import sys
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,10 @@ from typing import Any
 import httpx
 
 from neuronserve import __version__
-from neuronserve.config import BenchSettings, ConfigError, Settings, load_settings
+from neuronserve.config import ConfigError, Settings, load_settings
 from neuronserve.loadgen.client import Sweep, run_sweep
 from neuronserve.loadgen.http import Target
+from neuronserve.loadgen.options import SHORTCUTS, build_parser
 from neuronserve.loadgen.payloads import (
     Bucket,
     PayloadError,
@@ -28,56 +28,6 @@ from neuronserve.loadgen.payloads import (
 )
 from neuronserve.loadgen.report import compare, write_all
 from neuronserve.loadgen.stats import Budgets, Pricing, decide, knee
-
-SHORTCUTS = {
-    "target": "bench.target",
-    "route": "bench.route",
-    "mode": "bench.mode",
-    "concurrency": "bench.concurrency",
-    "rates": "bench.rates",
-    "duration": "bench.duration_s",
-    "warmup": "bench.warmup_s",
-    "requests": "bench.requests",
-    "processes": "bench.processes",
-    "dataset": "bench.dataset",
-    "buckets": "bench.token_buckets",
-    "name": "bench.name",
-    "output": "bench.output_dir",
-    "instance_type": "bench.instance_type",
-    "model": "bench.model",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_apis.py",
-        description="Sweep concurrency (closed loop) or request rate (open loop, Poisson) against "
-        "neuronserve servers and write a report: requests.csv, summary.json, report.md, plots.",
-    )
-    parser.add_argument("--config", metavar="PATH", help="config.properties (bench.* keys)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--target", help="server URL(s), comma-separated (default: the deployment endpoint)")
-    parser.add_argument("--route", choices=typing.get_args(typing.get_type_hints(BenchSettings)["route"]))
-    parser.add_argument("--mode", choices=("closed", "open"))
-    parser.add_argument("--concurrency", help="closed-loop levels, e.g. 1,4,16")
-    parser.add_argument("--rates", help="open-loop rates (req/s), e.g. 5,10,20")
-    parser.add_argument("--duration", help="measured seconds per step")
-    parser.add_argument("--warmup", help="warm-up seconds per step (not counted)")
-    parser.add_argument("--requests", help="measured requests per step instead of a duration")
-    parser.add_argument("--processes", help="client processes")
-    parser.add_argument("--dataset", help="JSON lines, CSV or text file of inputs")
-    parser.add_argument("--buckets", help="token-length buckets, e.g. 1-32,33-128 (one run each)")
-    parser.add_argument("--name", help="run name (report directory prefix)")
-    parser.add_argument("--output", help="results directory")
-    parser.add_argument("--instance-type", dest="instance_type", help="for the cost figures")
-    parser.add_argument(
-        "--model", help="the model to load (bench.model; v2 default: the server's only model, from /info)"
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), help="print a regression table between two runs"
-    )
-    return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -102,7 +52,7 @@ def _server_info(url: str, headers: dict[str, str]) -> dict[str, Any]:
 
 def _artifacts(settings: Settings) -> Path | None:
     """The loaded model's artifacts (for its tokenizer), when they are on this host."""
-    from neuronserve.serving.engine import artifacts_directory
+    from neuronserve.artifacts import artifacts_directory
 
     models = settings.per_model()
     chosen = models.get(settings.bench.model) or next(iter(models.values()))
@@ -255,7 +205,12 @@ def run(settings: Settings, *, progress: bool) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python run_apis.py``: parse ``argv`` and run."""
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run what the parsed options (see :mod:`neuronserve.loadgen.options`) ask for."""
     if args.compare:
         print(compare(Path(args.compare[0]), Path(args.compare[1])))
         return 0
@@ -263,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         run(settings, progress=not args.no_progress)
     except (ConfigError, PayloadError, ValueError) as exc:
-        print(f"run_apis: {exc}", file=sys.stderr)
+        print(f"neuronserve bench: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-from neuronserve.artifacts import Manifest, load_manifest
-from neuronserve.backends import choose_backend, copies_per_server, copy_core, create_backend
+from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
+from neuronserve.backends import copies_per_server, copy_core, create_backend
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
@@ -56,14 +55,6 @@ def find_malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     return getattr(libc, "malloc_trim", None)
-
-
-def artifacts_directory(settings: Settings) -> Path:
-    """``serve.artifacts``, or the trace output for the configured model and backend."""
-    if settings.serve.artifacts:
-        return settings.path(settings.serve.artifacts)
-    backend, _ = choose_backend(settings.trace.backend)
-    return settings.path(settings.trace.output_dir) / settings.model_name / backend
 
 
 def server_cores(settings: Settings, backend: str) -> CoreSet:
