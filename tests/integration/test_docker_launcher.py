@@ -101,6 +101,7 @@ class _Container:
         server = self.labels.get("neuronserve.server")
         if server not in {"nginx", "exporter"}:
             return  # a server's health follows its script
+        self.attrs = {"State": {"Status": "running"}, "RestartCount": 0}
         ((_inside, (host, port)),) = self.kwargs["ports"].items()
         if server == "nginx":
             self.http = _endpoint(host, port, self.engine)
@@ -345,6 +346,39 @@ def test_a_server_that_does_not_get_ready_fails_the_deploy_by_name_and_leaves_no
     assert len(engine.containers.removed) == 4
     exporter = next(c for c in engine.containers.removed if c.name == "itest-exporter")
     assert exporter.process is not None and exporter.process.poll() is not None
+
+
+def test_status_shows_every_container_and_the_endpoint(
+    setup: Callable[..., tuple[Settings, Plan, _Engine]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``neuronserve status`` with deploy.launcher=docker: from the engine, as ``deploy`` left it."""
+    from neuronserve import containers
+    from neuronserve.deploy import commands
+
+    def restarted_once(n: int) -> dict[str, Any]:
+        return {**warming_then_healthy(0)(n), "RestartCount": 1}
+
+    settings, plan, engine = setup(
+        {"server-0": warming_then_healthy(0), "server-1": restarted_once}, deploy__launcher="docker"
+    )
+    monkeypatch.setattr(containers, "docker_engine", lambda: containers.Engine(engine, "stand-in engine"))
+    assert commands.status(settings) == 3  # nothing deployed yet
+    assert "'itest' is not running in Docker" in capsys.readouterr().out
+    _deploy(settings, plan, engine, tmp_path)
+    assert commands.status(settings) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["container", "state", "ready", "cores", "restarts"]
+    rows = [line.split() for line in lines[1:-1]]
+    assert rows == [
+        ["itest-server-0", "running", "yes", "0", "0"],
+        ["itest-server-1", "running", "yes", "1", "1"],
+        ["itest-nginx", "running", "0"],
+        ["itest-exporter", "running", "0"],
+    ]
+    assert lines[-1] == f"endpoint http://127.0.0.1:{settings.deploy.port} (ready)"
 
 
 def test_a_missing_image_is_refused_before_anything_starts(

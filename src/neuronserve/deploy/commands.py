@@ -213,6 +213,9 @@ def _deploy_docker(settings: Settings, plan: Plan, artifacts: dict[str, Path]) -
 
 
 def status(settings: Settings) -> int:
+    """Print each server's state, readiness, cores, port and restarts; 3 when nothing runs."""
+    if settings.deploy.launcher == "docker":
+        return _docker_status(settings)
     rd = local.run_dir(settings)
     if local.supervisord_pid(rd) is None:
         print(f"deployment {settings.deploy.name!r} is not running")
@@ -244,6 +247,35 @@ def status(settings: Settings) -> int:
             f"{'nginx':<12}{nginx.get('statename', '?'):<10}{'':<8}{'':<8}{plan['port']:<7}{nginx.get('pid', 0):<9}{restarts.get('nginx', 0)}"
         )
     print(f"endpoint http://{plan['host']}:{plan['port']}")
+    return 0
+
+
+def _docker_status(settings: Settings) -> int:
+    from neuronserve import containers
+    from neuronserve.deploy import docker
+
+    engine = containers.docker_engine()
+    if engine.client is None:
+        raise DeployError(f"{engine.reason}; the status of a Docker deployment needs its engine")
+    name = settings.deploy.name
+    rows = docker.status(engine.client, name)
+    if not rows:
+        print(f"deployment {name!r} is not running in Docker")
+        return 3
+    ready = {"healthy": "yes", "starting": "no", "unhealthy": "no", "": ""}
+    print(f"{'container':<28}{'state':<12}{'ready':<8}{'cores':<8}restarts")
+    for row in rows:
+        print(
+            f"{row.name:<28}{row.state:<12}{ready.get(row.health, row.health):<8}{row.cores:<8}{row.restarts}"
+        )
+    d = settings.deploy
+    endpoint = f"http://{'127.0.0.1' if d.host in {'0.0.0.0', '::'} else d.host}:{d.port}"  # noqa: S104
+    try:
+        answer = httpx.get(f"{endpoint}/ready", timeout=2).status_code
+        said = "ready" if answer == 200 else f"not ready ({answer})"
+    except httpx.HTTPError:
+        said = "not answering"
+    print(f"endpoint {endpoint} ({said})")
     return 0
 
 

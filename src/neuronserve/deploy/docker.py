@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +385,43 @@ def _failure(container: Any, reason: str) -> str:
     except Exception as exc:  # the container may be gone; the reason still stands
         logs = f"(no log: {type(exc).__name__})"
     return f"{container.name}: {reason}\n--- last lines of docker logs {container.name} ---\n{logs}"
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """One container of a Docker deployment, as ``neuronserve status`` shows it."""
+
+    name: str
+    role: str  # server-<i>, nginx or exporter (the neuronserve.server label)
+    state: str  # Docker's: running, restarting, exited, ...
+    health: str  # healthy, starting, unhealthy; "" for containers without a healthcheck
+    cores: str
+    restarts: int
+
+
+def status(engine_client: Any, deployment: str) -> list[ContainerStatus]:
+    """Every container of ``deployment``, inspected now, servers first."""
+    from docker.errors import NotFound
+
+    rows = []
+    for listed in engine_client.containers.list(all=True, filters={"label": f"{LABEL}={deployment}"}):
+        try:
+            container = engine_client.containers.get(listed.name)  # an inspection: current state
+        except NotFound:
+            continue  # removed since it was listed
+        state = container.attrs.get("State", {})
+        rows.append(
+            ContainerStatus(
+                name=container.name,
+                role=container.labels.get("neuronserve.server", ""),
+                state=state.get("Status", "?"),
+                health=(state.get("Health") or {}).get("Status", ""),
+                cores=container.labels.get("neuronserve.cores", ""),
+                restarts=int(container.attrs.get("RestartCount", 0)),
+            )
+        )
+    order = {"nginx": 1, "exporter": 2}
+    return sorted(rows, key=lambda r: (order.get(r.role, 0), r.role, r.name))
 
 
 def cleanup(engine_client: Any, deployment: str, *, timeout_s: int | None = None) -> int:
