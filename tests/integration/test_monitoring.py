@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from neuronserve.deploy.plan import make_plan
 from neuronserve.monitor import dashboards
 from tests.conftest import REPO, make_settings
 from tests.integration.servers import free_port
+
+MODEL = "all-MiniLM-L6-v2"  # the bundled model the deployment serves
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +90,24 @@ def test_every_dashboard_query_returns_series(tmp_path: Path, bundled_artifacts:
             time.sleep(8)  # let Prometheus collect several scrapes of live traffic (1 s interval)
             missing = []
             for name, document in dashboards.dashboards().items():
+                # the variables as Grafana fills them: this deployment, every model
+                for variable in document["templating"]["list"]:
+                    if variable["type"] == "query":
+                        series, label = re.fullmatch(
+                            r"label_values\((.+), (\w+)\)", variable["query"]
+                        ).groups()  # type: ignore[union-attr]
+                        series = series.replace("$deployment", "montest")
+                        values = httpx.get(f"{prom}/api/v1/label/{label}/values", params={"match[]": series})
+                        assert ("montest" if label == "deployment" else MODEL) in values.json()["data"], (
+                            name,
+                            label,
+                        )
                 for expr in dashboards.expressions(document):
-                    query = expr.replace("$__rate_interval", "30s")
+                    query = (
+                        expr.replace("$__rate_interval", "30s")
+                        .replace("$deployment", "montest")
+                        .replace("$model", ".*")
+                    )
                     try:
                         _poll(
                             f"{name}: {query}",

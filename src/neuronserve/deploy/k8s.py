@@ -534,17 +534,17 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
                     "port": port,
                     "path": "/metrics",
                     "interval": f"{_quantity(settings.monitor.scrape_interval_s)}s",
-                    # the dashboards group by server: one pod is one server (the exporter's
+                    # the dashboards filter by deployment, as local deployments' targets are
+                    # labelled, and group by server: one pod is one server (the exporter's
                     # series carry their own server label)
-                    **(
-                        {
-                            "relabelings": [
-                                {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}
-                            ]
-                        }
-                        if component == "server"
-                        else {}
-                    ),
+                    "relabelings": [
+                        {"targetLabel": "deployment", "replacement": settings.deploy.name},
+                        *(
+                            [{"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}]
+                            if component == "server"
+                            else []
+                        ),
+                    ],
                 }
             ],
         },

@@ -3,23 +3,32 @@
 ``neuronserve dashboards`` writes them to ``monitor/grafana/dashboards/*.json``; a test fails
 when the committed JSON differs from what this code generates. Queries use
 ``$__rate_interval``, which Grafana fills in from the scrape interval.
+
+They import into any Grafana as they are: the Prometheus data source is the ``$datasource``
+variable (no uid of ours), and every series is filtered by ``$deployment`` (the label deploy's
+scrape targets and the k8s PodMonitors carry) and, on the serving dashboard, ``$model``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
 from grafana_foundation_sdk.builders.prometheus import Dataquery as PrometheusQuery
 from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh, VariableSort
 
-DATASOURCE = DataSourceRef(type_val="prometheus", uid="prometheus")
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+# Every metric the dashboards query starts with one of these (ours, and neuron-monitor's names).
+METRIC = re.compile(r"\b((?:neuronserve|neuroncore|neuron|execution|hardware|system)_[a-z_]+)(\{([^}]*)\})?")
+BY_DEPLOYMENT = 'deployment=~"$deployment"'
+BY_MODEL = 'model=~"$model"'
 INFERENCE_ROUTES = 'route=~"/predict|/v1/embeddings|/rerank|/v1/rerank|/v2/models/.*/infer"'
 
 
@@ -291,10 +300,48 @@ CORES: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
 )
 
 
-def build(title: str, uid: str, rows: tuple[tuple[str, tuple[PanelSpec, ...]], ...]) -> dict[str, Any]:
+def filtered(expr: str, matchers: tuple[str, ...]) -> str:
+    """``expr`` with ``matchers`` added to every metric selector in it."""
+
+    def add(match: re.Match[str]) -> str:
+        own = match.group(3)
+        return f"{match.group(1)}{{{', '.join((*matchers, *([own] if own else [])))}}}"
+
+    return METRIC.sub(add, expr)
+
+
+def _variables(dashboard: Dashboard, by_model: bool) -> Dashboard:
+    """$datasource, $deployment and (serving) $model; the label queries follow each other."""
+    dashboard = dashboard.with_variable(
+        DatasourceVariable("datasource").label("Data source").type("prometheus")
+    )
+    series = "neuronserve_server_info" if by_model else "neuronserve_exporter_source_up"
+    chosen = [("deployment", f"label_values({series}, deployment)")]
+    if by_model:
+        chosen.append(("model", f"label_values({series}{{{BY_DEPLOYMENT}}}, model)"))
+    for name, query in chosen:
+        dashboard = dashboard.with_variable(
+            QueryVariable(name)
+            .label(name.capitalize())
+            .datasource(DATASOURCE)
+            .query(query)
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+        )
+    return dashboard
+
+
+def build(
+    title: str, uid: str, rows: tuple[tuple[str, tuple[PanelSpec, ...]], ...], *, by_model: bool
+) -> dict[str, Any]:
     dashboard = (
         Dashboard(title).uid(uid).tags(["neuronserve", "generated"]).refresh("10s").time("now-30m", "now")
     )
+    dashboard = _variables(dashboard, by_model)
+    matchers = (BY_DEPLOYMENT, BY_MODEL) if by_model else (BY_DEPLOYMENT,)
     y = 0
     for row_title, panels in rows:
         dashboard = dashboard.with_row(Row(row_title).grid_pos(GridPos(h=1, w=24, x=0, y=y)))
@@ -311,7 +358,11 @@ def build(title: str, uid: str, rows: tuple[tuple[str, tuple[PanelSpec, ...]], .
             )
             for ref, query in zip("ABCDEFGH", spec.queries, strict=False):
                 panel = panel.with_target(
-                    PrometheusQuery().expr(query.expr).legend_format(query.legend).ref_id(ref)
+                    PrometheusQuery()
+                    .expr(filtered(query.expr, matchers))
+                    .legend_format(query.legend)
+                    .ref_id(ref)
+                    .datasource(DATASOURCE)
                 )
             dashboard = dashboard.with_panel(panel.grid_pos(GridPos(h=8, w=spec.width, x=x, y=y)))
             x += spec.width
@@ -322,8 +373,10 @@ def build(title: str, uid: str, rows: tuple[tuple[str, tuple[PanelSpec, ...]], .
 def dashboards() -> dict[str, dict[str, Any]]:
     """File name -> dashboard JSON."""
     return {
-        "neuronserve-serving.json": build("neuronserve: serving", "neuronserve-serving", SERVING),
-        "neuronserve-cores.json": build("neuronserve: cores", "neuronserve-cores", CORES),
+        "neuronserve-serving.json": build(
+            "neuronserve: serving", "neuronserve-serving", SERVING, by_model=True
+        ),
+        "neuronserve-cores.json": build("neuronserve: cores", "neuronserve-cores", CORES, by_model=False),
     }
 
 

@@ -185,9 +185,12 @@ def test_the_trace_job_traces_what_the_config_names_and_is_replaced_when_that_ch
     assert other["trace-job.yaml"]["metadata"]["name"] != job["metadata"]["name"]  # a Job is immutable
     keda = objects["autoscaler.yaml"]["spec"]["triggers"][0]["metadata"]
     assert keda["threshold"] == "8.0"  # a plain number, as KEDA parses it
+    # the dashboards' $deployment filter finds every series; servers are named by their pod
+    deployment = {"targetLabel": "deployment", "replacement": settings.deploy.name}
     relabel = objects["podmonitor-server.yaml"]["spec"]["podMetricsEndpoints"][0]["relabelings"]
-    assert relabel == [{"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}]
-    assert "relabelings" not in objects["podmonitor-exporter.yaml"]["spec"]["podMetricsEndpoints"][0]
+    assert relabel == [deployment, {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}]
+    exporter = objects["podmonitor-exporter.yaml"]["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert exporter == [deployment]
     assert objects["pvc.yaml"]["spec"]["storageClassName"] == "efs-sc"  # EBS cannot be ReadWriteMany
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -241,6 +242,55 @@ def test_committed_dashboards_are_generated() -> None:
         committed = (REPO / "monitor" / "grafana" / "dashboards" / name).read_text()
         assert committed == dashboards.render(document), f"regenerate: neuronserve dashboards ({name})"
     assert (REPO / "monitor" / "prometheus" / "prometheus.yml").read_text() == render_prometheus_yml(5.0)
+
+
+# PromQL words that are not metric names, in the dashboards' expressions.
+_PROMQL = {"sum", "avg", "min", "max", "by", "rate", "increase", "histogram_quantile"}
+
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """Every (metric, matchers) of ``expr``: grouping labels and range durations left out."""
+    expr = re.sub(r"\bby \([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    masked = re.sub(r'"[^"]*"', lambda m: '"' + "x" * (len(m.group()) - 2) + '"', expr)  # same length
+    found = []
+    for match in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?", masked):
+        name = match.group(1)
+        if name not in _PROMQL:
+            found.append((name, expr[match.start(2) : match.end(2)] if match.group(2) else ""))
+    return found
+
+
+@pytest.mark.parametrize("name", ["neuronserve-serving.json", "neuronserve-cores.json"])
+def test_committed_dashboards_import_into_any_grafana(name: str) -> None:
+    """No data source uid of ours: $datasource; every series filtered by $deployment (and on the
+    serving dashboard $model), each variable offering All."""
+    document = json.loads((REPO / "monitor" / "grafana" / "dashboards" / name).read_text())
+    variables = {v["name"]: v for v in document["templating"]["list"]}
+    by_model = name == "neuronserve-serving.json"
+    assert set(variables) == (
+        {"datasource", "deployment", "model"} if by_model else {"datasource", "deployment"}
+    )
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    for label in set(variables) - {"datasource"}:
+        variable = variables[label]
+        assert variable["type"] == "query" and variable["includeAll"] and variable["allValue"] == ".*"
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variable["query"].startswith("label_values(") and variable["query"].endswith(f", {label})")
+    panels = [p for p in document["panels"] if p["type"] != "row"]
+    assert panels
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            selectors = _selectors(target["expr"])
+            assert selectors, target["expr"]
+            for metric, matchers in selectors:
+                assert 'deployment=~"$deployment"' in matchers, (panel["title"], metric)
+                assert ('model=~"$model"' in matchers) == by_model, (panel["title"], metric)
+    assert '"uid": "prometheus"' not in json.dumps(document)
 
 
 def test_dashboards_cover_serving_and_cores() -> None:
