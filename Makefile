@@ -62,6 +62,7 @@ unit: venv system-deps
 # kubectl kustomize, every object validated strictly (kubernetes-validate; the CRDs against their
 # published schemas), checkov's Kubernetes policies. Nothing reaches a cluster.
 k8s: venv $(TOOLS)/.installed
+	@command -v kubectl >/dev/null || { echo "make k8s needs kubectl 1.27 or later (for kubectl kustomize; Debian's kubernetes-client is too old): https://kubernetes.io/docs/tasks/tools/" >&2; exit 1; }
 	for backend in cpu neuronx; do \
 	  $(VENV)/bin/neuronserve deploy --launcher k8s --emit build/k8s-$$backend --set trace.backend=$$backend >/dev/null && \
 	  $(VENV)/bin/neuronserve k8s check build/k8s-$$backend --checkov $(TOOLS)/bin/checkov || exit 1; \

@@ -536,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     p = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _add_config_args(p)
     p.add_argument("--template", action="store_true", help="print the documented default config.properties")
-    p.add_argument("--reference", action="store_true", help="print the README's configuration table")
+    p.add_argument(
+        "--reference", action="store_true", help="print docs/configuration.md's table of every key"
+    )
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -634,6 +634,13 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+def escape_value(text: str) -> str:
+    """``text`` as a properties value that reads back as ``text`` (see :func:`parse_properties`)."""
+    out = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    out = out.replace("#", "\\#").replace("!", "\\!")
+    return "\\" + out if out[:1] in (" ", "\f") else out
+
+
 def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
     """Join backslash-continued lines; yield (first line number, logical line)."""
     pending: list[str] = []
@@ -669,6 +676,14 @@ def parse_properties(text: str, source: str = "<text>") -> dict[str, tuple[str, 
             continue
         key, value = _unescape(match.group(1)), _unescape(match.group(2))
         where = f"{source}:{number}"
+        if re.search(r"\s#", match.group(2)):
+            # Java properties have no comment after a value: it would silently become part of it.
+            errors.append(
+                f"{where}: {key}: a '#' after the value would be part of it (properties files have no "
+                "comments after a value); put the comment on a line of its own, or write \\# for a '#' "
+                "that belongs to the value"
+            )
+            continue
         if key in result:
             errors.append(f"{where}: {key} is set twice (first at {result[key][1]}); keep one")
         result[key] = (value, where)
@@ -921,7 +936,7 @@ def render_template(settings: Settings | None = None, header: Sequence[str] = ()
         lines += [f"# {chunk}" for chunk in _wrap(spec.doc)]
         lines.append(f"# default: {format_value(spec.default) or '(empty)'}")
         value = spec.default if settings is None else getattr(getattr(settings, spec.section), spec.name)
-        lines.append(f"{spec.key}={format_value(value)}")
+        lines.append(f"{spec.key}={escape_value(format_value(value))}")
     lines += [
         "",
         "#" * 78,
@@ -940,12 +955,12 @@ def render_template(settings: Settings | None = None, header: Sequence[str] = ()
         for spec in model_key_specs().values():
             value = getattr(model, spec.name)
             if value != spec.default:
-                lines.append(f"models.{model.name}.{spec.name}={format_value(value)}")
+                lines.append(f"models.{model.name}.{spec.name}={escape_value(format_value(value))}")
     return "\n".join(lines) + "\n"
 
 
 def render_reference() -> str:
-    """The README's configuration reference: a Markdown table of every key."""
+    """docs/configuration.md's reference: a Markdown table of every key."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for spec in key_specs().values():
         default = format_value(spec.default) or "(empty)"

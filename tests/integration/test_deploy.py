@@ -27,16 +27,16 @@ pytestmark = pytest.mark.integration
 
 
 def _settings(tmp_path: Path, artifacts: Path, **extra: str) -> Settings:
-    return make_settings(
-        tmp_path,
-        deploy__name="itest",
-        deploy__run_dir=str(tmp_path / "run"),
-        deploy__port=str(free_port()),
-        deploy__base_port=str(free_port(8)),
-        serve__artifacts=str(artifacts),
-        serve__models_per_server="1",
+    values = {
+        "deploy__name": "itest",
+        "deploy__run_dir": str(tmp_path / "run"),
+        "deploy__port": str(free_port()),
+        "deploy__base_port": str(free_port(8)),
+        "serve__artifacts": str(artifacts),
+        "serve__models_per_server": "1",
         **extra,
-    )
+    }
+    return make_settings(tmp_path, **values)
 
 
 @pytest.fixture
@@ -66,6 +66,27 @@ def test_endpoint_serves_and_spreads_over_servers(deployment: tuple[Settings, Pl
         assert client.get("/metrics").status_code == 404  # scraped per server, not public
     assert set(seen) == {f"itest-server-{i}" for i in range(len(plan.servers))}
     assert (rd.path / "logs" / "nginx-access.log").read_text().count('"uri":"/predict"') == 8
+
+
+def test_a_run_directory_deep_in_the_file_system_deploys_and_cleans_up(
+    tmp_path: Path, bundled_artifacts: Path
+) -> None:
+    """A unix socket's path is short (107 bytes): supervisord's goes to a private directory when
+    the run directory's would not fit, and status and cleanup find it there."""
+    deep = tmp_path / ("a-checkout-in-a-deeply-nested-directory-" * 3) / "run"
+    settings = _settings(tmp_path, bundled_artifacts, deploy__run_dir=str(deep), deploy__servers="1")
+    plan = make_plan(settings, cpu_inventory(), "cpu")
+    rd = local.run_dir(settings)
+    assert len(str(rd.path / "supervisor.sock")) > local.SOCKET_PATH_MAX
+    with local.deployed(settings, plan, bundled_artifacts, None):
+        assert rd.socket.parent == local.private_socket_directory() and rd.socket.exists()
+        assert oct(local.private_socket_directory().stat().st_mode & 0o777) == "0o700"
+        assert {p["name"] for p in local.Supervisor(rd).processes()} >= {"server-0", "nginx"}
+        assert (
+            httpx.post(f"http://{plan.host}:{plan.port}/predict", json={"inputs": "deep"}).status_code == 200
+        )
+    assert not rd.socket.exists() and not rd.path.exists()
+    assert not local.port_in_use(plan.host, plan.port)
 
 
 def test_second_deploy_of_the_same_name_is_refused(

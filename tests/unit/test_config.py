@@ -10,6 +10,7 @@ from neuronserve.config import (
     ConfigError,
     Settings,
     build_settings,
+    escape_value,
     load_settings,
     parse_properties,
     render_reference,
@@ -70,6 +71,32 @@ def test_properties_syntax() -> None:
         "a.escaped": "tab\thereA",
         "a.empty": "",
     }
+
+
+def test_a_comment_after_a_value_is_refused_not_kept_in_it() -> None:
+    """Java properties have no trailing comments: "1  # copies" would be the value. A '#' that
+    belongs to the value is written \\#, and values starting with '#' stay values."""
+    with pytest.raises(ConfigError) as refused:
+        parse_properties("model.name=mini   # the small one\nserve.port=8081\n", source="c.properties")
+    message = str(refused.value)
+    assert message.startswith("c.properties:1: model.name: a '#' after the value would be part of it")
+    assert "put the comment on a line of its own" in message
+    parsed = {k: v for k, (v, _) in parse_properties("a.x=one \\# two\na.y=#tag\n").items()}
+    assert parsed == {"a.x": "one # two", "a.y": "#tag"}
+
+
+@pytest.mark.parametrize(
+    "value", ["a # b", "back\\slash", "  leading", "two\nlines", "!bang", "c:\\dir\\#x", "tab\there", ""]
+)
+def test_escape_value_reads_back_as_written(value: str) -> None:
+    assert parse_properties(f"k={escape_value(value)}")["k"][0] == value
+
+
+def test_a_generated_config_keeps_a_value_with_a_hash(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, serve__api_key="s3cret #1", model__name="mini")
+    cfg = tmp_path / "tuned.properties"
+    cfg.write_text(render_template(settings))
+    assert load_settings(cfg, environ={}).serve.api_key == "s3cret #1"
 
 
 def test_duplicate_key_is_an_error() -> None:
@@ -151,9 +178,11 @@ def test_committed_config_is_the_generated_template() -> None:
     assert committed == render_template(), "regenerate: neuronserve config --template > config.properties"
 
 
-def test_readme_reference_is_in_sync() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert render_reference() in readme, "update README from: neuronserve config --reference"
+def test_the_configuration_reference_is_in_sync() -> None:
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert render_reference() in reference, (
+        "update docs/configuration.md from: neuronserve config --reference"
+    )
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ programs) and removes exactly that directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -15,8 +16,10 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import xmlrpc.client
 from collections.abc import Iterator
@@ -47,7 +50,14 @@ class RunDir:
 
     @property
     def socket(self) -> Path:
-        return self.path / "supervisor.sock"
+        """supervisord's unix socket: in the run directory, unless its path would be too long
+        for a unix socket (a checkout deep in the file system); then in a private directory
+        under the temp dir, named by the run directory so every command finds the same one."""
+        own = self.path / "supervisor.sock"
+        if len(os.fsencode(own)) <= SOCKET_PATH_MAX:
+            return own
+        digest = hashlib.sha256(os.fsencode(self.path)).hexdigest()[:16]
+        return private_socket_directory() / f"{digest}.sock"
 
     @property
     def pidfile(self) -> Path:
@@ -59,6 +69,26 @@ class RunDir:
 
     def log(self, program: str) -> Path:
         return self.path / "logs" / f"{program}.log"
+
+
+# A unix socket's path has room for 107 bytes (sun_path); keep well under it.
+SOCKET_PATH_MAX = 100
+
+
+def private_socket_directory() -> Path:
+    return Path(tempfile.gettempdir()) / f"neuronserve-{os.getuid()}"
+
+
+def _make_private_socket_directory() -> None:
+    """The temp dir is shared: the directory must be ours and closed to everyone else."""
+    directory = private_socket_directory()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise DeployError(
+            f"{directory} (for supervisord's socket, the run directory's path being too long) must be "
+            "a directory of this user's with mode 0700; remove it, or set deploy.run_dir to a shorter path"
+        )
 
 
 def run_dir(settings: Settings) -> RunDir:
@@ -399,9 +429,21 @@ def start(settings: Settings, plan: Plan, artifacts: Path, config: Path | None) 
     if rd.path.exists():
         shutil.rmtree(rd.path)  # a stale directory of a stopped deployment
     write_run_dir(settings, plan, artifacts, config)
-    subprocess.run(
-        [sys.executable, "-m", "supervisor.supervisord", "-c", str(rd.conf)], check=True, timeout=60
+    if rd.socket.parent != rd.path:
+        _make_private_socket_directory()
+    started = subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(rd.conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
+    if started.returncode != 0:
+        said = (started.stderr or started.stdout).strip().splitlines()
+        raise DeployError(
+            f"supervisord did not start (exit {started.returncode}): {said[0] if said else 'no output'}; "
+            f"its config is {rd.conf}"
+        )
     return rd
 
 
@@ -491,6 +533,8 @@ def stop(rd: RunDir, timeout_s: float = 120.0) -> bool:
         if supervisord_pid(rd) is not None:
             os.kill(pid, signal.SIGKILL)
     reaped = reap(rd)  # whatever outlived supervisord (a process killed and orphaned before)
+    if rd.socket.parent != rd.path:  # supervisord leaves its socket behind when it is killed
+        rd.socket.unlink(missing_ok=True)
     existed = rd.path.exists()
     if existed:
         shutil.rmtree(rd.path)
