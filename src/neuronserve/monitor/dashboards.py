@@ -104,6 +104,16 @@ SERVING: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                 ),
             ),
             PanelSpec(
+                "Padding efficiency per shape (real tokens / tokens computed)",
+                "percentunit",
+                (
+                    Query(
+                        "sum by (model, shape) (rate(neuronserve_real_tokens_total[$__rate_interval])) / sum by (model, shape) (rate(neuronserve_padded_tokens_total[$__rate_interval]))",
+                        "{{model}} {{shape}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
                 "Batch size per model (real inputs per model call)",
                 "short",
                 (

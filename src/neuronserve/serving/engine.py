@@ -361,13 +361,12 @@ class Engine:
 
     def _on_outcome(self, outcome: BatchOutcome) -> None:
         batch = outcome.batch
-        real = len(batch.items)
         if outcome.error is None:
             self.batcher.observe(batch.batch_size, batch.sequence_length, outcome.inference_s)
         self.metrics.batch_ran(
             outcome.copy,
-            real,
-            batch.batch_size - real,
+            (batch.batch_size, batch.sequence_length),
+            [item.length for item in batch.items],
             outcome.inference_s,
             [item.dispatched_at - item.enqueued_at for item in batch.items],
         )

@@ -82,6 +82,19 @@ class ServerMetrics:
             ["model"],
             registry=r,
         )
+        # Padding efficiency per compiled shape: real tokens over the tokens the shape computes.
+        self.real_tokens = Counter(
+            "neuronserve_real_tokens",
+            "Tokens of the real inputs in model calls, by compiled shape",
+            ["model", "shape"],
+            registry=r,
+        )
+        self.padded_tokens = Counter(
+            "neuronserve_padded_tokens",
+            "Tokens model calls computed (batch size x sequence length, padding included), by compiled shape",
+            ["model", "shape"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "neuronserve_queue_depth", "Inputs waiting for a copy", ["model"], registry=r
         )
@@ -172,6 +185,9 @@ class ModelMetrics:
         self._copy_inferences = metrics.copy_inferences
         self._copy_items = metrics.copy_items
         self._per_copy: dict[int, tuple[Any, Any]] = {}
+        self._real_tokens = metrics.real_tokens
+        self._padded_tokens = metrics.padded_tokens
+        self._per_shape: dict[tuple[int, int], tuple[Any, Any]] = {}
 
     def rejected(self, reason: str) -> None:
         self._rejections[reason].inc()
@@ -180,9 +196,26 @@ class ModelMetrics:
         self._dropped[reason].inc()
 
     def batch_ran(
-        self, copy: int, inputs: int, padding: int, seconds: float, queued: Sequence[float]
+        self,
+        copy: int,
+        shape: tuple[int, int],
+        lengths: Sequence[int],
+        seconds: float,
+        queued: Sequence[float],
     ) -> None:
-        """One model call of ``copy``: ``inputs`` real rows, their queue times, and its duration."""
+        """One model call of ``copy`` at ``shape`` (batch size, sequence length): its real rows'
+        token ``lengths``, their queue times, and its duration."""
+        inputs = len(lengths)
+        per_shape = self._per_shape.get(shape)
+        if per_shape is None:
+            label = f"b{shape[0]}s{shape[1]}"
+            per_shape = (
+                self._real_tokens.labels(model=self.model, shape=label),
+                self._padded_tokens.labels(model=self.model, shape=label),
+            )
+            self._per_shape[shape] = per_shape
+        per_shape[0].inc(sum(lengths))
+        per_shape[1].inc(shape[0] * shape[1])
         children = self._per_copy.get(copy)
         if children is None:
             children = (
@@ -194,7 +227,7 @@ class ModelMetrics:
         children[1].inc(inputs)
         self.inference_duration.observe(seconds)
         self.batch_size.observe(inputs)
-        self.padding_rows.inc(padding)
+        self.padding_rows.inc(shape[0] - inputs)
         observe_many(self.queue_duration, queued)
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:

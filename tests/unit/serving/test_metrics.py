@@ -56,8 +56,9 @@ def test_answered_and_batch_ran_export_the_series_labelled_by_model() -> None:
     m.answered("/predict", 429, 0.0001, "rr")
     m.answered("/predict", 401, 0.0001)  # refused before a model was chosen
     m.for_model("emb").batch_ran(
-        1, inputs=5, padding=3, seconds=0.02, queued=[0.001, 0.002, 0.003, 0.004, 0.2]
+        1, (8, 32), lengths=[10, 32, 7, 20, 3], seconds=0.02, queued=[0.001, 0.002, 0.003, 0.004, 0.2]
     )
+    m.for_model("emb").batch_ran(1, (1, 16), lengths=[12], seconds=0.01, queued=[0.0])
     rr = m.for_model("rr")
     rr.rejected("queue_full")
     text = generate_latest(m.registry).decode()
@@ -65,11 +66,16 @@ def test_answered_and_batch_ran_export_the_series_labelled_by_model() -> None:
     assert 'neuronserve_requests_total{code="429",model="rr",route="/predict"} 1.0' in text
     assert 'neuronserve_requests_total{code="401",model="",route="/predict"} 1.0' in text
     assert 'neuronserve_request_duration_seconds_count{model="emb",route="/predict"} 3.0' in text
-    assert 'neuronserve_copy_items_total{copy="1",model="emb"} 5.0' in text
-    assert 'neuronserve_copy_inferences_total{copy="1",model="emb"} 1.0' in text
+    assert 'neuronserve_copy_items_total{copy="1",model="emb"} 6.0' in text
+    assert 'neuronserve_copy_inferences_total{copy="1",model="emb"} 2.0' in text
     assert 'neuronserve_padding_rows_total{model="emb"} 3.0' in text
-    assert 'neuronserve_queue_duration_seconds_count{model="emb"} 5.0' in text
-    assert 'neuronserve_queue_duration_seconds_bucket{le="0.0025",model="emb"} 2.0' in text
+    # padding efficiency per shape: real tokens over the tokens each call computed
+    assert 'neuronserve_real_tokens_total{model="emb",shape="b8s32"} 72.0' in text
+    assert 'neuronserve_padded_tokens_total{model="emb",shape="b8s32"} 256.0' in text
+    assert 'neuronserve_real_tokens_total{model="emb",shape="b1s16"} 12.0' in text
+    assert 'neuronserve_padded_tokens_total{model="emb",shape="b1s16"} 16.0' in text
+    assert 'neuronserve_queue_duration_seconds_count{model="emb"} 6.0' in text
+    assert 'neuronserve_queue_duration_seconds_bucket{le="0.0025",model="emb"} 3.0' in text
     assert 'neuronserve_rejections_total{model="rr",reason="queue_full"} 1.0' in text
     # every model's reasons exist from the start, so rates and panels do too
     assert 'neuronserve_rejections_total{model="emb",reason="deadline"} 0.0' in text
