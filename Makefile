@@ -27,8 +27,8 @@ $(VENV)/.installed-%: pyproject.toml constraints/cpu.txt
 	fi
 
 # Debian packages neuronserve runs, installed with apt-get when missing (SYSTEM_DEPS: nginx for
-# deployments, prometheus for the monitoring tests; hey for the benches that compare with it).
-SYSTEM_DEPS ?= nginx prometheus
+# deployments; prometheus and hey, an open-loop load that outpaces the servers, for the tests).
+SYSTEM_DEPS ?= nginx prometheus hey
 system-deps:
 	./scripts/system-deps.sh $(SYSTEM_DEPS)
 

@@ -16,22 +16,23 @@ from pathlib import Path
 from tests.integration.servers import free_port
 
 
-def neuronserve(work: Path, *args: str, check: bool = True) -> str:
-    """Run ``neuronserve`` with ``work``'s config; its stdout, or exit naming the failure."""
+def neuronserve(work: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    """Run ``neuronserve`` with ``work``'s config; its stdout, or exit naming the failure.
+    ``env`` adds to the environment (PYTHONPATH runs another checkout's code)."""
     cmd = [sys.executable, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=environment, check=False)
     if check and result.returncode != 0:
         raise SystemExit(f"neuronserve {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result.stdout
 
 
-def trace_cpu(work: Path, output_dir: Path | str, *settings: str) -> None:
+def trace_cpu(work: Path, output_dir: Path | str, *settings: str, env: dict[str, str] | None = None) -> None:
     """Trace on cpu into ``output_dir``; the tracer's cache compiles only what changed."""
     sets = [
         a for kv in ("trace.backend=cpu", f"trace.output_dir={output_dir}", *settings) for a in ("--set", kv)
     ]
-    neuronserve(work, "trace", "--quiet", *sets)
+    neuronserve(work, "trace", "--quiet", *sets, env=env)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ class Deployment:
 
 
 @contextmanager
-def deployed(work: Path, artifacts: Path, name: str, *settings: str) -> Iterator[Deployment]:
+def deployed(
+    work: Path, artifacts: Path, name: str, *settings: str, env: dict[str, str] | None = None
+) -> Iterator[Deployment]:
     """A local deployment of ``artifacts`` on free ports, run directory ``work/run/<name>``,
     no exporter; cleaned up afterwards whatever happened."""
     port, base = free_port(), free_port(os.cpu_count() or 1)
@@ -61,11 +64,11 @@ def deployed(work: Path, artifacts: Path, name: str, *settings: str) -> Iterator
     ]
     args = [a for kv in sets for a in ("--set", kv)]
     started = time.perf_counter()
-    neuronserve(work, "deploy", *args)
+    neuronserve(work, "deploy", *args, env=env)
     try:
         yield Deployment(name, port, time.perf_counter() - started)
     finally:
-        neuronserve(work, "cleanup", *args, check=False)
+        neuronserve(work, "cleanup", *args, check=False, env=env)
 
 
 @dataclass(frozen=True)

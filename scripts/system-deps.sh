@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages of the named tools when they are missing (default: nginx and
 # prometheus). nginx fronts every local deployment; prometheus runs in the monitoring tests and
-# with monitor.prometheus=true; hey is only for the benches that compare with it.
+# with monitor.prometheus=true; hey loads the tests' open-loop burst and the benches.
 #   scripts/system-deps.sh nginx            what fast-api/deploy.sh needs
 #   scripts/system-deps.sh nginx prometheus hey
 set -euo pipefail

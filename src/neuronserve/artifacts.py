@@ -33,11 +33,12 @@ class ArtifactError(RuntimeError):
     """Artifacts are missing, tampered with or do not match this host; the message says which."""
 
 
-ARTIFACT_NAME = re.compile(r"model-b\d+-s\d+\.pt")
+ARTIFACT_NAME = re.compile(r"model-b\d+-s\d+\.(pt|onnx)")
 
 
-def artifact_name(batch_size: int, sequence_length: int) -> str:
-    return f"model-b{batch_size}-s{sequence_length}.pt"
+def artifact_name(batch_size: int, sequence_length: int, suffix: str = ".pt") -> str:
+    """``suffix``: .pt for TorchScript (every backend), .onnx for the cpu backend's ONNX Runtime."""
+    return f"model-b{batch_size}-s{sequence_length}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ class Manifest:
     created_at: str
     memory: MemoryFacts
     format: int = FORMAT_VERSION
+    # The artifacts also run, verified at trace time, every multiple of trim_step tokens up to
+    # each compiled length (cpu: one artifact runs any shape): a batch then runs at its longest
+    # input rounded up to it instead of its bucket's full length. 0: compiled lengths only.
+    trim_step: int = 0
     directory: Path = field(default=Path(), compare=False)
     source_sha256: str = field(default="", compare=False)  # of the manifest.json bytes read
 
@@ -169,6 +174,7 @@ class Manifest:
             "tolerance": self.tolerance,
             "files": self.files,
             "memory": self.memory.to_json(),
+            "trim_step": self.trim_step,
         }
 
     @classmethod
@@ -186,6 +192,7 @@ class Manifest:
             tolerance={k: float(v) for k, v in data["tolerance"].items()},
             files={k: str(v) for k, v in data["files"].items()},
             memory=MemoryFacts.from_json(data["memory"]),
+            trim_step=int(data.get("trim_step", 0)),  # absent in manifests of older traces
             directory=directory,
         )
 

@@ -52,6 +52,8 @@ def setting(
 Task = Literal["feature-extraction", "text-classification", "question-answering"]
 BackendName = Literal["auto", "cpu", "neuronx", "neuron"]
 CpuAutoCast = Literal["none", "bf16"]
+CpuEngine = Literal["torchscript", "onnxruntime"]
+CpuQuantize = Literal["none", "int8"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,26 @@ class TraceSettings:
         "AMX, see bench/serve_overhead.py; MiniLM embeddings stay within cosine 0.9999 of fp32, "
         "but single hidden values move by up to ~0.8, so pair it with trace.max_abs_diff=1).",
     )
+    cpu_engine: CpuEngine = setting(
+        "torchscript",
+        "cpu backend runtime: torchscript (a frozen TorchScript trace) or onnxruntime (an ONNX export "
+        "run by ONNX Runtime; the onnx extra; often faster on CPUs, see bench/traffic.py). Both are "
+        "verified against eager PyTorch like any artifact.",
+    )
+    cpu_quantize: CpuQuantize = setting(
+        "none",
+        "cpu backend, trace.cpu_engine=onnxruntime: int8 quantises the weights (dynamic, per channel; "
+        "faster, less exact), verified against trace.quantized_min_cosine instead of "
+        "trace.max_abs_diff and trace.min_cosine; none keeps fp32.",
+    )
+    quantized_min_cosine: float = setting(
+        0.97,
+        "Verification of int8 artifacts: the smallest allowed cosine similarity per row to eager fp32 "
+        "of what requests get (embeddings mean-pooled over the real tokens, logits); int8 moves single "
+        "hidden values too much for trace.max_abs_diff.",
+        minimum=-1.0,
+        maximum=1.0,
+    )
     neuron_compiler_args: str = setting(
         "", "neuron-cc arguments for the neuron (Inf1) backend, e.g. --neuroncore-pipeline-cores 4."
     )
@@ -188,8 +210,8 @@ class ServeSettings:
     )
     models_per_server: int = setting(
         0,
-        "Model copies in each server, each driven by its own thread; 0 picks by backend: 1 on cpu "
-        "(copies share the server's cores, and two on one core are slower than one), 2 on Neuron "
+        "Model copies in each server, each driven by its own thread; 0 picks by backend: one per core "
+        "on cpu (one intra-op thread each; a batch running alone gets the idle cores), 2 on Neuron "
         "(one copy keeps a NeuronCore busy while the host prepares the next batch).",
         minimum=0,
         maximum=64,
@@ -300,7 +322,13 @@ class DeploySettings:
     cores: str = setting(
         "", "Cores to deploy on (NEURON_RT_VISIBLE_CORES syntax, e.g. 0-7); empty means every core found."
     )
-    cores_per_server: int = setting(1, "Cores each server owns (contiguous).", minimum=1, maximum=1024)
+    cores_per_server: int = setting(
+        0,
+        "Cores each server owns (contiguous); 0 picks by backend: 1 NeuronCore on Neuron; on cpu every "
+        "CPU up to 8 per server (its copies lend a lone request their idle CPUs), 1 per Kubernetes pod.",
+        minimum=0,
+        maximum=1024,
+    )
     servers: str = setting(
         "max",
         "max (as many servers as fit), auto (one server owning every core) or a number (an error if "
@@ -854,6 +882,17 @@ def _extra_model_key(
 
 def _check_consistency(settings: Settings) -> None:
     """Rules that span several keys."""
+    trace = settings.trace
+    if trace.cpu_quantize != "none" and trace.cpu_engine != "onnxruntime":
+        raise ConfigError(
+            f"trace.cpu_quantize={trace.cpu_quantize} needs trace.cpu_engine=onnxruntime (TorchScript "
+            "artifacts are not quantised)"
+        )
+    if trace.cpu_auto_cast != "none" and trace.cpu_engine != "torchscript":
+        raise ConfigError(
+            f"trace.cpu_auto_cast={trace.cpu_auto_cast} applies to trace.cpu_engine=torchscript; with "
+            "onnxruntime use trace.cpu_auto_cast=none (or trace.cpu_quantize=int8)"
+        )
     deploy = settings.deploy
     if deploy.k8s_max_replicas < deploy.k8s_replicas:
         raise ConfigError(

@@ -41,7 +41,13 @@ from neuronserve.artifacts import (
     read_manifest,
     write_manifest,
 )
-from neuronserve.backends import choose_backend, compiler_args_for, create_backend, trace_grid
+from neuronserve.backends import (
+    artifact_suffix,
+    choose_backend,
+    compiler_args_for,
+    create_backend,
+    trace_grid,
+)
 from neuronserve.backends.base import Backend, LoadedModel
 from neuronserve.models import (
     SERVING_FILES,
@@ -121,6 +127,39 @@ def compare_outputs(traced: tuple[torch.Tensor, ...], eager: tuple[torch.Tensor,
     return {"max_abs_diff": max_abs, "min_cosine": min_cos}
 
 
+def served_cosine(
+    traced: tuple[torch.Tensor, ...], eager: tuple[torch.Tensor, ...], mask: torch.Tensor
+) -> float:
+    """The smallest per-row cosine of what requests are answered from, over the real tokens:
+    hidden states (batch, sequence, hidden) mean-pooled as embeddings are, per-token outputs
+    (batch, sequence) with the padding left out, per-row outputs (logits) as they are."""
+    import torch
+
+    worst = 1.0
+    real = mask.to(torch.float32)
+    for t, e in zip(traced, eager, strict=True):
+        t32, e32 = t.detach().float(), e.detach().float()
+        if t32.dim() == 3:
+            weights = real.unsqueeze(-1)
+            t32, e32 = (t32 * weights).sum(1) / weights.sum(1), (e32 * weights).sum(1) / weights.sum(1)
+        elif t32.dim() == 2 and t32.shape == mask.shape:
+            t32, e32 = t32 * real, e32 * real
+        cos = torch.nn.functional.cosine_similarity(
+            t32.reshape(len(t32), -1), e32.reshape(len(e32), -1), dim=1
+        )
+        worst = min(worst, float(cos.min()))
+    return worst
+
+
+def verification_tolerance(backend_name: str, settings: Settings) -> dict[str, float]:
+    """What a traced shape must meet against eager PyTorch: int8 artifacts only their own cosine
+    floor (quantisation moves single values far more than any fp32 engine does)."""
+    t = settings.trace
+    if backend_name == "cpu" and t.cpu_quantize != "none":
+        return {"min_cosine": t.quantized_min_cosine}
+    return {"max_abs_diff": t.max_abs_diff, "min_cosine": t.min_cosine}
+
+
 def _versions(sdk_versions: dict[str, str]) -> dict[str, str]:
     versions = {
         "python": platform.python_version(),
@@ -169,16 +208,23 @@ def _verify_shape(
         inputs = sample_inputs(eager, task, batch_size, seq, offset=offset)
         with torch.no_grad():
             expected = tuple(eager.module(*inputs))
-        figures = compare_outputs(compiled.run(inputs), expected)
+        got = compiled.run(inputs)
+        figures = compare_outputs(got, expected)
+        if "max_abs_diff" not in tolerance:  # int8: judged by what requests get back
+            mask = inputs[eager.input_names.index("attention_mask")]
+            figures["min_cosine"] = served_cosine(got, expected, mask)
         worst["max_abs_diff"] = max(worst["max_abs_diff"], figures["max_abs_diff"])
         worst["min_cosine"] = min(worst["min_cosine"], figures["min_cosine"])
-    if worst["max_abs_diff"] > tolerance["max_abs_diff"] or worst["min_cosine"] < tolerance["min_cosine"]:
+    # A tolerance without max_abs_diff (int8 artifacts) checks the cosine only.
+    allowed_abs = tolerance.get("max_abs_diff", float("inf"))
+    if worst["max_abs_diff"] > allowed_abs or worst["min_cosine"] < tolerance["min_cosine"]:
+        allowed = f"allowed {allowed_abs:.3g}" if "max_abs_diff" in tolerance else "not checked"
         raise VerificationError(
             f"shape b{batch_size} s{seq}: traced outputs differ from eager PyTorch "
-            f"(max abs diff {worst['max_abs_diff']:.3g}, allowed {tolerance['max_abs_diff']:.3g}; "
+            f"(max abs diff {worst['max_abs_diff']:.3g}, {allowed}; "
             f"min cosine {worst['min_cosine']:.6f}, required {tolerance['min_cosine']:.6f}); "
             "check the compiler arguments (e.g. --auto-cast none, or trace.cpu_auto_cast=none) or "
-            "loosen trace.max_abs_diff / trace.min_cosine"
+            "loosen trace.max_abs_diff / trace.min_cosine (int8: trace.quantized_min_cosine)"
         )
     return worst
 
@@ -191,6 +237,8 @@ def _output_shapes(
 
 
 COST_CALLS = 2  # after verification's calls have warmed the shape; the minimum is kept
+TRIM_STEP = 8  # shared artifacts are verified at every multiple of this many tokens (Manifest.trim_step)
+TRIM_BATCH = 2  # ... at this batch size: two rows, so padding differs between them
 
 
 def measure_cost(compiled: LoadedModel, inputs: tuple[torch.Tensor, ...]) -> float:
@@ -246,7 +294,7 @@ def run_trace(
     model_sha = model_sha256(model_dir)
     versions = _versions(sdk_versions)
     compiler_args = compiler_args_for(backend_name, settings.trace)
-    tolerance = {"max_abs_diff": settings.trace.max_abs_diff, "min_cosine": settings.trace.min_cosine}
+    tolerance = verification_tolerance(backend_name, settings)
     batch_sizes, sequence_lengths = trace_grid(backend_name, settings.trace)
     shapes = [(b, s) for s in sequence_lengths for b in batch_sizes]
     keys = {
@@ -284,7 +332,7 @@ def run_trace(
         say(f"b{b} s{s}: up to date, skipped")
 
     def manifest_of(
-        done: dict[tuple[int, int], ShapeEntry], input_names: tuple[str, ...], weights: int
+        done: dict[tuple[int, int], ShapeEntry], input_names: tuple[str, ...], weights: int, trim: int = 0
     ) -> Manifest:
         ordered = tuple(done[shape] for shape in shapes if shape in done)
         return Manifest(
@@ -306,6 +354,7 @@ def run_trace(
                 shapes_share_artifact=backend.sharing.shapes,
                 copies_share_load=backend.sharing.copies,
             ),
+            trim_step=trim,
             directory=out_dir,
         )
 
@@ -317,7 +366,7 @@ def run_trace(
             done_so_far[(entry.batch_size, entry.sequence_length)] = entry
             write_manifest(manifest_of(done_so_far, input_names, weights), staging)
 
-        compiled, input_names, weights = _compile_shapes(
+        compiled, input_names, weights, trim = _compile_shapes(
             backend=backend,
             model_dir=model_dir,
             out_dir=staging,
@@ -329,14 +378,16 @@ def run_trace(
             progress=progress,
             say=say,
             on_shape=record,
+            served={shape: entry.file for shape, entry in entries.items()},
+            suffix=artifact_suffix(backend_name, settings.trace),
         )
         entries.update(compiled)
     else:
         known = _traced_model(staging, previous)
-        input_names, weights = known.input_names, known.memory.weight_bytes
+        input_names, weights, trim = known.input_names, known.memory.weight_bytes, known.trim_step
     _copy_serving_files(model_dir, staging)
     _keep_only(staging, {entry.file for entry in entries.values()})
-    manifest = manifest_of(entries, input_names, weights)
+    manifest = manifest_of(entries, input_names, weights, trim)
     write_manifest(manifest, staging)
     _swap_in(staging, out_dir)
     return TraceReport(manifest, out_dir, reason, tuple(todo), skipped)
@@ -392,7 +443,7 @@ def _check_lengths(model_dir: Path, sequence_lengths: tuple[int, ...]) -> None:
 def _keep_only(directory: Path, artifacts: set[str]) -> None:
     """Remove every artifact not in ``artifacts`` (a removed shape's, or one named like ours by
     an older manifest format) and the compilers' work directories."""
-    for path in directory.glob("model-b*-s*.pt"):
+    for path in directory.glob("model-b*-s*.*"):
         if ARTIFACT_NAME.fullmatch(path.name) and path.name not in artifacts:
             path.unlink()
     for path in directory.glob(".compiler-*"):
@@ -485,9 +536,13 @@ def _compile_shapes(
     progress: bool,
     say: Callable[[str], None],
     on_shape: Callable[[ShapeEntry, tuple[str, ...], int], None],
-) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...], int]:
-    """Verify (and where needed compile) every shape of ``todo``; returns entries, input names
-    and the model's weight bytes. ``on_shape`` records each finished shape as it is done."""
+    served: dict[tuple[int, int], str] | None = None,
+    suffix: str = ".pt",
+) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...], int, int]:
+    """Verify (and where needed compile) every shape of ``todo``; returns entries, input names,
+    the model's weight bytes and the trim step verified (see ``Manifest.trim_step``; 0 where
+    artifacts do not serve several shapes). ``on_shape`` records each finished shape as it is
+    done; ``served`` names the file of each shape already done (for the trim verification)."""
     from tqdm import tqdm
 
     from neuronserve.backends.base import CoreSet
@@ -506,7 +561,7 @@ def _compile_shapes(
         bar.set_postfix_str(f"b{b} s{s}")
         file, compiled, figures = _reuse(candidates, eager=eager, task=task, b=b, s=s, tolerance=tolerance)
         if compiled is None:
-            file = artifact_name(b, s)
+            file = artifact_name(b, s, suffix)
             compiled, figures = _compile_one(
                 backend, eager=eager, task=task, dest=out_dir / file, b=b, s=s, tolerance=tolerance
             )
@@ -530,7 +585,50 @@ def _compile_shapes(
             f"min cosine {figures['min_cosine']:.6f}, {done[(b, s)].cost_s * 1000:.1f} ms per call)"
         )
     bar.close()
-    return done, eager.input_names, weights
+    trim = 0
+    if backend.sharing.shapes:
+        files = {**(served or {}), **{shape: entry.file for shape, entry in done.items()}}
+        trim = _verify_trim(candidates, files, eager=eager, task=task, tolerance=tolerance, say=say)
+    return done, eager.input_names, weights, trim
+
+
+def _verify_trim(
+    candidates: dict[str, LoadedModel],
+    files: dict[tuple[int, int], str],
+    *,
+    eager: EagerModel,
+    task: str,
+    tolerance: dict[str, float],
+    say: Callable[[str], None],
+) -> int:
+    """TRIM_STEP if every artifact reproduces eager PyTorch at every multiple of it up to the
+    longest compiled length it serves (batch sizes are covered by the compiled shapes), else 0."""
+    longest: dict[str, int] = {}
+    for (_b, s), file in files.items():
+        longest[file] = max(longest.get(file, 0), s)
+    compiled_lengths = {s for _b, s in files}
+    for file, top in sorted(longest.items()):
+        model = candidates.get(file)
+        if model is None:
+            return 0  # this is an artifact that was not loaded: do not claim what was not checked
+        for length in range(TRIM_STEP, top + 1, TRIM_STEP):
+            if length in compiled_lengths:
+                continue
+            try:
+                with _quiet_tracing():
+                    _verify_shape(
+                        compiled=model,
+                        eager=eager,
+                        task=task,
+                        batch_size=TRIM_BATCH,
+                        seq=length,
+                        tolerance=tolerance,
+                    )
+            except (VerificationError, RuntimeError) as exc:
+                say(f"{file} at {length} tokens: {exc}; batches run at compiled lengths only")
+                return 0
+    say(f"verified at every multiple of {TRIM_STEP} tokens: batches run at their longest input's length")
+    return TRIM_STEP
 
 
 def _reuse(

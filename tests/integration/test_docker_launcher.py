@@ -250,6 +250,7 @@ def setup(tmp_path: Path) -> Iterator[Callable[..., tuple[Settings, Plan, _Engin
         settings = make_settings(
             tmp_path,
             deploy__name="itest",
+            deploy__cores_per_server=values.pop("cores_per_server", "1"),  # two servers on (0, 1)
             deploy__port=str(free_port()),
             deploy__ready_timeout_s=values.pop("ready_timeout_s", "60"),
             monitor__port=str(free_port()),

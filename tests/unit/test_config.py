@@ -34,7 +34,8 @@ def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
     from neuronserve.deploy.inventory import Inventory
     from neuronserve.deploy.plan import make_plan
 
-    assert [copies_per_server(b, 0) for b in ("cpu", "neuronx", "neuron")] == [1, 2, 2]
+    # cpu: one copy per core of the server; Neuron: two per server
+    assert [copies_per_server(b, 0, 4) for b in ("cpu", "neuronx", "neuron")] == [4, 2, 2]
     defaults = make_settings(tmp_path).trace
     assert trace_grid("cpu", defaults) == ((1, 2, 4, 8, 16, 32), (16, 32, 64, 128))
     assert trace_grid("neuronx", defaults) == ((1, 4, 8), (32, 64, 128))
@@ -42,11 +43,11 @@ def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
     assert trace_grid("neuron", chosen) == ((2,), (64,))
     with pytest.raises(ConfigError, match="needs at least one value"):
         make_settings(tmp_path, bench__concurrency="")  # only the grid has a "pick for me"
-    assert copies_per_server("neuronx", 3) == 3
+    assert copies_per_server("neuronx", 3, 1) == 3 and copies_per_server("cpu", 3, 8) == 3
     settings = make_settings(tmp_path)
     cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
     neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), "neuronx")
-    assert [s.copies for s in cpu.servers] == [1, 1]
+    assert [(len(s.cores), s.copies) for s in cpu.servers] == [(2, 2)]
     assert [s.copies for s in neuron.servers] == [2, 2]
 
 

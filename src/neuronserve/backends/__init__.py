@@ -19,10 +19,12 @@ __all__ = [
     "BackendError",
     "CoreSet",
     "LoadedModel",
+    "artifact_suffix",
     "choose_backend",
     "copies_per_server",
     "copy_core",
     "create_backend",
+    "lends_cores",
     "trace_grid",
 ]
 
@@ -69,7 +71,7 @@ def create_backend(name: str, trace: TraceSettings, *, shared_weights: bool = Fa
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
-        return CpuBackend(auto_cast=trace.cpu_auto_cast)
+        return CpuBackend(auto_cast=trace.cpu_auto_cast, engine=trace.cpu_engine, quantize=trace.cpu_quantize)
     if name == "neuronx":
         from neuronserve.backends.neuronx import NeuronxBackend
 
@@ -89,7 +91,18 @@ def compiler_args_for(name: str, trace: TraceSettings) -> str:
         return trace.neuronx_compiler_args
     if name == "neuron":
         return f"{trace.neuron_compiler_args} dynamic_batch_size={trace.neuron_dynamic_batch}".strip()
-    return "" if trace.cpu_auto_cast == "none" else f"auto-cast={trace.cpu_auto_cast}"
+    parts = [
+        f"auto-cast={trace.cpu_auto_cast}" if trace.cpu_auto_cast != "none" else "",
+        f"engine={trace.cpu_engine}" if trace.cpu_engine != "torchscript" else "",
+        f"quantize={trace.cpu_quantize}" if trace.cpu_quantize != "none" else "",
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def artifact_suffix(name: str, trace: TraceSettings) -> str:
+    """The file type of backend ``name``'s artifacts: TorchScript (.pt), or ONNX (.onnx) for the
+    cpu backend with trace.cpu_engine=onnxruntime."""
+    return ".onnx" if name == "cpu" and trace.cpu_engine == "onnxruntime" else ".pt"
 
 
 def prepare_process(name: str, cores: CoreSet, copies: int, tag: str, *, shared_weights: bool = False) -> int:
@@ -118,13 +131,36 @@ def copy_core(name: str, index: int, cores: CoreSet) -> int:
     return 0 if name == "cpu" else index % len(cores)
 
 
-def copies_per_server(name: str, configured: int) -> int:
-    """``serve.models_per_server``, or the backend's default when it is 0.
+def lends_cores(name: str, artifact_files: Sequence[str]) -> bool:
+    """Whether a server's idle CPUs may be lent to a batch that runs alone (as its intra-op
+    threads), which needs a model that takes a thread count per call: TorchScript on cpu.
 
-    cpu: 1, because the copies of a server share its CPUs (two on one core measured slower than
-    one). Neuron: 2, so one copy keeps the NeuronCore busy while the host prepares the next batch.
+    ONNX Runtime's session spreads a call over the idle threads of its own pool by itself, and a
+    NeuronCore is not a thread to lend.
     """
-    return configured or (1 if name == "cpu" else 2)
+    return name == "cpu" and all(file.endswith(".pt") for file in artifact_files)
+
+
+def call_threads_setter(name: str) -> Callable[[int], None]:
+    """How a copy thread sets the intra-op threads of its next call (see :func:`lends_cores`):
+    torch's count is per calling thread."""
+    if name != "cpu":
+        raise BackendError(f"this is a bug: {name} copies are not given threads per call")
+    import torch
+
+    return torch.set_num_threads
+
+
+def copies_per_server(name: str, configured: int, cores: int) -> int:
+    """``serve.models_per_server``, or the backend's default when it is 0, for a server of
+    ``cores`` cores.
+
+    cpu: one copy per core, one intra-op thread each, so that a loaded server keeps every core
+    busy with its own batch, and an idle one lends its cores to a lone batch (see
+    ``lends_cores``). Neuron: 2, so one copy keeps the NeuronCore busy while the host prepares
+    the next batch.
+    """
+    return configured or (max(1, cores) if name == "cpu" else 2)
 
 
 def trace_grid(name: str, trace: TraceSettings) -> tuple[tuple[int, ...], tuple[int, ...]]:

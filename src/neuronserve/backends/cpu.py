@@ -6,6 +6,11 @@ shape the tracer verifies it at, and the copies of a server share that one loade
 whatever its number of shapes and copies. Measured on all-MiniLM-L6-v2: the shared artifact
 runs each grid shape within noise of an artifact traced at that very shape.
 
+With ``trace.cpu_engine=onnxruntime`` the artifact is an ONNX export (dynamic batch and sequence
+axes, so it too runs any shape) run by ONNX Runtime, optionally with int8 weights
+(``trace.cpu_quantize=int8``, dynamic quantisation per channel). One session serves every copy;
+its thread pool spreads a call over whatever threads are idle, without spinning.
+
 With ``trace.cpu_auto_cast=bf16`` every ``nn.Linear`` runs in bfloat16 (weights stored in bf16,
 activations cast on the way in, fp32 out) and everything else stays fp32: the CPU counterpart of
 neuronx-cc's ``--auto-cast matmult --auto-cast-type bf16``. On CPUs with AMX or AVX512-BF16,
@@ -22,7 +27,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from neuronserve.backends.base import CoreSet, LoadedModel, Sharing, TorchScriptModel, torchscript_quietly
+from neuronserve.backends.base import (
+    BackendError,
+    CoreSet,
+    LoadedModel,
+    Sharing,
+    TorchScriptModel,
+    torchscript_quietly,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -78,10 +90,14 @@ class CpuBackend:
     name = "cpu"
     sharing = Sharing(shapes=True, copies=True)
 
-    def __init__(self, auto_cast: str = "none") -> None:
+    def __init__(self, auto_cast: str = "none", engine: str = "torchscript", quantize: str = "none") -> None:
         if auto_cast not in ("none", "bf16"):
             raise ValueError(f"trace.cpu_auto_cast={auto_cast!r}: use none or bf16")
+        if engine not in ("torchscript", "onnxruntime") or quantize not in ("none", "int8"):
+            raise ValueError(f"this is a bug: cpu engine {engine!r}, quantize {quantize!r}")
         self.auto_cast = auto_cast
+        self.engine = engine
+        self.quantize = quantize
         # The tracer compiles every shape from the same eager module: cast it once, not per shape.
         self._cast: tuple[torch.nn.Module, torch.nn.Module] | None = None
         # One loaded module per artifact file, shared by every copy that loads it.
@@ -90,13 +106,25 @@ class CpuBackend:
 
     def versions(self) -> dict[str, str]:
         # torch's own version is recorded for every backend by the tracer.
-        return {}
+        if self.engine != "onnxruntime":
+            return {}
+        try:
+            from importlib import metadata
+
+            return {"onnxruntime": metadata.version("onnxruntime"), "onnx": metadata.version("onnx")}
+        except metadata.PackageNotFoundError as exc:
+            raise BackendError(
+                f"trace.cpu_engine=onnxruntime needs {exc.name}: pip install 'neuronserve[onnx]'"
+            ) from None
 
     def compile(
         self, module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], dest: Path
     ) -> LoadedModel:
         import torch
 
+        if self.engine == "onnxruntime":
+            export_onnx(module, example_inputs, dest, int8=self.quantize == "int8")
+            return _load_onnx(dest, threads=1)  # costs are measured for one core, as torchscript's
         if self.auto_cast == "bf16":
             module = self._bf16_copy(module)
         with torchscript_quietly(), torch.no_grad():
@@ -119,11 +147,15 @@ class CpuBackend:
         return self._cast[1]
 
     def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
-        del cores, start_nc  # the process is pinned once by pin_process; nothing per copy
+        del start_nc  # the process is pinned once by pin_process; nothing per copy
         key = artifact.resolve()
         with self._load_lock:
             if key not in self._loaded:
-                self._loaded[key] = _load_file(artifact)
+                if artifact.suffix == ".onnx":
+                    usable = min(len(cores), cgroup_cpu_limit() or len(cores))
+                    self._loaded[key] = _load_onnx(artifact, threads=usable)
+                else:
+                    self._loaded[key] = _load_file(artifact)
             return self._loaded[key]
 
 
@@ -132,6 +164,95 @@ def _load_file(artifact: Path) -> LoadedModel:
 
     with torchscript_quietly():
         return TorchScriptModel(torch.jit.load(str(artifact), map_location="cpu"))
+
+
+def _dynamic_axes(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[dict[int, str]]:
+    """For each output, which dimensions follow the batch and the sequence: found by running the
+    module at the example's shape and at one row and token more."""
+    import torch
+
+    b, s = example_inputs[0].shape
+    grown = tuple(torch.cat([t, t[:1]])[:, [*range(s), s - 1]] for t in example_inputs)
+    with torch.no_grad():
+        first, second = tuple(module(*example_inputs)), tuple(module(*grown))
+    axes = []
+    for small, large in zip(first, second, strict=True):
+        named = {}
+        for dim, (x, y) in enumerate(zip(small.shape, large.shape, strict=True)):
+            if (x, y) == (b, b + 1):
+                named[dim] = "batch"
+            elif (x, y) == (s, s + 1):
+                named[dim] = "sequence"
+        axes.append(named)
+    return axes
+
+
+def export_onnx(
+    module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], dest: Path, *, int8: bool
+) -> None:
+    """Export ``module`` to ONNX at ``dest`` with dynamic batch and sequence axes (int8: its
+    weights quantised per channel, activations quantised as they come)."""
+    import warnings
+
+    import torch
+
+    input_names = list(getattr(module, "input_names", [f"input_{i}" for i in range(len(example_inputs))]))
+    output_axes = _dynamic_axes(module, example_inputs)
+    output_names = list(getattr(module, "output_names", [f"output_{i}" for i in range(len(output_axes))]))
+    axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    axes.update(dict(zip(output_names, output_axes, strict=True)))
+    fp32 = dest.with_name(dest.name + ".fp32") if int8 else dest
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript-based exporter (its deprecation notice) and the tracer's notices about
+        # shape comparisons, which verification against eager covers.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            example_inputs,
+            str(fp32),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        try:
+            quantize_dynamic(str(fp32), str(dest), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            fp32.unlink(missing_ok=True)
+
+
+class OnnxModel:
+    """An ONNX Runtime session; ``run`` is thread-safe, so every copy of a server calls it."""
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+        self._names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        import torch
+
+        feed = {name: tensor.numpy() for name, tensor in zip(self._names, inputs, strict=True)}
+        outputs = self._session.run(None, feed)  # type: ignore[attr-defined]
+        return tuple(torch.from_numpy(out) for out in outputs)
+
+
+def _load_onnx(artifact: Path, *, threads: int) -> LoadedModel:
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError:
+        raise BackendError(f"{artifact.name} is an ONNX artifact: pip install 'neuronserve[onnx]'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Copies share the session's pool: a spinning pool would burn the cores another copy needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings are about optimisations it skipped
+    return OnnxModel(ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"]))
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:

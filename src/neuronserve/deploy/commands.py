@@ -158,7 +158,7 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
         )
     copies = ", ".join(f"{name} x{c}" for name, c in plan.model_copies)
     print(
-        f"backend {backend} ({why}); each pod is one server of {settings.deploy.cores_per_server} "
+        f"backend {backend} ({why}); each pod is one server of {len(plan.servers[0].cores)} "
         f"core(s) holding {copies}; {settings.deploy.k8s_replicas} pod(s), autoscaled up to "
         f"{settings.deploy.k8s_max_replicas} ({settings.deploy.k8s_autoscaler})"
     )

@@ -22,7 +22,7 @@ import yaml
 from neuronserve import __version__
 from neuronserve.config import Settings, format_value, settings_environment
 from neuronserve.deploy.inventory import Inventory
-from neuronserve.deploy.plan import PROBE_TIMEOUT_S, Plan, make_plan
+from neuronserve.deploy.plan import PROBE_TIMEOUT_S, Plan, cores_per_server, make_plan
 
 SERVER_PORT = 8080
 EXPORTER_PORT = 9110
@@ -58,7 +58,7 @@ SKIP_DIGEST = "CKV_K8S_43=the image is built by the user: pin its digest in an o
 def pod_inventory(settings: Settings, backend: str) -> Inventory:
     """What one pod has: ``deploy.cores_per_server`` cores, numbered from 0 as the pod sees them
     (its node's memory is not known here)."""
-    cores = tuple(range(settings.deploy.cores_per_server))
+    cores = tuple(range(cores_per_server(settings, backend, None)))
     return Inventory("cpu" if backend == "cpu" else "neuron", cores, {})
 
 
@@ -84,7 +84,7 @@ def _memory(settings: Settings, host_bytes: int | None) -> str:
 
 def _cpu(settings: Settings, backend: str) -> str:
     """cpu: the server's cores; Neuron: one vCPU per NeuronCore and one for HTTP and tokenizing."""
-    per_server = settings.deploy.cores_per_server
+    per_server = cores_per_server(settings, backend, None)
     return str(per_server if backend == "cpu" else per_server + 1)
 
 
@@ -240,7 +240,7 @@ def deployment(settings: Settings, backend: str, memory: str) -> dict[str, Any]:
     labels = _labels(settings, "server")
     period = 5
     grace = grace_period_s(settings)
-    neuroncores = 0 if backend == "cpu" else settings.deploy.cores_per_server
+    neuroncores = 0 if backend == "cpu" else cores_per_server(settings, backend, None)
     server: dict[str, Any] = {
         "name": "server",
         "image": image(settings, backend),

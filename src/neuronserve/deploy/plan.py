@@ -78,12 +78,30 @@ def chosen_cores(settings: Settings, inventory: Inventory) -> tuple[int, ...]:
     return chosen
 
 
-def _layout(settings: Settings, total: int) -> tuple[int, int]:
+# cpu: the most CPUs one server owns by default. Its event loop feeds every copy, at ~250 us of
+# CPU per single-text request (bench/host_overhead.py), which keeps this many single-core copies
+# of a small encoder busy; a larger host gets several servers behind nginx.
+CPU_CORES_PER_SERVER = 8
+
+
+def cores_per_server(settings: Settings, backend: str, total: int | None) -> int:
+    """``deploy.cores_per_server``, or by backend when it is 0: 1 NeuronCore on Neuron; on cpu
+    every one of the ``total`` CPUs up to CPU_CORES_PER_SERVER (an even share of them beyond),
+    so a server's copies lend each other idle CPUs; 1 where the total is unknown (a pod)."""
+    configured = settings.deploy.cores_per_server
+    if configured or backend != "cpu" or total is None:
+        return configured or 1
+    if total <= CPU_CORES_PER_SERVER:
+        return total
+    return max(d for d in _divisors(total) if d <= CPU_CORES_PER_SERVER)
+
+
+def _layout(settings: Settings, total: int, backend: str) -> tuple[int, int]:
     """(cores per server, number of servers) for ``total`` cores."""
     d = settings.deploy
     if d.servers == "auto":
         return total, 1
-    per_server = d.cores_per_server
+    per_server = cores_per_server(settings, backend, total)
     if per_server > total:
         raise ConfigError(f"deploy.cores_per_server {per_server} exceeds the {total} cores available")
     fits = total // per_server
@@ -107,7 +125,7 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
     """Contiguous core ranges per server; errors say what would fit."""
     d = settings.deploy
     chosen = chosen_cores(settings, inventory)
-    per_server, count = _layout(settings, len(chosen))
+    per_server, count = _layout(settings, len(chosen), backend)
     servers = []
     for i in range(count):
         ids = tuple(chosen[i * per_server : (i + 1) * per_server])
@@ -125,11 +143,11 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
                 cores=CoreSet(ids),
                 devices=inventory.devices_for(ids),
                 port=port,
-                copies=copies_per_server(backend, settings.serve.models_per_server),
+                copies=copies_per_server(backend, settings.serve.models_per_server, per_server),
             )
         )
     model_copies = tuple(
-        (name, copies_per_server(backend, model.serve.models_per_server))
+        (name, copies_per_server(backend, model.serve.models_per_server, per_server))
         for name, model in settings.per_model().items()
     )
     used = {c for s in servers for c in s.cores.ids}

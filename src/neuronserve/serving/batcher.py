@@ -11,7 +11,15 @@ shape:
   waiting (warm-up measures every shape), so two waiting items on a {1, 8} grid go to two copies
   at batch 1 rather than one batch-8 run that is three quarters padding;
 - a free copy takes whatever is waiting now; it waits up to ``max_delay_s`` for a fuller batch
-  only while every other copy is busy, so an idle copy never sits next to a waiting request.
+  only while every other copy is busy, so an idle copy never sits next to a waiting request;
+- while other copies are idle, what waits is shared out among them (a 32-text request runs on
+  every copy at once, not on one after the other);
+- with ``trim_step`` (artifacts that run any length, verified at trace time), a batch is padded to
+  its longest input rounded up to a multiple of it, not to its bucket's full length;
+- with ``lend_cores`` (the cpu backend, whose copies share the server's CPUs and take a thread
+  count per call), a batch that runs alone, with nothing else waiting, gets every idle core as
+  intra-op threads; a lent core is busy until that batch is ``finished``, so threads never
+  outnumber cores.
 
 Expired and cancelled items are dropped before they reach a copy (``on_drop`` answers them).
 """
@@ -69,6 +77,12 @@ class Batch:
     sequence_length: int
     batch_size: int
     items: tuple[WorkItem, ...]
+    threads: int = 1  # the cores this call may use (see Batcher's lend_cores)
+    length: int = 0  # tokens each row is padded to; 0: the compiled sequence_length
+
+    @property
+    def padded_length(self) -> int:
+        return self.length or self.sequence_length
 
 
 DropReason = str  # "expired" or "cancelled"
@@ -105,6 +119,10 @@ class Batcher:
         max_queue_tokens: int = 0,
         on_drop: Callable[[list[tuple[WorkItem, DropReason]]], None],
         clock: Callable[[], float] = time.monotonic,
+        cores: int = 1,
+        copies: int = 1,
+        lend_cores: bool = False,
+        trim_step: int = 0,
     ) -> None:
         if not sequence_lengths or not batch_sizes:
             raise ValueError("this is a bug: the batcher needs at least one compiled shape")
@@ -119,6 +137,15 @@ class Batcher:
         self._size = 0
         self._tokens = 0  # tokens of the queued inputs
         self._idle = 0  # copies waiting in next_batch
+        self.cores = cores
+        self.lend_cores = lend_cores
+        # Each copy's own share of the cores; a batch running alone gets all the free ones.
+        self.base_threads = max(1, cores // max(1, copies)) if lend_cores else 1
+        self._busy_cores = 0  # cores held by running batches (lend_cores only)
+        # Artifacts that run every multiple of trim_step tokens (Manifest.trim_step): a batch is
+        # padded to its longest input rounded up to it, not to its bucket's full length.
+        self.trim_step = trim_step
+        self._running = 0  # batches handed out and not yet finished
         self._closed = False
         self._costs: dict[tuple[int, int], float] = {}
         self._dispatches = 0
@@ -156,6 +183,11 @@ class Batcher:
         return self._size
 
     @property
+    def waiting_copies(self) -> int:
+        """Copies blocked in ``next_batch`` (for nothing to do, or for a core to be returned)."""
+        return self._idle
+
+    @property
     def depth_tokens(self) -> int:
         return self._tokens
 
@@ -185,6 +217,9 @@ class Batcher:
                             return None
                         self._wait(None)
                         continue
+                    if self.lend_cores and self._busy_cores >= self.cores:
+                        self._wait(None)  # this copy's core is lent to a running batch
+                        continue
                     batch, wait_until = self._select(now)
                     if batch is not None:
                         return batch
@@ -192,6 +227,14 @@ class Batcher:
         finally:
             if dropped:
                 self._on_drop(dropped)
+
+    def finished(self, batch: Batch) -> None:
+        """A copy is done with ``batch``: its cores are free again."""
+        with self._cond:
+            self._running -= 1
+            if self.lend_cores:
+                self._busy_cores -= batch.threads
+                self._cond.notify_all()  # copies that waited for a core
 
     def _wait(self, timeout: float | None) -> None:
         self._idle += 1
@@ -249,9 +292,13 @@ class Batcher:
         # The size is chosen for the bucket's own items: shorter items may only take rows that
         # would otherwise be padding, never turn a short batch into a long one.
         own = len(self._queues[seq])
-        size = self._explore(self.choose_batch_size(own, seq), own)
         smaller = [s for s in self.sequence_lengths if s < seq]
         available = own + sum(len(self._queues[s]) for s in smaller)
+        # Copies idle right now (and a core for each) share what waits instead of one taking it all.
+        free_cores = self.cores - self._busy_cores if self.lend_cores else self._idle + 1
+        sharing = max(1, min(self._idle + 1, free_cores))
+        share = -(-own // sharing)
+        size = self._explore(self.choose_batch_size(share, seq), share)
         if (
             available < size
             and self.max_delay_s > 0
@@ -261,14 +308,27 @@ class Batcher:
         ):
             return None, oldest_at + self.max_delay_s
         taken: list[WorkItem] = []
-        self._take(seq, size, taken)
-        for s in sorted(smaller, key=self._head_time):
+        self._take(seq, min(size, share), taken)
+        # Spare rows take the longest of the shorter items: they waste the least of the row.
+        for s in sorted(smaller, reverse=True):
             self._take(s, size, taken)
         self._size -= len(taken)
         self._tokens -= sum(item.length for item in taken)
         for item in taken:
             item.dispatched_at = now
-        return Batch(seq, size, tuple(taken)), now
+        threads = 1
+        if self.lend_cores:
+            alone = self._running == 0 and self._size == 0
+            threads = free_cores if alone else min(self.base_threads, free_cores)
+            self._busy_cores += threads
+        self._running += 1
+        if self._size and self._idle:
+            self._cond.notify()  # an idle copy takes the next share
+        length = seq
+        if self.trim_step:
+            longest = max(item.length for item in taken)
+            length = min(seq, -(-longest // self.trim_step) * self.trim_step)
+        return Batch(seq, size, tuple(taken), threads, length), now
 
     def _explore(self, size: int, waiting: int) -> int:
         """Now and then try the next larger size the cost model avoids while more inputs wait.

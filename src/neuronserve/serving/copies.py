@@ -43,12 +43,13 @@ class BatchOutcome:
 
 
 def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """Pad a batch to its compiled shape; returns (inputs in manifest order, attention mask).
+    """Pad a batch to its shape (its compiled batch size, its padded length); returns (inputs in
+    manifest order, attention mask).
 
     Vectorised: each row's tokens go to its first ``length`` columns, which is where a boolean
     mask of the real tokens puts a concatenation of the rows (in row-major order).
     """
-    b, s = batch.batch_size, batch.sequence_length
+    b, s = batch.batch_size, batch.padded_length
     encoded = [item.payload[0] for item in batch.items]
     lengths = np.fromiter((enc.length for enc in encoded), dtype=np.int64, count=len(encoded))
     real = np.zeros((b, s), dtype=bool)
@@ -101,8 +102,12 @@ class CopyWorker(threading.Thread):
         measure_lock: threading.Lock,
         max_failures: int,
         stop: threading.Event,
+        set_threads: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
+        # Lent cores (see Batcher's lend_cores): the intra-op threads of this thread's next call.
+        self._set_threads = set_threads
+        self._threads = 0  # set when the thread starts
         self._on_health = on_health
         self._max_failures = max_failures
         self._stopping = stop
@@ -121,6 +126,10 @@ class CopyWorker(threading.Thread):
 
     def run(self) -> None:
         libc.name_this_thread(self.name)  # so per-thread CPU (top -H, /proc) shows the copies
+        if self._set_threads is not None:
+            # its own share of the cores: what warm-up measures, and what it runs with when busy
+            self._threads = self._batcher.base_threads
+            self._set_threads(self._threads)
         # Whatever ends this thread other than the batcher closing is fatal to the server: a copy
         # that cannot load or dies must not leave a process that looks alive but never answers.
         try:
@@ -168,7 +177,10 @@ class CopyWorker(threading.Thread):
     def _serve(self) -> None:
         failures = 0
         while (batch := self._batcher.next_batch()) is not None:
-            outcome = self._run(batch)
+            try:
+                outcome = self._run(batch)
+            finally:
+                self._batcher.finished(batch)  # its cores go back before anyone hears of it
             self._on_outcome(outcome)
             # Only the model call counts for the copy's health: an input that breaks the code
             # around it is that request's problem, not the copy's.
@@ -190,6 +202,9 @@ class CopyWorker(threading.Thread):
         started = time.perf_counter()
         model_called = False
         try:
+            if self._set_threads is not None and batch.threads != self._threads:
+                self._set_threads(batch.threads)
+                self._threads = batch.threads
             inputs, mask = build_inputs(batch, self._manifest.input_names)
             model = self._models[(batch.batch_size, batch.sequence_length)]
             model_called = True

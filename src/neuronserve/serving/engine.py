@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
-from neuronserve.backends import copies_per_server, copy_core, create_backend
+from neuronserve.backends import (
+    call_threads_setter,
+    copies_per_server,
+    copy_core,
+    create_backend,
+    lends_cores,
+)
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
@@ -135,7 +141,7 @@ class Engine:
         self.metrics: ModelMetrics = metrics.for_model(self.model_name)
         self.task_name = self.manifest.task
         self.cores = server_cores(settings, self.backend_name)
-        self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server)
+        self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server, len(self.cores))
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
@@ -150,7 +156,13 @@ class Engine:
                 "neuronserve does not support: no default prompt (requests naming one get a 422)"
             )
             self.prompts = dataclasses.replace(self.prompts, default=None)
+        # cpu copies share the server's CPUs: a batch running alone gets the idle ones.
+        self.lend_cores = lends_cores(self.backend_name, self.manifest.artifact_files)
         self.batcher = Batcher(
+            cores=len(self.cores) if self.lend_cores else self.copies,
+            copies=self.copies,
+            lend_cores=self.lend_cores,
+            trim_step=self.manifest.trim_step,
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,
@@ -234,6 +246,7 @@ class Engine:
             locks.setdefault(slot, threading.Lock())
         for index, slot in enumerate(slots):
             worker = CopyWorker(
+                set_threads=call_threads_setter(self.backend_name) if self.lend_cores else None,
                 index=index,
                 start_nc=slot,
                 backend=backend,
@@ -361,14 +374,18 @@ class Engine:
 
     def _on_outcome(self, outcome: BatchOutcome) -> None:
         batch = outcome.batch
-        if outcome.error is None:
+        # Costs are of a copy's own cores at the full compiled length: a trimmed or helped call is
+        # faster than that.
+        own = batch.threads == self.batcher.base_threads
+        if outcome.error is None and own and batch.padded_length == batch.sequence_length:
             self.batcher.observe(batch.batch_size, batch.sequence_length, outcome.inference_s)
         self.metrics.batch_ran(
             outcome.copy,
-            (batch.batch_size, batch.sequence_length),
-            [item.length for item in batch.items],
-            outcome.inference_s,
-            [item.dispatched_at - item.enqueued_at for item in batch.items],
+            shape=(batch.batch_size, batch.sequence_length),
+            padded_length=batch.padded_length,
+            lengths=[item.length for item in batch.items],
+            seconds=outcome.inference_s,
+            queued=[item.dispatched_at - item.enqueued_at for item in batch.items],
         )
         assert self._loop is not None, "this is a bug: a copy started before the engine"
         self._to_loop(self._resolve, outcome)

@@ -198,13 +198,16 @@ class ModelMetrics:
     def batch_ran(
         self,
         copy: int,
+        *,
         shape: tuple[int, int],
+        padded_length: int,
         lengths: Sequence[int],
         seconds: float,
         queued: Sequence[float],
     ) -> None:
-        """One model call of ``copy`` at ``shape`` (batch size, sequence length): its real rows'
-        token ``lengths``, their queue times, and its duration."""
+        """One model call of ``copy`` at compiled ``shape`` (batch size, sequence length), its
+        rows padded to ``padded_length`` tokens: its real rows' token ``lengths``, their queue
+        times, and its duration."""
         inputs = len(lengths)
         per_shape = self._per_shape.get(shape)
         if per_shape is None:
@@ -215,7 +218,7 @@ class ModelMetrics:
             )
             self._per_shape[shape] = per_shape
         per_shape[0].inc(sum(lengths))
-        per_shape[1].inc(shape[0] * shape[1])
+        per_shape[1].inc(shape[0] * padded_length)
         children = self._per_copy.get(copy)
         if children is None:
             children = (

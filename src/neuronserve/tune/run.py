@@ -287,17 +287,18 @@ def candidate_space(settings: Settings, manifest: Manifest) -> list[Candidate]:
 
     cores = len(chosen_cores(settings, detect(manifest.backend)))
     per_server = [n for n in range(1, cores + 1) if cores % n == 0]
-    default_copies = copies_per_server(manifest.backend, 0)
-    copies = sorted(
-        {1, 2, default_copies} if manifest.backend == "cpu" else {1, default_copies, 2 * default_copies}
-    )
+
+    def copies(cps: int) -> list[int]:
+        default = copies_per_server(manifest.backend, 0, cps)
+        return sorted({1, 2, default} if manifest.backend == "cpu" else {1, default, 2 * default})
+
     sizes = manifest.batch_sizes
     # A small cap (latency: a long batch never holds up what queues behind it) and none.
     batches = sorted({next((b for b in sizes if b >= 8), sizes[-1]), sizes[-1]})
     space = [
         Candidate(cps, c, mb, delay)
         for cps in per_server
-        for c in copies
+        for c in copies(cps)
         for mb in batches
         for delay in DELAYS_MS
     ]

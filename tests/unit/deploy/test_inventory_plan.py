@@ -120,5 +120,24 @@ def test_deploy_settings_are_validated(tmp_path: Path) -> None:
 
 def test_cpu_plan_on_a_subset_of_cpus(tmp_path: Path) -> None:
     cpus = Inventory("cpu", (0, 1, 2, 3), {})
-    plan = make_plan(make_settings(tmp_path, deploy__cores="2-3"), cpus, "cpu")
-    assert [(str(s.cores), s.devices) for s in plan.servers] == [("2", ()), ("3", ())]
+    plan = make_plan(make_settings(tmp_path, deploy__cores="2-3", deploy__cores_per_server="1"), cpus, "cpu")
+    assert [(str(s.cores), s.devices, s.copies) for s in plan.servers] == [("2", (), 1), ("3", (), 1)]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "layout"),
+    [(1, [1]), (2, [2]), (8, [8]), (12, [6, 6]), (24, [8, 8, 8]), (16, [8, 8])],
+)
+def test_a_cpu_host_gets_servers_of_up_to_eight_cpus_each_with_a_copy_per_cpu(
+    tmp_path: Path, cpus: int, layout: list[int]
+) -> None:
+    """So copies of one server lend a lone request their idle CPUs (one event loop feeds 8)."""
+    plan = make_plan(make_settings(tmp_path), Inventory("cpu", tuple(range(cpus)), {}), "cpu")
+    assert [len(s.cores) for s in plan.servers] == layout
+    assert [s.copies for s in plan.servers] == layout and plan.model_copies[0][1] == layout[0]
+    assert not plan.idle_cores
+
+
+def test_neuron_keeps_one_core_and_two_copies_per_server_by_default(tmp_path: Path) -> None:
+    plan = make_plan(make_settings(tmp_path), Inventory("neuron", (0, 1, 2, 3), {}), "neuronx")
+    assert [(len(s.cores), s.copies) for s in plan.servers] == [(1, 2)] * 4

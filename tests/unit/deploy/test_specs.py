@@ -134,7 +134,7 @@ def _supervisord_conf(tmp_path: Path, settings: Any, plan: Any, passthrough_env:
 
 
 def test_supervisord_conf(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, serve__drain_timeout_s="20")
+    settings = make_settings(tmp_path, serve__drain_timeout_s="20", deploy__cores_per_server="1")
     from neuronserve.deploy.inventory import Inventory
 
     plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
@@ -159,6 +159,7 @@ def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
     key = 'se"cr,et%1'
     settings = make_settings(
         tmp_path,
+        deploy__cores_per_server="1",
         serve__max_batch_delay_ms="7",
         serve__api_key=key,
         serve__neuron_shared_weights="true",
@@ -183,7 +184,7 @@ def test_a_value_supervisord_cannot_carry_is_refused(tmp_path: Path) -> None:
     from neuronserve.config import ConfigError
     from neuronserve.deploy.inventory import Inventory
 
-    settings = make_settings(tmp_path, serve__api_key='it\'s "both"')
+    settings = make_settings(tmp_path, deploy__cores_per_server="1", serve__api_key='it\'s "both"')
     plan = make_plan(settings, Inventory("cpu", (0,), {}), "cpu")
     with pytest.raises(ConfigError, match=r"serve\.api_key.*both ' and \""):
         _supervisord_conf(tmp_path, settings, plan, {})

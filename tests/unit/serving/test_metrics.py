@@ -56,9 +56,15 @@ def test_answered_and_batch_ran_export_the_series_labelled_by_model() -> None:
     m.answered("/predict", 429, 0.0001, "rr")
     m.answered("/predict", 401, 0.0001)  # refused before a model was chosen
     m.for_model("emb").batch_ran(
-        1, (8, 32), lengths=[10, 32, 7, 20, 3], seconds=0.02, queued=[0.001, 0.002, 0.003, 0.004, 0.2]
+        1,
+        shape=(8, 32),
+        padded_length=32,
+        lengths=[10, 32, 7, 20, 3],
+        seconds=0.02,
+        queued=[0.001, 0.002, 0.003, 0.004, 0.2],
     )
-    m.for_model("emb").batch_ran(1, (1, 16), lengths=[12], seconds=0.01, queued=[0.0])
+    # a trimmed call (padded to 16 of its compiled 32) computed what it padded to
+    m.for_model("emb").batch_ran(1, shape=(1, 32), padded_length=16, lengths=[12], seconds=0.01, queued=[0.0])
     rr = m.for_model("rr")
     rr.rejected("queue_full")
     text = generate_latest(m.registry).decode()
@@ -72,8 +78,8 @@ def test_answered_and_batch_ran_export_the_series_labelled_by_model() -> None:
     # padding efficiency per shape: real tokens over the tokens each call computed
     assert 'neuronserve_real_tokens_total{model="emb",shape="b8s32"} 72.0' in text
     assert 'neuronserve_padded_tokens_total{model="emb",shape="b8s32"} 256.0' in text
-    assert 'neuronserve_real_tokens_total{model="emb",shape="b1s16"} 12.0' in text
-    assert 'neuronserve_padded_tokens_total{model="emb",shape="b1s16"} 16.0' in text
+    assert 'neuronserve_real_tokens_total{model="emb",shape="b1s32"} 12.0' in text
+    assert 'neuronserve_padded_tokens_total{model="emb",shape="b1s32"} 16.0' in text
     assert 'neuronserve_queue_duration_seconds_count{model="emb"} 6.0' in text
     assert 'neuronserve_queue_duration_seconds_bucket{le="0.0025",model="emb"} 3.0' in text
     assert 'neuronserve_rejections_total{model="rr",reason="queue_full"} 1.0' in text

@@ -4,10 +4,11 @@ copy out of rotation (server unready) until its probe succeeds. Real engine, tin
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -224,3 +225,50 @@ def test_a_copy_that_finishes_loading_after_the_server_stopped_goes_quietly(tmp_
     for thread in engine._copy_threads:
         thread.join(timeout=60)  # a raise in the thread fails the test (pytest -W error)
     assert not any(thread.is_alive() for thread in engine._copy_threads)
+
+
+class _Recording:
+    """A loaded model that records torch's intra-op thread count of each call; with a barrier,
+    a call waits until as many calls run at once (or the barrier breaks)."""
+
+    threads: ClassVar[list[int]] = []
+    barrier: ClassVar[threading.Barrier | None] = None
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        _Recording.threads.append(torch.get_num_threads())
+        if _Recording.barrier is not None:
+            _Recording.barrier.wait(timeout=10)
+        out: tuple[torch.Tensor, ...] = self.model.run(inputs)
+        return out
+
+
+def test_a_lone_request_runs_on_every_core_and_concurrent_ones_on_one_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies on two CPUs: a request alone gets both as intra-op threads; two requests at
+    once run one per copy, one thread each; nothing about either changes the results."""
+    real = CpuBackend.load
+    monkeypatch.setattr(CpuBackend, "load", lambda self, *a: _Recording(real(self, *a)))
+    _Recording.threads = []
+    artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2").directory
+    settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0-1")
+    engine = Engine(settings, ServerMetrics("test"))
+    assert engine.copies == 2 and engine.lend_cores  # one copy per CPU by default
+
+    async def scenario(engine: Engine, _fatal: list[str]) -> None:
+        await _until(lambda: engine.ready and engine.batcher.waiting_copies == 2)
+        _Recording.threads.clear()
+        alone = await engine.infer(["hello"], [ItemOptions()], truncate=False, timeout_s=30)
+        assert _Recording.threads == [2]
+        await _until(lambda: engine.batcher.waiting_copies == 2)  # both copies back for work
+        _Recording.threads.clear()
+        _Recording.barrier = threading.Barrier(2)  # both calls at once, or it breaks
+        pair = await engine.infer(["hello", "hello"], [ItemOptions()] * 2, truncate=False, timeout_s=30)
+        _Recording.barrier = None
+        assert _Recording.threads == [1, 1]  # shared out: one input per copy, one core each
+        assert torch.allclose(torch.tensor(pair.outputs[0]), torch.tensor(alone.outputs[0]), atol=1e-5)
+
+    _run(engine, scenario)
