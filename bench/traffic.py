@@ -300,7 +300,9 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
     parser.add_argument("--variants", default="baseline,torchscript", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per workload")
     parser.add_argument("--open-rate", type=float, default=40.0, help="requests/s of the open loop")
-    parser.add_argument("--only", default="", help="run only the workloads whose name contains one of these (comma-separated)")
+    parser.add_argument(
+        "--only", default="", help="run only the workloads whose name contains one of these (comma-separated)"
+    )
     parser.add_argument("--corpus", help="one text per line (default: built from the stdlib's docstrings)")
     parser.add_argument("--write-corpus", help="also write the corpus to this file")
     args = parser.parse_args()
