@@ -154,7 +154,7 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
     if bundled:
         print(
             f"note: {', '.join(bundled)} is the bundled demo model: the trace Job needs it in the serve "
-            "image (build it with --build-arg EXTRAS=serve,trace,bundled)"
+            "image (build it with --build-arg EXTRAS=serve,trace,bundled, and onnx on cpu)"
         )
     copies = ", ".join(f"{name} x{c}" for name, c in plan.model_copies)
     print(

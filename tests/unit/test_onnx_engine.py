@@ -1,0 +1,117 @@
+"""The cpu backend's ONNX Runtime engine (trace.cpu_engine=onnxruntime) and its int8 option, on
+tiny random models: traced, verified against eager, served with the same answers as TorchScript."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuronserve.backends.base import BackendError
+from neuronserve.backends.cpu import _load_onnx
+from neuronserve.config import ConfigError
+from neuronserve.trace import TraceReport, VerificationError, run_trace
+from tests.conftest import make_settings, ready_client
+
+TEXTS = ["a", "the cat sat on the mat", "what is the capital of france? " * 4, "b c d e f g h i j k"]
+
+
+def _trace(
+    tmp_path: Path, model_dir: Path, out: str, task: str = "feature-extraction", **values: str
+) -> TraceReport:
+    settings = make_settings(
+        tmp_path,
+        model__source=str(model_dir),
+        model__task=task,
+        trace__backend="cpu",
+        trace__batch_sizes="1,4",
+        trace__sequence_lengths="16,64",
+        trace__output_dir=str(tmp_path / out),
+        **values,
+    )
+    return run_trace(settings, progress=False, emit=lambda _line: None)
+
+
+def _embeddings(tmp_path: Path, artifacts: Path) -> np.ndarray:
+    settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0")
+    with ready_client(settings) as client:
+        answer = client.post("/v1/embeddings", json={"input": TEXTS})
+        assert answer.status_code == 200, answer.text
+        single = client.post("/v1/embeddings", json={"input": TEXTS[2]})
+        assert single.status_code == 200, single.text
+    vectors = np.array([row["embedding"] for row in answer.json()["data"]])
+    # batch invariance: a text alone gets what it gets among others
+    assert np.abs(np.array(single.json()["data"][0]["embedding"]) - vectors[2]).max() < 1e-5
+    return vectors
+
+
+def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "tiny", "feature-extraction")
+    torchscript = _trace(tmp_path, model_dir, "ts")
+    onnx = _trace(tmp_path, model_dir, "ort", trace__cpu_engine="onnxruntime")
+    manifest = onnx.manifest
+    # one ONNX file, dynamic axes, serves every shape (and every multiple of 8 tokens)
+    assert manifest.artifact_files == ("model-b4-s64.onnx",)
+    assert manifest.trim_step == 8
+    assert "engine=onnxruntime" in manifest.compiler_args
+    assert "onnxruntime" in manifest.versions
+    for entry in manifest.shapes:
+        assert entry.verification["max_abs_diff"] < 1e-4
+        assert entry.verification["min_cosine"] > 0.9999
+    got, expected = _embeddings(tmp_path, onnx.directory), _embeddings(tmp_path, torchscript.directory)
+    cosine = (got * expected).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() >= 0.9999
+
+
+def test_int8_is_verified_by_its_own_floor_and_refused_below_it(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    model_dir = tiny_model(tmp_path / "tiny", "text-classification")
+    quantized = {"trace__cpu_engine": "onnxruntime", "trace__cpu_quantize": "int8"}
+    report = _trace(
+        tmp_path, model_dir, "int8", "text-classification", **quantized, trace__quantized_min_cosine="0.9"
+    )
+    assert "quantize=int8" in report.manifest.compiler_args
+    for entry in report.manifest.shapes:
+        assert 0.9 <= entry.verification["min_cosine"] < 1.0  # int8 moves the logits a little
+    # fp32 ONNX of the same model is a separate artifact (its own cache key), exact again
+    fp32 = _trace(tmp_path, model_dir, "int8", "text-classification", trace__cpu_engine="onnxruntime")
+    assert fp32.compiled and fp32.manifest.shapes[0].verification["min_cosine"] > 0.9999
+    with pytest.raises(VerificationError, match=r"trace\.quantized_min_cosine"):
+        _trace(
+            tmp_path,
+            model_dir,
+            "strict",
+            "text-classification",
+            **quantized,
+            trace__quantized_min_cosine="1.0",
+        )
+    assert not list((tmp_path / "strict").rglob("*.onnx"))  # nothing unverified is left to serve
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"trace__cpu_quantize": "int8"}, "needs trace.cpu_engine=onnxruntime"),
+        ({"trace__cpu_engine": "onnxruntime", "trace__cpu_auto_cast": "bf16"}, "trace.cpu_auto_cast=none"),
+        ({"trace__cpu_engine": "tensorrt"}, "trace.cpu_engine"),
+    ],
+)
+def test_engine_settings_that_do_not_go_together_are_refused(
+    tmp_path: Path, values: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_settings(tmp_path, **values)
+
+
+def test_an_onnx_artifact_without_onnxruntime_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(BackendError, match=r"pip install 'neuronserve\[onnx\]'"):
+        _load_onnx(tmp_path / "model-b1-s16.onnx", threads=1)
