@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from neuronserve.backends.base import BackendError
-from neuronserve.backends.cpu import _load_onnx
+from neuronserve.backends.cpu import _load_onnx, export_onnx
 from neuronserve.config import ConfigError
 from neuronserve.trace import TraceReport, VerificationError, run_trace
 from tests.conftest import make_settings, ready_client
@@ -115,3 +116,34 @@ def test_an_onnx_artifact_without_onnxruntime_names_the_extra(
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     with pytest.raises(BackendError, match=r"pip install 'neuronserve\[onnx\]'"):
         _load_onnx(tmp_path / "model-b1-s16.onnx", threads=1)
+
+
+class _IgnoresTokenTypes(torch.nn.Module):
+    """A model whose graph never reads token_type_ids (a model without token types)."""
+
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+    output_names = ("last_hidden_state",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 4)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, _types: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.embed(ids) * mask.unsqueeze(-1),)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_an_input_the_graph_never_reads_is_still_fed_in_order(tmp_path: Path, int8: bool) -> None:
+    module = _IgnoresTokenTypes()
+    ids = torch.randint(1, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 5:] = 0
+    dest = tmp_path / "model-b2-s8.onnx"
+    export_onnx(module, (ids, mask, torch.zeros_like(ids)), dest, int8=int8)
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name]  # no temporary file left
+    model = _load_onnx(dest, threads=1)
+    longer = torch.randint(1, 50, (3, 16))  # dynamic axes: any batch and length
+    got = model.run((longer, torch.ones_like(longer), torch.zeros_like(longer)))[0]
+    expected = module(longer, torch.ones_like(longer), torch.zeros_like(longer))[0]
+    assert got.shape == (3, 16, 4)
+    assert torch.allclose(got, expected, atol=0.05 if int8 else 1e-6)

@@ -26,6 +26,7 @@ __all__ = [
     "create_backend",
     "lends_cores",
     "trace_grid",
+    "usable_cores",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,16 @@ def call_threads_setter(name: str) -> Callable[[int], None]:
     import torch
 
     return torch.set_num_threads
+
+
+def usable_cores(name: str, cores: CoreSet) -> int:
+    """How many of a server's ``cores`` its copies can keep busy: cpu, no more than the
+    container's CPU limit; Neuron, every NeuronCore."""
+    if name != "cpu":
+        return len(cores)
+    from neuronserve.backends.cpu import usable_cpus
+
+    return usable_cpus(cores)
 
 
 def copies_per_server(name: str, configured: int, cores: int) -> int:

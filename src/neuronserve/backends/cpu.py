@@ -152,8 +152,7 @@ class CpuBackend:
         with self._load_lock:
             if key not in self._loaded:
                 if artifact.suffix == ".onnx":
-                    usable = min(len(cores), cgroup_cpu_limit() or len(cores))
-                    self._loaded[key] = _load_onnx(artifact, threads=usable)
+                    self._loaded[key] = _load_onnx(artifact, threads=usable_cpus(cores))
                 else:
                     self._loaded[key] = _load_file(artifact)
             return self._loaded[key]
@@ -202,27 +201,65 @@ def export_onnx(
     axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
     axes.update(dict(zip(output_names, output_axes, strict=True)))
     fp32 = dest.with_name(dest.name + ".fp32") if int8 else dest
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript-based exporter (its deprecation notice) and the tracer's notices about
-        # shape comparisons, which verification against eager covers.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            example_inputs,
-            str(fp32),
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
-    if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        try:
-            quantize_dynamic(str(fp32), str(dest), weight_type=QuantType.QInt8, per_channel=True)
-        finally:
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript-based exporter (its deprecation notice) and the tracer's notices
+            # about shape comparisons, which verification against eager covers.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                example_inputs,
+                str(fp32),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
+                opset_version=17,
+                dynamo=False,
+            )
+        _keep_every_input(fp32, input_names)
+        if int8:
+            _quantize(fp32, dest)
+    except BaseException:
+        dest.unlink(missing_ok=True)  # nothing half-written is left beside the artifacts
+        raise
+    finally:
+        if int8:
             fp32.unlink(missing_ok=True)
+
+
+def _keep_every_input(path: Path, input_names: list[str]) -> None:
+    """Put back the inputs the exporter dropped because the graph never reads them (e.g.
+    token_type_ids of a model without token types): copies feed every input, in order."""
+    import onnx
+
+    model = onnx.load(str(path))
+    present = [i.name for i in model.graph.input]
+    if present == input_names:
+        return
+    by_name = {i.name: i for i in model.graph.input}
+    inputs = [
+        by_name.get(name)
+        or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, ["batch", "sequence"])
+        for name in input_names
+    ]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
+
+
+def _quantize(fp32: Path, dest: Path) -> None:
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Its advice to pre-process first goes to the root logger: not this tracer's user's business.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(fp32), str(dest), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 class OnnxModel:
@@ -275,6 +312,12 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
 
 
+def usable_cpus(cores: CoreSet) -> int:
+    """How many of ``cores`` this process can keep busy: in a container with a CPU limit (a
+    Kubernetes pod) the affinity may list every CPU of the node, but only the limit's worth run."""
+    return min(len(cores), cgroup_cpu_limit() or len(cores))
+
+
 def pin_process(cores: CoreSet, copies: int) -> int:
     """Pin this process to ``cores`` and size torch's thread pool; returns threads per copy.
 
@@ -292,9 +335,7 @@ def pin_process(cores: CoreSet, copies: int) -> int:
             f"(available: {sorted(available)})"
         )
     os.sched_setaffinity(0, set(cores.ids))
-    # In a container with a CPU limit (a Kubernetes pod) the affinity may list every CPU of the
-    # node: size the pool by the limit, or the copies are throttled.
-    usable = min(len(cores), cgroup_cpu_limit() or len(cores))
-    threads = max(1, usable // max(1, copies))
+    # Sized by the CPU limit where there is one (usable_cpus), or the copies are throttled.
+    threads = max(1, usable_cpus(cores) // max(1, copies))
     torch.set_num_threads(threads)
     return threads

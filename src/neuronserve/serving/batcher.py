@@ -15,11 +15,14 @@ shape:
 - while other copies are idle, what waits is shared out among them (a 32-text request runs on
   every copy at once, not on one after the other);
 - with ``trim_step`` (artifacts that run any length, verified at trace time), a batch is padded to
-  its longest input rounded up to a multiple of it, not to its bucket's full length;
-- with ``lend_cores`` (the cpu backend, whose copies share the server's CPUs and take a thread
-  count per call), a batch that runs alone, with nothing else waiting, gets every idle core as
-  intra-op threads; a lent core is busy until that batch is ``finished``, so threads never
-  outnumber cores.
+  its longest input rounded up to a multiple of it, not to its bucket's full length, and its items
+  are the oldest one and those nearest its length among the oldest waiting (a request's inputs
+  are queued shortest first), so the batch holds inputs of like length;
+- with a ``ledger`` (the cpu backend, whose copies share the server's CPUs and take a thread count
+  per call), the idle cores go to what runs: a batch running alone gets every one as intra-op
+  threads, batches that share out what waits split them; a lent core is busy until that batch is
+  ``finished``, and one ledger counts every model of the process, so threads never outnumber
+  cores.
 
 Expired and cancelled items are dropped before they reach a copy (``on_drop`` answers them).
 """
@@ -35,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see _explore)
+# With trim_step, a batch's items are chosen by length among this many times its size of the
+# oldest waiting items of its bucket: a bound on how far a younger input can overtake.
+LENGTH_WINDOW = 4
 
 
 class QueueFullError(Exception):
@@ -77,7 +83,7 @@ class Batch:
     sequence_length: int
     batch_size: int
     items: tuple[WorkItem, ...]
-    threads: int = 1  # the cores this call may use (see Batcher's lend_cores)
+    threads: int = 1  # the cores this call may use (see Batcher's ledger)
     length: int = 0  # tokens each row is padded to; 0: the compiled sequence_length
 
     @property
@@ -106,6 +112,46 @@ def consistent_costs(costs: dict[tuple[int, int], float]) -> dict[tuple[int, int
     return fixed
 
 
+class CoreLedger:
+    """The CPUs of one server process, lent to the batches that run on them (cpu backend): a
+    batch holds its threads' cores until it finishes. Every model's batcher in the process takes
+    from one ledger, so threads never outnumber cores; each is woken when cores come back."""
+
+    def __init__(self, cores: int) -> None:
+        if cores < 1:
+            raise ValueError("this is a bug: a core ledger needs at least one core")
+        self.cores = cores
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def free(self) -> int:
+        with self._lock:
+            return self.cores - self._busy
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (without any of the ledger's locks held) whenever cores are returned."""
+        with self._lock:
+            self._listeners.append(wake)
+
+    def take(self, wanted: int) -> int:
+        """Lend up to ``wanted`` free cores; returns how many (0 when none is free)."""
+        with self._lock:
+            granted = max(0, min(wanted, self.cores - self._busy))
+            self._busy += granted
+            return granted
+
+    def give(self, cores: int) -> None:
+        with self._lock:
+            self._busy -= cores
+            if self._busy < 0:
+                raise RuntimeError("this is a bug: more cores returned than were lent")
+            listeners = list(self._listeners)
+        for wake in listeners:
+            wake()
+
+
 class Batcher:
     """See the module docstring. All public methods are thread-safe."""
 
@@ -119,9 +165,8 @@ class Batcher:
         max_queue_tokens: int = 0,
         on_drop: Callable[[list[tuple[WorkItem, DropReason]]], None],
         clock: Callable[[], float] = time.monotonic,
-        cores: int = 1,
+        ledger: CoreLedger | None = None,
         copies: int = 1,
-        lend_cores: bool = False,
         trim_step: int = 0,
     ) -> None:
         if not sequence_lengths or not batch_sizes:
@@ -137,19 +182,18 @@ class Batcher:
         self._size = 0
         self._tokens = 0  # tokens of the queued inputs
         self._idle = 0  # copies waiting in next_batch
-        self.cores = cores
-        self.lend_cores = lend_cores
-        # Each copy's own share of the cores; a batch running alone gets all the free ones.
-        self.base_threads = max(1, cores // max(1, copies)) if lend_cores else 1
-        self._busy_cores = 0  # cores held by running batches (lend_cores only)
+        self.ledger = ledger
+        # Each copy's own share of the cores (what warm-up measures); idle ones are lent on top.
+        self.base_threads = max(1, ledger.cores // max(1, copies)) if ledger is not None else 1
         # Artifacts that run every multiple of trim_step tokens (Manifest.trim_step): a batch is
         # padded to its longest input rounded up to it, not to its bucket's full length.
         self.trim_step = trim_step
-        self._running = 0  # batches handed out and not yet finished
         self._closed = False
         self._costs: dict[tuple[int, int], float] = {}
         self._dispatches = 0
         self._cond = threading.Condition()
+        if ledger is not None:
+            ledger.subscribe(self._wake)
 
     # --- event loop side ------------------------------------------------------------------
 
@@ -162,7 +206,8 @@ class Batcher:
 
     def submit(self, items: Iterable[WorkItem]) -> None:
         """Queue all of ``items`` or none of them."""
-        batch = list(items)
+        # A request's inputs shortest first: the shares its batch is split into hold like lengths.
+        batch = sorted(items, key=lambda item: item.length)
         buckets = [self.bucket(item.length) for item in batch]
         with self._cond:
             if self._closed:
@@ -217,24 +262,25 @@ class Batcher:
                             return None
                         self._wait(None)
                         continue
-                    if self.lend_cores and self._busy_cores >= self.cores:
-                        self._wait(None)  # this copy's core is lent to a running batch
+                    if self.ledger is not None and self.ledger.free <= 0:
+                        self._wait(None)  # every core is lent to running batches
                         continue
                     batch, wait_until = self._select(now)
                     if batch is not None:
                         return batch
-                    self._wait(wait_until - now)
+                    self._wait(None if wait_until is None else wait_until - now)
         finally:
             if dropped:
                 self._on_drop(dropped)
 
     def finished(self, batch: Batch) -> None:
-        """A copy is done with ``batch``: its cores are free again."""
+        """A copy is done with ``batch``: its cores are free again (for every model's copies)."""
+        if self.ledger is not None:
+            self.ledger.give(batch.threads)
+
+    def _wake(self) -> None:
         with self._cond:
-            self._running -= 1
-            if self.lend_cores:
-                self._busy_cores -= batch.threads
-                self._cond.notify_all()  # copies that waited for a core
+            self._cond.notify_all()  # copies that waited for a core
 
     def _wait(self, timeout: float | None) -> None:
         self._idle += 1
@@ -286,7 +332,8 @@ class Batcher:
                 self._costs[shape] = seconds
                 self._costs = consistent_costs(self._costs)
 
-    def _select(self, now: float) -> tuple[Batch | None, float]:
+    def _select(self, now: float) -> tuple[Batch | None, float | None]:
+        """A batch, or None and until when to wait (None: until woken)."""
         heads = [(q[0].enqueued_at, s) for s, q in self._queues.items() if q]
         oldest_at, seq = min(heads)
         # The size is chosen for the bucket's own items: shorter items may only take rows that
@@ -295,7 +342,7 @@ class Batcher:
         smaller = [s for s in self.sequence_lengths if s < seq]
         available = own + sum(len(self._queues[s]) for s in smaller)
         # Copies idle right now (and a core for each) share what waits instead of one taking it all.
-        free_cores = self.cores - self._busy_cores if self.lend_cores else self._idle + 1
+        free_cores = self.ledger.free if self.ledger is not None else self._idle + 1
         sharing = max(1, min(self._idle + 1, free_cores))
         share = -(-own // sharing)
         size = self._explore(self.choose_batch_size(share, seq), share)
@@ -307,6 +354,16 @@ class Batcher:
             and not self._closed
         ):
             return None, oldest_at + self.max_delay_s
+        threads = 1
+        if self.ledger is not None:
+            # This batch and the shares of what still waits split the free cores: all of them
+            # for a batch that runs alone, one each when there is work for every copy.
+            own_taken = min(size, share)
+            count = own_taken + min(size - own_taken, available - own)
+            batches = max(1, min(free_cores, 1 + -(-(self._size - count) // max(1, share))))
+            threads = self.ledger.take(max(self.base_threads, free_cores // batches))
+            if threads == 0:
+                return None, None  # another model took the last free core: wait for one
         taken: list[WorkItem] = []
         self._take(seq, min(size, share), taken)
         # Spare rows take the longest of the shorter items: they waste the least of the row.
@@ -316,12 +373,6 @@ class Batcher:
         self._tokens -= sum(item.length for item in taken)
         for item in taken:
             item.dispatched_at = now
-        threads = 1
-        if self.lend_cores:
-            alone = self._running == 0 and self._size == 0
-            threads = free_cores if alone else min(self.base_threads, free_cores)
-            self._busy_cores += threads
-        self._running += 1
         if self._size and self._idle:
             self._cond.notify()  # an idle copy takes the next share
         length = seq
@@ -341,11 +392,19 @@ class Batcher:
             return next((b for b in self.batch_sizes if b > size), size)
         return size
 
-    def _head_time(self, seq: int) -> float:
-        queue = self._queues[seq]
-        return queue[0].enqueued_at if queue else float("inf")
-
     def _take(self, seq: int, size: int, taken: list[WorkItem]) -> None:
         queue = self._queues[seq]
-        while queue and len(taken) < size:
-            taken.append(queue.popleft())
+        wanted = min(size - len(taken), len(queue))
+        if wanted <= 0:
+            return
+        if not self.trim_step or wanted in (1, len(queue)):
+            taken.extend(queue.popleft() for _ in range(wanted))
+            return
+        # The oldest item, then those nearest its length among the oldest waiting: the batch is
+        # padded to its longest, so inputs of like length waste the least (see LENGTH_WINDOW).
+        window = [queue.popleft() for _ in range(min(len(queue), wanted * LENGTH_WINDOW))]
+        head = window[0]
+        order = sorted(range(1, len(window)), key=lambda i: (abs(window[i].length - head.length), i))
+        chosen = {0, *order[: wanted - 1]}
+        taken.extend(window[i] for i in sorted(chosen))
+        queue.extendleft(reversed([item for i, item in enumerate(window) if i not in chosen]))

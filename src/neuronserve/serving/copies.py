@@ -224,6 +224,9 @@ class CopyWorker(threading.Thread):
 
         Returns False when the server stops first. Other copies keep taking batches meanwhile.
         """
+        if self._set_threads is not None:  # the probe holds no lent core: its own share only
+            self._threads = self._batcher.base_threads
+            self._set_threads(self._threads)
         entry = min(self._manifest.shapes, key=lambda e: e.batch_size * e.sequence_length)
         shape = (entry.batch_size, entry.sequence_length)
         inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in self._manifest.input_names)

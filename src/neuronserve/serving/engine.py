@@ -29,11 +29,12 @@ from neuronserve.backends import (
     copy_core,
     create_backend,
     lends_cores,
+    usable_cores,
 )
 from neuronserve.backends.base import CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
-from neuronserve.serving.batcher import Batcher, BatcherClosedError, QueueFullError, WorkItem
+from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError, WorkItem
 from neuronserve.serving.copies import BatchOutcome, CopyWorker
 from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable, validation
 from neuronserve.serving.metrics import ModelMetrics, ServerMetrics
@@ -131,7 +132,9 @@ class Engine:
     :meth:`Settings.per_model`). Create it, then ``start()`` it inside the running event loop,
     once the process is pinned (see :class:`~neuronserve.serving.registry.ModelRegistry`)."""
 
-    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServerMetrics, ledger: CoreLedger | None = None) -> None:
+        """``ledger``: the process's CPUs, shared with the server's other models (cpu; a new one
+        when this is the first or only model)."""
         self.settings = settings
         directory = artifacts_directory(settings)
         self.manifest: Manifest = load_manifest(directory, fingerprint=settings.serve.artifacts_fingerprint)
@@ -141,7 +144,8 @@ class Engine:
         self.metrics: ModelMetrics = metrics.for_model(self.model_name)
         self.task_name = self.manifest.task
         self.cores = server_cores(settings, self.backend_name)
-        self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server, len(self.cores))
+        usable = usable_cores(self.backend_name, self.cores)
+        self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server, usable)
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
@@ -158,10 +162,12 @@ class Engine:
             self.prompts = dataclasses.replace(self.prompts, default=None)
         # cpu copies share the server's CPUs: a batch running alone gets the idle ones.
         self.lend_cores = lends_cores(self.backend_name, self.manifest.artifact_files)
+        self.ledger = (ledger or CoreLedger(usable)) if self.lend_cores else None
+        if self.ledger is not None and self.ledger.cores != usable:
+            raise RuntimeError(f"this is a bug: a ledger of {self.ledger.cores} cores for {usable}")
         self.batcher = Batcher(
-            cores=len(self.cores) if self.lend_cores else self.copies,
+            ledger=self.ledger,
             copies=self.copies,
-            lend_cores=self.lend_cores,
             trim_step=self.manifest.trim_step,
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,

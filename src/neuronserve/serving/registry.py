@@ -39,8 +39,10 @@ class ModelRegistry:
     def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.engines: dict[str, Engine] = {}
+        ledger = None  # the process's CPUs, lent to every model's batches from one count (cpu)
         for model_settings in settings.per_model().values():
-            engine = Engine(model_settings, metrics)
+            engine = Engine(model_settings, metrics, ledger)
+            ledger = ledger or engine.ledger
             if engine.model_name in self.engines:
                 raise ConfigError(f"two models are named {engine.model_name!r}; give each its own name")
             self.engines[engine.model_name] = engine

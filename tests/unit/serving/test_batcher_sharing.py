@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from neuronserve.serving.batcher import Batch, Batcher
+from neuronserve.serving.batcher import Batch, Batcher, CoreLedger
 from tests.unit.serving.test_batcher import Clock, item
 
 SIZES = (1, 2, 4, 8, 16, 32)
@@ -49,7 +49,7 @@ def test_what_waits_is_shared_out_among_idle_copies() -> None:
 
 def test_a_lone_batch_gets_every_idle_core_and_holds_them_until_finished() -> None:
     clock = Clock()
-    batcher = make(clock, cores=2, copies=2, lend_cores=True)
+    batcher = make(clock, ledger=CoreLedger(2), copies=2)
     got: list[Batch | None] = []
 
     def copy() -> None:
@@ -70,7 +70,7 @@ def test_a_lone_batch_gets_every_idle_core_and_holds_them_until_finished() -> No
 
 def test_no_core_is_lent_while_other_work_runs_or_waits() -> None:
     clock = Clock()
-    batcher = make(clock, cores=2, copies=2, lend_cores=True)
+    batcher = make(clock, ledger=CoreLedger(2), copies=2)
     batcher.submit([item(clock, 20), item(clock, 100)])  # two buckets: one batch each
     first = batcher.next_batch()
     assert first is not None and first.threads == 1  # another input still waits
@@ -85,7 +85,7 @@ def test_no_core_is_lent_while_other_work_runs_or_waits() -> None:
 
 def test_a_lone_copy_of_several_cores_always_runs_on_all_of_them() -> None:
     clock = Clock()
-    batcher = make(clock, cores=2, copies=1, lend_cores=True)
+    batcher = make(clock, ledger=CoreLedger(2), copies=1)
     assert batcher.base_threads == 2
     batcher.submit([item(clock, 20), item(clock, 100)])  # more waits: still its own two cores
     batch = batcher.next_batch()
@@ -94,7 +94,7 @@ def test_a_lone_copy_of_several_cores_always_runs_on_all_of_them() -> None:
 
 def test_without_lending_threads_stay_one_and_copies_never_wait_for_cores() -> None:
     clock = Clock()
-    batcher = make(clock, cores=2)
+    batcher = make(clock)
     batcher.submit([item(clock, 20)])
     batch = batcher.next_batch()
     assert batch is not None and batch.threads == 1
@@ -133,6 +133,83 @@ def test_spare_rows_take_the_longest_shorter_items_first() -> None:
     batch = batcher.next_batch()
     assert batch is not None and (batch.sequence_length, batch.batch_size) == (128, 4)
     assert batch.items == (*longs, mids[0])
+
+
+def test_one_ledger_lends_a_process_cores_to_every_model_and_never_more() -> None:
+    """Two models of one server on two CPUs: a lone batch of one takes both; the other model's
+    copy waits for a core instead of running a third thread, then gets what comes back."""
+    clock = Clock()
+    ledger = CoreLedger(2)
+    embedder, reranker = make(clock, ledger=ledger, copies=2), make(clock, ledger=ledger, copies=2)
+    embedder.submit([item(clock, 20)])
+    first = embedder.next_batch()
+    assert first is not None and first.threads == 2 and ledger.free == 0
+    got: list[Batch | None] = []
+    reranker.submit([item(clock, 20)])
+    waiting = threading.Thread(target=lambda: got.append(reranker.next_batch()))
+    waiting.start()
+    _until(lambda: reranker.waiting_copies == 1)
+    assert not got  # no core is free for it
+    embedder.finished(first)  # woken by the other model's batcher
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and got[0] is not None and got[0].threads == 2
+    reranker.finished(got[0])
+    assert ledger.free == 2
+
+
+def test_shares_of_a_request_split_the_idle_cores() -> None:
+    """A two-text request on four idle CPUs: two batches of two threads, not one thread each
+    beside two idle CPUs."""
+    clock = Clock()
+    ledger = CoreLedger(4)
+    batcher = make(clock, ledger=ledger, copies=4)
+    batcher.submit([item(clock, 20), item(clock, 20)])
+    with batcher._cond:  # as next_batch holds it
+        batcher._idle = 3  # the other copies wait for work
+        first, _ = batcher._select(clock.now)
+        batcher._idle = 2
+        second, _ = batcher._select(clock.now)
+    assert first is not None and second is not None
+    assert (len(first.items), first.threads, len(second.items), second.threads) == (1, 2, 1, 2)
+    assert ledger.free == 0
+
+
+def test_a_request_is_split_into_shares_of_like_lengths() -> None:
+    """Its inputs are queued shortest first, so each share is padded to a length near its own."""
+    clock = Clock()
+    batcher = make(clock, trim_step=8, lengths=(128,))
+    lengths = [100, 12, 90, 15, 110, 9, 120, 14]
+    batcher.submit([item(clock, n) for n in lengths])
+    with batcher._cond:
+        batcher._idle = 1
+        first, _ = batcher._select(clock.now)
+        batcher._idle = 0
+        second, _ = batcher._select(clock.now)
+    assert first is not None and second is not None
+    assert sorted(i.length for i in first.items) == [9, 12, 14, 15] and first.padded_length == 16
+    assert sorted(i.length for i in second.items) == [90, 100, 110, 120] and second.padded_length == 120
+
+
+def test_across_the_queue_a_batch_takes_the_oldest_and_those_nearest_its_length() -> None:
+    clock = Clock()
+    batcher = make(clock, trim_step=8, lengths=(128,))
+    pairs = {(b, 128): 0.001 * (1 if b == 1 else b / 2) for b in SIZES}  # batch 2 is cheapest per item
+    batcher.set_costs(pairs)
+    arrivals = [30, 120, 33, 110, 31]  # one input per request, oldest first
+    for n in arrivals:
+        batcher.submit([item(clock, n)])
+        clock.now += 0.001
+    batch = batcher.next_batch()
+    assert batch is not None and [i.length for i in batch.items] == [30, 31] and batch.padded_length == 32
+    rest = batcher.next_batch()
+    assert rest is not None and [i.length for i in rest.items] == [120, 110]  # the oldest left leads
+    # without trimming (compiled lengths only) padding is the same whatever is taken: first come
+    static = make(clock, lengths=(128,))
+    static.set_costs(pairs)
+    for n in arrivals:
+        static.submit([item(clock, n)])
+    kept = static.next_batch()
+    assert kept is not None and [i.length for i in kept.items] == [30, 120]
 
 
 def _until(condition: Any, timeout_s: float = 10.0) -> None:

@@ -30,15 +30,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return emb, ce
 
 
+def _values(pair: tuple[Path, Path]) -> dict[str, str]:
+    return {
+        "serve__artifacts": str(pair[0]),
+        "serve__cores": "0",
+        "models__ce__source": "/unused/when/artifacts/are/given",
+        "models__ce__task": "text-classification",
+        "models__ce__artifacts": str(pair[1]),
+    }
+
+
 def _settings(tmp_path: Path, pair: tuple[Path, Path]) -> Settings:
-    return make_settings(
-        tmp_path,
-        serve__artifacts=str(pair[0]),
-        serve__cores="0",
-        models__ce__source="/unused/when/artifacts/are/given",
-        models__ce__task="text-classification",
-        models__ce__artifacts=str(pair[1]),
-    )
+    return make_settings(tmp_path, **_values(pair))
 
 
 @pytest.fixture
@@ -129,3 +132,25 @@ def test_a_model_that_cannot_load_fails_the_whole_server(
 
     asyncio.run(main())
     assert fatal == ["copy 0 failed to load: RuntimeError: PytorchStreamReader failed reading zip archive"]
+
+
+def test_the_models_of_a_server_lend_from_one_count_of_its_usable_cpus(
+    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each model has a copy per usable CPU, and one ledger for all of them, so two models'
+    batches never run more threads than the server has CPUs; a container's CPU limit caps both
+    (a pod may see every CPU of its node)."""
+    from neuronserve.backends import cpu
+
+    settings = make_settings(tmp_path, **{**_values(pair), "serve__cores": "0-1"})
+    registry = ModelRegistry(settings, ServerMetrics("test"))
+    ledgers = {id(e.ledger) for e in registry.engines.values()}
+    first = next(iter(registry.engines.values())).ledger
+    assert len(ledgers) == 1 and first is not None and first.cores == 2
+    assert [e.copies for e in registry.engines.values()] == [2, 2]
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 1)  # a pod limited to one CPU
+    limited = ModelRegistry(settings, ServerMetrics("test"))
+    assert [(e.copies, e.ledger.cores if e.ledger else 0) for e in limited.engines.values()] == [
+        (1, 1),
+        (1, 1),
+    ]
