@@ -140,6 +140,7 @@ class EagerModel:
     config: Any
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    pooling: str = "mean"  # how embeddings are pooled from its hidden states (serving.tasks)
 
 
 def load_eager(model_dir: Path, task: str) -> EagerModel:
@@ -172,6 +173,7 @@ def load_eager(model_dir: Path, task: str) -> EagerModel:
         raise ModelSourceError(f"{model_dir}: tokenizer must produce input_ids and attention_mask")
     output_names = TASK_OUTPUTS[task]
     from neuronserve.positional import PositionalModel
+    from neuronserve.serving.tasks import pooling_mode
 
     return EagerModel(
         module=PositionalModel(model, input_names, output_names),
@@ -179,6 +181,7 @@ def load_eager(model_dir: Path, task: str) -> EagerModel:
         config=config,
         input_names=input_names,
         output_names=output_names,
+        pooling=pooling_mode(model_dir),
     )
 
 

@@ -128,20 +128,26 @@ def compare_outputs(traced: tuple[torch.Tensor, ...], eager: tuple[torch.Tensor,
 
 
 def served_cosine(
-    traced: tuple[torch.Tensor, ...], eager: tuple[torch.Tensor, ...], mask: torch.Tensor
+    traced: tuple[torch.Tensor, ...],
+    eager: tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+    pooling: str = "mean",
 ) -> float:
     """The smallest per-row cosine of what requests are answered from, over the real tokens:
-    hidden states (batch, sequence, hidden) mean-pooled as embeddings are, per-token outputs
-    (batch, sequence) with the padding left out, per-row outputs (logits) as they are."""
+    hidden states (batch, sequence, hidden) pooled as the model's embeddings are (``pooling``),
+    per-token outputs (batch, sequence) with the padding left out, per-row outputs (logits) as
+    they are."""
     import torch
+
+    from neuronserve.serving.tasks import FeatureExtraction
 
     worst = 1.0
     real = mask.to(torch.float32)
+    pool = FeatureExtraction(pooling, normalize=False).pool
     for t, e in zip(traced, eager, strict=True):
         t32, e32 = t.detach().float(), e.detach().float()
         if t32.dim() == 3:
-            weights = real.unsqueeze(-1)
-            t32, e32 = (t32 * weights).sum(1) / weights.sum(1), (e32 * weights).sum(1) / weights.sum(1)
+            t32, e32 = pool(t32, mask), pool(e32, mask)
         elif t32.dim() == 2 and t32.shape == mask.shape:
             t32, e32 = t32 * real, e32 * real
         cos = torch.nn.functional.cosine_similarity(
@@ -212,7 +218,7 @@ def _verify_shape(
         figures = compare_outputs(got, expected)
         if "max_abs_diff" not in tolerance:  # int8: judged by what requests get back
             mask = inputs[eager.input_names.index("attention_mask")]
-            figures["min_cosine"] = served_cosine(got, expected, mask)
+            figures["min_cosine"] = served_cosine(got, expected, mask, eager.pooling)
         worst["max_abs_diff"] = max(worst["max_abs_diff"], figures["max_abs_diff"])
         worst["min_cosine"] = min(worst["min_cosine"], figures["min_cosine"])
     # A tolerance without max_abs_diff (int8 artifacts) checks the cosine only.

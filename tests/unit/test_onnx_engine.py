@@ -14,7 +14,7 @@ import torch
 from neuronserve.backends.base import BackendError
 from neuronserve.backends.cpu import _load_onnx, export_onnx
 from neuronserve.config import ConfigError
-from neuronserve.trace import TraceReport, VerificationError, run_trace
+from neuronserve.trace import TraceReport, VerificationError, run_trace, served_cosine
 from tests.conftest import make_settings, ready_client
 
 TEXTS = ["a", "the cat sat on the mat", "what is the capital of france? " * 4, "b c d e f g h i j k"]
@@ -147,3 +147,17 @@ def test_an_input_the_graph_never_reads_is_still_fed_in_order(tmp_path: Path, in
     expected = module(longer, torch.ones_like(longer), torch.zeros_like(longer))[0]
     assert got.shape == (3, 16, 4)
     assert torch.allclose(got, expected, atol=0.05 if int8 else 1e-6)
+
+
+def test_int8_is_judged_on_embeddings_pooled_as_the_model_pools() -> None:
+    """A traced output whose first token is off but whose mean is right fails a CLS-pooled
+    model's check and passes a mean-pooled one's; padding never counts."""
+    eager = torch.randn(2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    mask[1, 4:] = 0
+    traced = eager.clone()
+    traced[:, 0] = -eager[:, 0]  # the CLS token flipped ...
+    traced[:, 1] += 2 * eager[:, 0]  # ... and made up for in the mean
+    traced[1, 4:] = 100.0  # padding: nobody's answer
+    assert served_cosine((traced,), (eager,), mask, "mean") > 0.9999
+    assert served_cosine((traced,), (eager,), mask, "cls") < 0

@@ -35,6 +35,18 @@ class Task(Protocol):
     ) -> list[Any]: ...
 
 
+def pooling_mode(directory: Path) -> str:
+    """mean, cls or max: the model's sentence-transformers pooling (mean without one)."""
+    pooling = directory / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        config = json.loads(pooling.read_text(encoding="utf-8"))
+        if config.get("pooling_mode_cls_token"):
+            return "cls"
+        if config.get("pooling_mode_max_tokens"):
+            return "max"
+    return "mean"
+
+
 class FeatureExtraction:
     """Sentence embeddings: pooling per the model's sentence-transformers config (mean by default)."""
 
@@ -46,32 +58,27 @@ class FeatureExtraction:
 
     @classmethod
     def from_directory(cls, directory: Path) -> FeatureExtraction:
-        mode, normalize = "mean", False
-        pooling = directory / "1_Pooling" / "config.json"
-        if pooling.is_file():
-            config = json.loads(pooling.read_text(encoding="utf-8"))
-            if config.get("pooling_mode_cls_token"):
-                mode = "cls"
-            elif config.get("pooling_mode_max_tokens"):
-                mode = "max"
+        normalize = False
         modules = directory / "modules.json"
         if modules.is_file():
             types = [m.get("type", "") for m in json.loads(modules.read_text(encoding="utf-8"))]
             normalize = any(t.endswith("Normalize") for t in types)
-        return cls(mode, normalize)
+        return cls(pooling_mode(directory), normalize)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(rows, hidden) from (rows, sequence, hidden) states and their (rows, sequence) mask."""
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        if self.mode == "cls":
+            return hidden[:, 0]
+        if self.mode == "max":
+            return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
     def results(
         self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
     ) -> list[Any]:
         n = len(items)
-        hidden = outputs[0][:n].float()
-        m = mask[:n].unsqueeze(-1).to(hidden.dtype)
-        if self.mode == "cls":
-            pooled = hidden[:, 0]
-        elif self.mode == "max":
-            pooled = hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
-        else:
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        pooled = self.pool(outputs[0][:n].float(), mask[:n])
         wants = [self.normalize if opt.normalize is None else opt.normalize for _, opt in items]
         if any(wants):
             normed = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
