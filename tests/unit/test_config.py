@@ -44,6 +44,7 @@ def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs at least one value"):
         make_settings(tmp_path, bench__concurrency="")  # only the grid has a "pick for me"
     assert copies_per_server("neuronx", 3, 1) == 3 and copies_per_server("cpu", 3, 8) == 3
+    assert copies_per_server("cpu", 0, 96) == 64  # a server of every CPU of a large host: the most allowed
     settings = make_settings(tmp_path)
     cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
     neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), "neuronx")

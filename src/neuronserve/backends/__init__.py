@@ -162,6 +162,9 @@ def usable_cores(name: str, cores: CoreSet) -> int:
     return usable_cpus(cores)
 
 
+MAX_COPIES = 64  # serve.models_per_server's maximum
+
+
 def copies_per_server(name: str, configured: int, cores: int) -> int:
     """``serve.models_per_server``, or the backend's default when it is 0, for a server of
     ``cores`` cores.
@@ -169,9 +172,9 @@ def copies_per_server(name: str, configured: int, cores: int) -> int:
     cpu: one copy per core, one intra-op thread each, so that a loaded server keeps every core
     busy with its own batch, and an idle one lends its cores to a lone batch (see
     ``lends_cores``). Neuron: 2, so one copy keeps the NeuronCore busy while the host prepares
-    the next batch.
+    the next batch. The default never exceeds what serve.models_per_server may be set to.
     """
-    return configured or (max(1, cores) if name == "cpu" else 2)
+    return configured or (min(MAX_COPIES, max(1, cores)) if name == "cpu" else 2)
 
 
 def trace_grid(name: str, trace: TraceSettings) -> tuple[tuple[int, ...], tuple[int, ...]]:
