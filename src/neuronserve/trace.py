@@ -630,7 +630,7 @@ def _verify_trim(
                         seq=length,
                         tolerance=tolerance,
                     )
-            except Exception as exc:  # ONNX Runtime raises plain Exceptions
+            except (VerificationError, RuntimeError) as exc:
                 say(f"{file} at {length} tokens: {exc}; batches run at compiled lengths only")
                 return 0
     say(f"verified at every multiple of {TRIM_STEP} tokens: batches run at their longest input's length")
@@ -653,7 +653,7 @@ def _reuse(
                 figures = _verify_shape(
                     compiled=model, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
                 )
-        except Exception as exc:  # ONNX Runtime raises plain Exceptions
+        except (VerificationError, RuntimeError) as exc:
             log.info("b%d s%d: %s does not serve this shape (%s); compiling its own", b, s, file, exc)
             continue
         return file, model, figures

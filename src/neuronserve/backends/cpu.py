@@ -248,18 +248,17 @@ def _keep_every_input(path: Path, input_names: list[str]) -> None:
 
 
 def _quantize(fp32: Path, dest: Path) -> None:
-    import logging
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Its advice to pre-process first goes to the root logger: not this tracer's user's business.
+    # Its advice to pre-process first is logged on the root logger itself (a filter there sees
+    # only such records): not this tracer's user's business.
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    quiet = logging.Filter("neuronserve.quantize")  # passes no record logged on root
+    root.addFilter(quiet)
     try:
         quantize_dynamic(str(fp32), str(dest), weight_type=QuantType.QInt8, per_channel=True)
     finally:
-        root.setLevel(level)
+        root.removeFilter(quiet)
 
 
 class OnnxModel:
@@ -273,7 +272,10 @@ class OnnxModel:
         import torch
 
         feed = {name: tensor.numpy() for name, tensor in zip(self._names, inputs, strict=True)}
-        outputs = self._session.run(None, feed)  # type: ignore[attr-defined]
+        try:
+            outputs = self._session.run(None, feed)  # type: ignore[attr-defined]
+        except Exception as exc:  # ONNX Runtime's errors are plain Exceptions: as torch's are
+            raise RuntimeError(f"ONNX Runtime: {exc}") from exc
         return tuple(torch.from_numpy(out) for out in outputs)
 
 

@@ -115,41 +115,71 @@ def consistent_costs(costs: dict[tuple[int, int], float]) -> dict[tuple[int, int
 class CoreLedger:
     """The CPUs of one server process, lent to the batches that run on them (cpu backend): a
     batch holds its threads' cores until it finishes. Every model's batcher in the process takes
-    from one ledger, so threads never outnumber cores; each is woken when cores come back."""
+    from one ledger, so threads never outnumber cores (a copy probing after failures aside).
+
+    Copies that find no free core wait their turn here, first come first served, whatever their
+    model: a busy model's copies, back for more the moment they finish, cannot starve another
+    model's. A turn is a token of the waiting ``next_batch`` call.
+    """
 
     def __init__(self, cores: int) -> None:
         if cores < 1:
             raise ValueError("this is a bug: a core ledger needs at least one core")
         self.cores = cores
         self._busy = 0
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[], None]] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._turns: deque[object] = deque()
 
     @property
     def free(self) -> int:
-        with self._lock:
+        with self._cond:
             return self.cores - self._busy
 
-    def subscribe(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` (without any of the ledger's locks held) whenever cores are returned."""
-        with self._lock:
-            self._listeners.append(wake)
+    def others_waiting(self, token: object) -> int:
+        """Copies other than ``token``'s waiting for a core."""
+        with self._cond:
+            return sum(1 for t in self._turns if t is not token)
 
-    def take(self, wanted: int) -> int:
-        """Lend up to ``wanted`` free cores; returns how many (0 when none is free)."""
-        with self._lock:
-            granted = max(0, min(wanted, self.cores - self._busy))
+    def take(self, wanted: int, token: object) -> int:
+        """Lend up to ``wanted`` free cores to ``token``'s copy if it is its turn; returns how
+        many. 0: none is free, or an earlier copy waits; ``token`` keeps its place in line."""
+        with self._cond:
+            free = self.cores - self._busy
+            if free <= 0 or (self._turns and self._turns[0] is not token):
+                if token not in self._turns:
+                    self._turns.append(token)
+                return 0
+            if self._turns:
+                self._turns.popleft()
+            granted = min(wanted, free)
             self._busy += granted
+            if self._turns and self._busy < self.cores:
+                self._cond.notify_all()  # a core is left for the next in line
             return granted
 
+    def wait_turn(self, token: object) -> None:
+        """Block while ``token`` is in line and it is not its turn with a core free."""
+        with self._cond:
+            while token in self._turns and (self._turns[0] is not token or self._busy >= self.cores):
+                self._cond.wait()
+
+    def leave(self, token: object) -> None:
+        """``token``'s copy no longer waits for a core (no work left, or it stops)."""
+        with self._cond:
+            if token not in self._turns:
+                return
+            was_first = self._turns[0] is token
+            self._turns.remove(token)
+            if was_first and self._turns and self._busy < self.cores:
+                self._cond.notify_all()
+
     def give(self, cores: int) -> None:
-        with self._lock:
+        with self._cond:
             self._busy -= cores
             if self._busy < 0:
                 raise RuntimeError("this is a bug: more cores returned than were lent")
-            listeners = list(self._listeners)
-        for wake in listeners:
-            wake()
+            if self._turns:
+                self._cond.notify_all()  # the copy whose turn it is goes
 
 
 class Batcher:
@@ -192,8 +222,6 @@ class Batcher:
         self._costs: dict[tuple[int, int], float] = {}
         self._dispatches = 0
         self._cond = threading.Condition()
-        if ledger is not None:
-            ledger.subscribe(self._wake)
 
     # --- event loop side ------------------------------------------------------------------
 
@@ -250,26 +278,36 @@ class Batcher:
     # --- copy thread side -----------------------------------------------------------------
 
     def next_batch(self) -> Batch | None:
-        """Block until there is work; None once closed and empty."""
+        """Block until there is work (and, with a ledger, a core); None once closed and empty."""
         dropped: list[tuple[WorkItem, DropReason]] = []
+        turn = object()  # this call's place in the ledger's line while it waits for a core
         try:
-            with self._cond:
-                while True:
+            while True:
+                with self._cond:
                     now = self._clock()
                     self._purge(now, dropped)
                     if self._size == 0:
+                        if self.ledger is not None:
+                            self.ledger.leave(turn)
                         if self._closed:
                             return None
                         self._wait(None)
                         continue
-                    if self.ledger is not None and self.ledger.free <= 0:
-                        self._wait(None)  # every core is lent to running batches
-                        continue
-                    batch, wait_until = self._select(now)
+                    batch, wait_until = self._select(now, turn)
                     if batch is not None:
                         return batch
-                    self._wait(None if wait_until is None else wait_until - now)
+                    if wait_until is not None or self.ledger is None:
+                        self._wait(None if wait_until is None else wait_until - now)
+                        continue
+                    self._idle += 1  # waiting for a core, outside this batcher's lock
+                try:
+                    self.ledger.wait_turn(turn)
+                finally:
+                    with self._cond:
+                        self._idle -= 1
         finally:
+            if self.ledger is not None:
+                self.ledger.leave(turn)
             if dropped:
                 self._on_drop(dropped)
 
@@ -277,10 +315,6 @@ class Batcher:
         """A copy is done with ``batch``: its cores are free again (for every model's copies)."""
         if self.ledger is not None:
             self.ledger.give(batch.threads)
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()  # copies that waited for a core
 
     def _wait(self, timeout: float | None) -> None:
         self._idle += 1
@@ -332,7 +366,7 @@ class Batcher:
                 self._costs[shape] = seconds
                 self._costs = consistent_costs(self._costs)
 
-    def _select(self, now: float) -> tuple[Batch | None, float | None]:
+    def _select(self, now: float, turn: object = None) -> tuple[Batch | None, float | None]:
         """A batch, or None and until when to wait (None: until woken)."""
         heads = [(q[0].enqueued_at, s) for s, q in self._queues.items() if q]
         oldest_at, seq = min(heads)
@@ -356,16 +390,18 @@ class Batcher:
             return None, oldest_at + self.max_delay_s
         threads = 1
         if self.ledger is not None:
-            # This batch and the shares of what still waits split the free cores: all of them
-            # for a batch that runs alone, one each when there is work for every copy.
+            # This batch, the shares of what still waits and other models' copies waiting for a
+            # core split the free cores: all of them for a batch that runs alone, one each when
+            # there is work for every copy.
             own_taken = min(size, share)
             count = own_taken + min(size - own_taken, available - own)
-            batches = max(1, min(free_cores, 1 + -(-(self._size - count) // max(1, share))))
-            threads = self.ledger.take(max(self.base_threads, free_cores // batches))
+            later = -(-(self._size - count) // max(1, share)) + self.ledger.others_waiting(turn)
+            batches = max(1, min(free_cores, 1 + later))
+            threads = self.ledger.take(max(self.base_threads, free_cores // batches), turn)
             if threads == 0:
-                return None, None  # another model took the last free core: wait for one
+                return None, None  # no free core, or another copy's turn: wait in line
         taken: list[WorkItem] = []
-        self._take(seq, min(size, share), taken)
+        self._take(seq, min(size, share), taken, by_length=bool(self.trim_step))
         # Spare rows take the longest of the shorter items: they waste the least of the row.
         for s in sorted(smaller, reverse=True):
             self._take(s, size, taken)
@@ -392,12 +428,14 @@ class Batcher:
             return next((b for b in self.batch_sizes if b > size), size)
         return size
 
-    def _take(self, seq: int, size: int, taken: list[WorkItem]) -> None:
+    def _take(self, seq: int, size: int, taken: list[WorkItem], *, by_length: bool = False) -> None:
+        """Move up to ``size - len(taken)`` items of bucket ``seq`` to ``taken``: the oldest
+        first, or (``by_length``) the oldest and those nearest its length."""
         queue = self._queues[seq]
         wanted = min(size - len(taken), len(queue))
         if wanted <= 0:
             return
-        if not self.trim_step or wanted in (1, len(queue)):
+        if not by_length or wanted in (1, len(queue)):
             taken.extend(queue.popleft() for _ in range(wanted))
             return
         # The oldest item, then those nearest its length among the oldest waiting: the batch is

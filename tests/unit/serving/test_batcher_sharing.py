@@ -157,6 +157,34 @@ def test_one_ledger_lends_a_process_cores_to_every_model_and_never_more() -> Non
     assert ledger.free == 2
 
 
+def test_copies_waiting_for_a_core_go_first_come_first_served_across_models() -> None:
+    """A busy model's copy, back for more the moment its batch ends, does not take the core
+    before the other model's copy that was already waiting for it."""
+    clock = Clock()
+    ledger = CoreLedger(1)
+    busy, other = make(clock, ledger=ledger, copies=1), make(clock, ledger=ledger, copies=1)
+    busy.submit([item(clock, 20), item(clock, 100)])  # two buckets: two batches
+    first = busy.next_batch()
+    assert first is not None
+    got: dict[str, Batch | None] = {}
+    other.submit([item(clock, 20)])
+    waiting = threading.Thread(target=lambda: got.setdefault("other", other.next_batch()))
+    waiting.start()
+    _until(lambda: other.waiting_copies == 1)
+    busy.finished(first)
+    back = threading.Thread(target=lambda: got.setdefault("busy", busy.next_batch()))
+    back.start()
+    _until(lambda: "other" in got)
+    assert "busy" not in got and got["other"] is not None  # its turn came first
+    _until(lambda: busy.waiting_copies == 1)
+    other.finished(got["other"])
+    back.join(timeout=10)
+    waiting.join(timeout=10)
+    assert got["busy"] is not None and got["busy"].items[0].length == 100
+    busy.finished(got["busy"])
+    assert ledger.free == 1
+
+
 def test_shares_of_a_request_split_the_idle_cores() -> None:
     """A two-text request on four idle CPUs: two batches of two threads, not one thread each
     beside two idle CPUs."""

@@ -143,6 +143,7 @@ def test_the_models_of_a_server_lend_from_one_count_of_its_usable_cpus(
     from neuronserve.backends import cpu
 
     settings = make_settings(tmp_path, **{**_values(pair), "serve__cores": "0-1"})
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)  # whatever limit this host has
     registry = ModelRegistry(settings, ServerMetrics("test"))
     ledgers = {id(e.ledger) for e in registry.engines.values()}
     first = next(iter(registry.engines.values())).ledger
