@@ -3,7 +3,7 @@
 FROM python:3.11-slim
 # What the image can do: serve (one server, the exporter; TorchScript or ONNX Runtime artifacts)
 # and trace (the Kubernetes trace Job).
-# The bundled demo model needs EXTRAS=serve,trace,bundled; a load client in the cluster, bench.
+# The bundled demo model needs EXTRAS=serve,trace,onnx,bundled; a load client in the cluster, bench.
 ARG EXTRAS=serve,trace,onnx
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 NEURONSERVE_SERVE__HOST=0.0.0.0 NEURONSERVE_SERVE__PORT=8080 \
     NEURONSERVE_SERVE__ARTIFACTS=/artifacts

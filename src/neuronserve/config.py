@@ -162,8 +162,8 @@ class TraceSettings:
     quantized_min_cosine: float = setting(
         0.97,
         "Verification of int8 artifacts: the smallest allowed cosine similarity per row to eager fp32 "
-        "of what requests get (embeddings mean-pooled over the real tokens, logits); int8 moves single "
-        "hidden values too much for trace.max_abs_diff.",
+        "of what requests get (embeddings pooled over the real tokens as the model pools them, logits); "
+        "int8 moves single hidden values too much for trace.max_abs_diff.",
         minimum=-1.0,
         maximum=1.0,
     )
@@ -210,9 +210,10 @@ class ServeSettings:
     )
     models_per_server: int = setting(
         0,
-        "Model copies in each server, each driven by its own thread; 0 picks by backend: one per core "
-        "on cpu (one intra-op thread each; a batch running alone gets the idle cores), 2 on Neuron "
-        "(one copy keeps a NeuronCore busy while the host prepares the next batch).",
+        "Model copies in each server, each driven by its own thread; 0 picks by backend: one per usable "
+        "CPU on cpu, at most 64 (the container's CPU limit counts; one intra-op thread each, and a "
+        "TorchScript batch running alone gets the idle CPUs), 2 on Neuron (one copy keeps a NeuronCore "
+        "busy while the host prepares the next batch).",
         minimum=0,
         maximum=64,
     )

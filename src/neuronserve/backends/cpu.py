@@ -271,8 +271,8 @@ class OnnxModel:
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         import torch
 
-        feed = {name: tensor.numpy() for name, tensor in zip(self._names, inputs, strict=True)}
         try:
+            feed = {name: tensor.numpy() for name, tensor in zip(self._names, inputs, strict=True)}
             outputs = self._session.run(None, feed)  # type: ignore[attr-defined]
         except Exception as exc:  # ONNX Runtime's errors are plain Exceptions: as torch's are
             raise RuntimeError(f"ONNX Runtime: {exc}") from exc

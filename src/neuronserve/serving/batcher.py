@@ -135,6 +135,10 @@ class CoreLedger:
         with self._cond:
             return self.cores - self._busy
 
+    def in_line(self, token: object) -> bool:
+        with self._cond:
+            return token in self._turns
+
     def others_waiting(self, token: object) -> int:
         """Copies other than ``token``'s waiting for a core."""
         with self._cond:
@@ -386,6 +390,7 @@ class Batcher:
             and self._idle == 0
             and now < oldest_at + self.max_delay_s
             and not self._closed
+            and not (self.ledger is not None and self.ledger.in_line(turn))  # a turn is not held idle
         ):
             return None, oldest_at + self.max_delay_s
         threads = 1

@@ -105,7 +105,7 @@ class CopyWorker(threading.Thread):
         set_threads: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
-        # Lent cores (see Batcher's lend_cores): the intra-op threads of this thread's next call.
+        # Lent cores (see the Batcher's CoreLedger): the intra-op threads of this thread's next call.
         self._set_threads = set_threads
         self._threads = 0  # set when the thread starts
         self._on_health = on_health
