@@ -4,7 +4,6 @@ tiny random models: traced, verified against eager, served with the same answers
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +13,19 @@ import torch
 from neuronserve.backends.base import BackendError
 from neuronserve.backends.cpu import _load_onnx, export_onnx
 from neuronserve.config import ConfigError
-from neuronserve.trace import TraceReport, VerificationError, run_trace, served_cosine
-from tests.conftest import make_settings, ready_client
+from neuronserve.trace import TraceReport, VerificationError, served_cosine
+from tests.conftest import make_settings, ready_client, trace_tiny
 
 TEXTS = ["a", "the cat sat on the mat", "what is the capital of france? " * 4, "b c d e f g h i j k"]
 
 
-def _trace(
-    tmp_path: Path, model_dir: Path, out: str, task: str = "feature-extraction", **values: str
-) -> TraceReport:
-    settings = make_settings(
-        tmp_path,
-        model__source=str(model_dir),
-        model__task=task,
-        trace__backend="cpu",
-        trace__batch_sizes="1,4",
-        trace__sequence_lengths="16,64",
-        trace__output_dir=str(tmp_path / out),
-        **values,
+def _trace(tmp_path: Path, out: str, task: str = "feature-extraction", **values: str) -> TraceReport:
+    """The tiny model of ``task`` (the same weights every call) traced on cpu into ``tmp_path/out``."""
+    grid = {"trace__batch_sizes": "1,4", "trace__sequence_lengths": "16,64", **values}
+    report: TraceReport = trace_tiny(
+        tmp_path, task, num_labels=3, trace__output_dir=str(tmp_path / out), **grid
     )
-    return run_trace(settings, progress=False, emit=lambda _line: None)
+    return report
 
 
 def _embeddings(tmp_path: Path, artifacts: Path) -> np.ndarray:
@@ -49,12 +41,9 @@ def _embeddings(tmp_path: Path, artifacts: Path) -> np.ndarray:
     return vectors
 
 
-def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(
-    tmp_path: Path, tiny_model: Callable[..., Path]
-) -> None:
-    model_dir = tiny_model(tmp_path / "tiny", "feature-extraction")
-    torchscript = _trace(tmp_path, model_dir, "ts")
-    onnx = _trace(tmp_path, model_dir, "ort", trace__cpu_engine="onnxruntime")
+def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(tmp_path: Path) -> None:
+    torchscript = _trace(tmp_path, "ts")
+    onnx = _trace(tmp_path, "ort", trace__cpu_engine="onnxruntime")
     manifest = onnx.manifest
     # one ONNX file, dynamic axes, serves every shape (and every multiple of 8 tokens)
     assert manifest.artifact_files == ("model-b4-s64.onnx",)
@@ -69,24 +58,18 @@ def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(
     assert cosine.min() >= 0.9999
 
 
-def test_int8_is_verified_by_its_own_floor_and_refused_below_it(
-    tmp_path: Path, tiny_model: Callable[..., Path]
-) -> None:
-    model_dir = tiny_model(tmp_path / "tiny", "text-classification")
+def test_int8_is_verified_by_its_own_floor_and_refused_below_it(tmp_path: Path) -> None:
     quantized = {"trace__cpu_engine": "onnxruntime", "trace__cpu_quantize": "int8"}
-    report = _trace(
-        tmp_path, model_dir, "int8", "text-classification", **quantized, trace__quantized_min_cosine="0.9"
-    )
+    report = _trace(tmp_path, "int8", "text-classification", **quantized, trace__quantized_min_cosine="0.9")
     assert "quantize=int8" in report.manifest.compiler_args
     for entry in report.manifest.shapes:
         assert 0.9 <= entry.verification["min_cosine"] < 1.0  # int8 moves the logits a little
     # fp32 ONNX of the same model is a separate artifact (its own cache key), exact again
-    fp32 = _trace(tmp_path, model_dir, "int8", "text-classification", trace__cpu_engine="onnxruntime")
+    fp32 = _trace(tmp_path, "int8", "text-classification", trace__cpu_engine="onnxruntime")
     assert fp32.compiled and fp32.manifest.shapes[0].verification["min_cosine"] > 0.9999
     with pytest.raises(VerificationError, match=r"trace\.quantized_min_cosine"):
         _trace(
             tmp_path,
-            model_dir,
             "strict",
             "text-classification",
             **quantized,
