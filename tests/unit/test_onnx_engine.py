@@ -144,3 +144,34 @@ def test_int8_is_judged_on_embeddings_pooled_as_the_model_pools() -> None:
     traced[1, 4:] = 100.0  # padding: nobody's answer
     assert served_cosine((traced,), (eager,), mask, "mean") > 0.9999
     assert served_cosine((traced,), (eager,), mask, "cls") < 0
+
+
+def test_a_failed_int8_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuronserve.backends import cpu
+
+    def half_written(_fp32: Path, dest: Path) -> None:
+        dest.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cpu, "_quantize", half_written)
+    ids = torch.randint(1, 50, (2, 8))
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(
+            _IgnoresTokenTypes(),
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            tmp_path / "m.onnx",
+            int8=True,
+        )
+    assert not list(tmp_path.iterdir())  # neither the artifact nor the fp32 export
+
+
+def test_onnx_runtime_errors_surface_as_runtime_errors(tmp_path: Path) -> None:
+    """The tracer's fallbacks catch RuntimeError (as torch raises), not every Exception."""
+    ids = torch.randint(1, 50, (2, 8))
+    dest = tmp_path / "m.onnx"
+    export_onnx(_IgnoresTokenTypes(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), dest, int8=False)
+    model = _load_onnx(dest, threads=1)
+    with pytest.raises(RuntimeError, match="ONNX Runtime"):
+        model.run((ids.to(torch.float32), torch.ones_like(ids), torch.zeros_like(ids)))  # wrong dtype
+    with pytest.raises(RuntimeError, match="ONNX Runtime"):
+        model.run((ids, torch.ones_like(ids)))  # an input missing
