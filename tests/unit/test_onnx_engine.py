@@ -4,6 +4,7 @@ tiny random models: traced, verified against eager, served with the same answers
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from neuronserve.backends.base import BackendError
-from neuronserve.backends.cpu import _load_onnx, export_onnx
+from neuronserve.backends.cpu import _load_onnx, export_onnx, set_call_threads
 from neuronserve.config import ConfigError
 from neuronserve.trace import TraceReport, VerificationError, served_cosine
 from tests.conftest import make_settings, ready_client, trace_tiny
@@ -98,7 +99,7 @@ def test_an_onnx_artifact_without_onnxruntime_names_the_extra(
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     with pytest.raises(BackendError, match=r"pip install 'neuronserve\[onnx\]'"):
-        _load_onnx(tmp_path / "model-b1-s16.onnx", threads=1)
+        _load_onnx(tmp_path / "model-b1-s16.onnx", threads=(1,))
 
 
 class _IgnoresTokenTypes(torch.nn.Module):
@@ -124,7 +125,7 @@ def test_an_input_the_graph_never_reads_is_still_fed_in_order(tmp_path: Path, in
     dest = tmp_path / "model-b2-s8.onnx"
     export_onnx(module, (ids, mask, torch.zeros_like(ids)), dest, int8=int8)
     assert [p.name for p in tmp_path.iterdir()] == [dest.name]  # no temporary file left
-    model = _load_onnx(dest, threads=1)
+    model = _load_onnx(dest, threads=(1,))
     longer = torch.randint(1, 50, (3, 16))  # dynamic axes: any batch and length
     got = model.run((longer, torch.ones_like(longer), torch.zeros_like(longer)))[0]
     expected = module(longer, torch.ones_like(longer), torch.zeros_like(longer))[0]
@@ -170,8 +171,34 @@ def test_onnx_runtime_errors_surface_as_runtime_errors(tmp_path: Path) -> None:
     ids = torch.randint(1, 50, (2, 8))
     dest = tmp_path / "m.onnx"
     export_onnx(_IgnoresTokenTypes(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), dest, int8=False)
-    model = _load_onnx(dest, threads=1)
+    model = _load_onnx(dest, threads=(1,))
     with pytest.raises(RuntimeError, match="ONNX Runtime"):
         model.run((ids.to(torch.float32), torch.ones_like(ids), torch.zeros_like(ids)))  # wrong dtype
     with pytest.raises(RuntimeError, match="ONNX Runtime"):
         model.run((ids, torch.ones_like(ids)))  # an input missing
+
+
+def test_each_call_runs_on_the_session_of_the_threads_its_copy_was_given(tmp_path: Path) -> None:
+    """Sessions of one and of two threads: a copy given two threads runs on the two-thread one
+    (and one given three, too: the most it can use), a copy never given any on the one-thread
+    one; both answer alike."""
+    ids = torch.randint(1, 50, (2, 8))
+    inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    dest = tmp_path / "model.onnx"
+    export_onnx(_IgnoresTokenTypes(), inputs, dest, int8=False)
+    model = _load_onnx(dest, threads=(1, 2))
+    seen: dict[int, tuple[int, int, torch.Tensor]] = {}
+
+    def call(threads: int) -> None:
+        if threads:
+            set_call_threads(threads)
+        session = model._sessions[model.session_threads()]
+        configured = session.get_session_options().intra_op_num_threads  # type: ignore[attr-defined]
+        seen[threads] = (model.session_threads(), configured, model.run(inputs)[0])
+
+    for threads in (0, 1, 2, 3):
+        copy = threading.Thread(target=call, args=(threads,))  # a thread of its own, as a copy
+        copy.start()
+        copy.join()
+    assert {t: seen[t][:2] for t in seen} == {0: (1, 1), 1: (1, 1), 2: (2, 2), 3: (2, 2)}
+    assert torch.allclose(seen[1][2], seen[2][2], atol=1e-5)

@@ -20,6 +20,7 @@ __all__ = [
     "CoreSet",
     "LoadedModel",
     "artifact_suffix",
+    "call_thread_counts",
     "choose_backend",
     "copies_per_server",
     "copy_core",
@@ -134,22 +135,29 @@ def copy_core(name: str, index: int, cores: CoreSet) -> int:
 
 def lends_cores(name: str, artifact_files: Sequence[str]) -> bool:
     """Whether a server's idle CPUs may be lent to a batch that runs alone (as its intra-op
-    threads), which needs a model that takes a thread count per call: TorchScript on cpu.
+    threads), which needs a model that takes a thread count per call: cpu artifacts (TorchScript's
+    count is per calling thread; ONNX Runtime's is a session's, see :func:`call_thread_counts`).
+    A NeuronCore is not a thread to lend."""
+    return name == "cpu" and all(file.endswith((".pt", ".onnx")) for file in artifact_files)
 
-    ONNX Runtime's session spreads a call over the idle threads of its own pool by itself, and a
-    NeuronCore is not a thread to lend.
-    """
-    return name == "cpu" and all(file.endswith(".pt") for file in artifact_files)
+
+def call_thread_counts(name: str, artifact_files: Sequence[str], usable: int) -> tuple[int, ...] | None:
+    """The thread counts a lent call may run with on a server of ``usable`` CPUs (None: any):
+    an ONNX artifact has a session per count (see ``cpu.onnx_thread_counts``)."""
+    if name == "cpu" and any(file.endswith(".onnx") for file in artifact_files):
+        from neuronserve.backends.cpu import onnx_thread_counts
+
+        return onnx_thread_counts(usable)
+    return None
 
 
 def call_threads_setter(name: str) -> Callable[[int], None]:
-    """How a copy thread sets the intra-op threads of its next call (see :func:`lends_cores`):
-    torch's count is per calling thread."""
+    """How a copy thread sets the intra-op threads of its next call (see :func:`lends_cores`)."""
     if name != "cpu":
         raise BackendError(f"this is a bug: {name} copies are not given threads per call")
-    import torch
+    from neuronserve.backends.cpu import set_call_threads
 
-    return torch.set_num_threads
+    return set_call_threads
 
 
 def usable_cores(name: str, cores: CoreSet) -> int:

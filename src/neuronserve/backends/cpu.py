@@ -8,8 +8,13 @@ runs each grid shape within noise of an artifact traced at that very shape.
 
 With ``trace.cpu_engine=onnxruntime`` the artifact is an ONNX export (dynamic batch and sequence
 axes, so it too runs any shape) run by ONNX Runtime, optionally with int8 weights
-(``trace.cpu_quantize=int8``, dynamic quantisation per channel). One session serves every copy;
-its thread pool spreads a call over whatever threads are idle, without spinning.
+(``trace.cpu_quantize=int8``, dynamic quantisation per channel). A server loads it as one
+session per thread count a call may be given (see :func:`onnx_thread_counts`): one thread, for
+batches that run side by side, and every usable CPU, for a batch that runs alone. Copies share
+them (a session's ``run`` is thread-safe), and each call takes the session of the thread count
+its copy was lent: ONNX Runtime fixes a session's threads when it is made, and two calls on one
+session of two threads contend for its pool (measured: 15-20% fewer texts/s than two sessions
+of one thread each, when every copy is busy). The price is the weights held once per session.
 
 With ``trace.cpu_auto_cast=bf16`` every ``nn.Linear`` runs in bfloat16 (weights stored in bf16,
 activations cast on the way in, fp32 out) and everything else stays fp32: the CPU counterpart of
@@ -124,7 +129,7 @@ class CpuBackend:
 
         if self.engine == "onnxruntime":
             export_onnx(module, example_inputs, dest, int8=self.quantize == "int8")
-            return _load_onnx(dest, threads=1)  # costs are measured for one core, as torchscript's
+            return _load_onnx(dest, threads=(1,))  # costs are measured for one core, as torchscript's
         if self.auto_cast == "bf16":
             module = self._bf16_copy(module)
         with torchscript_quietly(), torch.no_grad():
@@ -152,7 +157,7 @@ class CpuBackend:
         with self._load_lock:
             if key not in self._loaded:
                 if artifact.suffix == ".onnx":
-                    self._loaded[key] = _load_onnx(artifact, threads=usable_cpus(cores))
+                    self._loaded[key] = _load_onnx(artifact, threads=onnx_thread_counts(usable_cpus(cores)))
                 else:
                     self._loaded[key] = _load_file(artifact)
             return self._loaded[key]
@@ -261,37 +266,70 @@ def _quantize(fp32: Path, dest: Path) -> None:
         root.removeFilter(quiet)
 
 
-class OnnxModel:
-    """An ONNX Runtime session; ``run`` is thread-safe, so every copy of a server calls it."""
+# The intra-op threads this thread's next call may use (see set_call_threads); unset: the fewest.
+_call_threads = threading.local()
 
-    def __init__(self, session: object) -> None:
-        self._session = session
-        self._names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
+
+def set_call_threads(threads: int) -> None:
+    """Give this thread's next model calls ``threads`` intra-op threads: torch's count (per calling
+    thread) and the session an :class:`OnnxModel` picks."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _call_threads.count = threads
+
+
+def onnx_thread_counts(usable: int) -> tuple[int, ...]:
+    """The thread counts a server's ONNX sessions are made with, for ``usable`` CPUs: one (batches
+    side by side) and all of them (a batch alone). Counts in between run on the one-thread
+    session, so the weights are held at most twice."""
+    return tuple(sorted({1, max(1, usable)}))
+
+
+class OnnxModel:
+    """ONNX Runtime sessions of one artifact, one per thread count; ``run`` is thread-safe, so
+    every copy of a server calls it, on the session of the most threads its call was given."""
+
+    def __init__(self, sessions: dict[int, object]) -> None:
+        self._sessions = dict(sorted(sessions.items()))
+        self.thread_counts = tuple(self._sessions)
+        first = next(iter(self._sessions.values()))
+        self._names = [i.name for i in first.get_inputs()]  # type: ignore[attr-defined]
+
+    def session_threads(self) -> int:
+        """The thread count of the session this thread's next call runs on."""
+        wanted = getattr(_call_threads, "count", 0)
+        return max((n for n in self.thread_counts if n <= wanted), default=self.thread_counts[0])
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         import torch
 
+        session = self._sessions[self.session_threads()]
         try:
             feed = {name: tensor.numpy() for name, tensor in zip(self._names, inputs, strict=True)}
-            outputs = self._session.run(None, feed)  # type: ignore[attr-defined]
+            outputs = session.run(None, feed)  # type: ignore[attr-defined]
         except Exception as exc:  # ONNX Runtime's errors are plain Exceptions: as torch's are
             raise RuntimeError(f"ONNX Runtime: {exc}") from exc
         return tuple(torch.from_numpy(out) for out in outputs)
 
 
-def _load_onnx(artifact: Path, *, threads: int) -> LoadedModel:
+def _load_onnx(artifact: Path, *, threads: tuple[int, ...]) -> OnnxModel:
     try:
         import onnxruntime as ort
     except ModuleNotFoundError:
         raise BackendError(f"{artifact.name} is an ONNX artifact: pip install 'neuronserve[onnx]'") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Copies share the session's pool: a spinning pool would burn the cores another copy needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only: its warnings are about optimisations it skipped
-    return OnnxModel(ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"]))
+
+    def session(count: int) -> object:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = count
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Sessions share the server's CPUs: a spinning pool would burn the cores another call needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # errors only: its warnings are about optimisations it skipped
+        return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+
+    return OnnxModel({count: session(count) for count in threads})
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -202,6 +202,7 @@ class Batcher:
         ledger: CoreLedger | None = None,
         copies: int = 1,
         trim_step: int = 0,
+        thread_counts: Sequence[int] | None = None,
     ) -> None:
         if not sequence_lengths or not batch_sizes:
             raise ValueError("this is a bug: the batcher needs at least one compiled shape")
@@ -217,8 +218,13 @@ class Batcher:
         self._tokens = 0  # tokens of the queued inputs
         self._idle = 0  # copies waiting in next_batch
         self.ledger = ledger
+        # The thread counts a call can use (None: any); a batch given more runs with the most of
+        # them it was given, and the rest go straight back to the ledger.
+        self.thread_counts = tuple(sorted(set(thread_counts))) if thread_counts else None
         # Each copy's own share of the cores (what warm-up measures); idle ones are lent on top.
-        self.base_threads = max(1, ledger.cores // max(1, copies)) if ledger is not None else 1
+        self.base_threads = (
+            self._usable_threads(max(1, ledger.cores // max(1, copies))) if ledger is not None else 1
+        )
         # Artifacts that run every multiple of trim_step tokens (Manifest.trim_step): a batch is
         # padded to its longest input rounded up to it, not to its bucket's full length.
         self.trim_step = trim_step
@@ -405,6 +411,10 @@ class Batcher:
             threads = self.ledger.take(max(self.base_threads, free_cores // batches), turn)
             if threads == 0:
                 return None, None  # no free core, or another copy's turn: wait in line
+            used = self._usable_threads(threads)
+            if used < threads:
+                self.ledger.give(threads - used)
+                threads = used
         taken: list[WorkItem] = []
         self._take(seq, min(size, share), taken, by_length=bool(self.trim_step))
         # Spare rows take the longest of the shorter items: they waste the least of the row.
@@ -421,6 +431,14 @@ class Batcher:
             longest = max(item.length for item in taken)
             length = min(seq, -(-longest // self.trim_step) * self.trim_step)
         return Batch(seq, size, tuple(taken), threads, length), now
+
+    def _usable_threads(self, threads: int) -> int:
+        """The most threads a call can use of ``threads`` (see ``thread_counts``)."""
+        if self.thread_counts is None:
+            return threads
+        return max(
+            (n for n in self.thread_counts if n <= threads), default=min(threads, self.thread_counts[0])
+        )
 
     def _explore(self, size: int, waiting: int) -> int:
         """Now and then try the next larger size the cost model avoids while more inputs wait.

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
 from neuronserve.backends import (
+    call_thread_counts,
     call_threads_setter,
     copies_per_server,
     copy_core,
@@ -169,6 +170,7 @@ class Engine:
             ledger=self.ledger,
             copies=self.copies,
             trim_step=self.manifest.trim_step,
+            thread_counts=call_thread_counts(self.backend_name, self.manifest.artifact_files, usable),
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,

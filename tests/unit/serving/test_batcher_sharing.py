@@ -202,6 +202,29 @@ def test_shares_of_a_request_split_the_idle_cores() -> None:
     assert ledger.free == 0
 
 
+def test_a_batch_runs_with_the_most_threads_a_call_can_use_and_the_rest_stay_free() -> None:
+    """Sessions of one thread and of four (an ONNX artifact on four CPUs): two shares of a
+    request would each get two threads, which no session has, so each runs on one and the other
+    CPUs stay free; a batch alone runs on all four."""
+    clock = Clock()
+    ledger = CoreLedger(4)
+    batcher = make(clock, ledger=ledger, copies=4, thread_counts=(1, 4))
+    batcher.submit([item(clock, 20), item(clock, 20)])
+    with batcher._cond:  # as next_batch holds it
+        batcher._idle = 3
+        first, _ = batcher._select(clock.now)
+    assert first is not None and first.threads == 1 and ledger.free == 3
+    batcher.finished(first)
+    with batcher._cond:
+        batcher._idle = 0
+        alone, _ = batcher._select(clock.now)
+    assert alone is not None and alone.threads == 4 and ledger.free == 0
+    batcher.finished(alone)
+    assert ledger.free == 4
+    # a copy's own share is a count a call can use, too: two copies on four CPUs run on one each
+    assert make(clock, ledger=CoreLedger(4), copies=2, thread_counts=(1, 4)).base_threads == 1
+
+
 def test_a_request_is_split_into_shares_of_like_lengths() -> None:
     """Its inputs are queued shortest first, so each share is padded to a length near its own."""
     clock = Clock()
