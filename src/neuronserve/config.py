@@ -150,8 +150,9 @@ class TraceSettings:
     cpu_engine: CpuEngine = setting(
         "torchscript",
         "cpu backend runtime: torchscript (a frozen TorchScript trace) or onnxruntime (an ONNX export "
-        "run by ONNX Runtime; the onnx extra; often faster on CPUs, see bench/traffic.py). Both are "
-        "verified against eager PyTorch like any artifact.",
+        "run by ONNX Runtime; the onnx extra; often faster on CPUs, see bench/traffic.py; a server of "
+        "several CPUs holds its weights twice, a session of one thread and one of them all). Both "
+        "are verified against eager PyTorch like any artifact.",
     )
     cpu_quantize: CpuQuantize = setting(
         "none",

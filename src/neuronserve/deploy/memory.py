@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neuronserve.artifacts import Manifest
-from neuronserve.backends import copy_core
+from neuronserve.backends import call_thread_counts, copy_core
 from neuronserve.backends.base import CoreSet
 from neuronserve.deploy.inventory import Inventory
 from neuronserve.deploy.plan import Plan
@@ -160,6 +160,10 @@ def estimate(
             artifacts = sum(facts.artifact_bytes.values())
             scratch = working_set(manifest)
             loads = 1 if facts.copies_share_load or multicore else copies
+            # an ONNX artifact is loaded as a session per thread count (see call_thread_counts)
+            loads *= len(
+                call_thread_counts(plan.backend, list(facts.artifact_bytes), len(server.cores.ids)) or (1,)
+            )
             host += loads * artifacts + (0 if neuron else copies * scratch)
             if multicore:
                 saving = sum(min(size, facts.weight_bytes // 2) for size in facts.artifact_bytes.values())
@@ -201,6 +205,8 @@ def _model_summary(manifest: Manifest, multicore: bool) -> str:
         copies = "copies share one load per server, replicated on its cores with shared weights"
     else:
         copies = "copies share one load" if facts.copies_share_load else "copies each load their own"
+        if any(file.endswith(".onnx") for file in facts.artifact_bytes):
+            copies += " (ONNX Runtime: a session of one thread and, on several CPUs, one of them all)"
     return (
         f"memory estimate: weights {facts.weight_bytes / GIB:.2f} GiB; {len(facts.artifact_bytes)} "
         f"artifact(s) of {artifacts / GIB:.2f} GiB for {len(manifest.shapes)} shapes"

@@ -92,6 +92,27 @@ def test_cpu_copies_share_one_load_and_host_memory_is_checked(tmp_path: Path) ->
         host(2, GIB // 10).check()
 
 
+def test_an_onnx_artifact_counts_a_session_per_thread_count(tmp_path: Path) -> None:
+    """ONNX Runtime fixes a session's threads: a server of two CPUs loads an ONNX artifact twice
+    (one thread, both), a server of one CPU once; TorchScript's is loaded once either way."""
+    from neuronserve.deploy.inventory import Inventory
+
+    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,4", trace__sequence_lengths="16,32").manifest
+    artifact = sum(manifest.memory.artifact_bytes.values())
+    onnx = dataclasses.replace(
+        manifest, memory=dataclasses.replace(manifest.memory, artifact_bytes={"model-b4-s32.onnx": artifact})
+    )
+
+    def plan(m: object, cores: str) -> MemoryPlan:
+        s = make_settings(tmp_path, serve__models_per_server="1", deploy__cores=cores)
+        inventory = Inventory("cpu", (0, 1), {}, host_memory=64 * GIB)
+        return estimate(make_plan(s, inventory, "cpu"), [m], inventory)  # type: ignore[list-item]
+
+    assert plan(onnx, "0-1").servers[0].host - plan(manifest, "0-1").servers[0].host == artifact
+    assert plan(onnx, "0").servers[0].host == plan(manifest, "0").servers[0].host
+    assert "ONNX Runtime" in plan(onnx, "0-1").summary and "ONNX" not in plan(manifest, "0-1").summary
+
+
 def test_host_memory_available_reads_meminfo() -> None:
     text = "MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n"
     assert host_memory_available(text) == 20000000 * 1024
