@@ -25,6 +25,8 @@ shape:
   cores.
 
 Expired and cancelled items are dropped before they reach a copy (``on_drop`` answers them).
+Work wakes the copy that went idle last: one request at a time keeps running on one copy, whose
+thread pool (and caches) are warm, instead of going round the copies.
 """
 
 from __future__ import annotations
@@ -186,6 +188,27 @@ class CoreLedger:
                 self._cond.notify_all()  # the copy whose turn it is goes
 
 
+class _LastIdleFirst(threading.Condition):
+    """A condition whose ``notify`` wakes the threads that began waiting last.
+
+    Measured on TorchScript copies lent two threads each: one request at a time took 81 ms a
+    call when consecutive requests went to alternating copies (each copy's OpenMP team still
+    spinning when the other's starts), against 50-60 ms on one copy.
+    """
+
+    def notify(self, n: int = 1) -> None:
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot notify on un-acquired lock")
+        waiters = self._waiters  # type: ignore[attr-defined]
+        while waiters and n > 0:
+            waiter = waiters.pop()
+            try:
+                waiter.release()
+            except RuntimeError:  # released by a notify interrupted before it removed it
+                continue
+            n -= 1
+
+
 class Batcher:
     """See the module docstring. All public methods are thread-safe."""
 
@@ -231,7 +254,7 @@ class Batcher:
         self._closed = False
         self._costs: dict[tuple[int, int], float] = {}
         self._dispatches = 0
-        self._cond = threading.Condition()
+        self._cond = _LastIdleFirst()
 
     # --- event loop side ------------------------------------------------------------------
 

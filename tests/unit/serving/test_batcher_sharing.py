@@ -225,6 +225,32 @@ def test_a_batch_runs_with_the_most_threads_a_call_can_use_and_the_rest_stay_fre
     assert make(clock, ledger=CoreLedger(4), copies=2, thread_counts=(1, 4)).base_threads == 1
 
 
+def test_one_request_at_a_time_keeps_running_on_the_copy_that_went_idle_last() -> None:
+    """Two idle copies, requests one after the other: each wakes the copy back from the last one
+    (its thread pool warm), not the copies in turn."""
+    clock = Clock()
+    batcher = make(clock, ledger=CoreLedger(2), copies=2)
+    served: list[str] = []
+
+    def copy(name: str) -> None:
+        while (batch := batcher.next_batch()) is not None:
+            served.append(name)
+            batcher.finished(batch)
+
+    copies = [threading.Thread(target=copy, args=(name,)) for name in ("a", "b")]
+    copies[0].start()
+    _until(lambda: batcher.waiting_copies == 1)
+    copies[1].start()  # idle after "a"
+    _until(lambda: batcher.waiting_copies == 2)
+    for n in range(1, 7):
+        batcher.submit([item(clock, 20)])
+        _until(lambda: len(served) == n and batcher.waiting_copies == 2)  # noqa: B023 - polled here
+    batcher.close()
+    for thread in copies:
+        thread.join(timeout=10)
+    assert served == ["b"] * 6, served
+
+
 def test_a_request_is_split_into_shares_of_like_lengths() -> None:
     """Its inputs are queued shortest first, so each share is padded to a length near its own."""
     clock = Clock()
