@@ -151,8 +151,8 @@ class TraceSettings:
         "torchscript",
         "cpu backend runtime: torchscript (a frozen TorchScript trace) or onnxruntime (an ONNX export "
         "run by ONNX Runtime; the onnx extra; often faster on CPUs, see bench/traffic.py; a server of "
-        "several CPUs holds its weights twice, a session of one thread and one of them all). Both "
-        "are verified against eager PyTorch like any artifact.",
+        "several CPUs holds its weights twice, a session of one thread and one of them all, three "
+        "times with fewer copies than CPUs). Both are verified against eager PyTorch like any artifact.",
     )
     cpu_quantize: CpuQuantize = setting(
         "none",
@@ -213,7 +213,7 @@ class ServeSettings:
         0,
         "Model copies in each server, each driven by its own thread; 0 picks by backend: one per usable "
         "CPU on cpu, at most 64 (the container's CPU limit counts; one intra-op thread each, and a "
-        "TorchScript batch running alone gets the idle CPUs), 2 on Neuron (one copy keeps a NeuronCore "
+        "batch running alone gets the idle CPUs), 2 on Neuron (one copy keeps a NeuronCore "
         "busy while the host prepares the next batch).",
         minimum=0,
         maximum=64,

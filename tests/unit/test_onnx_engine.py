@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neuronserve.backends.base import BackendError
-from neuronserve.backends.cpu import _load_onnx, export_onnx, set_call_threads
+from neuronserve.backends.cpu import _load_onnx, export_onnx, onnx_thread_counts, set_call_threads
 from neuronserve.config import ConfigError
 from neuronserve.trace import TraceReport, VerificationError, served_cosine
 from tests.conftest import make_settings, ready_client, trace_tiny
@@ -202,3 +202,10 @@ def test_each_call_runs_on_the_session_of_the_threads_its_copy_was_given(tmp_pat
         copy.join()
     assert {t: seen[t][:2] for t in seen} == {0: (1, 1), 1: (1, 1), 2: (2, 2), 3: (2, 2)}
     assert torch.allclose(seen[1][2], seen[2][2], atol=1e-5)
+
+
+def test_sessions_are_made_for_one_thread_a_copys_share_and_every_cpu() -> None:
+    assert onnx_thread_counts(1, 1) == (1,)  # one CPU: one session
+    assert onnx_thread_counts(2, 2) == (1, 2)  # the default, a copy per CPU: two
+    assert onnx_thread_counts(8, 1) == (1, 8)
+    assert onnx_thread_counts(8, 2) == (1, 4, 8)  # fewer copies than CPUs: their share, too

@@ -67,13 +67,21 @@ def choose_backend(
     )
 
 
-def create_backend(name: str, trace: TraceSettings, *, shared_weights: bool = False) -> Backend:
+def create_backend(
+    name: str, trace: TraceSettings, *, shared_weights: bool = False, call_threads: tuple[int, ...] = ()
+) -> Backend:
     """Instantiate a concrete backend with its compiler settings (and, to serve on Neuron,
-    whether copies share one multi-core load: ``serve.neuron_shared_weights``)."""
+    whether copies share one multi-core load: ``serve.neuron_shared_weights``; on cpu, the
+    thread counts its calls are lent: :func:`call_thread_counts`)."""
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
-        return CpuBackend(auto_cast=trace.cpu_auto_cast, engine=trace.cpu_engine, quantize=trace.cpu_quantize)
+        return CpuBackend(
+            auto_cast=trace.cpu_auto_cast,
+            engine=trace.cpu_engine,
+            quantize=trace.cpu_quantize,
+            call_threads=call_threads,
+        )
     if name == "neuronx":
         from neuronserve.backends.neuronx import NeuronxBackend
 
@@ -141,13 +149,15 @@ def lends_cores(name: str, artifact_files: Sequence[str]) -> bool:
     return name == "cpu" and all(file.endswith((".pt", ".onnx")) for file in artifact_files)
 
 
-def call_thread_counts(name: str, artifact_files: Sequence[str], usable: int) -> tuple[int, ...] | None:
-    """The thread counts a lent call may run with on a server of ``usable`` CPUs (None: any):
-    an ONNX artifact has a session per count (see ``cpu.onnx_thread_counts``)."""
+def call_thread_counts(
+    name: str, artifact_files: Sequence[str], usable: int, copies: int
+) -> tuple[int, ...] | None:
+    """The thread counts a lent call may run with on a server of ``usable`` CPUs and ``copies``
+    copies (None: any): an ONNX artifact has a session per count (see ``cpu.onnx_thread_counts``)."""
     if name == "cpu" and any(file.endswith(".onnx") for file in artifact_files):
         from neuronserve.backends.cpu import onnx_thread_counts
 
-        return onnx_thread_counts(usable)
+        return onnx_thread_counts(usable, copies)
     return None
 
 

@@ -1,4 +1,4 @@
-"""cpu backend: TorchScript trace + freeze; pinning by CPU affinity and torch thread count.
+"""cpu backend: TorchScript trace + freeze, or ONNX export; pinning by CPU affinity; per-call threads.
 
 A frozen trace of an encoder runs any (batch, sequence) shape, so one artifact serves every
 shape the tracer verifies it at, and the copies of a server share that one loaded module
@@ -9,8 +9,8 @@ runs each grid shape within noise of an artifact traced at that very shape.
 With ``trace.cpu_engine=onnxruntime`` the artifact is an ONNX export (dynamic batch and sequence
 axes, so it too runs any shape) run by ONNX Runtime, optionally with int8 weights
 (``trace.cpu_quantize=int8``, dynamic quantisation per channel). A server loads it as one
-session per thread count a call may be given (see :func:`onnx_thread_counts`): one thread, for
-batches that run side by side, and every usable CPU, for a batch that runs alone. Copies share
+session per thread count its calls may be lent (see :func:`onnx_thread_counts`): one thread, a
+copy's own share of the CPUs, and every usable CPU, for a batch that runs alone. Copies share
 them (a session's ``run`` is thread-safe), and each call takes the session of the thread count
 its copy was lent: ONNX Runtime fixes a session's threads when it is made, and two calls on one
 session of two threads contend for its pool (measured: 15-20% fewer texts/s than two sessions
@@ -95,7 +95,13 @@ class CpuBackend:
     name = "cpu"
     sharing = Sharing(shapes=True, copies=True)
 
-    def __init__(self, auto_cast: str = "none", engine: str = "torchscript", quantize: str = "none") -> None:
+    def __init__(
+        self,
+        auto_cast: str = "none",
+        engine: str = "torchscript",
+        quantize: str = "none",
+        call_threads: tuple[int, ...] = (),
+    ) -> None:
         if auto_cast not in ("none", "bf16"):
             raise ValueError(f"trace.cpu_auto_cast={auto_cast!r}: use none or bf16")
         if engine not in ("torchscript", "onnxruntime") or quantize not in ("none", "int8"):
@@ -103,6 +109,9 @@ class CpuBackend:
         self.auto_cast = auto_cast
         self.engine = engine
         self.quantize = quantize
+        # The thread counts a server's copies are lent (the batcher's): an ONNX artifact gets a
+        # session for each. None given (tracing): one thread.
+        self.call_threads = call_threads or (1,)
         # The tracer compiles every shape from the same eager module: cast it once, not per shape.
         self._cast: tuple[torch.nn.Module, torch.nn.Module] | None = None
         # One loaded module per artifact file, shared by every copy that loads it.
@@ -157,7 +166,7 @@ class CpuBackend:
         with self._load_lock:
             if key not in self._loaded:
                 if artifact.suffix == ".onnx":
-                    self._loaded[key] = _load_onnx(artifact, threads=onnx_thread_counts(usable_cpus(cores)))
+                    self._loaded[key] = _load_onnx(artifact, threads=self.call_threads)
                 else:
                     self._loaded[key] = _load_file(artifact)
             return self._loaded[key]
@@ -279,11 +288,13 @@ def set_call_threads(threads: int) -> None:
     _call_threads.count = threads
 
 
-def onnx_thread_counts(usable: int) -> tuple[int, ...]:
-    """The thread counts a server's ONNX sessions are made with, for ``usable`` CPUs: one (batches
-    side by side) and all of them (a batch alone). Counts in between run on the one-thread
-    session, so the weights are held at most twice."""
-    return tuple(sorted({1, max(1, usable)}))
+def onnx_thread_counts(usable: int, copies: int) -> tuple[int, ...]:
+    """The thread counts a server's ONNX sessions are made with, for ``usable`` CPUs shared by
+    ``copies`` copies: one, a copy's own share, and all of them (a batch alone). A call lent a
+    count in between runs on the largest of these it holds, so the weights are held at most
+    three times (twice with the default of one copy per CPU)."""
+    usable = max(1, usable)
+    return tuple(sorted({1, max(1, usable // max(1, copies)), usable}))
 
 
 class OnnxModel:

@@ -160,10 +160,13 @@ def estimate(
             artifacts = sum(facts.artifact_bytes.values())
             scratch = working_set(manifest)
             loads = 1 if facts.copies_share_load or multicore else copies
-            # an ONNX artifact is loaded as a session per thread count (see call_thread_counts)
-            loads *= len(
-                call_thread_counts(plan.backend, list(facts.artifact_bytes), len(server.cores.ids)) or (1,)
+            # An ONNX artifact is loaded as a session per thread count (see call_thread_counts),
+            # counted for the server's CPUs: a container's CPU limit, known where it runs, only
+            # ever makes them fewer.
+            counts = call_thread_counts(
+                plan.backend, list(facts.artifact_bytes), len(server.cores.ids), copies
             )
+            loads *= len(counts or (1,))
             host += loads * artifacts + (0 if neuron else copies * scratch)
             if multicore:
                 saving = sum(min(size, facts.weight_bytes // 2) for size in facts.artifact_bytes.values())

@@ -164,13 +164,17 @@ class Engine:
         # cpu copies share the server's CPUs: a batch running alone gets the idle ones.
         self.lend_cores = lends_cores(self.backend_name, self.manifest.artifact_files)
         self.ledger = (ledger or CoreLedger(usable)) if self.lend_cores else None
+        # The thread counts a lent call can run with (the batcher's and the backend's: one list)
+        self.call_threads = call_thread_counts(
+            self.backend_name, self.manifest.artifact_files, usable, self.copies
+        )
         if self.ledger is not None and self.ledger.cores != usable:
             raise RuntimeError(f"this is a bug: a ledger of {self.ledger.cores} cores for {usable}")
         self.batcher = Batcher(
             ledger=self.ledger,
             copies=self.copies,
             trim_step=self.manifest.trim_step,
-            thread_counts=call_thread_counts(self.backend_name, self.manifest.artifact_files, usable),
+            thread_counts=self.call_threads,
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,
@@ -247,7 +251,12 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.threads_per_copy = threads_per_copy
         shared = self.settings.serve.neuron_shared_weights
-        backend = create_backend(self.backend_name, self.settings.trace, shared_weights=shared)
+        backend = create_backend(
+            self.backend_name,
+            self.settings.trace,
+            shared_weights=shared,
+            call_threads=self.call_threads or (),
+        )
         slots = [copy_core(self.backend_name, first_copy + i, self.cores) for i in range(self.copies)]
         locks = {} if locks is None else locks
         for slot in slots:

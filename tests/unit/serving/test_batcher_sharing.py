@@ -221,8 +221,21 @@ def test_a_batch_runs_with_the_most_threads_a_call_can_use_and_the_rest_stay_fre
     assert alone is not None and alone.threads == 4 and ledger.free == 0
     batcher.finished(alone)
     assert ledger.free == 4
+    # Another model of the process holds two cores: a batch alone here may have the other two,
+    # runs on one, and the ledger never counts the second as lent (another copy may take it).
+    other = make(clock, ledger=ledger, copies=4)
+    other.submit([item(clock, 20), item(clock, 100)])  # two batches: the first takes half
+    held = other.next_batch()
+    assert held is not None and held.threads == 2 and ledger.free == 2
+    batcher.submit([item(clock, 20)])
+    partial = batcher.next_batch()
+    assert partial is not None and partial.threads == 1 and ledger.free == 1
+    batcher.finished(partial)
+    other.finished(held)
+    assert ledger.free == 4
     # a copy's own share is a count a call can use, too: two copies on four CPUs run on one each
     assert make(clock, ledger=CoreLedger(4), copies=2, thread_counts=(1, 4)).base_threads == 1
+    assert make(clock, ledger=CoreLedger(4), copies=2, thread_counts=(1, 2, 4)).base_threads == 2
 
 
 def test_one_request_at_a_time_keeps_running_on_the_copy_that_went_idle_last() -> None:
@@ -237,18 +250,21 @@ def test_one_request_at_a_time_keeps_running_on_the_copy_that_went_idle_last() -
             served.append(name)
             batcher.finished(batch)
 
-    copies = [threading.Thread(target=copy, args=(name,)) for name in ("a", "b")]
-    copies[0].start()
-    _until(lambda: batcher.waiting_copies == 1)
-    copies[1].start()  # idle after "a"
-    _until(lambda: batcher.waiting_copies == 2)
-    for n in range(1, 7):
-        batcher.submit([item(clock, 20)])
-        _until(lambda: len(served) == n and batcher.waiting_copies == 2)  # noqa: B023 - polled here
-    batcher.close()
-    for thread in copies:
-        thread.join(timeout=10)
+    copies = [threading.Thread(target=copy, args=(name,), daemon=True) for name in ("a", "b")]
+    try:
+        copies[0].start()
+        _until(lambda: batcher.waiting_copies == 1)
+        copies[1].start()  # idle after "a"
+        _until(lambda: batcher.waiting_copies == 2)
+        for n in range(1, 7):
+            batcher.submit([item(clock, 20)])
+            _until(lambda: len(served) == n and batcher.waiting_copies == 2)  # noqa: B023 - polled here
+    finally:
+        batcher.close()  # wakes every waiting copy (notify_all goes through the same notify)
+        for thread in copies:
+            thread.join(timeout=10)
     assert served == ["b"] * 6, served
+    assert not any(thread.is_alive() for thread in copies)
 
 
 def test_a_request_is_split_into_shares_of_like_lengths() -> None:

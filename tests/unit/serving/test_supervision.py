@@ -229,8 +229,9 @@ def test_a_copy_that_finishes_loading_after_the_server_stopped_goes_quietly(tmp_
 
 
 class _Recording:
-    """A loaded model that records torch's intra-op thread count of each call; with a barrier,
-    a call waits until as many calls run at once (or the barrier breaks)."""
+    """A loaded model that records the intra-op threads of each call (torch's count; an ONNX
+    model's, the threads of the session it picks); with a barrier, a call waits until as many
+    calls run at once (or the barrier breaks)."""
 
     threads: ClassVar[list[int]] = []
     barrier: ClassVar[threading.Barrier | None] = None
@@ -239,22 +240,24 @@ class _Recording:
         self.model = model
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        _Recording.threads.append(torch.get_num_threads())
+        _Recording.threads.append(getattr(self.model, "session_threads", torch.get_num_threads)())
         if _Recording.barrier is not None:
             _Recording.barrier.wait(timeout=10)
         out: tuple[torch.Tensor, ...] = self.model.run(inputs)
         return out
 
 
+@pytest.mark.parametrize("engine_name", ["torchscript", "onnxruntime"])
 def test_a_lone_request_runs_on_every_core_and_concurrent_ones_on_one_each(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_name: str
 ) -> None:
     """Two copies on two CPUs: a request alone gets both as intra-op threads; two requests at
-    once run one per copy, one thread each; nothing about either changes the results."""
+    once run one per copy, one thread each; nothing about either changes the results. ONNX
+    Runtime's threads are a session's: the copies share a session of each count."""
     real = CpuBackend.load
     monkeypatch.setattr(CpuBackend, "load", lambda self, *a: _Recording(real(self, *a)))
     _Recording.threads = []
-    artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2").directory
+    artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__cpu_engine=engine_name).directory
     settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0-1")
     monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)  # whatever limit this host has
     engine = Engine(settings, ServerMetrics("test"))
