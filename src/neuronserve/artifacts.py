@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
+# The shortest length a trimmed batch runs at (see Manifest.trim_step): a real input holds its
+# special tokens and more, and a sample text cut shorter than its special tokens is no input.
+TRIM_SHORTEST = 8
 
 
 class ArtifactError(RuntimeError):
@@ -130,9 +133,10 @@ class Manifest:
     created_at: str
     memory: MemoryFacts
     format: int = FORMAT_VERSION
-    # The artifacts also run, verified at trace time, every multiple of trim_step tokens up to
-    # each compiled length (cpu: one artifact runs any shape): a batch then runs at its longest
-    # input rounded up to it instead of its bucket's full length. 0: compiled lengths only.
+    # The artifacts also run, verified at trace time, every multiple of trim_step tokens from
+    # TRIM_SHORTEST up to each compiled length (cpu: one artifact runs any shape): a batch then
+    # runs at its longest input rounded up to it (TRIM_SHORTEST at least) instead of its
+    # bucket's full length. 0: compiled lengths only.
     trim_step: int = 0
     directory: Path = field(default=Path(), compare=False)
     source_sha256: str = field(default="", compare=False)  # of the manifest.json bytes read

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from neuronserve.artifacts import (
     ARTIFACT_NAME,
     MANIFEST_NAME,
+    TRIM_SHORTEST,
     ArtifactError,
     Manifest,
     MemoryFacts,
@@ -243,7 +244,6 @@ def _output_shapes(
 
 
 COST_CALLS = 2  # after verification's calls have warmed the shape; the minimum is kept
-TRIM_STEP = 8  # shared artifacts are verified at every multiple of this many tokens (Manifest.trim_step)
 TRIM_BATCH = 2  # ... at this batch size: two rows, so padding differs between them
 
 
@@ -594,21 +594,25 @@ def _compile_shapes(
     trim = 0
     if backend.sharing.shapes:
         files = {**(served or {}), **{shape: entry.file for shape, entry in done.items()}}
-        trim = _verify_trim(candidates, files, eager=eager, task=task, tolerance=tolerance, say=say)
+        trim = _verify_trim(
+            candidates, files, backend.sharing.trim_step, eager=eager, task=task, tolerance=tolerance, say=say
+        )
     return done, eager.input_names, weights, trim
 
 
 def _verify_trim(
     candidates: dict[str, LoadedModel],
     files: dict[tuple[int, int], str],
+    step: int,
     *,
     eager: EagerModel,
     task: str,
     tolerance: dict[str, float],
     say: Callable[[str], None],
 ) -> int:
-    """TRIM_STEP if every artifact reproduces eager PyTorch at every multiple of it up to the
-    longest compiled length it serves (batch sizes are covered by the compiled shapes), else 0."""
+    """``step`` (``Sharing.trim_step``) if every artifact reproduces eager PyTorch at every
+    multiple of it from TRIM_SHORTEST up to the longest compiled length it serves (batch sizes
+    are covered by the compiled shapes), else 0."""
     longest: dict[str, int] = {}
     for (_b, s), file in files.items():
         longest[file] = max(longest.get(file, 0), s)
@@ -617,7 +621,7 @@ def _verify_trim(
         model = candidates.get(file)
         if model is None:
             return 0  # this is an artifact that was not loaded: do not claim what was not checked
-        for length in range(TRIM_STEP, top + 1, TRIM_STEP):
+        for length in range(-(-TRIM_SHORTEST // step) * step, top + 1, step):
             if length in compiled_lengths:
                 continue
             try:
@@ -633,8 +637,9 @@ def _verify_trim(
             except (VerificationError, RuntimeError) as exc:
                 say(f"{file} at {length} tokens: {exc}; batches run at compiled lengths only")
                 return 0
-    say(f"verified at every multiple of {TRIM_STEP} tokens: batches run at their longest input's length")
-    return TRIM_STEP
+    every = "every length" if step == 1 else f"every multiple of {step} tokens"
+    say(f"verified at {every}: batches run at their longest input's length")
+    return step
 
 
 def _reuse(

@@ -96,10 +96,13 @@ class Sharing:
     ``shapes``: one compiled artifact can run several shapes, so the tracer verifies an existing
     artifact at each new shape before compiling another (each artifact holds its own weights).
     ``copies``: the copies of one server run one loaded artifact instead of loading their own.
+    ``trim_step``: with ``shapes``, the tracer verifies the artifacts at every multiple of this
+    many tokens, so that a batch is padded only to its longest input rounded up to it.
     """
 
     shapes: bool
     copies: bool
+    trim_step: int = 8
 
 
 class LoadedModel(Protocol):

@@ -15,7 +15,8 @@ shape:
 - while other copies are idle, what waits is shared out among them (a 32-text request runs on
   every copy at once, not on one after the other);
 - with ``trim_step`` (artifacts that run any length, verified at trace time), a batch is padded to
-  its longest input rounded up to a multiple of it, not to its bucket's full length, and its items
+  its longest input rounded up to a multiple of it (``TRIM_SHORTEST`` at least), not to its
+  bucket's full length, and its items
   are the oldest one and those nearest its length among the oldest waiting (a request's inputs
   are queued shortest first), so the batch holds inputs of like length;
 - with a ``ledger`` (the cpu backend, whose copies share the server's CPUs and take a thread count
@@ -40,6 +41,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from neuronserve.artifacts import TRIM_SHORTEST
 
 EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see _explore)
 # With trim_step, a batch's items are chosen by length among this many times its size of the
@@ -460,7 +463,7 @@ class Batcher:
         length = seq
         if self.trim_step:
             longest = max(item.length for item in taken)
-            length = min(seq, -(-longest // self.trim_step) * self.trim_step)
+            length = min(seq, max(TRIM_SHORTEST, -(-longest // self.trim_step) * self.trim_step))
         return Batch(seq, size, tuple(taken), threads, length), now
 
     def _usable_threads(self, threads: int) -> int:

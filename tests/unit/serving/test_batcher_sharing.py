@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+from neuronserve.artifacts import TRIM_SHORTEST
 from neuronserve.serving.batcher import Batch, Batcher, CoreLedger
 from tests.unit.serving.test_batcher import Clock, item
 
@@ -115,6 +116,13 @@ def test_a_batch_is_padded_to_its_longest_input_where_the_artifacts_allow() -> N
     static.submit([item(clock, 10)])
     kept = static.next_batch()
     assert kept is not None and kept.padded_length == 32
+    exact = make(clock, trim_step=1)  # ONNX Runtime: the longest input's own length ...
+    exact.submit([item(clock, 10), item(clock, 19)])
+    batch = exact.next_batch()
+    assert batch is not None and batch.padded_length == 19
+    exact.submit([item(clock, 3)])  # ... but never shorter than the shortest verified
+    short = exact.next_batch()
+    assert short is not None and short.padded_length == TRIM_SHORTEST
 
 
 def test_spare_rows_take_the_longest_shorter_items_first() -> None:
