@@ -32,6 +32,13 @@ FORMAT_VERSION = 2
 TRIM_SHORTEST = 8
 
 
+def trimmed_length(longest: int, step: int) -> int:
+    """The length a trimmed batch whose longest input has ``longest`` tokens runs at (before the
+    cap at its bucket's length): rounded up to ``step`` (Manifest.trim_step), TRIM_SHORTEST at
+    least. The tracer verifies exactly these lengths."""
+    return -(-max(longest, TRIM_SHORTEST) // step) * step
+
+
 class ArtifactError(RuntimeError):
     """Artifacts are missing, tampered with or do not match this host; the message says which."""
 

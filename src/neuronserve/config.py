@@ -151,8 +151,9 @@ class TraceSettings:
         "torchscript",
         "cpu backend runtime: torchscript (a frozen TorchScript trace) or onnxruntime (an ONNX export "
         "run by ONNX Runtime; the onnx extra; often faster on CPUs, see bench/traffic.py; a server of "
-        "several CPUs holds its weights twice, a session of one thread and one of them all, three "
-        "times with fewer copies than CPUs). Both are verified against eager PyTorch like any artifact.",
+        "several CPUs holds its weights twice, a session of one thread and one of them all, and three "
+        "times when a copy's share is more than one CPU but not all of them). Both are verified "
+        "against eager PyTorch like any artifact.",
     )
     cpu_quantize: CpuQuantize = setting(
         "none",

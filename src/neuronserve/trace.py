@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 from neuronserve.artifacts import (
     ARTIFACT_NAME,
     MANIFEST_NAME,
-    TRIM_SHORTEST,
     ArtifactError,
     Manifest,
     MemoryFacts,
     ShapeEntry,
     artifact_name,
     read_manifest,
+    trimmed_length,
     write_manifest,
 )
 from neuronserve.backends import (
@@ -245,6 +245,8 @@ def _output_shapes(
 
 COST_CALLS = 2  # after verification's calls have warmed the shape; the minimum is kept
 TRIM_BATCH = 2  # ... at this batch size: two rows, so padding differs between them
+# The step verified when an artifact fails at some length of its own finer step (Sharing.trim_step).
+TRIM_FALLBACK = 8
 
 
 def measure_cost(compiled: LoadedModel, inputs: tuple[torch.Tensor, ...]) -> float:
@@ -391,6 +393,8 @@ def run_trace(
     else:
         known = _traced_model(staging, previous)
         input_names, weights, trim = known.input_names, known.memory.weight_bytes, known.trim_step
+        if known.compiler_args != compiler_args:
+            trim = 0  # another engine's manifest (an interrupted swap): claim no length unchecked
     _copy_serving_files(model_dir, staging)
     _keep_only(staging, {entry.file for entry in entries.values()})
     manifest = manifest_of(entries, input_names, weights, trim)
@@ -611,35 +615,49 @@ def _verify_trim(
     say: Callable[[str], None],
 ) -> int:
     """``step`` (``Sharing.trim_step``) if every artifact reproduces eager PyTorch at every
-    multiple of it from TRIM_SHORTEST up to the longest compiled length it serves (batch sizes
-    are covered by the compiled shapes), else 0."""
+    length ``trimmed_length`` gives for it, from TRIM_SHORTEST up to the longest compiled length
+    the artifact serves (batch sizes are covered by the compiled shapes); else TRIM_FALLBACK if
+    that step's lengths all pass; else 0."""
     longest: dict[str, int] = {}
     for (_b, s), file in files.items():
         longest[file] = max(longest.get(file, 0), s)
     compiled_lengths = {s for _b, s in files}
-    for file, top in sorted(longest.items()):
-        model = candidates.get(file)
-        if model is None:
-            return 0  # this is an artifact that was not loaded: do not claim what was not checked
-        for length in range(-(-TRIM_SHORTEST // step) * step, top + 1, step):
-            if length in compiled_lengths:
-                continue
-            try:
-                with _quiet_tracing():
-                    _verify_shape(
-                        compiled=model,
-                        eager=eager,
-                        task=task,
-                        batch_size=TRIM_BATCH,
-                        seq=length,
-                        tolerance=tolerance,
-                    )
-            except (VerificationError, RuntimeError) as exc:
-                say(f"{file} at {length} tokens: {exc}; batches run at compiled lengths only")
-                return 0
-    every = "every length" if step == 1 else f"every multiple of {step} tokens"
-    say(f"verified at {every}: batches run at their longest input's length")
-    return step
+    if any(file not in candidates for file in longest):
+        return 0  # an artifact that was not loaded: do not claim what was not checked
+    checked: set[tuple[str, int]] = set()  # (file, length) that passed: the fallback skips them
+    for trial in dict.fromkeys((step, TRIM_FALLBACK)):
+        failed = None
+        for file, top in sorted(longest.items()):
+            for length in range(trimmed_length(1, trial), top + 1, trial):
+                if length in compiled_lengths or (file, length) in checked:
+                    continue
+                try:
+                    with _quiet_tracing():
+                        _verify_shape(
+                            compiled=candidates[file],
+                            eager=eager,
+                            task=task,
+                            batch_size=TRIM_BATCH,
+                            seq=length,
+                            tolerance=tolerance,
+                        )
+                except (VerificationError, RuntimeError) as exc:
+                    failed = f"{file} at {length} tokens: {exc}"
+                    break
+                checked.add((file, length))
+            if failed:
+                break
+        if failed is None:
+            every = "every length" if trial == 1 else f"every multiple of {trial} tokens"
+            say(
+                f"verified at {every} from {trimmed_length(1, trial)}: batches run at their longest input's length"
+            )
+            return trial
+        then = (
+            f"trying every multiple of {TRIM_FALLBACK}" if trial != TRIM_FALLBACK else "compiled lengths only"
+        )
+        say(f"{failed}; {then}")
+    return 0
 
 
 def _reuse(

@@ -468,3 +468,45 @@ def test_a_trace_interrupted_before_the_swap_is_finished_with_its_own_model(
     assert manifest.input_names == ("input_ids", "attention_mask")  # the new model's, not the old
     assert manifest.model["sha256"] != first.manifest.model["sha256"]
     assert manifest.memory.weight_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("step", "failing", "expected", "checked"),
+    [
+        (1, None, 1, [*range(8, 16), *range(17, 32)]),  # every length from 8, compiled ones aside
+        (1, 9, 8, [8, 9, 24]),  # 9 fails: every multiple of 8 still holds (8 passed already)
+        (1, 24, 0, [*range(8, 16), *range(17, 25), 24]),  # a multiple of 8 fails: no trimming
+        (8, None, 8, [8, 24]),
+    ],
+)
+def test_trimmed_lengths_are_verified_from_the_shortest_at_the_engines_step(
+    monkeypatch: pytest.MonkeyPatch, step: int, failing: int | None, expected: int, checked: list[int]
+) -> None:
+    """What _verify_trim checks is every length the batcher may run (trimmed_length, capped at
+    the bucket), and a failure at a finer step falls back to every multiple of 8 before it gives
+    up trimming."""
+    from neuronserve import trace
+    from neuronserve.artifacts import trimmed_length
+
+    seen: list[int] = []
+
+    def verify(*, seq: int, **_: object) -> None:
+        seen.append(seq)
+        if seq == failing:
+            raise trace.VerificationError(f"off at {seq}")
+
+    monkeypatch.setattr(trace, "_verify_shape", verify)
+    said: list[str] = []
+    got = trace._verify_trim(
+        {"model.pt": object()},  # type: ignore[dict-item]
+        {(1, 16): "model.pt", (1, 32): "model.pt"},
+        step,
+        eager=object(),  # type: ignore[arg-type]
+        task="feature-extraction",
+        tolerance={},
+        say=said.append,
+    )
+    assert (got, seen) == (expected, checked), said
+    if expected:
+        run = {min(bucket, trimmed_length(n, expected)) for bucket in (16, 32) for n in range(1, bucket + 1)}
+        assert run <= {*seen, 16, 32} - {failing}

@@ -97,7 +97,8 @@ class Sharing:
     artifact at each new shape before compiling another (each artifact holds its own weights).
     ``copies``: the copies of one server run one loaded artifact instead of loading their own.
     ``trim_step``: with ``shapes``, the tracer verifies the artifacts at every multiple of this
-    many tokens, so that a batch is padded only to its longest input rounded up to it.
+    many tokens from ``TRIM_SHORTEST`` up, so that a batch is padded only to its longest input
+    rounded up to it (see ``artifacts.trimmed_length``).
     """
 
     shapes: bool

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from neuronserve.artifacts import TRIM_SHORTEST
+from neuronserve.artifacts import trimmed_length
 
 EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see _explore)
 # With trim_step, a batch's items are chosen by length among this many times its size of the
@@ -263,7 +263,8 @@ class Batcher:
             self._usable_threads(max(1, ledger.cores // max(1, copies))) if ledger is not None else 1
         )
         # Artifacts that run every multiple of trim_step tokens (Manifest.trim_step): a batch is
-        # padded to its longest input rounded up to it, not to its bucket's full length.
+        # padded to its longest input rounded up to it (TRIM_SHORTEST at least), not to its
+        # bucket's full length.
         self.trim_step = trim_step
         self._closed = False
         self._costs: dict[tuple[int, int], float] = {}
@@ -463,7 +464,7 @@ class Batcher:
         length = seq
         if self.trim_step:
             longest = max(item.length for item in taken)
-            length = min(seq, max(TRIM_SHORTEST, -(-longest // self.trim_step) * self.trim_step))
+            length = min(seq, trimmed_length(longest, self.trim_step))
         return Batch(seq, size, tuple(taken), threads, length), now
 
     def _usable_threads(self, threads: int) -> int:

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from neuronserve.artifacts import TRIM_SHORTEST
 from neuronserve.serving.batcher import Batch, Batcher, CoreLedger
 from tests.unit.serving.test_batcher import Clock, item
@@ -236,7 +238,14 @@ def test_a_batch_runs_with_the_most_threads_a_call_can_use_and_the_rest_stay_fre
     held = other.next_batch()
     assert held is not None and held.threads == 2 and ledger.free == 2
     batcher.submit([item(clock, 20)])
+    give = ledger.give
+
+    def refuse(_cores: int) -> None:
+        pytest.fail("a grant is fitted inside the ledger's lock, never given back")
+
+    ledger.give = refuse  # type: ignore[method-assign,assignment]
     partial = batcher.next_batch()
+    ledger.give = give  # type: ignore[method-assign]
     assert partial is not None and partial.threads == 1 and ledger.free == 1
     batcher.finished(partial)
     other.finished(held)
