@@ -130,7 +130,21 @@ def test_ctrl_c_in_a_trial_stops_it_cleanly_and_writes_the_report(tmp_path: Path
         assert time.monotonic() < deadline, "the next trial never deployed"
         time.sleep(0.05)  # poll for the next trial's servers
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
-    rest, _ = process.communicate(timeout=180)
+    try:
+        rest, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        # What still runs, then the tune's own account; kill it so that no pipe or process
+        # outlives this test and fails another one.
+        still = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(process.pid)],
+                               capture_output=True, text=True, check=False).stdout  # fmt: skip
+        os.killpg(process.pid, signal.SIGKILL)
+        rest, _ = process.communicate()
+        output = (
+            exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else str(exc.output or "")
+        )
+        pytest.fail(
+            f"tune did not end within 180 s of Ctrl-C; still running:\n{still}\n{''.join(lines)}{output}{rest}"
+        )
     assert process.returncode == 130, "".join(lines) + rest
     results = next((tmp_path / "results").glob("tune-*"))
     report = (results / "report.md").read_text()
