@@ -55,12 +55,19 @@ def _setup(tmp_path: Path) -> tuple[Path, Path]:
     return config, dataset
 
 
+def _as_a_terminal_runs_it() -> None:
+    """Ctrl-C's default: a job started in the background by a non-interactive shell (as CI may
+    start the tests) inherits SIGINT ignored, and so would the tune."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _tune(config: Path, dataset: Path, budget: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "neuronserve.cli", "tune", "--config", str(config), "--dataset", str(dataset),
          "--time-budget", str(budget)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True,
+        preexec_fn=_as_a_terminal_runs_it,  # noqa: PLW1509 - one signal call, before exec
     )  # fmt: skip
 
 
