@@ -3,6 +3,7 @@ nginx, gunicorn) one at a time, the real load client; and Ctrl-C in the middle o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -145,6 +146,9 @@ def test_ctrl_c_in_a_trial_stops_it_cleanly_and_writes_the_report(tmp_path: Path
         still = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(process.pid)],
                                capture_output=True, text=True, check=False).stdout  # fmt: skip
         os.killpg(process.pid, signal.SIGKILL)
+        for pid in _ours(tmp_path):  # its deployment runs in a session of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         rest, _ = process.communicate()
         output = (
             exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else str(exc.output or "")
