@@ -35,7 +35,7 @@ TRIM_SHORTEST = 8
 def trimmed_length(longest: int, step: int) -> int:
     """The length a trimmed batch whose longest input has ``longest`` tokens runs at (before the
     cap at its bucket's length): rounded up to ``step`` (Manifest.trim_step), TRIM_SHORTEST at
-    least. The tracer verifies exactly these lengths."""
+    least. The tracer verifies every one of these lengths an artifact may run."""
     return -(-max(longest, TRIM_SHORTEST) // step) * step
 
 

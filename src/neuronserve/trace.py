@@ -626,7 +626,7 @@ def _verify_trim(
         return 0  # an artifact that was not loaded: do not claim what was not checked
     checked: set[tuple[str, int]] = set()  # (file, length) that passed: the fallback skips them
     for trial in dict.fromkeys((step, TRIM_FALLBACK)):
-        failed = None
+        failed, failed_at = None, 0
         for file, top in sorted(longest.items()):
             for length in range(trimmed_length(1, trial), top + 1, trial):
                 if length in compiled_lengths or (file, length) in checked:
@@ -642,7 +642,7 @@ def _verify_trim(
                             tolerance=tolerance,
                         )
                 except (VerificationError, RuntimeError) as exc:
-                    failed = f"{file} at {length} tokens: {exc}"
+                    failed, failed_at = f"{file} at {length} tokens: {exc}", length
                     break
                 checked.add((file, length))
             if failed:
@@ -653,10 +653,11 @@ def _verify_trim(
                 f"verified at {every} from {trimmed_length(1, trial)}: batches run at their longest input's length"
             )
             return trial
-        then = (
-            f"trying every multiple of {TRIM_FALLBACK}" if trial != TRIM_FALLBACK else "compiled lengths only"
-        )
-        say(f"{failed}; {then}")
+        # A failed length that is a multiple of the fallback's step would fail it too.
+        if trial == TRIM_FALLBACK or failed_at % TRIM_FALLBACK == 0:
+            say(f"{failed}; compiled lengths only")
+            return 0
+        say(f"{failed}; trying every multiple of {TRIM_FALLBACK}")
     return 0
 
 

@@ -475,7 +475,8 @@ def test_a_trace_interrupted_before_the_swap_is_finished_with_its_own_model(
     [
         (1, None, 1, [*range(8, 16), *range(17, 32)]),  # every length from 8, compiled ones aside
         (1, 9, 8, [8, 9, 24]),  # 9 fails: every multiple of 8 still holds (8 passed already)
-        (1, 24, 0, [*range(8, 16), *range(17, 25), 24]),  # a multiple of 8 fails: no trimming
+        (1, 24, 0, [*range(8, 16), *range(17, 25)]),  # a multiple of 8 fails: no trimming, no retry
+        (8, 24, 0, [8, 24]),
         (8, None, 8, [8, 24]),
     ],
 )

@@ -109,7 +109,8 @@ class CpuBackend:
         self.engine = engine
         # ONNX Runtime runs every length as it comes (measured on all-MiniLM-L6-v2, time follows
         # the length: 8 texts of 9 tokens take 0.63x of the same at 16), so its batches are padded
-        # to their longest input exactly. TorchScript's to a multiple of 8.
+        # to their longest input exactly (to a multiple of 8, as TorchScript's always are, if the
+        # tracer finds a length it does not reproduce; see trace._verify_trim).
         self.sharing = Sharing(shapes=True, copies=True, trim_step=1 if engine == "onnxruntime" else 8)
         self.quantize = quantize
         # The thread counts a server's copies are lent (the batcher's): an ONNX artifact gets a
@@ -164,7 +165,7 @@ class CpuBackend:
         return self._cast[1]
 
     def load(self, artifact: Path, cores: CoreSet, start_nc: int) -> LoadedModel:
-        del start_nc  # the process is pinned once by pin_process; nothing per copy
+        del cores, start_nc  # the process is pinned once by pin_process; nothing per copy
         key = artifact.resolve()
         with self._load_lock:
             if key not in self._loaded:

@@ -209,7 +209,10 @@ def _model_summary(manifest: Manifest, multicore: bool) -> str:
     else:
         copies = "copies share one load" if facts.copies_share_load else "copies each load their own"
         if any(file.endswith(".onnx") for file in facts.artifact_bytes):
-            copies += " (ONNX Runtime: a session of one thread and, on several CPUs, one of them all)"
+            copies += (
+                " (ONNX Runtime: a session of one thread, one of a copy's share of the CPUs and one"
+                " of them all, each count once)"
+            )
     return (
         f"memory estimate: weights {facts.weight_bytes / GIB:.2f} GiB; {len(facts.artifact_bytes)} "
         f"artifact(s) of {artifacts / GIB:.2f} GiB for {len(manifest.shapes)} shapes"

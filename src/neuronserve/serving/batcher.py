@@ -255,8 +255,8 @@ class Batcher:
         self._tokens = 0  # tokens of the queued inputs
         self._idle = 0  # copies waiting in next_batch
         self.ledger = ledger
-        # The thread counts a call can use (None: any); a batch given more runs with the most of
-        # them it was given, and the rest go straight back to the ledger.
+        # The thread counts a call can use (None: any); a batch is lent the most of them that fit
+        # what is free, and the rest are never taken from the ledger.
         self.thread_counts = tuple(sorted({1, *thread_counts})) if thread_counts else None
         # Each copy's own share of the cores (what warm-up measures); idle ones are lent on top.
         self.base_threads = (
@@ -446,8 +446,9 @@ class Batcher:
             count = own_taken + min(size - own_taken, available - own)
             later = -(-(self._size - count) // max(1, share)) + self.ledger.others_waiting(turn)
             batches = max(1, min(free_cores, 1 + later))
-            fit = self._usable_threads if self.thread_counts is not None else None
-            threads = self.ledger.take(max(self.base_threads, free_cores // batches), turn, fit)
+            threads = self.ledger.take(
+                max(self.base_threads, free_cores // batches), turn, self._usable_threads
+            )
             if threads == 0:
                 return None, None  # no free core, or another copy's turn: wait in line
         taken: list[WorkItem] = []
@@ -471,7 +472,7 @@ class Batcher:
         """The most threads a call can use of ``threads`` (see ``thread_counts``, which hold 1)."""
         if self.thread_counts is None:
             return threads
-        return max((n for n in self.thread_counts if n <= threads), default=min(1, threads))
+        return max((n for n in self.thread_counts if n <= threads), default=1)
 
     def _explore(self, size: int, waiting: int) -> int:
         """Now and then try the next larger size the cost model avoids while more inputs wait.
