@@ -18,7 +18,10 @@ shape:
   its longest input rounded up to a multiple of it (``TRIM_SHORTEST`` at least), not to its
   bucket's full length, and its items
   are the oldest one and those nearest its length among the oldest waiting (a request's inputs
-  are queued shortest first), so the batch holds inputs of like length;
+  are queued shortest first), so the batch holds inputs of like length; and the batch size may
+  come down from the one the costs at the bucket's length chose, to the size whose items, run at
+  their own longest length, cost the least each (a larger batch reaches further from the oldest
+  input's length and pads every row to it);
 - with a ``ledger`` (the cpu backend, whose copies share the server's CPUs and take a thread count
   per call), the idle cores go to what runs: a batch running alone gets every one as intra-op
   threads, batches that share out what waits split them (with ``thread_counts``, e.g. ONNX
@@ -427,7 +430,7 @@ class Batcher:
         free_cores = self.ledger.free if self.ledger is not None else self._idle + 1
         sharing = max(1, min(self._idle + 1, free_cores))
         share = -(-own // sharing)
-        size = self._explore(self.choose_batch_size(share, seq), share)
+        size = self._explore(self._fitted_to_lengths(seq, self.choose_batch_size(share, seq), share), share)
         if (
             available < size
             and self.max_delay_s > 0
@@ -468,6 +471,47 @@ class Batcher:
             length = min(seq, trimmed_length(longest, self.trim_step))
         return Batch(seq, size, tuple(taken), threads, length), now
 
+    def _fitted_to_lengths(self, seq: int, size: int, share: int) -> int:
+        """With trimming, the size up to ``size`` whose items would cost the least each at the
+        length they would run at (``size`` itself without trimming or costs).
+
+        A larger batch takes inputs further from the oldest one's length, and every row is padded
+        to the longest: 16 short queries may run at 12 tokens where 32 run at 16. The cost of a
+        shape at a length below its bucket's is interpolated between the compiled lengths' costs
+        (see ``_cost_at``): trimmed runs take time with their length.
+        """
+        queue = self._queues[seq]
+        if not self.trim_step or size == 1 or len(queue) < 2:
+            return size
+        best: tuple[float, int] | None = None
+        for b in self.batch_sizes:
+            if b > size:
+                break
+            wanted = min(b, share, len(queue))
+            longest = max(queue[i].length for i in _nearest(queue, wanted))
+            cost = self._cost_at(b, min(seq, trimmed_length(longest, self.trim_step)))
+            if cost is None:
+                return size  # before warm-up has measured
+            if best is None or cost / wanted < best[0]:  # ties go to the smaller size
+                best = (cost / wanted, b)
+        return best[1] if best is not None else size
+
+    def _cost_at(self, batch_size: int, length: int) -> float | None:
+        """The modelled seconds of a call of ``batch_size`` rows at ``length`` tokens: linear
+        between the costs of the compiled lengths around it; at or below the shortest compiled
+        length, that length's cost (an upper bound: a call's fixed part does not shrink)."""
+        below: tuple[int, float] | None = None
+        for s in self.sequence_lengths:
+            cost = self._costs.get((batch_size, s))
+            if cost is None:
+                return None
+            if length <= s:
+                if below is None:
+                    return cost
+                return below[1] + (cost - below[1]) * (length - below[0]) / (s - below[0])
+            below = (s, cost)
+        return below[1] if below is not None else None
+
     def _usable_threads(self, threads: int) -> int:
         """The most threads a call can use of ``threads`` (see ``thread_counts``, which hold 1)."""
         if self.thread_counts is None:
@@ -492,14 +536,23 @@ class Batcher:
         wanted = min(size - len(taken), len(queue))
         if wanted <= 0:
             return
-        if not by_length or wanted in (1, len(queue)):
+        if not by_length:
             taken.extend(queue.popleft() for _ in range(wanted))
             return
-        # The oldest item, then those nearest its length among the oldest waiting: the batch is
-        # padded to its longest, so inputs of like length waste the least (see LENGTH_WINDOW).
-        window = [queue.popleft() for _ in range(min(len(queue), wanted * LENGTH_WINDOW))]
-        head = window[0]
-        order = sorted(range(1, len(window)), key=lambda i: (abs(window[i].length - head.length), i))
-        chosen = {0, *order[: wanted - 1]}
-        taken.extend(window[i] for i in sorted(chosen))
-        queue.extendleft(reversed([item for i, item in enumerate(window) if i not in chosen]))
+        chosen = _nearest(queue, wanted)
+        window = [queue.popleft() for _ in range(chosen[-1] + 1)]
+        picked = set(chosen)
+        taken.extend(window[i] for i in chosen)
+        queue.extendleft(reversed([item for i, item in enumerate(window) if i not in picked]))
+
+
+def _nearest(queue: deque[WorkItem], wanted: int) -> list[int]:
+    """Positions in ``queue`` (ascending) of the oldest item and the ``wanted - 1`` nearest its
+    length among the oldest waiting: the batch is padded to its longest, so inputs of like length
+    waste the least (see LENGTH_WINDOW)."""
+    if wanted in (1, len(queue)):
+        return list(range(wanted))
+    window = min(len(queue), wanted * LENGTH_WINDOW)
+    head = queue[0].length
+    order = sorted(range(1, window), key=lambda i: (abs(queue[i].length - head), i))
+    return sorted({0, *order[: wanted - 1]})

@@ -322,6 +322,29 @@ def test_across_the_queue_a_batch_takes_the_oldest_and_those_nearest_its_length(
     assert kept is not None and [i.length for i in kept.items] == [30, 120]
 
 
+def test_with_trimming_a_batch_stays_as_small_as_its_like_length_inputs_run_cheapest() -> None:
+    """At the bucket's length 8 inputs per call cost the least each, but the 8 waiting would run
+    at 64 tokens; the 4 nearest the oldest's length run at 37, and cost less each there."""
+    clock = Clock()
+    batcher = make(clock, trim_step=1, lengths=(32, 64))
+    batcher.set_costs({(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)})  # a call's fixed part
+    for n in [34, 64, 64, 35, 64, 36, 64, 37]:  # one input per request, oldest first
+        batcher.submit([item(clock, n)])
+        clock.now += 0.001
+    assert batcher.choose_batch_size(8, 64) == 8  # what the costs at 64 tokens alone would run
+    like = batcher.next_batch()
+    assert like is not None and [i.length for i in like.items] == [34, 35, 36, 37]
+    assert (like.batch_size, like.padded_length) == (4, 37)
+    rest = batcher.next_batch()
+    assert rest is not None and [i.length for i in rest.items] == [64] * 4 and rest.padded_length == 64
+    # compiled lengths only (Neuron): every batch runs at 64 whatever it holds, so all 8 go at once
+    static = make(clock, lengths=(32, 64))
+    static.set_costs({(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)})
+    static.submit([item(clock, n) for n in [34, 64, 64, 35, 64, 36, 64, 37]])
+    whole = static.next_batch()
+    assert whole is not None and len(whole.items) == 8
+
+
 def _until(condition: Any, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
