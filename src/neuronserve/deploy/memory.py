@@ -210,8 +210,8 @@ def _model_summary(manifest: Manifest, multicore: bool) -> str:
         copies = "copies share one load" if facts.copies_share_load else "copies each load their own"
         if any(file.endswith(".onnx") for file in facts.artifact_bytes):
             copies += (
-                " (ONNX Runtime: a session of one thread, one of a copy's share of the CPUs and one"
-                " of them all, each count once)"
+                " (ONNX Runtime: a session per thread count a call may get: one, a copy's share of"
+                " the CPUs, all of them)"
             )
     return (
         f"memory estimate: weights {facts.weight_bytes / GIB:.2f} GiB; {len(facts.artifact_bytes)} "

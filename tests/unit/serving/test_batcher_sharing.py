@@ -345,6 +345,17 @@ def test_with_trimming_a_batch_stays_as_small_as_its_like_length_inputs_run_chea
     assert whole is not None and len(whole.items) == 8
 
 
+def test_with_trimming_a_batch_does_not_leave_inputs_for_more_calls_than_they_save() -> None:
+    """One request of 8 inputs, the shortest queued first: alone at 33 tokens it costs the least
+    per input, but the 7 left still run at 60; one call of all 8 at 60 costs less in all."""
+    clock = Clock()
+    batcher = make(clock, trim_step=1, lengths=(32, 64))
+    batcher.set_costs({(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)})
+    batcher.submit([item(clock, n) for n in [60] * 7 + [33]])
+    batch = batcher.next_batch()
+    assert batch is not None and len(batch.items) == 8 and batch.padded_length == 60
+
+
 def _until(condition: Any, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
