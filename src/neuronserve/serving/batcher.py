@@ -19,8 +19,9 @@ shape:
   bucket's full length, and its items
   are the oldest one and those nearest its length among the oldest waiting (a request's inputs
   are queued shortest first), so the batch holds inputs of like length; and the batch size may
-  come down from the one the costs at the bucket's length chose, to the size whose items, run at
-  their own longest length, cost the least each (a larger batch reaches further from the oldest
+  come down from the one the costs at the bucket's length chose, to the size whose plan (its
+  batch, and one call for the inputs it leaves of those the larger size would take) costs the
+  least per input at the lengths it runs at (a larger batch reaches further from the oldest
   input's length and pads every row to it);
 - with a ``ledger`` (the cpu backend, whose copies share the server's CPUs and take a thread count
   per call), the idle cores go to what runs: a batch running alone gets every one as intra-op
@@ -467,8 +468,7 @@ class Batcher:
             self._cond.notify()  # an idle copy takes the next share
         length = seq
         if self.trim_step:
-            longest = max(item.length for item in taken)
-            length = min(seq, trimmed_length(longest, self.trim_step))
+            length = self._run_length(seq, max(item.length for item in taken))
         return Batch(seq, size, tuple(taken), threads, length), now
 
     def _fitted_to_lengths(self, seq: int, size: int, share: int) -> int:
@@ -509,8 +509,12 @@ class Batcher:
     ) -> float | None:
         """The modelled seconds of one call of ``batch_size`` rows for the items of ``queue`` at
         ``positions``, at the length they would run at."""
-        longest = max(queue[i].length for i in positions)
-        return self._cost_at(batch_size, min(seq, trimmed_length(longest, self.trim_step)))
+        return self._cost_at(batch_size, self._run_length(seq, max(queue[i].length for i in positions)))
+
+    def _run_length(self, seq: int, longest: int) -> int:
+        """The length a trimmed batch of bucket ``seq`` whose longest input has ``longest`` tokens
+        runs at."""
+        return min(seq, trimmed_length(longest, self.trim_step))
 
     def _cost_at(self, batch_size: int, length: int) -> float | None:
         """The modelled seconds of a call of ``batch_size`` rows at ``length`` tokens: linear

@@ -322,12 +322,16 @@ def test_across_the_queue_a_batch_takes_the_oldest_and_those_nearest_its_length(
     assert kept is not None and [i.length for i in kept.items] == [30, 120]
 
 
+# Costs on lengths (32, 64): each token of each row, and a call's fixed part.
+WITH_A_FIXED_PART = {(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)}
+
+
 def test_with_trimming_a_batch_stays_as_small_as_its_like_length_inputs_run_cheapest() -> None:
     """At the bucket's length 8 inputs per call cost the least each, but the 8 waiting would run
     at 64 tokens; the 4 nearest the oldest's length run at 37, and cost less each there."""
     clock = Clock()
     batcher = make(clock, trim_step=1, lengths=(32, 64))
-    batcher.set_costs({(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)})  # a call's fixed part
+    batcher.set_costs(WITH_A_FIXED_PART)
     for n in [34, 64, 64, 35, 64, 36, 64, 37]:  # one input per request, oldest first
         batcher.submit([item(clock, n)])
         clock.now += 0.001
@@ -339,7 +343,7 @@ def test_with_trimming_a_batch_stays_as_small_as_its_like_length_inputs_run_chea
     assert rest is not None and [i.length for i in rest.items] == [64] * 4 and rest.padded_length == 64
     # compiled lengths only (Neuron): every batch runs at 64 whatever it holds, so all 8 go at once
     static = make(clock, lengths=(32, 64))
-    static.set_costs({(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)})
+    static.set_costs(WITH_A_FIXED_PART)
     static.submit([item(clock, n) for n in [34, 64, 64, 35, 64, 36, 64, 37]])
     whole = static.next_batch()
     assert whole is not None and len(whole.items) == 8
@@ -350,7 +354,7 @@ def test_with_trimming_a_batch_does_not_leave_inputs_for_more_calls_than_they_sa
     per input, but the 7 left still run at 60; one call of all 8 at 60 costs less in all."""
     clock = Clock()
     batcher = make(clock, trim_step=1, lengths=(32, 64))
-    batcher.set_costs({(b, s): 0.001 * s * b + 0.02 for b in SIZES for s in (32, 64)})
+    batcher.set_costs(WITH_A_FIXED_PART)
     batcher.submit([item(clock, n) for n in [60] * 7 + [33]])
     batch = batcher.next_batch()
     assert batch is not None and len(batch.items) == 8 and batch.padded_length == 60
