@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from neuronserve.tasks import TaskKind
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -30,7 +32,7 @@ def compile_at(backend: Any, eager: Any, shape: tuple[int, int], dest: Path) -> 
     from neuronserve.trace import _quiet_tracing
 
     with _quiet_tracing():
-        return backend.compile(eager.module, sample_inputs(eager, "feature-extraction", *shape), dest)
+        return backend.compile(eager.module, sample_inputs(eager, TaskKind.FEATURE_EXTRACTION, *shape), dest)
 
 
 def seconds_per_call(model: Any, inputs: tuple[Any, ...], budget_s: float = 0.4) -> float:
@@ -55,14 +57,14 @@ def main() -> int:
     from neuronserve.models import load_eager, resolve_source, sample_inputs
 
     torch.set_num_threads(1)
-    eager = load_eager(resolve_source("bundled:all-MiniLM-L6-v2"), "feature-extraction")
+    eager = load_eager(resolve_source("bundled:all-MiniLM-L6-v2"), TaskKind.FEATURE_EXTRACTION)
     work = Path(tempfile.mkdtemp(prefix="neuronserve-shared-"))
     backend = CpuBackend()
     shared = compile_at(backend, eager, LARGEST, work / "shared.pt")
     print(f"{'shape':<10}{'own ms':>9}{'shared ms':>11}{'shared/own':>12}   (median of {args.runs})")
     for b, s in SHAPES:
         own = compile_at(backend, eager, (b, s), work / f"own-b{b}-s{s}.pt")
-        inputs = sample_inputs(eager, "feature-extraction", b, s)
+        inputs = sample_inputs(eager, TaskKind.FEATURE_EXTRACTION, b, s)
         for model in (own, shared):  # past TorchScript's profiling runs
             model.run(inputs)
             model.run(inputs)

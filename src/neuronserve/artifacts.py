@@ -20,7 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from neuronserve.backends.kinds import BackendKind
 from neuronserve.models import sha256_file
+from neuronserve.tasks import TaskKind
 
 if TYPE_CHECKING:
     from neuronserve.config import Settings
@@ -129,7 +131,7 @@ class Manifest:
     """Everything serving needs to know about a traced model."""
 
     model: dict[str, Any]
-    backend: str
+    backend: BackendKind
     versions: dict[str, str]
     compiler_args: str
     input_names: tuple[str, ...]
@@ -149,8 +151,8 @@ class Manifest:
     source_sha256: str = field(default="", compare=False)  # of the manifest.json bytes read
 
     @property
-    def task(self) -> str:
-        return str(self.model["task"])
+    def task(self) -> TaskKind:
+        return TaskKind(self.model["task"])
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -176,7 +178,7 @@ class Manifest:
             "format": self.format,
             "created_at": self.created_at,
             "model": self.model,
-            "backend": self.backend,
+            "backend": self.backend.value,
             "versions": self.versions,
             "compiler_args": self.compiler_args,
             "input_names": list(self.input_names),
@@ -194,7 +196,7 @@ class Manifest:
             format=int(data["format"]),
             created_at=str(data["created_at"]),
             model=dict(data["model"]),
-            backend=str(data["backend"]),
+            backend=BackendKind(str(data["backend"])),
             versions={k: str(v) for k, v in data["versions"].items()},
             compiler_args=str(data["compiler_args"]),
             input_names=tuple(data["input_names"]),
@@ -259,7 +261,7 @@ def artifacts_fingerprint(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(directory: Path, backend: str | None = None, *, fingerprint: str = "") -> Manifest:
+def load_manifest(directory: Path, backend: BackendKind | None = None, *, fingerprint: str = "") -> Manifest:
     """Read and verify an artifact directory for serving.
 
     Refuses: a missing manifest or file; any file whose sha256 differs from the manifest (tampered
@@ -302,11 +304,10 @@ def load_manifest(directory: Path, backend: str | None = None, *, fingerprint: s
     return manifest
 
 
-def artifacts_directory(settings: Settings) -> Path:
-    """``serve.artifacts``, or the trace output for the configured model and backend."""
-    from neuronserve.backends import choose_backend
-
+def artifacts_directory(settings: Settings, kind: BackendKind) -> Path:
+    """``serve.artifacts``, or the trace output for the configured model and ``kind`` (the
+    resolved ``trace.backend``: see ``backends.choose_backend``; working out a path never probes
+    the host)."""
     if settings.serve.artifacts:
         return settings.path(settings.serve.artifacts)
-    backend, _ = choose_backend(settings.trace.backend)
-    return settings.path(settings.trace.output_dir) / settings.model_name / backend
+    return settings.path(settings.trace.output_dir) / settings.model_name / kind.value

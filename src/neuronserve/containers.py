@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuronserve.backends import BackendKind
+
 CONTAINER_WORKDIR = "/workspace"
 CONTAINER_OUTPUT = "/workspace/trace-models"
 CONTAINER_MODEL = "/workspace/model"
@@ -48,11 +50,11 @@ def docker_engine(timeout_s: float = 3.0) -> Engine:
     return Engine(client, f"Docker engine reachable at {host}")
 
 
-def image_tag(stage: str, backend: str) -> str:
+def image_tag(stage: str, backend: BackendKind) -> str:
     return f"neuronserve-{stage}-{backend}:latest"
 
 
-def dockerfile(repo: Path, stage: str, backend: str) -> Path:
+def dockerfile(repo: Path, stage: str, backend: BackendKind) -> Path:
     return repo / "docker" / f"{stage}-{backend}.Dockerfile"
 
 
@@ -62,7 +64,7 @@ def neuron_devices() -> list[str]:
 
 def trace_container_spec(
     *,
-    backend: str,
+    backend: BackendKind,
     repo: Path,
     config_path: Path,
     output_dir: Path,
@@ -123,14 +125,14 @@ def trace_container_spec(
         "stdout": True,
         "stderr": True,
     }
-    if backend != "cpu":
+    if backend.neuron_cores:
         if not devices:
             raise RuntimeError(f"backend {backend} needs /dev/neuron* devices and this host has none")
         spec["devices"] = [f"{d}:{d}:rwm" for d in devices]
     return spec
 
 
-def build_image(engine: Engine, repo: Path, stage: str, backend: str) -> str:
+def build_image(engine: Engine, repo: Path, stage: str, backend: BackendKind) -> str:
     """Build the ``stage`` (trace or serve) image for ``backend``; returns its tag."""
     assert engine.client is not None, "this is a bug: build_image needs an engine"
     tag = image_tag(stage, backend)

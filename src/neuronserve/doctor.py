@@ -16,9 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuronserve.config import Settings
+
+if TYPE_CHECKING:
+    from neuronserve.backends import BackendKind
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 NEURON_REPO = "--extra-index-url=https://pip.repos.neuron.amazonaws.com"
@@ -77,7 +80,7 @@ def _sdk_matches_torch(sdk_version: str, torch_version: str) -> bool:
 
 def check_host(settings: Settings, host: Host | None = None) -> list[Check]:
     """Every check, in the order a user fixes things."""
-    from neuronserve.backends import BACKENDS, choose_backend
+    from neuronserve.backends import choose_backend
 
     h = host or Host()
     checks: list[Check] = []
@@ -91,7 +94,7 @@ def check_host(settings: Settings, host: Host | None = None) -> list[Check]:
     requested = settings.trace.backend
     devices = h.devices()
     backend, why = choose_backend(requested, sdk_importable=h.importable, devices=lambda: devices)
-    neuron = backend != "cpu"
+    neuron = backend.neuron_cores
     if devices and not neuron:  # a Neuron host without its SDK would serve on its CPUs
         checks.append(
             Check(
@@ -109,7 +112,6 @@ def check_host(settings: Settings, host: Host | None = None) -> list[Check]:
     checks += _programs(h)
     for model in settings.per_model().values():  # every served model's artifacts
         checks += _artifacts(model, backend, h)
-    assert set(BACKENDS) >= {backend}, "this is a bug: an unknown backend was chosen"
     return checks
 
 
@@ -203,7 +205,7 @@ def _cores_in_use(neuron_ls_json: str) -> Check:
     )
 
 
-def _packages(backend: str, h: Host) -> list[Check]:
+def _packages(backend: BackendKind, h: Host) -> list[Check]:
     torch = h.version("torch")
     checks = [
         Check("torch", OK, torch)
@@ -215,7 +217,7 @@ def _packages(backend: str, h: Host) -> list[Check]:
             "pip install -c constraints/cpu.txt torch (cpu), or the Neuron SDK's",
         )
     ]
-    if backend == "cpu":
+    if not backend.neuron_cores:
         return checks
     sdk, compiler = SDK_PACKAGES[backend]
     install = f"pip install {sdk} {compiler} {NEURON_REPO}"
@@ -254,13 +256,13 @@ def _programs(h: Host) -> list[Check]:
     ]
 
 
-def _artifacts(settings: Settings, backend: str, h: Host) -> list[Check]:
+def _artifacts(settings: Settings, backend: BackendKind, h: Host) -> list[Check]:
     """Whether the traced artifacts serve on this host: the backend, and torch's major.minor
     (what the server itself checks); other version differences only mean a re-trace would
     compile again."""
     from neuronserve.artifacts import MANIFEST_NAME, ArtifactError, artifacts_directory, read_manifest
 
-    directory = artifacts_directory(settings)
+    directory = artifacts_directory(settings, backend)
     if not (directory / MANIFEST_NAME).is_file():
         return [Check("artifacts", INFO, f"none in {directory}", "trace them: ./trace-model/run.sh")]
     try:

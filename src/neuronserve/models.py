@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from neuronserve.tasks import TaskKind
 
 if TYPE_CHECKING:
     import torch
@@ -43,12 +46,6 @@ SERVING_FILES = (
     "sentence_bert_config.json",
     "1_Pooling/config.json",
 )
-
-TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "feature-extraction": ("last_hidden_state",),
-    "text-classification": ("logits",),
-    "question-answering": ("start_logits", "end_logits"),
-}
 
 
 class ModelSourceError(ValueError):
@@ -140,40 +137,52 @@ class EagerModel:
     config: Any
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    pooling: str = "mean"  # how embeddings are pooled from its hidden states (serving.tasks)
+    pooling: str = "mean"  # how embeddings are pooled from its hidden states (pooling_mode)
 
 
-def load_eager(model_dir: Path, task: str) -> EagerModel:
+def pooling_mode(directory: Path) -> str:
+    """mean, cls or max: the model's sentence-transformers pooling (mean without one)."""
+    pooling = directory / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        config = json.loads(pooling.read_text(encoding="utf-8"))
+        if config.get("pooling_mode_cls_token"):
+            return "cls"
+        if config.get("pooling_mode_max_tokens"):
+            return "max"
+    return "mean"
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(rows, hidden) sentence embeddings from (rows, sequence, hidden) states and their
+    (rows, sequence) attention mask, pooled as :func:`pooling_mode` says (padding left out)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+    if mode != "mean":
+        raise ValueError(f"this is a bug: unknown pooling mode {mode!r}")
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def load_eager(model_dir: Path, task: TaskKind) -> EagerModel:
     """Load the model for ``task`` in eval mode, wrapped to take positional tensors."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForQuestionAnswering,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    import transformers
 
-    classes = {
-        "feature-extraction": AutoModel,
-        "text-classification": AutoModelForSequenceClassification,
-        "question-answering": AutoModelForQuestionAnswering,
-    }
-    if task not in classes:
-        raise ModelSourceError(f"model.task {task}: use one of {', '.join(classes)}")
-    config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     # Eager attention keeps the traced graph free of the data-dependent shortcuts that SDPA
     # paths take when a mask has no padding (they would be baked into a static trace).
-    model = classes[task].from_pretrained(model_dir, attn_implementation="eager")
+    auto_class = getattr(transformers, task.facts.auto_class)
+    model = auto_class.from_pretrained(model_dir, attn_implementation="eager")
     model.eval()
     names = tuple(tokenizer.model_input_names)
     # token_type_ids are traced whenever the tokenizer produces them (BERT-style pairs).
     input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in names)
     if "input_ids" not in input_names or "attention_mask" not in input_names:
         raise ModelSourceError(f"{model_dir}: tokenizer must produce input_ids and attention_mask")
-    output_names = TASK_OUTPUTS[task]
+    output_names = task.facts.output_names
     from neuronserve.positional import PositionalModel
-    from neuronserve.serving.tasks import pooling_mode
 
     return EagerModel(
         module=PositionalModel(model, input_names, output_names),
@@ -209,7 +218,7 @@ SAMPLE_QA = (
 
 
 def sample_inputs(
-    eager: EagerModel, task: str, batch_size: int, sequence_length: int, offset: int = 0
+    eager: EagerModel, task: TaskKind, batch_size: int, sequence_length: int, offset: int = 0
 ) -> tuple[torch.Tensor, ...]:
     """Real tokenized text padded to (batch_size, sequence_length), rotated by ``offset``.
 
@@ -222,7 +231,7 @@ def sample_inputs(
         "max_length": sequence_length,
         "return_tensors": "pt",
     }
-    if task == "question-answering":
+    if task.takes_pairs:
         pairs = [SAMPLE_QA[(offset + i) % len(SAMPLE_QA)] for i in range(batch_size)]
         enc = eager.tokenizer([q for q, _ in pairs], [c for _, c in pairs], **kwargs)
     else:

@@ -42,31 +42,26 @@ from neuronserve.artifacts import (
     trimmed_length,
     write_manifest,
 )
-from neuronserve.backends import (
-    artifact_suffix,
-    choose_backend,
-    compiler_args_for,
-    create_backend,
-    trace_grid,
-)
+from neuronserve.backends import BackendKind, choose_backend
 from neuronserve.backends.base import Backend, LoadedModel
 from neuronserve.models import (
     SERVING_FILES,
-    TASK_OUTPUTS,
     EagerModel,
     ModelSourceError,
     default_name,
     load_eager,
     model_sha256,
+    pool_hidden,
     resolve_source,
     sample_inputs,
     sha256_file,
 )
+from neuronserve.tasks import TaskKind
 
 if TYPE_CHECKING:
     import torch
 
-    from neuronserve.config import Settings
+    from neuronserve.config import Settings, TraceSettings
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +85,8 @@ class TraceReport:
 def cache_key(
     *,
     model_sha: str,
-    task: str,
-    backend: str,
+    task: TaskKind,
+    backend: BackendKind,
     versions: dict[str, str],
     compiler_args: str,
     batch_size: int,
@@ -100,8 +95,8 @@ def cache_key(
     """The identity of one compiled shape: change any input and the shape is compiled again."""
     payload = {
         "model_sha256": model_sha,
-        "task": task,
-        "backend": backend,
+        "task": task.value,
+        "backend": backend.value,
         "versions": {k: v for k, v in sorted(versions.items()) if k != "python"},
         "compiler_args": compiler_args,
         "shape": [batch_size, sequence_length],
@@ -140,11 +135,12 @@ def served_cosine(
     they are."""
     import torch
 
-    from neuronserve.serving.tasks import FeatureExtraction
-
     worst = 1.0
     real = mask.to(torch.float32)
-    pool = FeatureExtraction(pooling, normalize=False).pool
+
+    def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return pool_hidden(hidden, mask, pooling)
+
     for t, e in zip(traced, eager, strict=True):
         t32, e32 = t.detach().float(), e.detach().float()
         if t32.dim() == 3:
@@ -158,11 +154,11 @@ def served_cosine(
     return worst
 
 
-def verification_tolerance(backend_name: str, settings: Settings) -> dict[str, float]:
+def verification_tolerance(kind: BackendKind, settings: Settings) -> dict[str, float]:
     """What a traced shape must meet against eager PyTorch: int8 artifacts only their own cosine
     floor (quantisation moves single values far more than any fp32 engine does)."""
     t = settings.trace
-    if backend_name == "cpu" and t.cpu_quantize != "none":
+    if kind.quantized(t):
         return {"min_cosine": t.quantized_min_cosine}
     return {"max_abs_diff": t.max_abs_diff, "min_cosine": t.min_cosine}
 
@@ -187,25 +183,31 @@ def _copy_serving_files(model_dir: Path, out_dir: Path) -> None:
             shutil.copyfile(src, dest)
 
 
-def _model_info(source: str, name: str, model_sha: str, task: str, model_dir: Path) -> dict[str, Any]:
+def _model_info(source: str, name: str, model_sha: str, task: TaskKind, model_dir: Path) -> dict[str, Any]:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     info: dict[str, Any] = {
         "source": source,
         "name": name,
         "sha256": model_sha,
-        "task": task,
+        "task": task.value,
         "model_type": config.get("model_type", ""),
         "hidden_size": config.get("hidden_size"),
         "max_position_embeddings": config.get("max_position_embeddings"),
     }
-    if task == "text-classification":
+    if task.records_labels:
         id2label = config.get("id2label") or {}
         info["id2label"] = {str(k): str(v) for k, v in id2label.items()}
     return info
 
 
 def _verify_shape(
-    *, compiled: Any, eager: EagerModel, task: str, batch_size: int, seq: int, tolerance: dict[str, float]
+    *,
+    compiled: Any,
+    eager: EagerModel,
+    task: TaskKind,
+    batch_size: int,
+    seq: int,
+    tolerance: dict[str, float],
 ) -> dict[str, float]:
     import torch
 
@@ -237,7 +239,7 @@ def _verify_shape(
 
 
 def _output_shapes(
-    compiled: LoadedModel, eager: EagerModel, task: str, b: int, s: int
+    compiled: LoadedModel, eager: EagerModel, task: TaskKind, b: int, s: int
 ) -> dict[str, list[int]]:
     outputs = compiled.run(sample_inputs(eager, task, b, s))
     return {n: list(t.shape) for n, t in zip(eager.output_names, outputs, strict=True)}
@@ -279,6 +281,113 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one trace run works from: the backend, the model, and the key of every shape."""
+
+    settings: Settings
+    kind: BackendKind
+    reason: str
+    backend: Backend
+    task: TaskKind
+    model_dir: Path
+    name: str
+    out_dir: Path
+    model_sha: str
+    versions: dict[str, str]
+    compiler_args: str
+    tolerance: dict[str, float]
+    shapes: list[tuple[int, int]]
+    keys: dict[tuple[int, int], str]
+
+    @property
+    def staging(self) -> Path:
+        """Where a run builds, beside the artifacts; swapped in when it finishes."""
+        return self.out_dir.with_name(f".{self.out_dir.name}.staging")
+
+
+def _backend_for(kind: BackendKind, trace: TraceSettings) -> Backend:
+    """The backend that compiles (a seam for tests that stand in a faulty compiler)."""
+    return kind.create(trace)
+
+
+def _job(settings: Settings, say: Callable[[str], None]) -> _Job:
+    kind, reason = choose_backend(settings.trace.backend)
+    backend = _backend_for(kind, settings.trace)
+    sdk_versions = backend.versions()  # raises BackendError naming the install step if missing
+    say(f"backend: {kind} ({reason})")
+    task = settings.model.task
+    model_dir = resolve_source(settings.model.source)
+    name = settings.model.name or default_name(settings.model.source)
+    model_sha = model_sha256(model_dir)
+    versions = _versions(sdk_versions)
+    compiler_args = kind.compiler_args(settings.trace)
+    batch_sizes, sequence_lengths = kind.trace_grid(settings.trace)
+    shapes = [(b, s) for s in sequence_lengths for b in batch_sizes]
+    keys = {
+        (b, s): cache_key(
+            model_sha=model_sha,
+            task=task,
+            backend=kind,
+            versions=versions,
+            compiler_args=compiler_args,
+            batch_size=b,
+            sequence_length=s,
+        )
+        for b, s in shapes
+    }
+    return _Job(
+        settings=settings,
+        kind=kind,
+        reason=reason,
+        backend=backend,
+        task=task,
+        model_dir=model_dir,
+        name=name,
+        out_dir=settings.path(settings.trace.output_dir) / name / kind.value,
+        model_sha=model_sha,
+        versions=versions,
+        compiler_args=compiler_args,
+        tolerance=verification_tolerance(kind, settings),
+        shapes=shapes,
+        keys=keys,
+    )
+
+
+def _manifest_of(
+    job: _Job,
+    done: dict[tuple[int, int], ShapeEntry],
+    hashes: dict[str, str],
+    input_names: tuple[str, ...],
+    weights: int,
+    *,
+    trim: int = 0,
+) -> Manifest:
+    """The manifest of the shapes ``done`` so far, checksummed as they lie in the staging area."""
+    staging = job.staging
+    ordered = tuple(done[shape] for shape in job.shapes if shape in done)
+    return Manifest(
+        model=_model_info(job.settings.model.source, job.name, job.model_sha, job.task, job.model_dir),
+        backend=job.kind,
+        versions=job.versions,
+        compiler_args=job.compiler_args,
+        input_names=input_names,
+        output_names=job.task.facts.output_names,
+        shapes=ordered,
+        tolerance=job.tolerance,
+        files=_checksum_files(staging, hashes, remember=hashes),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        memory=MemoryFacts(
+            weight_bytes=weights,
+            artifact_bytes={f: (staging / f).stat().st_size for f in dict.fromkeys(e.file for e in ordered)},
+            shapes_share_artifact=job.backend.sharing.shapes,
+            copies_share_load=job.backend.sharing.copies,
+        ),
+        trim_step=trim,
+        directory=job.out_dir,
+    )
+
+
 def run_trace(
     settings: Settings,
     *,
@@ -288,119 +397,64 @@ def run_trace(
 ) -> TraceReport:
     """Trace ``settings.model`` at every configured shape; see the module docstring."""
     say = emit or (lambda line: log.info("%s", line))
-    backend_name, reason = choose_backend(settings.trace.backend)
-    backend = create_backend(backend_name, settings.trace)
-    sdk_versions = backend.versions()  # raises BackendError naming the install step if missing
-    say(f"backend: {backend_name} ({reason})")
-
-    task = settings.model.task
-    model_dir = resolve_source(settings.model.source)
-    name = settings.model.name or default_name(settings.model.source)
-    out_dir = settings.path(settings.trace.output_dir) / name / backend_name
+    job = _job(settings, say)
+    out_dir, shapes = job.out_dir, job.shapes
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    model_sha = model_sha256(model_dir)
-    versions = _versions(sdk_versions)
-    compiler_args = compiler_args_for(backend_name, settings.trace)
-    tolerance = verification_tolerance(backend_name, settings)
-    batch_sizes, sequence_lengths = trace_grid(backend_name, settings.trace)
-    shapes = [(b, s) for s in sequence_lengths for b in batch_sizes]
-    keys = {
-        (b, s): cache_key(
-            model_sha=model_sha,
-            task=task,
-            backend=backend_name,
-            versions=versions,
-            compiler_args=compiler_args,
-            batch_size=b,
-            sequence_length=s,
-        )
-        for b, s in shapes
-    }
-
     previous = _previous_manifest(out_dir)
-    entries, hashes = ({}, {}) if force else _up_to_date(previous, keys, out_dir)
-    weights = previous.memory.weight_bytes if previous is not None and not force else 0
+    entries, hashes = ({}, {}) if force else _up_to_date(previous, job.keys, out_dir)
     if len(entries) == len(shapes) and previous is not None and _same_shape_set(previous, shapes):
         for b, s in shapes:
             say(f"b{b} s{s}: up to date, skipped")
         say(f"all {len(shapes)} shapes up to date in {out_dir}")
         # A staging directory left by an interrupted run is of no use any more.
-        shutil.rmtree(out_dir.with_name(f".{out_dir.name}.staging"), ignore_errors=True)
-        return TraceReport(previous, out_dir, reason, (), tuple(shapes))
+        shutil.rmtree(job.staging, ignore_errors=True)
+        return TraceReport(previous, out_dir, job.reason, (), tuple(shapes))
 
     # Everything else is built in a staging directory beside the artifacts and swapped in at the
     # end: a trace that fails leaves the served directory exactly as it was, and the shapes it
     # finished (recorded in the staging manifest after each) are not compiled again next time.
-    staging = out_dir.with_name(f".{out_dir.name}.staging")
-    entries = _prepare_staging(staging, out_dir, entries, hashes, keys=keys, force=force, say=say)
+    staging = job.staging
+    entries = _prepare_staging(staging, out_dir, entries, hashes, keys=job.keys, force=force, say=say)
     todo = [shape for shape in shapes if shape not in entries]
     skipped = tuple(shape for shape in shapes if shape in entries)
     for b, s in skipped:
         say(f"b{b} s{s}: up to date, skipped")
 
-    def manifest_of(
-        done: dict[tuple[int, int], ShapeEntry], input_names: tuple[str, ...], weights: int, trim: int = 0
-    ) -> Manifest:
-        ordered = tuple(done[shape] for shape in shapes if shape in done)
-        return Manifest(
-            model=_model_info(settings.model.source, name, model_sha, task, model_dir),
-            backend=backend_name,
-            versions=versions,
-            compiler_args=compiler_args,
-            input_names=input_names,
-            output_names=TASK_OUTPUTS[task],
-            shapes=ordered,
-            tolerance=tolerance,
-            files=_checksum_files(staging, hashes, remember=hashes),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            memory=MemoryFacts(
-                weight_bytes=weights,
-                artifact_bytes={
-                    f: (staging / f).stat().st_size for f in dict.fromkeys(e.file for e in ordered)
-                },
-                shapes_share_artifact=backend.sharing.shapes,
-                copies_share_load=backend.sharing.copies,
-            ),
-            trim_step=trim,
-            directory=out_dir,
-        )
-
     if todo:
-        _check_lengths(model_dir, sequence_lengths)
+        _check_lengths(job.model_dir, tuple(sorted({s for _b, s in shapes})))
         done_so_far = dict(entries)
 
         def record(entry: ShapeEntry, input_names: tuple[str, ...], weights: int) -> None:
             done_so_far[(entry.batch_size, entry.sequence_length)] = entry
-            write_manifest(manifest_of(done_so_far, input_names, weights), staging)
+            write_manifest(_manifest_of(job, done_so_far, hashes, input_names, weights), staging)
 
         compiled, input_names, weights, trim = _compile_shapes(
-            backend=backend,
-            model_dir=model_dir,
+            backend=job.backend,
+            model_dir=job.model_dir,
             out_dir=staging,
-            task=task,
+            task=job.task,
             todo=todo,
             reusable=list(dict.fromkeys(e.file for e in entries.values())),
-            keys=keys,
-            tolerance=tolerance,
+            keys=job.keys,
+            tolerance=job.tolerance,
             progress=progress,
             say=say,
             on_shape=record,
             served={shape: entry.file for shape, entry in entries.items()},
-            suffix=artifact_suffix(backend_name, settings.trace),
+            suffix=job.kind.artifact_suffix(settings.trace),
         )
         entries.update(compiled)
     else:
         known = _traced_model(staging, previous)
         input_names, weights, trim = known.input_names, known.memory.weight_bytes, known.trim_step
-        if known.compiler_args != compiler_args:
+        if known.compiler_args != job.compiler_args:
             trim = 0  # another engine's manifest (an interrupted swap): claim no length unchecked
-    _copy_serving_files(model_dir, staging)
+    _copy_serving_files(job.model_dir, staging)
     _keep_only(staging, {entry.file for entry in entries.values()})
-    manifest = manifest_of(entries, input_names, weights, trim)
+    manifest = _manifest_of(job, entries, hashes, input_names, weights, trim=trim)
     write_manifest(manifest, staging)
     _swap_in(staging, out_dir)
-    return TraceReport(manifest, out_dir, reason, tuple(todo), skipped)
+    return TraceReport(manifest, out_dir, job.reason, tuple(todo), skipped)
 
 
 def _traced_model(staging: Path, previous: Manifest | None) -> Manifest:
@@ -538,7 +592,7 @@ def _compile_shapes(
     backend: Backend,
     model_dir: Path,
     out_dir: Path,
-    task: str,
+    task: TaskKind,
     todo: list[tuple[int, int]],
     reusable: list[str],
     keys: dict[tuple[int, int], str],
@@ -610,7 +664,7 @@ def _verify_trim(
     step: int,
     *,
     eager: EagerModel,
-    task: str,
+    task: TaskKind,
     tolerance: dict[str, float],
     say: Callable[[str], None],
 ) -> int:
@@ -665,7 +719,7 @@ def _reuse(
     candidates: dict[str, LoadedModel],
     *,
     eager: EagerModel,
-    task: str,
+    task: TaskKind,
     b: int,
     s: int,
     tolerance: dict[str, float],
@@ -688,7 +742,7 @@ def _compile_one(
     backend: Backend,
     *,
     eager: EagerModel,
-    task: str,
+    task: TaskKind,
     dest: Path,
     b: int,
     s: int,

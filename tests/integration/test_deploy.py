@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from neuronserve.backends import BackendKind
 from neuronserve.config import Settings
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import cpu_inventory
@@ -44,7 +45,7 @@ def _settings(tmp_path: Path, artifacts: Path, **extra: str) -> Settings:
 @pytest.fixture
 def deployment(tmp_path: Path, bundled_artifacts: Path) -> Iterator[tuple[Settings, Plan, local.RunDir]]:
     settings = _settings(tmp_path, bundled_artifacts)
-    plan = make_plan(settings, cpu_inventory(), "cpu")
+    plan = make_plan(settings, cpu_inventory(), BackendKind.CPU)
     with local.deployed(settings, plan, bundled_artifacts, None) as rd:
         yield settings, plan, rd
     # cleanup left nothing behind
@@ -77,7 +78,7 @@ def test_a_run_directory_deep_in_the_file_system_deploys_and_cleans_up(
     the run directory's would not fit, and status and cleanup find it there."""
     deep = tmp_path / ("a-checkout-in-a-deeply-nested-directory-" * 3) / "run"
     settings = _settings(tmp_path, bundled_artifacts, deploy__run_dir=str(deep), deploy__servers="1")
-    plan = make_plan(settings, cpu_inventory(), "cpu")
+    plan = make_plan(settings, cpu_inventory(), BackendKind.CPU)
     rd = local.run_dir(settings)
     assert len(str(rd.path / "supervisor.sock")) > local.SOCKET_PATH_MAX
     with local.deployed(settings, plan, bundled_artifacts, None):
@@ -187,7 +188,7 @@ def test_cleanup_after_supervisord_was_killed_leaves_nothing_and_deploy_works_ag
     tmp_path: Path, bundled_artifacts: Path
 ) -> None:
     settings = _settings(tmp_path, bundled_artifacts)
-    plan = make_plan(settings, cpu_inventory(), "cpu")
+    plan = make_plan(settings, cpu_inventory(), BackendKind.CPU)
     rd = local.start(settings, plan, bundled_artifacts, None)
     try:
         local.wait_ready(settings, plan, rd)

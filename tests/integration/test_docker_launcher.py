@@ -26,6 +26,7 @@ from docker.api.client import APIClient
 from docker.errors import ImageNotFound, NotFound
 from docker.models.containers import _create_container_args
 
+from neuronserve.backends import BackendKind
 from neuronserve.config import Settings
 from neuronserve.deploy import docker
 from neuronserve.deploy.inventory import Inventory
@@ -257,7 +258,7 @@ def setup(tmp_path: Path) -> Iterator[Callable[..., tuple[Settings, Plan, _Engin
             monitor__period_s="0.2",
             **values,
         )
-        plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+        plan = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
         engine = _Engine(
             scripts, {"neuronserve-serve-cpu:latest", docker.NGINX_IMAGE} if images is None else images
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from neuronserve.backends import BackendKind
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import cpu_inventory
 from neuronserve.deploy.plan import make_plan
@@ -65,7 +66,7 @@ def test_every_dashboard_query_returns_series(tmp_path: Path, bundled_artifacts:
         monitor__prometheus_port=str(prom_port),
         monitor__scrape_interval_s="1",
     )
-    plan = make_plan(settings, cpu_inventory(), "cpu")
+    plan = make_plan(settings, cpu_inventory(), BackendKind.CPU)
     prom = f"http://127.0.0.1:{prom_port}"
     with local.deployed(settings, plan, bundled_artifacts, None) as rd:
         _poll("prometheus ready", lambda: httpx.get(f"{prom}/-/ready").status_code == 200)

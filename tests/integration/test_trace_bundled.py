@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from neuronserve.artifacts import load_manifest
+from neuronserve.backends import BackendKind
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
 
 def test_bundled_model_traces_and_verifies(bundled_artifacts: Path) -> None:
-    manifest = load_manifest(bundled_artifacts, backend="cpu")
+    manifest = load_manifest(bundled_artifacts, backend=BackendKind.CPU)
     assert manifest.model["source"] == "bundled:all-MiniLM-L6-v2"
     assert manifest.model["hidden_size"] == 384
     assert [(s.batch_size, s.sequence_length) for s in manifest.shapes] == [

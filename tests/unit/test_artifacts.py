@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from neuronserve.artifacts import ArtifactError, load_manifest
+from neuronserve.backends import BackendKind
 from neuronserve.trace import run_trace
 from tests.conftest import make_settings
 
@@ -29,7 +30,7 @@ def artifacts(tmp_path: Path, tiny_model: Callable[..., Path]) -> Path:
 
 
 def test_intact_artifacts_load(artifacts: Path) -> None:
-    manifest = load_manifest(artifacts, backend="cpu")
+    manifest = load_manifest(artifacts, backend=BackendKind.CPU)
     assert manifest.batch_sizes == (1,)
     assert manifest.sequence_lengths == (16,)
 
@@ -57,7 +58,7 @@ def test_missing_file_is_refused(artifacts: Path) -> None:
 
 def test_wrong_backend_is_refused(artifacts: Path) -> None:
     with pytest.raises(ArtifactError, match="traced for backend cpu, not neuronx"):
-        load_manifest(artifacts, backend="neuronx")
+        load_manifest(artifacts, backend=BackendKind.NEURONX)
 
 
 def _edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:

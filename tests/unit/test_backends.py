@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from neuronserve.backends import choose_backend, create_backend, prepare_process
+from neuronserve.backends import BackendKind, choose_backend
 from neuronserve.backends.base import BackendError, CoreSet
 from neuronserve.backends.sdk import check_visible_cores
 from neuronserve.cli import main
@@ -70,7 +70,7 @@ def test_missing_sdk_is_one_clear_line(
 ) -> None:
     _hide(monkeypatch, module)
     with pytest.raises(BackendError, match=f"pip install {package}"):
-        create_backend(backend, TraceSettings()).versions()
+        BackendKind(backend).create(TraceSettings()).versions()
     assert main(["trace", "--set", f"trace.backend={backend}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -81,7 +81,7 @@ def test_missing_sdk_is_one_clear_line(
 def test_pypi_placeholder_is_reported_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch_neuronx", types.ModuleType("torch_neuronx"))
     with pytest.raises(BackendError, match="empty placeholder"):
-        create_backend("neuronx", TraceSettings()).versions()
+        BackendKind.NEURONX.create(TraceSettings()).versions()
 
 
 def test_neuron_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,7 +90,7 @@ def test_neuron_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     cores = CoreSet.parse("2-3")
     with pytest.raises(BackendError, match="must be set before the SDK is imported"):
         check_visible_cores(cores)
-    prepare_process("neuronx", cores, copies=2, tag="server-1")
+    BackendKind.NEURONX.prepare_process(cores, copies=2, tag="server-1")
     assert os.environ["NEURON_RT_VISIBLE_CORES"] == "2-3"
     assert os.environ["NEURON_PROCESS_TAG"] == "server-1"
     check_visible_cores(cores)
@@ -104,7 +104,7 @@ def test_cpu_pinning_sets_affinity_and_threads() -> None:
     before_affinity, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         first = min(before_affinity)
-        assert prepare_process("cpu", CoreSet((first,)), copies=2, tag="t") == 1
+        assert BackendKind.CPU.prepare_process(CoreSet((first,)), copies=2, tag="t") == 1
         assert os.sched_getaffinity(0) == {first}
         assert torch.get_num_threads() == 1
     finally:
@@ -114,4 +114,4 @@ def test_cpu_pinning_sets_affinity_and_threads() -> None:
 
 def test_cpu_pinning_refuses_unavailable_cores() -> None:
     with pytest.raises(ValueError, match="not available"):
-        prepare_process("cpu", CoreSet((4096,)), copies=1, tag="t")
+        BackendKind.CPU.prepare_process(CoreSet((4096,)), copies=1, tag="t")

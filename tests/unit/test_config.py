@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from neuronserve.backends import BackendKind
 from neuronserve.config import (
     ConfigError,
     Settings,
@@ -30,24 +31,25 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
-    from neuronserve.backends import copies_per_server, trace_grid
     from neuronserve.deploy.inventory import Inventory
     from neuronserve.deploy.plan import make_plan
 
     # cpu: one copy per core of the server; Neuron: two per server
-    assert [copies_per_server(b, 0, 4) for b in ("cpu", "neuronx", "neuron")] == [4, 2, 2]
+    assert [b.copies_per_server(0, 4) for b in BackendKind] == [4, 2, 2]
     defaults = make_settings(tmp_path).trace
-    assert trace_grid("cpu", defaults) == ((1, 2, 4, 8, 16, 32), (16, 32, 64, 128))
-    assert trace_grid("neuronx", defaults) == ((1, 4, 8), (32, 64, 128))
+    assert BackendKind.CPU.trace_grid(defaults) == ((1, 2, 4, 8, 16, 32), (16, 32, 64, 128))
+    assert BackendKind.NEURONX.trace_grid(defaults) == ((1, 4, 8), (32, 64, 128))
     chosen = make_settings(tmp_path, trace__batch_sizes="2", trace__sequence_lengths="64").trace
-    assert trace_grid("neuron", chosen) == ((2,), (64,))
+    assert BackendKind.NEURON.trace_grid(chosen) == ((2,), (64,))
     with pytest.raises(ConfigError, match="needs at least one value"):
         make_settings(tmp_path, bench__concurrency="")  # only the grid has a "pick for me"
-    assert copies_per_server("neuronx", 3, 1) == 3 and copies_per_server("cpu", 3, 8) == 3
-    assert copies_per_server("cpu", 0, 96) == 64  # a server of every CPU of a large host: the most allowed
+    assert BackendKind.NEURONX.copies_per_server(3, 1) == 3 and BackendKind.CPU.copies_per_server(3, 8) == 3
+    assert (
+        BackendKind.CPU.copies_per_server(0, 96) == 64
+    )  # a server of every CPU of a large host: the most allowed
     settings = make_settings(tmp_path)
-    cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
-    neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), "neuronx")
+    cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
+    neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), BackendKind.NEURONX)
     assert [(len(s.cores), s.copies) for s in cpu.servers] == [(2, 2)]
     assert [s.copies for s in neuron.servers] == [2, 2]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from neuronserve.backends import BackendKind
 from neuronserve.containers import docker_engine, trace_container_spec
 
 
@@ -20,7 +21,7 @@ def _spec(
     (tmp_path / "config.properties").write_text("")
     (tmp_path / "out").mkdir(exist_ok=True)
     return trace_container_spec(
-        backend=backend,
+        backend=BackendKind(backend),
         repo=tmp_path,
         config_path=tmp_path / "config.properties",
         output_dir=tmp_path / "out",
@@ -91,7 +92,7 @@ def test_images_build_from_their_stage_dockerfile(stage: str, backend: str) -> N
     class Client:
         images = Images()
 
-    tag = build_image(Engine(Client(), "test engine"), REPO, stage, backend)
+    tag = build_image(Engine(Client(), "test engine"), REPO, stage, BackendKind(backend))
     assert tag == f"neuronserve-{stage}-{backend}:latest"
     assert builds == [
         {"path": str(REPO), "dockerfile": f"docker/{stage}-{backend}.Dockerfile", "tag": tag, "rm": True}

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from neuronserve.artifacts import load_manifest
+from neuronserve.backends import BackendKind
 from neuronserve.backends.base import CoreSet
 from neuronserve.positional import PositionalModel
 from neuronserve.trace import run_trace
@@ -122,7 +123,7 @@ def test_neuronx_trace_contract(
         assert Path(call["compiler_workdir"]).parent == report.directory.with_name(".neuronx.staging")
     assert not list(report.directory.glob(".compiler-*"))
     assert not report.directory.with_name(".neuronx.staging").exists()
-    manifest = load_manifest(report.directory, backend="neuronx")
+    manifest = load_manifest(report.directory, backend=BackendKind.NEURONX)
     assert manifest.input_names == ("input_ids", "attention_mask", "token_type_ids")
     assert manifest.compiler_args == args
     assert report.directory.name == "neuronx"
@@ -162,7 +163,7 @@ def test_neuron_trace_contract(
     assert call["compiler_args"] == ["--neuroncore-pipeline-cores", "4"]
     assert call["dynamic_batch_size"] is True
     assert call["extra"] == {}
-    manifest = load_manifest(report.directory, backend="neuron")
+    manifest = load_manifest(report.directory, backend=BackendKind.NEURON)
     assert manifest.input_names == ("input_ids", "attention_mask")
     assert manifest.compiler_args == "--neuroncore-pipeline-cores 4 dynamic_batch_size=True"
     assert manifest.shapes[0].output_shapes == {"logits": [4, 3]}
@@ -397,7 +398,7 @@ def test_shared_weights_memory_plan_counts_the_weights_once_per_device(tmp_path:
 
     def per_core(shared: bool) -> dict[int, int]:
         settings = make_settings(tmp_path, deploy__cores_per_server="2", serve__models_per_server="2")
-        plan = make_plan(settings, inventory, "neuronx")
+        plan = make_plan(settings, inventory, BackendKind.NEURONX)
         return estimate(plan, [manifest], inventory, shared_weights=shared).servers[0].device
 
     separate, shared = per_core(False), per_core(True)

@@ -12,9 +12,11 @@ import torch
 
 from neuronserve import trace as trace_module
 from neuronserve.artifacts import load_manifest
+from neuronserve.backends import BackendKind
 from neuronserve.backends.base import torchscript_quietly
 from neuronserve.backends.cpu import CpuBackend
 from neuronserve.models import ModelSourceError
+from neuronserve.tasks import TaskKind
 from neuronserve.trace import VerificationError, compare_outputs, run_trace
 from tests.conftest import make_settings, trace_tiny
 
@@ -34,7 +36,7 @@ def test_classification_trace(tmp_path: Path, tiny_model: Callable[..., Path]) -
         trace__sequence_lengths="16",
     )
     report = run_trace(settings, progress=False, emit=_quiet)
-    manifest = load_manifest(report.directory, backend="cpu")
+    manifest = load_manifest(report.directory, backend=BackendKind.CPU)
     assert report.directory == tmp_path / "trace-models" / "clf" / "cpu"
     assert manifest.task == "text-classification"
     assert manifest.model["id2label"] == {"0": "LABEL_A", "1": "LABEL_B", "2": "LABEL_C"}
@@ -152,7 +154,7 @@ def test_verification_failure_keeps_no_artifact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Callable[..., Path]
 ) -> None:
     model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
-    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: _DriftingBackend())
+    monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: _DriftingBackend())
     settings = make_settings(
         tmp_path,
         model__source=str(model_dir),
@@ -293,7 +295,7 @@ def test_one_cpu_artifact_serves_every_verified_shape(
         progress=False,
         emit=_quiet,
     )
-    manifest = load_manifest(report.directory, backend="cpu")
+    manifest = load_manifest(report.directory, backend=BackendKind.CPU)
     # traced once, at the largest shape; every other shape was verified against eager on it
     assert manifest.artifact_files == ("model-b4-s32.pt",)
     assert sorted(p.name for p in report.directory.glob("*.pt")) == ["model-b4-s32.pt"]
@@ -344,7 +346,7 @@ class _ShapeBakingBackend(CpuBackend):
 def test_a_shape_the_artifact_cannot_serve_gets_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: _ShapeBakingBackend(fault))
+    monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: _ShapeBakingBackend(fault))
     manifest = trace_tiny(tmp_path, trace__batch_sizes="1,2").manifest
     assert [(s.batch_size, s.file) for s in manifest.shapes] == [
         (1, "model-b1-s16.pt"),
@@ -408,7 +410,7 @@ def test_a_trace_that_fails_leaves_the_served_artifacts_as_they_were_and_resumes
     before = {p.name: p.read_bytes() for p in served.rglob("*") if p.is_file()}
 
     failing = _CountingBackend(fail_at=3)
-    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: failing)
+    monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: failing)
     with pytest.raises(RuntimeError, match="neuronx-cc crashed"):
         trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__sequence_lengths="16,32")
     assert failing.compiled == [(2, 16), (1, 32), (2, 32)]  # b1 s16 was up to date
@@ -417,7 +419,7 @@ def test_a_trace_that_fails_leaves_the_served_artifacts_as_they_were_and_resumes
     load_manifest(served)
 
     working = _CountingBackend()
-    monkeypatch.setattr(trace_module, "create_backend", lambda _name, _trace: working)
+    monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: working)
     report = trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__sequence_lengths="16,32")
     assert working.compiled == [(2, 32)]  # only what the failed run had not finished
     assert set(report.compiled) == {(2, 32)}
@@ -503,7 +505,7 @@ def test_trimmed_lengths_are_verified_from_the_shortest_at_the_engines_step(
         {(1, 16): "model.pt", (1, 32): "model.pt"},
         step,
         eager=object(),  # type: ignore[arg-type]
-        task="feature-extraction",
+        task=TaskKind.FEATURE_EXTRACTION,
         tolerance={},
         say=said.append,
     )

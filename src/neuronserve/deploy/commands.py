@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from neuronserve.artifacts import ArtifactError, Manifest, artifacts_fingerprint, load_manifest, read_manifest
+from neuronserve.backends import choose_backend, parse_kind
 from neuronserve.config import Settings, find_config
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import detect
@@ -31,7 +32,7 @@ def plan_for(
 
     manifests: dict[str, Manifest] = {}
     for name, model in settings.per_model().items():
-        artifacts = artifacts_directory(model)
+        artifacts = artifacts_directory(model, choose_backend(model.trace.backend)[0])
         if not (artifacts / "manifest.json").is_file():
             raise DeployError(f"no artifacts for model {name} in {artifacts}; run ./trace-model/run.sh first")
         manifest = load_manifest(artifacts) if verify else read_manifest(artifacts)
@@ -137,7 +138,7 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
             f"deploy.name {name!r} names Kubernetes objects: use lower-case letters, digits and '-', "
             "starting with a letter (at most 40)"
         )
-    backend, why = settings.trace.backend, f"trace.backend={settings.trace.backend}"
+    backend, why = parse_kind(settings.trace.backend), f"trace.backend={settings.trace.backend}"
     plan = k8s.pod_plan(settings, backend)
     local_sources = [
         f"{model_name} ({m.model.source})"
@@ -164,7 +165,7 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
     )
     host_bytes = None
     try:
-        manifests = [read_manifest(artifacts_directory(m)) for m in settings.per_model().values()]
+        manifests = [read_manifest(artifacts_directory(m, backend)) for m in settings.per_model().values()]
     except (OSError, ValueError, ArtifactError):
         manifests = []
     if manifests and {m.backend for m in manifests} == {backend}:

@@ -118,7 +118,7 @@ def server_spec(
         },
         "detach": True,
     }
-    if plan.backend == "cpu":
+    if not plan.backend.neuron_cores:
         spec["cpuset_cpus"] = str(server.cores)  # CPU ids are not renumbered inside a container
     else:
         spec["devices"] = [f"/dev/neuron{d}:/dev/neuron{i}:rwm" for i, d in enumerate(server.devices)]
@@ -152,8 +152,8 @@ def exporter_spec(settings: Settings, plan: Plan, image: str) -> dict[str, Any]:
     On cpu it reports the host (``/proc`` is the host's) for the servers' CPUs; on Neuron it runs
     neuron-monitor, which sees the deployment's devices under their own numbers.
     """
-    command = ["neuronserve", "monitor", "--backend", plan.backend]
-    if plan.backend == "cpu":
+    command = ["neuronserve", "monitor", "--backend", plan.backend.value]
+    if not plan.backend.neuron_cores:
         command += ["--cpus", all_cores(plan)]
     spec: dict[str, Any] = {
         "name": f"{plan.deployment}-exporter",
@@ -178,7 +178,7 @@ def exporter_spec(settings: Settings, plan: Plan, image: str) -> dict[str, Any]:
         "detach": True,
     }
     devices = sorted({d for s in plan.servers for d in s.devices})
-    if plan.backend != "cpu":
+    if plan.backend.neuron_cores:
         spec["devices"] = [f"/dev/neuron{d}:/dev/neuron{d}:rwm" for d in devices]
     return spec
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from neuronserve.backends import BackendKind
+
 
 class InventoryError(RuntimeError):
     """The cores of this host cannot be found; the message says why and what to do."""
@@ -119,12 +121,14 @@ def host_memory_available(meminfo: str | None = None, cgroup: Path = Path("/sys/
     return available
 
 
-def detect(backend: str, *, neuron_ls: Path | None = None, host_memory: int | None = None) -> Inventory:
+def detect(
+    backend: BackendKind, *, neuron_ls: Path | None = None, host_memory: int | None = None
+) -> Inventory:
     """This host's inventory; ``neuron_ls`` (a saved ``neuron-ls -j``) and ``host_memory`` plan
     for another host instead."""
     if neuron_ls is not None:
         found = parse_neuron_ls(neuron_ls.read_text())
     else:
-        found = cpu_inventory() if backend == "cpu" else neuron_inventory()
+        found = neuron_inventory() if backend.neuron_cores else cpu_inventory()
     memory = host_memory if host_memory is not None else host_memory_available()
     return replace(found, host_memory=memory)

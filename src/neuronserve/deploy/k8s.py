@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from neuronserve import __version__
+from neuronserve.backends import BackendKind
 from neuronserve.config import Settings, format_value, settings_environment
 from neuronserve.deploy.inventory import Inventory
 from neuronserve.deploy.plan import PROBE_TIMEOUT_S, Plan, cores_per_server, make_plan
@@ -55,20 +56,20 @@ AUTOSCALE_METRICS = ("neuronserve_queue_depth", "neuronserve_inflight_requests")
 SKIP_DIGEST = "CKV_K8S_43=the image is built by the user: pin its digest in an overlay (kustomize images:)"
 
 
-def pod_inventory(settings: Settings, backend: str) -> Inventory:
+def pod_inventory(settings: Settings, backend: BackendKind) -> Inventory:
     """What one pod has: ``deploy.cores_per_server`` cores, numbered from 0 as the pod sees them
     (its node's memory is not known here)."""
     cores = tuple(range(cores_per_server(settings, backend, None)))
-    return Inventory("cpu" if backend == "cpu" else "neuron", cores, {})
+    return Inventory("neuron" if backend.neuron_cores else "cpu", cores, {})
 
 
-def pod_plan(settings: Settings, backend: str) -> Plan:
+def pod_plan(settings: Settings, backend: BackendKind) -> Plan:
     """The plan of one pod: one server owning all of :func:`pod_inventory`'s cores."""
     deploy = dataclasses.replace(settings.deploy, servers="1", cores="")
     return make_plan(dataclasses.replace(settings, deploy=deploy), pod_inventory(settings, backend), backend)
 
 
-def image(settings: Settings, backend: str) -> str:
+def image(settings: Settings, backend: BackendKind) -> str:
     return settings.deploy.docker_image or f"neuronserve-serve-{backend}:{__version__}"
 
 
@@ -82,10 +83,10 @@ def _memory(settings: Settings, host_bytes: int | None) -> str:
     return f"{math.ceil((host_bytes or DEFAULT_MEMORY) / (256 << 20)) * 256}Mi"
 
 
-def _cpu(settings: Settings, backend: str) -> str:
+def _cpu(settings: Settings, backend: BackendKind) -> str:
     """cpu: the server's cores; Neuron: one vCPU per NeuronCore and one for HTTP and tokenizing."""
     per_server = cores_per_server(settings, backend, None)
-    return str(per_server if backend == "cpu" else per_server + 1)
+    return str(per_server + 1 if backend.neuron_cores else per_server)
 
 
 def _labels(settings: Settings, component: str) -> dict[str, str]:
@@ -119,9 +120,9 @@ def _pod_security() -> dict[str, Any]:
     return {**_identity(), "fsGroup": UID}
 
 
-def _placement(settings: Settings, backend: str) -> dict[str, Any]:
+def _placement(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """Neuron: the scheduler extension, the Neuron taint tolerated, Neuron instance types only."""
-    if backend == "cpu":
+    if not backend.neuron_cores:
         return {}
     placement: dict[str, Any] = {
         "tolerations": [{"key": NEURON_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
@@ -155,18 +156,18 @@ def _resources(cpu: str, memory: str, neuroncores: int = 0) -> dict[str, Any]:
     return {"requests": dict(limits), "limits": limits}
 
 
-def _model_dirs(settings: Settings, backend: str) -> dict[str, str]:
+def _model_dirs(settings: Settings, backend: BackendKind) -> dict[str, str]:
     """Each model's artifact directory, relative to the trace output (<name>/<backend>)."""
     return {name: f"{name}/{backend}" for name in settings.per_model()}
 
 
-def settings_env(settings: Settings, backend: str) -> dict[str, str]:
+def settings_env(settings: Settings, backend: BackendKind) -> dict[str, str]:
     """The servers' and the trace Job's settings (the ConfigMap): every serve.*, trace.* and
     further model's key, then what a pod decides. Never the API key: that comes from a Secret."""
     dirs = _model_dirs(settings, backend)
     env = {
         **settings_environment(settings, "model", "serve", "trace"),
-        "NEURONSERVE_TRACE__BACKEND": backend,
+        "NEURONSERVE_TRACE__BACKEND": backend.value,
         "NEURONSERVE_TRACE__OUTPUT_DIR": "/trace-models",
         "NEURONSERVE_SERVE__HOST": "0.0.0.0",  # noqa: S104 - the pod's own address; the Service faces clients
         "NEURONSERVE_SERVE__PORT": str(SERVER_PORT),
@@ -189,7 +190,7 @@ def settings_env(settings: Settings, backend: str) -> dict[str, str]:
     return env
 
 
-def _fetch_container(settings: Settings, backend: str) -> dict[str, Any]:
+def _fetch_container(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """Waits for every model's manifest where the trace Job writes, then copies the artifacts
     into the pod (the server verifies every file against its manifest before serving)."""
     dirs = " ".join(_model_dirs(settings, backend).values())
@@ -235,12 +236,12 @@ def _uses_api_key(settings: Settings) -> bool:
     return bool(settings.serve.api_key or settings.serve.api_key_file)
 
 
-def deployment(settings: Settings, backend: str, memory: str) -> dict[str, Any]:
+def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[str, Any]:
     name = f"{settings.deploy.name}-server"
     labels = _labels(settings, "server")
     period = 5
     grace = grace_period_s(settings)
-    neuroncores = 0 if backend == "cpu" else cores_per_server(settings, backend, None)
+    neuroncores = cores_per_server(settings, backend, None) if backend.neuron_cores else 0
     server: dict[str, Any] = {
         "name": "server",
         "image": image(settings, backend),
@@ -335,12 +336,12 @@ def grace_period_s(settings: Settings) -> int:
     return PRESTOP_S + math.ceil(settings.serve.drain_timeout_s) + 10
 
 
-def settings_hash(settings: Settings, backend: str) -> str:
+def settings_hash(settings: Settings, backend: BackendKind) -> str:
     text = "".join(f"{k}={v}\n" for k, v in sorted(settings_env(settings, backend).items()))
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def trace_job(settings: Settings, backend: str) -> dict[str, Any]:
+def trace_job(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """Traces every model into the artifacts volume (pvc:) or uploads the trace (s3://)."""
     labels = _labels(settings, "trace")
     trace: dict[str, Any] = {
@@ -351,7 +352,7 @@ def trace_job(settings: Settings, backend: str) -> dict[str, Any]:
         "envFrom": [{"configMapRef": {"name": f"{settings.deploy.name}-settings"}}],
         # Tracing may fetch a hub model (model.source=<hub id>); serving never does.
         "env": [{"name": "HF_HUB_OFFLINE", "value": "0"}, {"name": "TRANSFORMERS_OFFLINE", "value": "0"}],
-        "resources": _resources(_cpu(settings, backend), "8Gi", 0 if backend == "cpu" else 1),
+        "resources": _resources(_cpu(settings, backend), "8Gi", 1 if backend.neuron_cores else 0),
         "securityContext": _security(),
         "volumeMounts": [
             {"name": "trace-models", "mountPath": "/trace-models"},
@@ -464,7 +465,7 @@ def autoscaler(settings: Settings) -> dict[str, Any] | None:
     return None
 
 
-def exporter_daemonset(settings: Settings, backend: str) -> dict[str, Any]:
+def exporter_daemonset(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """neuron-monitor and our exporter on every Neuron node (AWS's names and labels for its
     metrics, so AWS's dashboards work too)."""
     labels = _labels(settings, "exporter")
@@ -472,7 +473,7 @@ def exporter_daemonset(settings: Settings, backend: str) -> dict[str, Any]:
         "name": "exporter",
         "image": image(settings, backend),
         "imagePullPolicy": "Always",
-        "command": ["neuronserve", "monitor", "--backend", backend],
+        "command": ["neuronserve", "monitor", "--backend", backend.value],
         "env": [
             {"name": "NEURONSERVE_MONITOR__HOST", "value": "0.0.0.0"},  # noqa: S104 - scraped by Prometheus
             {"name": "NEURONSERVE_MONITOR__PORT", "value": str(EXPORTER_PORT)},
@@ -565,7 +566,7 @@ def _network_policy(settings: Settings, component: str, port: int | None) -> dic
     }
 
 
-def objects(settings: Settings, backend: str, host_bytes: int | None) -> dict[str, dict[str, Any]]:
+def objects(settings: Settings, backend: BackendKind, host_bytes: int | None) -> dict[str, dict[str, Any]]:
     """File name -> object, every object of the base but the generated ConfigMaps."""
     d = settings.deploy
     server_labels = _labels(settings, "server")
@@ -603,7 +604,7 @@ def objects(settings: Settings, backend: str, host_bytes: int | None) -> dict[st
     scaler = autoscaler(settings)
     if scaler is not None:
         out["autoscaler.yaml"] = scaler
-    if backend != "cpu":
+    if backend.neuron_cores:
         out["exporter-daemonset.yaml"] = exporter_daemonset(settings, backend)
         out["networkpolicy-exporter.yaml"] = _network_policy(settings, "exporter", EXPORTER_PORT)
         out["podmonitor-exporter.yaml"] = pod_monitor(settings, "exporter", "metrics")
@@ -622,7 +623,7 @@ def objects(settings: Settings, backend: str, host_bytes: int | None) -> dict[st
 
 
 def kustomization(
-    settings: Settings, backend: str, files: list[str], dashboards: list[str]
+    settings: Settings, backend: BackendKind, files: list[str], dashboards: list[str]
 ) -> dict[str, Any]:
     full = image(settings, backend)
     name, _, tag = full.rpartition(":") if ":" in full.rsplit("/", 1)[-1] else (full, "", "latest")
@@ -646,7 +647,9 @@ def kustomization(
     }
 
 
-def write_base(settings: Settings, backend: str, directory: Path, host_bytes: int | None) -> list[Path]:
+def write_base(
+    settings: Settings, backend: BackendKind, directory: Path, host_bytes: int | None
+) -> list[Path]:
     """Write the base into ``directory`` (its previous files are replaced); returns the files."""
     if directory.exists():
         shutil.rmtree(directory)

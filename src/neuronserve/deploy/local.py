@@ -608,3 +608,16 @@ def reap(rd: RunDir, grace_s: float = 10.0) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
+
+
+def deployment_servers(run_dir: Path) -> dict[str, int]:
+    """Server name -> main pid of the local deployment in ``run_dir`` (from its plan and
+    supervisord; empty while there is none): what the host exporter samples."""
+    if not (run_dir / "plan.json").is_file():
+        return {}
+    names = {s["name"] for s in json.loads((run_dir / "plan.json").read_text())["servers"]}
+    try:
+        processes = Supervisor(RunDir(run_dir)).processes()
+    except OSError:
+        return {}
+    return {p["name"]: int(p["pid"]) for p in processes if p["name"] in names and p.get("pid")}

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neuronserve.artifacts import Manifest
-from neuronserve.backends import call_thread_counts, copy_core
-from neuronserve.backends.base import CoreSet
+from neuronserve.backends import CoreSet
 from neuronserve.deploy.inventory import Inventory
 from neuronserve.deploy.plan import Plan
 
@@ -147,7 +146,7 @@ def estimate(
     copies_of = [c for _name, c in plan.model_copies] or [plan.servers[0].copies if plan.servers else 1]
     if len(copies_of) != len(manifests):
         raise ValueError(f"this is a bug: {len(manifests)} manifests for {len(copies_of)} planned models")
-    neuron = plan.backend != "cpu"
+    neuron = plan.backend.neuron_cores
     multicore = neuron and shared_weights
     servers = []
     for server in plan.servers:
@@ -163,8 +162,8 @@ def estimate(
             # An ONNX artifact is loaded as a session per thread count (see call_thread_counts),
             # counted for the server's CPUs: a container's CPU limit, known where it runs, only
             # ever makes them fewer.
-            counts = call_thread_counts(
-                plan.backend, list(facts.artifact_bytes), len(server.cores.ids), copies
+            counts = plan.backend.call_thread_counts(
+                list(facts.artifact_bytes), len(server.cores.ids), copies
             )
             loads *= len(counts or (1,))
             host += loads * artifacts + (0 if neuron else copies * scratch)
@@ -179,7 +178,7 @@ def estimate(
                     scratch_of[core] = max(scratch_of.get(core, 0), scratch)
             elif neuron:
                 for index in range(first_copy, first_copy + copies):
-                    core = server.cores.ids[copy_core(plan.backend, index, server.cores)]
+                    core = server.cores.ids[plan.backend.copy_core(index, server.cores)]
                     device[core] = device.get(core, 0) + artifacts
                     scratch_of[core] = max(scratch_of.get(core, 0), scratch)
             first_copy += copies

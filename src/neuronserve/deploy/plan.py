@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from neuronserve.backends import copies_per_server
-from neuronserve.backends.base import CoreSet
+from neuronserve.backends import BackendKind, CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.deploy.inventory import Inventory
 
@@ -29,7 +28,7 @@ class ServerPlan:
 @dataclass(frozen=True)
 class Plan:
     deployment: str
-    backend: str
+    backend: BackendKind
     host: str
     port: int
     servers: tuple[ServerPlan, ...]
@@ -84,19 +83,19 @@ def chosen_cores(settings: Settings, inventory: Inventory) -> tuple[int, ...]:
 CPU_CORES_PER_SERVER = 8
 
 
-def cores_per_server(settings: Settings, backend: str, total: int | None) -> int:
+def cores_per_server(settings: Settings, backend: BackendKind, total: int | None) -> int:
     """``deploy.cores_per_server``, or by backend when it is 0: 1 NeuronCore on Neuron; on cpu
     every one of the ``total`` CPUs up to CPU_CORES_PER_SERVER (an even share of them beyond),
     so a server's copies lend each other idle CPUs; 1 where the total is unknown (a pod)."""
     configured = settings.deploy.cores_per_server
-    if configured or backend != "cpu" or total is None:
+    if configured or backend.neuron_cores or total is None:
         return configured or 1
     if total <= CPU_CORES_PER_SERVER:
         return total
     return max(d for d in _divisors(total) if d <= CPU_CORES_PER_SERVER)
 
 
-def _layout(settings: Settings, total: int, backend: str) -> tuple[int, int]:
+def _layout(settings: Settings, total: int, backend: BackendKind) -> tuple[int, int]:
     """(cores per server, number of servers) for ``total`` cores."""
     d = settings.deploy
     if d.servers == "auto":
@@ -121,7 +120,7 @@ def _layout(settings: Settings, total: int, backend: str) -> tuple[int, int]:
     return per_server, count
 
 
-def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
+def make_plan(settings: Settings, inventory: Inventory, backend: BackendKind) -> Plan:
     """Contiguous core ranges per server; errors say what would fit."""
     d = settings.deploy
     chosen = chosen_cores(settings, inventory)
@@ -129,7 +128,7 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
     servers = []
     for i in range(count):
         ids = tuple(chosen[i * per_server : (i + 1) * per_server])
-        if backend != "cpu" and ids != tuple(range(ids[0], ids[0] + len(ids))):
+        if backend.neuron_cores and ids != tuple(range(ids[0], ids[0] + len(ids))):
             raise ConfigError(
                 f"server {i} would own cores {ids}, which are not contiguous; deploy.cores must be a range"
             )
@@ -143,11 +142,11 @@ def make_plan(settings: Settings, inventory: Inventory, backend: str) -> Plan:
                 cores=CoreSet(ids),
                 devices=inventory.devices_for(ids),
                 port=port,
-                copies=copies_per_server(backend, settings.serve.models_per_server, per_server),
+                copies=backend.copies_per_server(settings.serve.models_per_server, per_server),
             )
         )
     model_copies = tuple(
-        (name, copies_per_server(backend, model.serve.models_per_server, per_server))
+        (name, backend.copies_per_server(model.serve.models_per_server, per_server))
         for name, model in settings.per_model().items()
     )
     used = {c for s in servers for c in s.cores.ids}

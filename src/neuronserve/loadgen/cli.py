@@ -53,11 +53,12 @@ def _server_info(url: str, headers: dict[str, str]) -> dict[str, Any]:
 def _artifacts(settings: Settings) -> Path | None:
     """The loaded model's artifacts (for its tokenizer), when they are on this host."""
     from neuronserve.artifacts import artifacts_directory
+    from neuronserve.backends import choose_backend
 
     models = settings.per_model()
     chosen = models.get(settings.bench.model) or next(iter(models.values()))
     try:
-        directory = artifacts_directory(chosen)
+        directory = artifacts_directory(chosen, choose_backend(chosen.trace.backend)[0])
     except Exception:
         return None
     return directory if directory.is_dir() else None

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 
@@ -24,27 +23,22 @@ class HostState:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-def deployment_servers(run_dir: Path | None) -> dict[str, int]:
-    """Server name -> main pid of a local deployment (from its plan and supervisord)."""
-    if run_dir is None or not (run_dir / "plan.json").is_file():
-        return {}
-    from neuronserve.deploy.local import RunDir, Supervisor
+Servers = Callable[[], dict[str, int]]  # server name -> main pid, asked at every sample
 
-    names = {s["name"] for s in json.loads((run_dir / "plan.json").read_text())["servers"]}
-    try:
-        processes = Supervisor(RunDir(run_dir)).processes()
-    except OSError:
-        return {}
-    return {p["name"]: int(p["pid"]) for p in processes if p["name"] in names and p.get("pid")}
+
+def no_servers() -> dict[str, int]:
+    return {}
 
 
 class HostSampler:
-    """Samples the host every period; ``cpus`` narrows per-CPU figures to the deployment's cores."""
+    """Samples the host every period; ``cpus`` narrows per-CPU figures to the deployment's cores;
+    ``servers`` names the deployment's server processes (the launcher knows them: see
+    ``deploy.local.deployment_servers``)."""
 
-    def __init__(self, state: HostState, cpus: list[int] | None, run_dir: Path | None) -> None:
+    def __init__(self, state: HostState, cpus: list[int] | None, servers: Servers = no_servers) -> None:
         self.state = state
         self.cpus = cpus
-        self.run_dir = run_dir
+        self.servers = servers
         self._procs: dict[int, psutil.Process] = {}
         psutil.cpu_percent(percpu=True)  # the first call only sets the baseline
 
@@ -61,7 +55,7 @@ class HostSampler:
         wanted = self.cpus if self.cpus is not None else list(range(len(per_cpu)))
         server_cpu: dict[str, float] = {}
         server_rss: dict[str, float] = {}
-        for name, pid in deployment_servers(self.run_dir).items():
+        for name, pid in self.servers().items():
             try:
                 main = self._process(pid)
                 family = [main, *(self._process(c.pid) for c in main.children(recursive=True))]

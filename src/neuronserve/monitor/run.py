@@ -7,10 +7,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from prometheus_client import start_http_server
 
+from neuronserve.backends import BackendKind
 from neuronserve.config import ConfigError, Settings
 from neuronserve.monitor.exporter import (
     ExporterState,
@@ -21,16 +21,16 @@ from neuronserve.monitor.exporter import (
     sample_host,
     supervise,
 )
-from neuronserve.monitor.host import HostSampler
+from neuronserve.monitor.host import HostSampler, Servers, no_servers
 
 log = logging.getLogger(__name__)
 SOURCES = ("neuron-monitor", "stdin", "replay", "host")
 
 
-def resolve_sources(settings: Settings, backend: str) -> list[str]:
+def resolve_sources(settings: Settings, backend: BackendKind) -> list[str]:
     m = settings.monitor
     if m.sources == "auto":
-        return ["host"] if backend == "cpu" else ["neuron-monitor"]
+        return [backend.monitor_source]
     chosen = [s.strip() for s in m.sources.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SOURCES]
     if unknown or not chosen:
@@ -45,7 +45,7 @@ def resolve_sources(settings: Settings, backend: str) -> list[str]:
 
 
 def start(
-    settings: Settings, sources: list[str], *, cpus: list[int] | None, run_dir: Path | None
+    settings: Settings, sources: list[str], *, cpus: list[int] | None, servers: Servers = no_servers
 ) -> tuple[ExporterState, threading.Event]:
     """Start one daemon thread per source; returns the shared state and a stop event."""
     m = settings.monitor
@@ -55,7 +55,7 @@ def start(
         health = SourceHealth(name, m.period_s)
         state.sources[name] = health
         if name == "host":
-            sampler = HostSampler(state.host, cpus, run_dir)
+            sampler = HostSampler(state.host, cpus, servers)
             target = threading.Thread(
                 target=sample_host, args=(sampler, health, stop), daemon=True, name="host"
             )
@@ -79,8 +79,10 @@ def start(
     return state, stop
 
 
-def serve(settings: Settings, sources: list[str], *, cpus: list[int] | None, run_dir: Path | None) -> int:
-    state, stop = start(settings, sources, cpus=cpus, run_dir=run_dir)
+def serve(
+    settings: Settings, sources: list[str], *, cpus: list[int] | None, servers: Servers = no_servers
+) -> int:
+    state, stop = start(settings, sources, cpus=cpus, servers=servers)
     server, thread = start_http_server(
         settings.monitor.port, addr=settings.monitor.host, registry=build_registry(state)
     )

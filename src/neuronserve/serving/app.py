@@ -143,7 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Serving "
         + ", ".join(f"{name} ({describe(e)})" for name, e in registry.engines.items())
-        + f" on {registry.backend_name}.",
+        + f" on {registry.kind.value}.",
         lifespan=lifespan,
     )
     app.state.registry = registry
@@ -295,7 +295,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {
             "server": server_name,
             "state": registry.state,
-            "backend": registry.backend_name,
+            "backend": registry.kind.value,
             "cores": str(registry.cores),
             "threads_per_copy": registry.threads_per_copy,
             # model.*'s fields at the top, as before several models (each is also in "models")
@@ -333,7 +333,7 @@ def _model_info(engine: Engine) -> dict[str, Any]:
     m = engine.manifest
     return {
         "name": engine.model_name,
-        "task": engine.task_name,
+        "task": engine.task_kind.value,
         "kind": describe(engine),
         "state": engine.state,
         "model": m.model,
@@ -399,14 +399,9 @@ def _narrow_to_this_server(components: dict[str, Any], registry: ModelRegistry) 
     JSON Schema cannot say; that one stays a 422 at run time.)"""
     serve = registry.settings.serve
     engines = list(registry.engines.values())
-    tasks = {e.task_name for e in engines}
+    pairs = {e.task_kind.takes_pairs for e in engines}
     inputs = components["PredictRequest"]["properties"]["inputs"]
-    kept = [
-        branch
-        for branch in inputs["anyOf"]
-        if ("QAInput" in orjson.dumps(branch).decode() and "question-answering" in tasks)
-        or ("QAInput" not in orjson.dumps(branch).decode() and tasks - {"question-answering"})
-    ]
+    kept = [branch for branch in inputs["anyOf"] if ("QAInput" in orjson.dumps(branch).decode()) in pairs]
     for branch in kept:
         if branch.get("type") == "array":
             branch["maxItems"] = serve.max_inputs_per_request
@@ -422,7 +417,7 @@ def _narrow_to_this_server(components: dict[str, Any], registry: ModelRegistry) 
                 branch["maxItems"] = serve.max_inputs_per_request
     timeout = components["PredictParameters"]["properties"]["timeout_ms"]["anyOf"][0]
     timeout["maximum"] = serve.max_request_timeout_ms
-    hidden = [e.manifest.model.get("hidden_size") for e in engines if e.task_name == "feature-extraction"]
+    hidden = [e.manifest.model.get("hidden_size") for e in engines if e.task_kind.embeds]
     if hidden and all(isinstance(h, int) for h in hidden):
         components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]["maximum"] = max(hidden)  # type: ignore[type-var]
 

@@ -23,16 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
-from neuronserve.backends import (
-    call_thread_counts,
-    call_threads_setter,
-    copies_per_server,
-    copy_core,
-    create_backend,
-    lends_cores,
-    usable_cores,
-)
-from neuronserve.backends.base import CoreSet
+from neuronserve.backends import BackendKind, CoreSet, choose_backend
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError, WorkItem
@@ -65,14 +56,14 @@ def find_malloc_trim() -> Callable[[int], int] | None:
     return getattr(libc, "malloc_trim", None)
 
 
-def server_cores(settings: Settings, backend: str) -> CoreSet:
+def server_cores(settings: Settings, backend: BackendKind) -> CoreSet:
     """The cores this server owns: ``serve.cores``, else (cpu) every CPU the process may use."""
     if settings.serve.cores:
         try:
             return CoreSet.parse(settings.serve.cores)
         except ValueError as exc:
             raise ConfigError(f"serve.cores {exc}") from None
-    if backend != "cpu":
+    if backend.neuron_cores:
         # On Kubernetes the Neuron device plugin allocates the pod's cores; whatever set
         # NEURON_RT_VISIBLE_CORES for this process (the plugin, Ray) has named them.
         given = os.environ.get("NEURON_RT_VISIBLE_CORES", "")
@@ -137,20 +128,20 @@ class Engine:
         """``ledger``: the process's CPUs, shared with the server's other models (cpu; a new one
         when this is the first or only model)."""
         self.settings = settings
-        directory = artifacts_directory(settings)
+        directory = artifacts_directory(settings, choose_backend(settings.trace.backend)[0])
         self.manifest: Manifest = load_manifest(directory, fingerprint=settings.serve.artifacts_fingerprint)
-        self.backend_name = self.manifest.backend
+        self.kind = self.manifest.backend
         # Requests choose the model by this: model.name (models.<name>), else the manifest's.
         self.model_name = settings.model.name or str(self.manifest.model["name"])
         self.metrics: ModelMetrics = metrics.for_model(self.model_name)
-        self.task_name = self.manifest.task
-        self.cores = server_cores(settings, self.backend_name)
-        usable = usable_cores(self.backend_name, self.cores)
-        self.copies = copies_per_server(self.backend_name, settings.serve.models_per_server, usable)
+        self.task_kind = self.manifest.task
+        self.cores = server_cores(settings, self.kind)
+        usable = self.kind.usable_cores(self.cores)
+        self.copies = self.kind.copies_per_server(settings.serve.models_per_server, usable)
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
-        self.task = task_for(self.task_name, directory)
+        self.task = task_for(self.task_kind, directory)
         try:
             self.prompts = Prompts.from_directory(directory, settings.serve.default_prompt_name)
         except ValueError as exc:
@@ -162,12 +153,10 @@ class Engine:
             )
             self.prompts = dataclasses.replace(self.prompts, default=None)
         # cpu copies share the server's CPUs: a batch running alone gets the idle ones.
-        self.lend_cores = lends_cores(self.backend_name, self.manifest.artifact_files)
+        self.lend_cores = self.kind.serves_lent_calls(self.manifest.artifact_files)
         self.ledger = (ledger or CoreLedger(usable)) if self.lend_cores else None
         # The thread counts a lent call can run with (the batcher's and the backend's: one list)
-        self.call_threads = call_thread_counts(
-            self.backend_name, self.manifest.artifact_files, usable, self.copies
-        )
+        self.call_threads = self.kind.call_thread_counts(self.manifest.artifact_files, usable, self.copies)
         if self.ledger is not None and self.ledger.cores != usable:
             raise RuntimeError(f"this is a bug: a ledger of {self.ledger.cores} cores for {usable}")
         self.batcher = Batcher(
@@ -251,19 +240,16 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.threads_per_copy = threads_per_copy
         shared = self.settings.serve.neuron_shared_weights
-        backend = create_backend(
-            self.backend_name,
-            self.settings.trace,
-            shared_weights=shared,
-            call_threads=self.call_threads or (),
+        backend = self.kind.create(
+            self.settings.trace, shared_weights=shared, call_threads=self.call_threads or ()
         )
-        slots = [copy_core(self.backend_name, first_copy + i, self.cores) for i in range(self.copies)]
+        slots = [self.kind.copy_core(first_copy + i, self.cores) for i in range(self.copies)]
         locks = {} if locks is None else locks
         for slot in slots:
             locks.setdefault(slot, threading.Lock())
         for index, slot in enumerate(slots):
             worker = CopyWorker(
-                set_threads=call_threads_setter(self.backend_name) if self.lend_cores else None,
+                set_threads=self.kind.call_threads_setter() if self.lend_cores else None,
                 index=index,
                 start_nc=slot,
                 backend=backend,
@@ -535,7 +521,7 @@ class Engine:
         chosen = name if name is not None else self.prompts.default
         if chosen is None:
             return texts
-        if self.task_name != "feature-extraction":
+        if not self.task_kind.embeds:
             raise validation(field, "prompts apply to feature-extraction (embedding) models only")
         prompt = self.prompts.prompts.get(chosen)
         if prompt is None:

@@ -51,7 +51,7 @@ def predict_inputs(
     raw = request.inputs if isinstance(request.inputs, list) else [request.inputs]
     check_count(len(raw), engine.settings.serve.max_inputs_per_request, "inputs")
     params = request.parameters
-    qa = engine.task_name == "question-answering"
+    qa = engine.task_kind.takes_pairs
     if qa:
         if not all(isinstance(x, QAInput) for x in raw):
             raise validation(
@@ -60,7 +60,7 @@ def predict_inputs(
         pairs = [(x.question, x.context) for x in raw if isinstance(x, QAInput)]
         return pairs, [ItemOptions(context=c) for _, c in pairs]
     if not all(isinstance(x, str) for x in raw):
-        raise validation("inputs", f"this {engine.task_name} model takes strings")
+        raise validation("inputs", f"this {engine.task_kind} model takes strings")
     options = ItemOptions(normalize=params.normalize, top_k=params.top_k)
     return [x for x in raw if isinstance(x, str)], [options] * len(raw)
 
@@ -150,7 +150,7 @@ def v2_inputs(
 ) -> tuple[list[str] | list[tuple[str, str]], list[ItemOptions]]:
     """Texts (or question/context pairs) from v2 BYTES tensors named as in the model metadata."""
     limit = engine.settings.serve.max_inputs_per_request
-    if engine.task_name == "question-answering":
+    if engine.task_kind.takes_pairs:
         missing = [n for n in ("question", "context") if n not in request.inputs]
         if missing:
             raise validation(
@@ -170,11 +170,11 @@ def v2_inputs(
 
 def v2_outputs(engine: Engine, result: InferResult, requested: list[str] | None) -> list[V2Tensor]:
     n = len(result.outputs)
-    task = engine.task_name
-    if task == "feature-extraction":
+    task = engine.task_kind
+    if task.embeds:
         matrix = np.stack([np.asarray(v, dtype=np.float32) for v in result.outputs])
         tensors = [V2Tensor("embedding", "FP32", list(matrix.shape), matrix)]
-    elif task == "text-classification":
+    elif task.classifies:
         tensors = [
             V2Tensor("label", "BYTES", [n], [r[0]["label"] for r in result.outputs]),
             V2Tensor(
@@ -198,8 +198,8 @@ def v2_outputs(engine: Engine, result: InferResult, requested: list[str] | None)
 
 
 def v2_metadata(engine: Engine) -> dict[str, Any]:
-    task = engine.task_name
-    if task == "question-answering":
+    task = engine.task_kind
+    if task.takes_pairs:
         inputs = [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in ("question", "context")]
         outputs = [
             {"name": "answer", "datatype": "BYTES", "shape": [-1]},
@@ -209,7 +209,7 @@ def v2_metadata(engine: Engine) -> dict[str, Any]:
         ]
     else:
         inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-        if task == "feature-extraction":
+        if task.embeds:
             dim = engine.manifest.model.get("hidden_size") or -1
             outputs = [{"name": "embedding", "datatype": "FP32", "shape": [-1, dim]}]
         else:
@@ -220,7 +220,7 @@ def v2_metadata(engine: Engine) -> dict[str, Any]:
     return {
         "name": engine.model_name,
         "versions": ["1"],
-        "platform": f"neuronserve_{engine.backend_name}",
+        "platform": f"neuronserve_{engine.kind.value}",
         "inputs": inputs,
         "outputs": outputs,
     }

@@ -175,7 +175,7 @@ async def predict(registry: ModelRegistry, body: bytes, receive: Receive) -> Rep
 
 async def _predict(engine: Engine, request: PredictRequest, receive: Receive) -> Reply:
     inputs, options = formats.predict_inputs(engine, request)
-    if engine.task_name == "feature-extraction":
+    if engine.task_kind.embeds:
         inputs = engine.prompted(inputs, request.parameters.prompt_name, "parameters.prompt_name")  # type: ignore[arg-type]
     elif request.parameters.prompt_name is not None:
         raise validation(
@@ -337,7 +337,7 @@ async def v2_infer(
 async def _v2_infer(engine: Engine, body: bytes, header_length: str | None, receive: Receive) -> Reply:
     parsed = parse_infer(body, header_length)
     inputs, options = formats.v2_inputs(engine, parsed)
-    if engine.task_name == "feature-extraction":  # the default prompt, as on every embedding route
+    if engine.task_kind.embeds:  # the default prompt, as on every embedding route
         inputs = engine.prompted(inputs, None, "inputs")  # type: ignore[arg-type]
     timeout = formats.timeout_seconds(engine, None, "timeout")
     result = await _run(engine, receive, inputs, options, truncate=False, timeout_s=timeout)

@@ -12,7 +12,6 @@ import asyncio
 import threading
 from collections.abc import Callable
 
-from neuronserve.backends import prepare_process
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving.engine import Engine
 from neuronserve.serving.errors import ServeError, validation
@@ -20,16 +19,16 @@ from neuronserve.serving.metrics import ServerMetrics
 
 
 def is_embedder(engine: Engine) -> bool:
-    return engine.task_name == "feature-extraction"
+    return engine.task_kind.embeds
 
 
 def is_cross_encoder(engine: Engine) -> bool:
     """A text-classification model with one output scores (query, text) pairs: a reranker."""
-    return engine.task_name == "text-classification" and len(getattr(engine.task, "labels", ())) == 1
+    return engine.task_kind.classifies and len(getattr(engine.task, "labels", ())) == 1
 
 
 def describe(engine: Engine) -> str:
-    return "cross-encoder" if is_cross_encoder(engine) else engine.task_name
+    return "cross-encoder" if is_cross_encoder(engine) else engine.task_kind.value
 
 
 class ModelRegistry:
@@ -47,13 +46,13 @@ class ModelRegistry:
                 raise ConfigError(f"two models are named {engine.model_name!r}; give each its own name")
             self.engines[engine.model_name] = engine
         first = next(iter(self.engines.values()))
-        backends = {e.backend_name for e in self.engines.values()}
+        backends = {e.kind for e in self.engines.values()}
         if len(backends) > 1:
             raise ConfigError(
                 f"the models' artifacts are for different backends ({', '.join(sorted(backends))}); "
                 "trace every model for one backend"
             )
-        self.backend_name = first.backend_name
+        self.kind = first.kind
         self.cores = first.cores
         self.threads_per_copy = 0
         self.on_fatal: Callable[[str], None] | None = None
@@ -64,8 +63,8 @@ class ModelRegistry:
             engine.on_ready = self._engine_ready
             metrics.describe_model(
                 model=engine.model_name,
-                task=engine.task_name,
-                backend=engine.backend_name,
+                task=engine.task_kind.value,
+                backend=engine.kind.value,
                 cores=str(engine.cores),
                 copies=engine.copies,
             )
@@ -113,9 +112,7 @@ class ModelRegistry:
         copies = sum(e.copies for e in self.engines.values())
         tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
         shared = self.settings.serve.neuron_shared_weights
-        self.threads_per_copy = prepare_process(
-            self.backend_name, self.cores, copies, tag, shared_weights=shared
-        )
+        self.threads_per_copy = self.kind.prepare_process(self.cores, copies, tag, shared_weights=shared)
         first_copy = 0
         locks: dict[int, threading.Lock] = {}
         for engine in self.engines.values():

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from neuronserve.serving.tokenization import Encoded
+from neuronserve.tasks import TaskKind
 
 
 @dataclass(frozen=True)
@@ -190,11 +191,9 @@ class Prompts:
         return cls(prompts, default, include)
 
 
-def task_for(task: str, directory: Path) -> Task:
-    if task == "feature-extraction":
+def task_for(task: TaskKind, directory: Path) -> Task:
+    if task is TaskKind.FEATURE_EXTRACTION:
         return FeatureExtraction.from_directory(directory)
-    if task == "text-classification":
+    if task is TaskKind.TEXT_CLASSIFICATION:
         return TextClassification.from_directory(directory)
-    if task == "question-answering":
-        return QuestionAnswering()
-    raise ValueError(f"this is a bug: unknown task {task!r}")
+    return QuestionAnswering()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import math
 import os
 import random
@@ -29,22 +28,28 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuronserve.artifacts import Manifest
 from neuronserve.config import ConfigError, Settings, find_config, load_settings, render_template
 from neuronserve.tune import buckets
-from neuronserve.tune.search import Candidate, SearchResult, Trial, successive_halving
+from neuronserve.tune.report import Grid, Outcome, csv, write_report
+from neuronserve.tune.search import (
+    FIRST_DURATION_S,
+    LONGEST_DURATION_S,
+    Candidate,
+    SearchResult,
+    Trial,
+    successive_halving,
+)
 
 # Closed-loop concurrency levels; a sweep stops at the first level over a budget. The first rung
 # screens on a coarse ladder; later rungs measure the survivors on a fine one.
 SCREEN_LEVELS = (4, 8, 16, 32)
 LEVELS = (4, 8, 12, 16, 24, 32, 48, 64)
 WARMUP_S = 0.5
-FIRST_DURATION_S = 2.0  # seconds of load per step in the first rung; x3 per rung
-LONGEST_DURATION_S = 8.0
 REPORT_RESERVE_S = 15.0  # kept from the time budget for the last teardown and the report
 DELAYS_MS = (2.0, 10.0)
 EXIT_INTERRUPTED = 130
@@ -68,37 +73,6 @@ class TuneOptions:
     time_budget_s: float = 900.0
     max_sequence_lengths: int = 0  # 0: as many as the configured grid has
     max_batch_sizes: int = 0
-
-
-@dataclass
-class Grid:
-    batch_sizes: tuple[int, ...]
-    sequence_lengths: tuple[int, ...]
-    expected_cost: float  # seconds of compute per text of the sample, at full batches
-
-
-@dataclass
-class Outcome:
-    """Everything the report says; filled as the run goes, so an interrupt still has a report."""
-
-    directory: Path
-    started_at: str
-    time_budget_s: float
-    budgets: dict[str, float]
-    instance_type: str
-    dataset: str
-    model: str = ""
-    backend: str = ""
-    lengths: list[int] = field(default_factory=list)
-    excluded: int = 0  # texts longer than the model can take, left out of the load
-    configured: Grid | None = None
-    tuned: Grid | None = None
-    candidates: int = 0
-    search: SearchResult | None = None
-    interrupted: bool = False
-    error: str = ""
-    elapsed_s: float = 0.0
-    tuned_properties: Path | None = None
 
 
 def tune(options: TuneOptions, emit: Callable[[str], None] = print) -> int:
@@ -140,7 +114,7 @@ def tune(options: TuneOptions, emit: Callable[[str], None] = print) -> int:
     finally:
         outcome.elapsed_s = time.monotonic() - started
         with _no_interrupts(reraise=False):  # a second Ctrl-C does not cut the report short
-            report = write_report(outcome, settings, options)
+            report = _finish(outcome, options)
         emit(f"tune: report {report}")
     if outcome.interrupted:
         return EXIT_INTERRUPTED
@@ -175,7 +149,7 @@ def _search(
     configured = run_trace(settings, progress=False, emit=lambda _line: None)
     manifest = configured.manifest
     outcome.model = str(manifest.model.get("name", ""))
-    outcome.backend = manifest.backend
+    outcome.backend = manifest.backend.value
     counter = TokenCounter(configured.directory)
     lengths = [counter.count(t) for t in texts]
     outcome.lengths = sorted(lengths)
@@ -192,9 +166,9 @@ def _search(
         raise ConfigError(f"no text of the sample fits the model's {fits} tokens")
     texts = kept
     emit(
-        f"tune: shapes from traffic: sequence lengths {_csv(outcome.tuned.sequence_lengths)} "
-        f"(configured {_csv(outcome.configured.sequence_lengths)}), batch sizes "
-        f"{_csv(outcome.tuned.batch_sizes)}; expected compute per text "
+        f"tune: shapes from traffic: sequence lengths {csv(outcome.tuned.sequence_lengths)} "
+        f"(configured {csv(outcome.configured.sequence_lengths)}), batch sizes "
+        f"{csv(outcome.tuned.batch_sizes)}; expected compute per text "
         f"{outcome.tuned.expected_cost / outcome.configured.expected_cost:.2f}x the configured grid's"
     )
     tuned_dir = settings.path(settings.trace.output_dir) / "tuned"
@@ -281,7 +255,6 @@ def tuned_largest(manifest: Manifest, lengths: Sequence[int]) -> int:
 
 def candidate_space(settings: Settings, manifest: Manifest) -> list[Candidate]:
     """Cores per server from one per core to one server owning all; copies; largest batch; delay."""
-    from neuronserve.backends import copies_per_server
     from neuronserve.deploy.inventory import detect
     from neuronserve.deploy.plan import chosen_cores
 
@@ -289,8 +262,8 @@ def candidate_space(settings: Settings, manifest: Manifest) -> list[Candidate]:
     per_server = [n for n in range(1, cores + 1) if cores % n == 0]
 
     def copies(cps: int) -> list[int]:
-        default = copies_per_server(manifest.backend, 0, cps)
-        return sorted({1, 2, default} if manifest.backend == "cpu" else {1, default, 2 * default})
+        default = manifest.backend.copies_per_server(0, cps)
+        return sorted({1, default, 2 * default} if manifest.backend.neuron_cores else {1, 2, default})
 
     sizes = manifest.batch_sizes
     # A small cap (latency: a long batch never holds up what queues behind it) and none.
@@ -310,8 +283,8 @@ def candidate_space(settings: Settings, manifest: Manifest) -> list[Candidate]:
 
 def _grid_overrides(grid: Grid, tuned_dir: Path) -> list[str]:
     return [
-        f"trace.batch_sizes={_csv(grid.batch_sizes)}",
-        f"trace.sequence_lengths={_csv(grid.sequence_lengths)}",
+        f"trace.batch_sizes={csv(grid.batch_sizes)}",
+        f"trace.sequence_lengths={csv(grid.sequence_lengths)}",
         f"trace.output_dir={tuned_dir}",
     ]
 
@@ -475,209 +448,6 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
-def _csv(values: Sequence[int]) -> str:
-    return ",".join(str(v) for v in values)
-
-
-# --- report -----------------------------------------------------------------------------------
-
-
-def write_report(outcome: Outcome, settings: Settings, options: TuneOptions) -> Path:
-    out = outcome.directory
-    search = outcome.search
-    best = search.best if search else None
-    trials = search.trials if search else []
-    plot = None
-    # Each extra is guarded: whatever fails in one of them, summary.json and report.md are written.
-    if best is not None and best.rps > 0 and outcome.tuned is not None:
-        try:
-            outcome.tuned_properties = write_tuned_properties(
-                out / "tuned.properties", outcome, best, options
-            )
-        except Exception as exc:
-            outcome.error = (outcome.error + "; " if outcome.error else "") + f"tuned.properties: {exc}"
-    if any(not t.failure for t in trials):
-        try:
-            plot = pareto_plot(out / "pareto.png", trials, best)
-        except Exception as exc:
-            outcome.error = (outcome.error + "; " if outcome.error else "") + f"pareto.png: {exc}"
-    summary = {
-        "started_at": outcome.started_at,
-        "elapsed_s": round(outcome.elapsed_s, 1),
-        "time_budget_s": outcome.time_budget_s,
-        "interrupted": outcome.interrupted,
-        "out_of_time": bool(search and search.out_of_time),
-        "model": outcome.model,
-        "backend": outcome.backend,
-        "dataset": outcome.dataset,
-        "budgets": outcome.budgets,
-        "instance_type": outcome.instance_type,
-        "configured_grid": asdict(outcome.configured) if outcome.configured else None,
-        "tuned_grid": asdict(outcome.tuned) if outcome.tuned else None,
-        "candidates": outcome.candidates,
-        "rungs": search.rungs if search else 0,
-        "trials": [_trial_dict(t) for t in trials],
-        "winner": _trial_dict(best) if best else None,
-        "tuned_properties": str(outcome.tuned_properties) if outcome.tuned_properties else None,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    report = out / "report.md"
-    report.write_text(_markdown(outcome, best, trials, plot), encoding="utf-8")
-    return report
-
-
-def _trial_dict(trial: Trial) -> dict[str, Any]:
-    data = asdict(trial)
-    data["candidate"] = asdict(trial.candidate)
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
-
-
-def _markdown(outcome: Outcome, best: Trial | None, trials: Sequence[Trial], plot: Path | None) -> str:
-    search = outcome.search
-    state = (
-        "interrupted (Ctrl-C): this report covers what ran before"
-        if outcome.interrupted
-        else "stopped by the time budget before every planned trial ran"
-        if search and search.out_of_time
-        else "complete"
-    )
-    lengths = outcome.lengths
-    lines = [
-        f"# neuronserve tune {outcome.started_at}",
-        "",
-        f"- Search: {state}; {outcome.elapsed_s:.0f} s of the {outcome.time_budget_s:.0f} s budget.",
-        f"- Model: {outcome.model or '?'} on {outcome.backend or '?'}; traffic: {outcome.dataset}"
-        + (
-            f" ({len(lengths)} texts, tokens p50 {lengths[len(lengths) // 2]}, max {lengths[-1]})"
-            if lengths
-            else ""
-        ),
-        f"- Budgets: p95 <= {outcome.budgets['latency_p95_ms']:g} ms, errors <= "
-        f"{outcome.budgets['error_rate']:.2%}"
-        + (
-            f", cost <= ${outcome.budgets['cost_per_million']:g} per million"
-            if outcome.budgets["cost_per_million"]
-            else ""
-        )
-        + f"; cost priced as {outcome.instance_type}."
-        + (
-            f" {outcome.excluded} text(s) longer than the model allows were left out."
-            if outcome.excluded
-            else ""
-        ),
-        f"- Candidates: {outcome.candidates}; trials run: {len(trials)} in {search.rungs if search else 0} "
-        f"rung(s) of successive halving (each rung keeps the best third and runs it 3x longer); "
-        f"load time per step {FIRST_DURATION_S:g} s in the first rung, up to {LONGEST_DURATION_S:g} s; "
-        f"{sum(t.wall_s for t in trials):.0f} s spent in trials.",
-        "",
-    ]
-    if outcome.configured and outcome.tuned:
-        ratio = (
-            outcome.tuned.expected_cost / outcome.configured.expected_cost
-            if outcome.configured.expected_cost
-            else 1
-        )
-        lines += [
-            "## Shapes from traffic",
-            "",
-            "| grid | sequence lengths | batch sizes | expected compute per text |",
-            "|---|---|---|---|",
-            f"| configured | {_csv(outcome.configured.sequence_lengths)} | {_csv(outcome.configured.batch_sizes)} "
-            f"| {outcome.configured.expected_cost * 1000:.2f} ms |",
-            f"| tuned | {_csv(outcome.tuned.sequence_lengths)} | {_csv(outcome.tuned.batch_sizes)} "
-            f"| {outcome.tuned.expected_cost * 1000:.2f} ms ({ratio:.2f}x) |",
-            "",
-            "Expected compute: each text of the sample padded to its bucket, at the trace's measured "
-            "per-text cost of the largest batch (one intra-op thread).",
-            "",
-        ]
-    lines += ["## Winner", ""]
-    if best is not None and best.rps > 0:
-        c = best.candidate
-        lines += [
-            f"**{c.label}**: {best.rps:.1f} req/s within every budget (concurrency {best.level:g}: "
-            f"p50 {best.p50_ms:.0f} ms, p95 {best.p95_ms:.0f} ms, p99 {best.p99_ms:.0f} ms"
-            + (f", ${best.cost_per_million:.2f} per million requests" if best.cost_per_million else "")
-            + ").",
-            "",
-            f"Why: the highest throughput within the budgets among the {sum(1 for t in trials if t.rung == best.rung)} "
-            f"candidate(s) of the last rung (rung {best.rung + 1}, {best.duration_s:g} s per load step), "
-            "which the shorter rungs had ranked best.",
-            "",
-        ]
-        if outcome.tuned_properties:
-            lines += [
-                f"Config: `{outcome.tuned_properties}` (complete; use it as it is):",
-                "",
-                "```bash",
-                f"./trace-model/run.sh --config {outcome.tuned_properties}",
-                f"./fast-api/deploy.sh --config {outcome.tuned_properties}",
-                "```",
-                "",
-            ]
-    else:
-        lines += [
-            "No candidate met the budgets" + (" before the interrupt" if outcome.interrupted else "") + ".",
-            "",
-        ]
-    if plot is not None:
-        lines += ["## Throughput vs p95", "", f"![pareto]({plot.name})", ""]
-    lines += [
-        "## Every trial",
-        "",
-        "| rung | cores/server | copies | max batch | delay ms | s/step | req/s in budget | at conc. "
-        "| p50 ms | p95 ms | p99 ms | errors | $/M | memory GiB | wall s | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for t in trials:
-        c = t.candidate
-        lines.append(
-            f"| {t.rung + 1} | {c.cores_per_server} | {c.copies} | {c.max_batch} | {c.delay_ms:g} | {t.duration_s:g} "
-            f"| {t.rps:.1f} | {'' if t.level is None else f'{t.level:g}'} | {_ms(t.p50_ms)} | {_ms(t.p95_ms)} "
-            f"| {_ms(t.p99_ms)} | {t.error_rate:.2%} | {'' if t.cost_per_million is None else f'{t.cost_per_million:.2f}'} "
-            f"| {'' if t.memory_bytes is None else f'{t.memory_bytes / (1 << 30):.2f}'} | {t.wall_s:.0f} "
-            f"| {t.failure.replace('|', '/')} |"
-        )
-    if outcome.error:
-        lines += ["", f"Error: {outcome.error}"]
-    return "\n".join(lines) + "\n"
-
-
-def _ms(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.0f}"
-
-
-def pareto_plot(path: Path, trials: Sequence[Trial], best: Trial | None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    latest: dict[Candidate, Trial] = {}
-    for t in trials:
-        if not t.failure and not math.isnan(t.p95_ms):
-            latest[t.candidate] = t
-    points = sorted(latest.values(), key=lambda t: t.p95_ms)
-    frontier, top = [], -1.0
-    for t in points:
-        if t.rps > top:
-            frontier.append(t)
-            top = t.rps
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([t.p95_ms for t in points], [t.rps for t in points], s=18, color="#888", label="candidates")
-    ax.plot([t.p95_ms for t in frontier], [t.rps for t in frontier], color="#1f77b4", label="Pareto front")
-    if best is not None and not math.isnan(best.p95_ms):
-        ax.scatter([best.p95_ms], [best.rps], s=160, marker="*", color="#d62728", label="winner", zorder=3)
-    ax.set_xlabel("p95 latency at the reported load (ms)")
-    ax.set_ylabel("throughput within budget (req/s)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: TuneOptions) -> Path:
     """A complete config: the original settings, the tuned grid and the winner's settings, with
     every path absolute (the file lives apart from the config it came from)."""
@@ -715,3 +485,18 @@ def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: T
         fh.write(text)
     load_settings(path)  # it must read back as a valid config
     return path
+
+
+def _finish(outcome: Outcome, options: TuneOptions) -> Path:
+    """tuned.properties for the winner (guarded: whatever fails there, the report is written),
+    then the report."""
+    search = outcome.search
+    best = search.best if search else None
+    if best is not None and best.rps > 0 and outcome.tuned is not None:
+        try:
+            outcome.tuned_properties = write_tuned_properties(
+                outcome.directory / "tuned.properties", outcome, best, options
+            )
+        except Exception as exc:
+            outcome.error = (outcome.error + "; " if outcome.error else "") + f"tuned.properties: {exc}"
+    return write_report(outcome)

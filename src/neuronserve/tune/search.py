@@ -12,6 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+# Seconds of load per step in successive halving's first rung (x3 per rung), and the most.
+FIRST_DURATION_S = 2.0
+LONGEST_DURATION_S = 8.0
+
 
 @dataclass(frozen=True)
 class Candidate:

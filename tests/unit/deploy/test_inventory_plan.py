@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from neuronserve.backends import BackendKind
 from neuronserve.config import ConfigError
 from neuronserve.deploy import inventory as inv
 from neuronserve.deploy.inventory import Inventory, InventoryError, parse_neuron_ls
@@ -63,7 +64,7 @@ def test_bad_neuron_ls_output(text: str) -> None:
 
 def test_plan_inf2_48xlarge_two_cores_per_server(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, deploy__cores_per_server="2", serve__models_per_server="3")
-    plan = make_plan(settings, load("inf2.48xlarge"), "neuronx")
+    plan = make_plan(settings, load("inf2.48xlarge"), BackendKind.NEURONX)
     assert len(plan.servers) == 12
     s5 = plan.servers[5]
     assert (str(s5.cores), s5.devices, s5.port, s5.copies) == ("10-11", (5,), 8086, 3)
@@ -71,12 +72,16 @@ def test_plan_inf2_48xlarge_two_cores_per_server(tmp_path: Path) -> None:
 
 
 def test_plan_inf1_server_spanning_devices(tmp_path: Path) -> None:
-    plan = make_plan(make_settings(tmp_path, deploy__cores_per_server="8"), load("inf1.6xlarge"), "neuron")
+    plan = make_plan(
+        make_settings(tmp_path, deploy__cores_per_server="8"), load("inf1.6xlarge"), BackendKind.NEURON
+    )
     assert [(str(s.cores), s.devices) for s in plan.servers] == [("0-7", (0, 1)), ("8-15", (2, 3))]
 
 
 def test_auto_is_one_server_with_every_core(tmp_path: Path) -> None:
-    plan = make_plan(make_settings(tmp_path, deploy__servers="auto"), load("inf2.48xlarge"), "neuronx")
+    plan = make_plan(
+        make_settings(tmp_path, deploy__servers="auto"), load("inf2.48xlarge"), BackendKind.NEURONX
+    )
     assert [str(s.cores) for s in plan.servers] == ["0-23"]
     assert plan.servers[0].devices == tuple(range(12))
 
@@ -85,7 +90,7 @@ def test_n_servers_may_leave_cores_idle(tmp_path: Path) -> None:
     plan = make_plan(
         make_settings(tmp_path, deploy__servers="3", deploy__cores_per_server="4"),
         load("inf1.6xlarge"),
-        "neuron",
+        BackendKind.NEURON,
     )
     assert [str(s.cores) for s in plan.servers] == ["0-3", "4-7", "8-11"]
     assert plan.idle_cores == tuple(range(12, 16))
@@ -107,7 +112,7 @@ def test_n_servers_may_leave_cores_idle(tmp_path: Path) -> None:
 )
 def test_plan_errors_say_what_fits(tmp_path: Path, values: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as excinfo:
-        make_plan(make_settings(tmp_path, **values), load("inf2.48xlarge"), "neuronx")
+        make_plan(make_settings(tmp_path, **values), load("inf2.48xlarge"), BackendKind.NEURONX)
     assert message in str(excinfo.value)
 
 
@@ -120,7 +125,9 @@ def test_deploy_settings_are_validated(tmp_path: Path) -> None:
 
 def test_cpu_plan_on_a_subset_of_cpus(tmp_path: Path) -> None:
     cpus = Inventory("cpu", (0, 1, 2, 3), {})
-    plan = make_plan(make_settings(tmp_path, deploy__cores="2-3", deploy__cores_per_server="1"), cpus, "cpu")
+    plan = make_plan(
+        make_settings(tmp_path, deploy__cores="2-3", deploy__cores_per_server="1"), cpus, BackendKind.CPU
+    )
     assert [(str(s.cores), s.devices, s.copies) for s in plan.servers] == [("2", (), 1), ("3", (), 1)]
 
 
@@ -132,12 +139,12 @@ def test_a_cpu_host_gets_servers_of_up_to_eight_cpus_each_with_a_copy_per_cpu(
     tmp_path: Path, cpus: int, layout: list[int]
 ) -> None:
     """So copies of one server lend a lone request their idle CPUs (one event loop feeds 8)."""
-    plan = make_plan(make_settings(tmp_path), Inventory("cpu", tuple(range(cpus)), {}), "cpu")
+    plan = make_plan(make_settings(tmp_path), Inventory("cpu", tuple(range(cpus)), {}), BackendKind.CPU)
     assert [len(s.cores) for s in plan.servers] == layout
     assert [s.copies for s in plan.servers] == layout and plan.model_copies[0][1] == layout[0]
     assert not plan.idle_cores
 
 
 def test_neuron_keeps_one_core_and_two_copies_per_server_by_default(tmp_path: Path) -> None:
-    plan = make_plan(make_settings(tmp_path), Inventory("neuron", (0, 1, 2, 3), {}), "neuronx")
+    plan = make_plan(make_settings(tmp_path), Inventory("neuron", (0, 1, 2, 3), {}), BackendKind.NEURONX)
     assert [(len(s.cores), s.copies) for s in plan.servers] == [(1, 2)] * 4

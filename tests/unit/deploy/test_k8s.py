@@ -11,6 +11,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from neuronserve.backends import BackendKind
 from neuronserve.config import Settings, build_settings
 from neuronserve.deploy import k8s
 from neuronserve.deploy.k8s_check import check
@@ -19,7 +20,7 @@ from tests.conftest import make_settings, ready_client, trace_tiny
 
 
 def _objects(settings: Settings, backend: str) -> dict[str, dict[str, Any]]:
-    return k8s.objects(settings, backend, host_bytes=None)
+    return k8s.objects(settings, BackendKind(backend), host_bytes=None)
 
 
 def _server(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -95,7 +96,7 @@ def test_the_settings_config_map_builds_each_models_server_settings(tmp_path: Pa
         models__rerank__source="cross-encoder/x",
         models__rerank__task="text-classification",
     )
-    env = k8s.settings_env(settings, "neuronx")
+    env = k8s.settings_env(settings, BackendKind.NEURONX)
     assert "s3cret" not in "".join(env.values())  # the key comes from a mounted Secret
     rebuilt = build_settings({k: (v, "env") for k, v in _as_keys(env).items()})
     models = rebuilt.per_model()
@@ -115,7 +116,7 @@ def _as_keys(env: dict[str, str]) -> dict[str, str]:
 def emitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("k8s") / "base"
     settings = build_settings({"deploy.k8s_autoscaler": ("keda", "test")})
-    k8s.write_base(settings, "neuronx", directory, host_bytes=None)
+    k8s.write_base(settings, BackendKind.NEURONX, directory, host_bytes=None)
     return directory
 
 
@@ -165,16 +166,16 @@ def test_a_neuron_server_without_serve_cores_takes_the_cores_its_pod_was_given(
     settings = make_settings(tmp_path)  # serve.cores empty, as in the base's ConfigMap
     monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
     with pytest.raises(ConfigError, match="neither is set"):
-        server_cores(settings, "neuronx")
+        server_cores(settings, BackendKind.NEURONX)
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "4-5")  # as the device plugin allocated them
-    assert server_cores(settings, "neuronx").ids == (4, 5)
+    assert server_cores(settings, BackendKind.NEURONX).ids == (4, 5)
     explicit = make_settings(tmp_path, serve__cores="0")
-    assert server_cores(explicit, "neuronx").ids == (0,)  # deploy's own choice wins
+    assert server_cores(explicit, BackendKind.NEURONX).ids == (0,)  # deploy's own choice wins
 
 
 def test_the_trace_job_traces_what_the_config_names_and_is_replaced_when_that_changes(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, model__source="BAAI/bge-small-en-v1.5", deploy__k8s_autoscaler="keda")
-    env = k8s.settings_env(settings, "neuronx")
+    env = k8s.settings_env(settings, BackendKind.NEURONX)
     assert env["NEURONSERVE_MODEL__SOURCE"] == "BAAI/bge-small-en-v1.5"  # model.* reaches the Job
     assert env["NEURONSERVE_SERVE__ARTIFACTS"] == "/artifacts/bge-small-en-v1.5/neuronx"
     objects = _objects(settings, "neuronx")
@@ -203,7 +204,7 @@ def test_an_api_key_is_mounted_from_its_secret_never_written(tmp_path: Path) -> 
     mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "api-key")
     assert (
         f"{mount['mountPath']}/api-key"
-        == k8s.settings_env(make_settings(tmp_path, serve__api_key="x"), "cpu")[
+        == k8s.settings_env(make_settings(tmp_path, serve__api_key="x"), BackendKind.CPU)[
             "NEURONSERVE_SERVE__API_KEY_FILE"
         ]
     )
@@ -264,4 +265,4 @@ def test_unparsable_visible_cores_are_a_clear_error(tmp_path: Path, monkeypatch:
 
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "two")
     with pytest.raises(ConfigError, match="NEURON_RT_VISIBLE_CORES"):
-        server_cores(make_settings(tmp_path), "neuronx")
+        server_cores(make_settings(tmp_path), BackendKind.NEURONX)

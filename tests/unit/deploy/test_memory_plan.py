@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from neuronserve.artifacts import read_manifest
+from neuronserve.backends import BackendKind
 from neuronserve.deploy.inventory import host_memory_available, parse_neuron_ls
 from neuronserve.deploy.memory import GIB, MemoryPlan, MemoryPlanError, estimate
 from neuronserve.deploy.plan import make_plan
@@ -23,7 +24,7 @@ def _plan(tmp_path: Path, **values: str) -> MemoryPlan:
     settings = make_settings(tmp_path, serve__artifacts=str(BERT_LARGE), **values)
     inventory = parse_neuron_ls(INF2_48.read_text())
     inventory = dataclasses.replace(inventory, host_memory=768 * GIB)
-    plan = make_plan(settings, inventory, "neuronx")
+    plan = make_plan(settings, inventory, BackendKind.NEURONX)
     return estimate(plan, [read_manifest(BERT_LARGE)], inventory)
 
 
@@ -82,7 +83,7 @@ def test_cpu_copies_share_one_load_and_host_memory_is_checked(tmp_path: Path) ->
     def host(copies: int, available: int) -> MemoryPlan:
         s = make_settings(tmp_path, serve__models_per_server=str(copies), deploy__cores="0-1")
         inventory = Inventory("cpu", (0, 1), {}, host_memory=available)
-        return estimate(make_plan(s, inventory, "cpu"), [manifest], inventory)
+        return estimate(make_plan(s, inventory, BackendKind.CPU), [manifest], inventory)
 
     one, two = host(1, 64 * GIB), host(2, 64 * GIB)
     per_copy = two.servers[0].host - one.servers[0].host
@@ -106,7 +107,7 @@ def test_an_onnx_artifact_counts_a_session_per_thread_count(tmp_path: Path) -> N
     def plan(m: object, cores: str) -> MemoryPlan:
         s = make_settings(tmp_path, serve__models_per_server="1", deploy__cores=cores)
         inventory = Inventory("cpu", (0, 1), {}, host_memory=64 * GIB)
-        return estimate(make_plan(s, inventory, "cpu"), [m], inventory)  # type: ignore[list-item]
+        return estimate(make_plan(s, inventory, BackendKind.CPU), [m], inventory)  # type: ignore[list-item]
 
     assert plan(onnx, "0-1").servers[0].host - plan(manifest, "0-1").servers[0].host == artifact
     assert plan(onnx, "0").servers[0].host == plan(manifest, "0").servers[0].host
@@ -179,7 +180,7 @@ def test_every_model_of_a_server_counts_and_a_pair_that_does_not_fit_is_refused(
             models__second__artifacts=str(BERT_LARGE),
             **values,
         )
-        plan = make_plan(settings, inventory, "neuronx")
+        plan = make_plan(settings, inventory, BackendKind.NEURONX)
         assert [name for name, _copies in plan.model_copies][1:] == ["second"]
         return estimate(plan, [manifest, manifest], inventory)
 

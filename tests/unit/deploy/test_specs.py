@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from neuronserve.backends import BackendKind
 from neuronserve.deploy.docker import compose_document, container_specs
 from neuronserve.deploy.local import RunDir, render_supervisord_conf
 from neuronserve.deploy.nginx import render_nginx_conf
@@ -18,7 +19,7 @@ from tests.unit.deploy.test_inventory_plan import load
 
 def _specs(tmp_path: Path, shape: str, backend: str, per_server: str) -> list[dict[str, Any]]:
     settings = make_settings(tmp_path, deploy__cores_per_server=per_server, deploy__name="bert")
-    plan = make_plan(settings, load(shape), backend)
+    plan = make_plan(settings, load(shape), BackendKind(backend))
     return container_specs(settings, plan, tmp_path / "art")
 
 
@@ -74,7 +75,7 @@ def test_inf1_6xlarge(tmp_path: Path, per_server: str, index: int, devices: list
 
 def test_compose_file_mirrors_the_specs(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, deploy__cores_per_server="2", deploy__name="bert")
-    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    plan = make_plan(settings, load("inf2.xlarge"), BackendKind.NEURONX)
     doc = compose_document(container_specs(settings, plan, tmp_path), plan)
     json.dumps(doc)  # serialisable (JSON is YAML)
     server = doc["services"]["bert-server-0"]
@@ -137,7 +138,7 @@ def test_supervisord_conf(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, serve__drain_timeout_s="20", deploy__cores_per_server="1")
     from neuronserve.deploy.inventory import Inventory
 
-    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
     conf = _supervisord_conf(tmp_path, settings, plan, {"PATH": "/bin"})
     assert "[program:server-0]" in conf and "[program:server-1]" in conf and "[program:nginx]" in conf
     assert 'NEURONSERVE_SERVE__CORES="1"' in conf
@@ -165,7 +166,7 @@ def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
         serve__neuron_shared_weights="true",
         trace__cpu_auto_cast="bf16",
     )
-    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), "cpu")
+    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
     conf = _supervisord_conf(tmp_path, settings, plan, {"PATH": "/bin"})
     parser = configparser.ConfigParser(interpolation=configparser.BasicInterpolation())
     parser.read_string(conf)
@@ -185,7 +186,7 @@ def test_a_value_supervisord_cannot_carry_is_refused(tmp_path: Path) -> None:
     from neuronserve.deploy.inventory import Inventory
 
     settings = make_settings(tmp_path, deploy__cores_per_server="1", serve__api_key='it\'s "both"')
-    plan = make_plan(settings, Inventory("cpu", (0,), {}), "cpu")
+    plan = make_plan(settings, Inventory("cpu", (0,), {}), BackendKind.CPU)
     with pytest.raises(ConfigError, match=r"serve\.api_key.*both ' and \""):
         _supervisord_conf(tmp_path, settings, plan, {})
 
@@ -194,7 +195,7 @@ def test_containers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
     settings = make_settings(
         tmp_path, serve__max_batch_delay_ms="7", serve__neuron_shared_weights="true", deploy__name="bert"
     )
-    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    plan = make_plan(settings, load("inf2.xlarge"), BackendKind.NEURONX)
     (server, *_rest) = [s for s in container_specs(settings, plan, tmp_path / "art") if _is_server(s)]
     env = server["environment"]
     assert env["NEURONSERVE_SERVE__MAX_BATCH_DELAY_MS"] == "7.0"
@@ -212,7 +213,7 @@ def test_every_model_reaches_each_server_container_and_supervisord_program(tmp_p
         models__rerank__copies="1",
         models__rerank__artifacts_fingerprint="abc",
     )
-    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    plan = make_plan(settings, load("inf2.xlarge"), BackendKind.NEURONX)
     artifacts = {"all-MiniLM-L6-v2": tmp_path / "emb", "rerank": tmp_path / "rr"}
     server = next(s for s in container_specs(settings, plan, artifacts) if _is_server(s))
     assert server["volumes"] == {
@@ -243,7 +244,7 @@ def test_every_model_reaches_each_server_container_and_supervisord_program(tmp_p
 def test_a_key_file_is_mounted_into_each_server_container(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("k\n")
     settings = make_settings(tmp_path, serve__api_key_file="key")
-    plan = make_plan(settings, load("inf2.xlarge"), "neuronx")
+    plan = make_plan(settings, load("inf2.xlarge"), BackendKind.NEURONX)
     server = next(s for s in container_specs(settings, plan, tmp_path / "art") if _is_server(s))
     assert server["volumes"][str(tmp_path / "key")] == {
         "bind": "/run/secrets/neuronserve-api-key",
