@@ -26,6 +26,7 @@ deployment (`neuronserve deploy` at every default: one server per core behind ng
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import signal
@@ -135,16 +136,22 @@ def manifest_of(artifacts: Path) -> Any:
     return load_manifest(artifacts)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """A work item's payload as build_inputs reads it."""
+
+    encoded: Any
+
+
 def padded_inputs(artifacts: Path, texts: list[str], seq: int, batch_size: int) -> tuple[Any, ...]:
     """``batch_size`` of ``texts`` (repeated as needed), tokenized and padded the way a copy does."""
     from neuronserve.serving.batcher import Batch, WorkItem
     from neuronserve.serving.copies import build_inputs
-    from neuronserve.serving.tasks import ItemOptions
     from neuronserve.serving.tokenization import TextEncoder
 
     encoded = TextEncoder(artifacts, seq).encode(texts, truncate=False)
     rows = (encoded * batch_size)[:batch_size]
-    items = tuple(WorkItem(e.length, 0.0, (e, ItemOptions())) for e in rows)
+    items = tuple(WorkItem(e.length, 0.0, _Row(e)) for e in rows)
     inputs, _ = build_inputs(Batch(seq, batch_size, items), manifest_of(artifacts).input_names)
     return inputs
 

@@ -283,13 +283,20 @@ class ServeSettings:
     )
     api_key: str = setting(
         "",
-        "When set, inference and /info require Authorization: Bearer <key> (or x-api-key).",
+        "When set, every route but the probes, the OpenAPI document and (see serve.metrics_need_key) "
+        "/metrics requires Authorization: Bearer <key> (or x-api-key).",
         secret=True,
     )
     api_key_file: str = setting(
         "",
         "A file holding the API key (a mounted Secret, say); when set, it wins over serve.api_key. "
         "Read once at start.",
+    )
+    metrics_need_key: bool = setting(
+        False,
+        "Whether GET /metrics needs the API key too. Off: Prometheus on the deployment's private "
+        "network scrapes it as it is (the probes and the OpenAPI document are always open); on: "
+        "every scraper must send Authorization: Bearer <key>.",
     )
     artifacts_fingerprint: str = setting(
         "",

@@ -534,6 +534,19 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
                 {
                     "port": port,
                     "path": "/metrics",
+                    # serve.metrics_need_key: the servers' /metrics wants the API key's Secret
+                    **(
+                        {
+                            "authorization": {
+                                "type": "Bearer",
+                                "credentials": {"name": f"{settings.deploy.name}-api-key", "key": "api-key"},
+                            }
+                        }
+                        if component == "server"
+                        and settings.serve.metrics_need_key
+                        and _uses_api_key(settings)
+                        else {}
+                    ),
                     "interval": f"{_quantity(settings.monitor.scrape_interval_s)}s",
                     # the dashboards filter by deployment, as local deployments' targets are
                     # labelled, and group by server: one pod is one server (the exporter's

@@ -370,7 +370,14 @@ def _write_prometheus(settings: Settings, plan: Plan, rd: RunDir) -> None:
     prom = rd.path / "prometheus"
     servers = {f"{settings.deploy.name}-{s.name}": f"127.0.0.1:{s.port}" for s in plan.servers}
     write_targets(prom, settings.deploy.name, servers, f"{m.host}:{m.port}" if m.enabled else None)
-    (prom / "prometheus.yml").write_text(render_prometheus_yml(m.scrape_interval_s))
+    credentials = None
+    key = settings.api_key()
+    if settings.serve.metrics_need_key and key:  # the servers' /metrics needs the key: give it to Prometheus
+        credentials = prom / "api-key"
+        fd = os.open(credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(key)
+    (prom / "prometheus.yml").write_text(render_prometheus_yml(m.scrape_interval_s, credentials))
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
 from neuronserve.artifacts import trimmed_length
 
@@ -52,6 +52,7 @@ EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see
 # With trim_step, a batch's items are chosen by length among this many times its size of the
 # oldest waiting items of its bucket: a bound on how far a younger input can overtake.
 LENGTH_WINDOW = 4
+P = TypeVar("P")  # what a work item carries for its owner (the engine: a tokenized input and its answer)
 
 
 class QueueFullError(Exception):
@@ -68,32 +69,29 @@ class BatcherClosedError(Exception):
 
 
 @dataclass(eq=False)
-class WorkItem:
+class WorkItem(Generic[P]):
     """One input waiting for a copy (a request with k inputs makes k items).
 
-    ``length`` picks the sequence bucket; ``payload`` is the tokenized input and the options the
-    task needs afterwards; ``handle`` and ``slot`` let the owner answer it (the engine: its
-    request's answer and its place in it). ``cancelled`` is set by the event loop when the client
+    ``length`` picks the sequence bucket; ``payload`` is what the owner needs to run and answer
+    it (the batcher never looks inside). ``cancelled`` is set by the event loop when the client
     leaves or the deadline passes.
     """
 
     length: int
     deadline: float
-    payload: Any
-    handle: Any = None
-    slot: int = 0  # which of its request's inputs it is
+    payload: P
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     dispatched_at: float = 0.0
 
 
 @dataclass(frozen=True)
-class Batch:
+class Batch(Generic[P]):
     """Work for one call of one compiled shape: ``len(items) <= batch_size`` real rows."""
 
     sequence_length: int
     batch_size: int
-    items: tuple[WorkItem, ...]
+    items: tuple[WorkItem[P], ...]
     threads: int = 1  # the cores this call may use (see Batcher's ledger)
     length: int = 0  # tokens each row is padded to; 0: the compiled sequence_length
 
@@ -227,7 +225,7 @@ class _LastIdleFirst(threading.Condition):
                 waiters.remove(waiter)
 
 
-class Batcher:
+class Batcher(Generic[P]):
     """See the module docstring. All public methods are thread-safe."""
 
     def __init__(
@@ -238,7 +236,7 @@ class Batcher:
         max_queue: int,
         max_delay_s: float,
         max_queue_tokens: int = 0,
-        on_drop: Callable[[list[tuple[WorkItem, DropReason]]], None],
+        on_drop: Callable[[list[tuple[WorkItem[P], DropReason]]], None],
         clock: Callable[[], float] = time.monotonic,
         ledger: CoreLedger | None = None,
         copies: int = 1,
@@ -254,7 +252,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self._on_drop = on_drop
         self._clock = clock
-        self._queues: dict[int, deque[WorkItem]] = {s: deque() for s in self.sequence_lengths}
+        self._queues: dict[int, deque[WorkItem[P]]] = {s: deque() for s in self.sequence_lengths}
         self._size = 0
         self._tokens = 0  # tokens of the queued inputs
         self._idle = 0  # copies waiting in next_batch
@@ -284,7 +282,7 @@ class Batcher:
                 return s
         raise ValueError(f"this is a bug: {length} tokens exceed every compiled length (validate first)")
 
-    def submit(self, items: Iterable[WorkItem]) -> None:
+    def submit(self, items: Iterable[WorkItem[P]]) -> None:
         """Queue all of ``items`` or none of them."""
         # A request's inputs shortest first: the shares its batch is split into hold like lengths.
         batch = sorted(items, key=lambda item: item.length)
@@ -329,9 +327,9 @@ class Batcher:
 
     # --- copy thread side -----------------------------------------------------------------
 
-    def next_batch(self) -> Batch | None:
+    def next_batch(self) -> Batch[P] | None:
         """Block until there is work (and, with a ledger, a core); None once closed and empty."""
-        dropped: list[tuple[WorkItem, DropReason]] = []
+        dropped: list[tuple[WorkItem[P], DropReason]] = []
         turn = object()  # this call's place in the ledger's line while it waits for a core
         try:
             while True:
@@ -363,7 +361,7 @@ class Batcher:
             if dropped:
                 self._on_drop(dropped)
 
-    def finished(self, batch: Batch) -> None:
+    def finished(self, batch: Batch[P]) -> None:
         """A copy is done with ``batch``: its cores are free again (for every model's copies)."""
         if self.ledger is not None:
             self.ledger.give(batch.threads)
@@ -375,11 +373,11 @@ class Batcher:
         finally:
             self._idle -= 1
 
-    def _purge(self, now: float, dropped: list[tuple[WorkItem, DropReason]]) -> None:
+    def _purge(self, now: float, dropped: list[tuple[WorkItem[P], DropReason]]) -> None:
         for queue in self._queues.values():
             if not queue or not any(i.cancelled or i.deadline <= now for i in queue):
                 continue
-            keep: deque[WorkItem] = deque()
+            keep: deque[WorkItem[P]] = deque()
             for item in queue:
                 if item.cancelled:
                     dropped.append((item, "cancelled"))
@@ -418,7 +416,7 @@ class Batcher:
                 self._costs[shape] = seconds
                 self._costs = consistent_costs(self._costs)
 
-    def _select(self, now: float, turn: object = None) -> tuple[Batch | None, float | None]:
+    def _select(self, now: float, turn: object = None) -> tuple[Batch[P] | None, float | None]:
         """A batch, or None and until when to wait (None: until woken)."""
         heads = [(q[0].enqueued_at, s) for s, q in self._queues.items() if q]
         oldest_at, seq = min(heads)
@@ -455,7 +453,7 @@ class Batcher:
             )
             if threads == 0:
                 return None, None  # no free core, or another copy's turn: wait in line
-        taken: list[WorkItem] = []
+        taken: list[WorkItem[P]] = []
         self._take(seq, min(size, share), taken, by_length=bool(self.trim_step))
         # Spare rows take the longest of the shorter items: they waste the least of the row.
         for s in sorted(smaller, reverse=True):
@@ -505,7 +503,7 @@ class Batcher:
         return best[1] if best is not None else size
 
     def _run_cost(
-        self, queue: deque[WorkItem], positions: list[int], batch_size: int, seq: int
+        self, queue: deque[WorkItem[P]], positions: list[int], batch_size: int, seq: int
     ) -> float | None:
         """The modelled seconds of one call of ``batch_size`` rows for the items of ``queue`` at
         ``positions``, at the length they would run at."""
@@ -549,7 +547,7 @@ class Batcher:
             return next((b for b in self.batch_sizes if b > size), size)
         return size
 
-    def _take(self, seq: int, size: int, taken: list[WorkItem], *, by_length: bool = False) -> None:
+    def _take(self, seq: int, size: int, taken: list[WorkItem[P]], *, by_length: bool = False) -> None:
         """Move up to ``size - len(taken)`` items of bucket ``seq`` to ``taken``: the oldest
         first, or (``by_length``) the oldest and those nearest its length."""
         queue = self._queues[seq]
@@ -566,7 +564,7 @@ class Batcher:
         queue.extendleft(reversed([item for i, item in enumerate(window) if i not in picked]))
 
 
-def _nearest(queue: deque[WorkItem], wanted: int) -> list[int]:
+def _nearest(queue: deque[WorkItem[P]], wanted: int) -> list[int]:
     """Positions in ``queue`` (ascending) of the oldest item and the ``wanted - 1`` nearest its
     length among the oldest waiting: the batch is padded to its longest, so inputs of like length
     waste the least (see LENGTH_WINDOW)."""

@@ -1,6 +1,8 @@
 """Model copies: each owned by one thread that loads, warms and then runs batches forever.
 
-The event loop never runs model code. A copy loads each artifact of the manifest on its core
+:class:`Copies` places a model's copies on the server's cores and keeps their state (ready,
+out of rotation, dead) and their measured costs; :class:`CopyWorker` is one copy's thread. The
+event loop never runs model code. A copy loads each artifact of the manifest on its core
 (the backend shares one load between copies where it can), runs every compiled shape once, and
 reports per-shape costs: the trace-time figure from the manifest, or the warm-up call if that
 was faster (interference only adds time). A copy is ready only after every shape answered.
@@ -8,22 +10,28 @@ was faster (interference only adds time). A copy is ready only after every shape
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from neuronserve.artifacts import Manifest
-from neuronserve.backends.base import Backend, CoreSet, LoadedModel
+from neuronserve.backends import Backend, BackendKind, CoreSet, LoadedModel
+from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batch, Batcher
+from neuronserve.serving.metrics import ModelMetrics
 from neuronserve.serving.tasks import Task
+from neuronserve.serving.tokenization import Encoded
+from neuronserve.serving.work import QueuedInput
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,7 @@ PROBE_INTERVAL_S = 1.0  # how often a copy out of rotation retries the smallest 
 class BatchOutcome:
     """What one copy did with one batch: per-item results, or the error that hit all of them."""
 
-    batch: Batch
+    batch: Batch[QueuedInput]
     results: list[Any] | None
     error: BaseException | None
     inference_s: float
@@ -42,7 +50,19 @@ class BatchOutcome:
     model_failed: bool = False  # the model call itself failed (not the inputs around it)
 
 
-def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+class Tokenized(Protocol):
+    """What :func:`build_inputs` reads of a work item's payload."""
+
+    @property
+    def encoded(self) -> Encoded: ...
+
+
+E = TypeVar("E", bound=Tokenized)
+
+
+def build_inputs(
+    batch: Batch[E], input_names: tuple[str, ...]
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Pad a batch to its shape (its compiled batch size, its padded length); returns (inputs in
     manifest order, attention mask).
 
@@ -50,7 +70,7 @@ def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torc
     mask of the real tokens puts a concatenation of the rows (in row-major order).
     """
     b, s = batch.batch_size, batch.padded_length
-    encoded = [item.payload[0] for item in batch.items]
+    encoded = [item.payload.encoded for item in batch.items]
     lengths = np.fromiter((enc.length for enc in encoded), dtype=np.int64, count=len(encoded))
     real = np.zeros((b, s), dtype=bool)
     real[: len(encoded)] = np.arange(s) < lengths[:, None]
@@ -65,6 +85,29 @@ def build_inputs(batch: Batch, input_names: tuple[str, ...]) -> tuple[tuple[torc
     by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     tensors = tuple(torch.from_numpy(by_name[name]) for name in input_names)
     return tensors, torch.from_numpy(mask)
+
+
+def server_cores(settings: Settings, backend: BackendKind) -> CoreSet:
+    """The cores this server owns: ``serve.cores``, else (cpu) every CPU the process may use."""
+    if settings.serve.cores:
+        try:
+            return CoreSet.parse(settings.serve.cores)
+        except ValueError as exc:
+            raise ConfigError(f"serve.cores {exc}") from None
+    if backend.neuron_cores:
+        # On Kubernetes the Neuron device plugin allocates the pod's cores; whatever set
+        # NEURON_RT_VISIBLE_CORES for this process (the plugin, Ray) has named them.
+        given = os.environ.get("NEURON_RT_VISIBLE_CORES", "")
+        if given:
+            try:
+                return CoreSet.parse(given)
+            except ValueError as exc:
+                raise ConfigError(f"NEURON_RT_VISIBLE_CORES {exc}") from None
+        raise ConfigError(
+            "serve.cores must name this server's NeuronCores (e.g. 0-1): deploy sets it, and on "
+            "Kubernetes NEURON_RT_VISIBLE_CORES does; neither is set"
+        )
+    return CoreSet(tuple(sorted(os.sched_getaffinity(0))))
 
 
 def calibrated_costs(
@@ -82,6 +125,135 @@ def calibrated_costs(
     return {shape: min(cost * scale, warm[shape]) for shape, cost in traced.items()}
 
 
+class Copies:
+    """A model's copies on its server's cores: where each runs, which are ready, which are out of
+    rotation and why, and the per-shape costs they measured (the slowest copy's, the safe figure
+    to plan with). Copy threads report through the event loop; every callback given here runs
+    there, once per event.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: BackendKind,
+        settings: Settings,
+        manifest: Manifest,
+        cores: CoreSet,
+        count: int,
+        task: Task,
+        batcher: Batcher[QueuedInput],
+        metrics: ModelMetrics,
+        call_threads: tuple[int, ...] | None,
+        lend_cores: bool,
+    ) -> None:
+        self.kind, self.settings, self.manifest, self.cores = kind, settings, manifest, cores
+        self.count = count
+        self.task, self.batcher, self.metrics = task, batcher, metrics
+        self.call_threads, self.lend_cores = call_threads, lend_cores
+        # Set by the engine before start(): each runs on the event loop.
+        self.on_all_ready: Callable[[], None] = lambda: None
+        self.on_failed: Callable[[str], None] = lambda _message: None
+        self.on_outcome: Callable[[BatchOutcome], None] = lambda _outcome: None
+        self.unhealthy: dict[int, str] = {}  # copies out of rotation, and why
+        self.costs: dict[tuple[int, int], float] = {}
+        self._ready: set[int] = set()
+        self._threads: list[CopyWorker] = []
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ready(self) -> int:
+        """How many copies are loaded and warmed."""
+        return len(self._ready)
+
+    def start(
+        self, loop: asyncio.AbstractEventLoop, *, first_copy: int, locks: dict[int, threading.Lock]
+    ) -> None:
+        """Load and warm every copy in its own thread. Copies go on the server's cores from the
+        ``first_copy``-th placement on (a server's models take turns, so the second model's first
+        copy is not on the first model's core); ``locks`` (one per core, shared by the server's
+        models) keep warm-up timings apart."""
+        self._loop = loop
+        backend = self.kind.create(
+            self.settings.trace,
+            shared_weights=self.settings.serve.neuron_shared_weights,
+            call_threads=self.call_threads or (),
+        )
+        slots = [self.kind.copy_core(first_copy + i, self.cores) for i in range(self.count)]
+        for slot in slots:
+            locks.setdefault(slot, threading.Lock())
+        for index, slot in enumerate(slots):
+            worker = CopyWorker(
+                set_threads=self.kind.call_threads_setter() if self.lend_cores else None,
+                index=index,
+                start_nc=slot,
+                backend=backend,
+                manifest=self.manifest,
+                cores=self.cores,
+                task=self.task,
+                batcher=self.batcher,
+                on_ready=lambda i, costs: self._to_loop(self._mark_ready, i, costs),
+                on_failed=lambda _i, message: self._to_loop(self.on_failed, message),
+                on_outcome=self._observe,
+                on_health=lambda i, problem: self._to_loop(self._set_health, i, problem),
+                measure_lock=locks[slot],
+                max_failures=self.settings.serve.max_failed_batches,
+                stop=self._stop,
+            )
+            self._threads.append(worker)
+            worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the event loop. Once the loop is closed (the server stopped while a
+        copy was still loading or running) there is nobody left to tell, and it is dropped."""
+        assert self._loop is not None, "this is a bug: a copy started before its engine"
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            if not self._loop.is_closed():
+                raise
+
+    def _mark_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
+        for shape, cost in costs.items():
+            self.costs[shape] = max(cost, self.costs.get(shape, 0.0))
+        self.batcher.set_costs(self.costs)
+        self._ready.add(index)
+        self.metrics.copies_ready.set(len(self._ready))
+        if len(self._ready) == self.count:
+            log.info("all %d copies ready on cores %s", self.count, self.cores)
+            self.on_all_ready()
+
+    def _set_health(self, index: int, problem: str | None) -> None:
+        if problem is None:
+            self.unhealthy.pop(index, None)
+            log.info("copy %d healthy again", index)
+        else:
+            self.unhealthy[index] = problem
+            log.error("copy %d out of rotation: %s", index, problem)
+        self.metrics.copies_unhealthy.set(len(self.unhealthy))
+
+    def _observe(self, outcome: BatchOutcome) -> None:
+        """In the copy's thread: the batch's cost and metrics, then its answers on the loop."""
+        batch = outcome.batch
+        # Costs are of a copy's own cores at the full compiled length: a trimmed or helped call is
+        # faster than that.
+        own = batch.threads == self.batcher.base_threads
+        if outcome.error is None and own and batch.padded_length == batch.sequence_length:
+            self.batcher.observe(batch.batch_size, batch.sequence_length, outcome.inference_s)
+        self.metrics.batch_ran(
+            outcome.copy,
+            shape=(batch.batch_size, batch.sequence_length),
+            padded_length=batch.padded_length,
+            lengths=[item.length for item in batch.items],
+            seconds=outcome.inference_s,
+            queued=[item.dispatched_at - item.enqueued_at for item in batch.items],
+        )
+        self._to_loop(self.on_outcome, outcome)
+
+
 class CopyWorker(threading.Thread):
     """One model copy: loads every compiled shape, warms up, then serves the batcher."""
 
@@ -94,7 +266,7 @@ class CopyWorker(threading.Thread):
         manifest: Manifest,
         cores: CoreSet,
         task: Task,
-        batcher: Batcher,
+        batcher: Batcher[QueuedInput],
         on_ready: Callable[[int, dict[tuple[int, int], float]], None],
         on_failed: Callable[[int, str], None],
         on_outcome: Callable[[BatchOutcome], None],
@@ -198,7 +370,7 @@ class CopyWorker(threading.Thread):
                 failures = 0
                 self._on_health(self.index, None)
 
-    def _run(self, batch: Batch) -> BatchOutcome:
+    def _run(self, batch: Batch[QueuedInput]) -> BatchOutcome:
         started = time.perf_counter()
         model_called = False
         try:
@@ -210,7 +382,9 @@ class CopyWorker(threading.Thread):
             model_called = True
             outputs = model.run(inputs)
             model_called = False
-            results = self._task.results(outputs, mask, [item.payload for item in batch.items])
+            results = self._task.results(
+                outputs, mask, [(item.payload.encoded, item.payload.options) for item in batch.items]
+            )
             return BatchOutcome(batch, results, None, time.perf_counter() - started, self.index)
         except Exception as exc:  # a failed batch answers its items; the copy lives on
             log.exception(

@@ -1,37 +1,44 @@
-"""The engine: what routes call to run inputs through the model.
+"""The engine: one model of a server, from a decoded request to its answers.
 
-It owns the verified artifacts, the tokenizer, the batcher and the copy threads, and the
-server's lifecycle state (loading, ready, draining). Routes validate, call :meth:`Engine.infer`
-and format; they never touch tensors. Results come back from copy threads through
-``loop.call_soon_threadsafe``, once per batch.
+It owns the verified artifacts, the tokenizer, the batcher and the model's copies (see
+:mod:`~neuronserve.serving.copies`), and admits work: every protocol decodes its body into one
+:class:`InferRequest`, and the engine checks its limits (input count, length, deadline, prompt)
+once, here, tokenizes, queues, and returns the :class:`InferResult` the protocol encodes.
+Results come back from copy threads through the event loop, once per batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
-from neuronserve.backends import BackendKind, CoreSet, choose_backend
+from neuronserve.backends import choose_backend
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
-from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError, WorkItem
-from neuronserve.serving.copies import BatchOutcome, CopyWorker
-from neuronserve.serving.errors import ServeError, deadline, overloaded, unavailable, validation
+from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError
+from neuronserve.serving.copies import BatchOutcome, Copies, server_cores
+from neuronserve.serving.errors import ServeError, deadline, overloaded, too_large, unavailable, validation
 from neuronserve.serving.metrics import ModelMetrics, ServerMetrics
-from neuronserve.serving.tasks import ItemOptions, Prompts, task_for
+from neuronserve.serving.tasks import Prompts, task_for
 from neuronserve.serving.tokenization import Encoded, TextEncoder
+from neuronserve.serving.work import (
+    Answer,
+    DisconnectWatch,
+    ExpiredError,
+    InferRequest,
+    InferResult,
+    Item,
+    QueuedInput,
+    Receive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,82 +48,6 @@ INLINE_TOKENIZE_CHARS = 4096
 T = TypeVar("T")
 # After this long with nothing in flight, the memory freed by the last batches goes back to the OS.
 IDLE_TRIM_S = 2.0
-
-
-def find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries.
-
-    glibc keeps freed activation buffers in each copy thread's arena (its mmap threshold grows
-    with the largest tensor freed), so after the largest shapes ran a server would otherwise hold
-    their working set for good: for MiniLM at b32 s128, ~250 MB per copy. The engine trims after
-    warm-up and when idle, never between batches under load (that would add page faults).
-    """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
-
-
-def server_cores(settings: Settings, backend: BackendKind) -> CoreSet:
-    """The cores this server owns: ``serve.cores``, else (cpu) every CPU the process may use."""
-    if settings.serve.cores:
-        try:
-            return CoreSet.parse(settings.serve.cores)
-        except ValueError as exc:
-            raise ConfigError(f"serve.cores {exc}") from None
-    if backend.neuron_cores:
-        # On Kubernetes the Neuron device plugin allocates the pod's cores; whatever set
-        # NEURON_RT_VISIBLE_CORES for this process (the plugin, Ray) has named them.
-        given = os.environ.get("NEURON_RT_VISIBLE_CORES", "")
-        if given:
-            try:
-                return CoreSet.parse(given)
-            except ValueError as exc:
-                raise ConfigError(f"NEURON_RT_VISIBLE_CORES {exc}") from None
-        raise ConfigError(
-            "serve.cores must name this server's NeuronCores (e.g. 0-1): deploy sets it, and on "
-            "Kubernetes NEURON_RT_VISIBLE_CORES does; neither is set"
-        )
-    return CoreSet(tuple(sorted(os.sched_getaffinity(0))))
-
-
-@dataclass(frozen=True)
-class InferResult:
-    """Results in input order plus the timings the response headers report."""
-
-    outputs: list[Any]
-    queue_ms: float
-    inference_ms: float
-    batch_size: int
-    tokens: int
-
-
-class _ExpiredError(Exception):
-    """A request's deadline passed before all of its inputs were answered."""
-
-
-class _Answer:
-    """One request's inputs, answered together: copies fill ``values`` and the future is set
-    once, when the last input lands (one future per request, not one per input)."""
-
-    __slots__ = ("batch_size", "future", "inference_s", "queue_s", "remaining", "values")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
-        self.future: asyncio.Future[_Answer] = loop.create_future()
-        self.values: list[Any] = [None] * count
-        self.remaining = count
-        self.queue_s = 0.0
-        self.inference_s = 0.0
-        self.batch_size = 0
-
-    def cancel(self) -> None:
-        self.future.cancel()  # a no-op once answered
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-    def expire(self) -> None:
-        self.fail(_ExpiredError())
 
 
 class Engine:
@@ -142,28 +73,19 @@ class Engine:
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
         self.task = task_for(self.task_kind, directory)
-        try:
-            self.prompts = Prompts.from_directory(directory, settings.serve.default_prompt_name)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.prompts.default is not None and not self.prompts.include_prompt:
-            log.warning(
-                "this model pools without its prompt's tokens (1_Pooling include_prompt=false), which "
-                "neuronserve does not support: no default prompt (requests naming one get a 422)"
-            )
-            self.prompts = dataclasses.replace(self.prompts, default=None)
+        self.prompts = self._prompts(directory)
         # cpu copies share the server's CPUs: a batch running alone gets the idle ones.
-        self.lend_cores = self.kind.serves_lent_calls(self.manifest.artifact_files)
-        self.ledger = (ledger or CoreLedger(usable)) if self.lend_cores else None
+        lend_cores = self.kind.serves_lent_calls(self.manifest.artifact_files)
+        self.ledger = (ledger or CoreLedger(usable)) if lend_cores else None
         # The thread counts a lent call can run with (the batcher's and the backend's: one list)
-        self.call_threads = self.kind.call_thread_counts(self.manifest.artifact_files, usable, self.copies)
+        call_threads = self.kind.call_thread_counts(self.manifest.artifact_files, usable, self.copies)
         if self.ledger is not None and self.ledger.cores != usable:
             raise RuntimeError(f"this is a bug: a ledger of {self.ledger.cores} cores for {usable}")
-        self.batcher = Batcher(
+        self.batcher: Batcher[QueuedInput] = Batcher(
             ledger=self.ledger,
             copies=self.copies,
             trim_step=self.manifest.trim_step,
-            thread_counts=self.call_threads,
+            thread_counts=call_threads,
             sequence_lengths=self.manifest.sequence_lengths,
             batch_sizes=self.batch_sizes,
             max_queue=settings.serve.max_queue,
@@ -171,6 +93,21 @@ class Engine:
             max_delay_s=settings.serve.max_batch_delay_ms / 1000.0,
             on_drop=self._on_drop,
         )
+        self.copy_set = Copies(
+            kind=self.kind,
+            settings=settings,
+            manifest=self.manifest,
+            cores=self.cores,
+            count=self.copies,
+            task=self.task,
+            batcher=self.batcher,
+            metrics=self.metrics,
+            call_threads=call_threads,
+            lend_cores=lend_cores,
+        )
+        self.copy_set.on_all_ready = self._all_ready
+        self.copy_set.on_failed = self._fatal
+        self.copy_set.on_outcome = self._resolve
         self.threads_per_copy = 0
         self.draining = False
         self.load_error: str | None = None
@@ -179,17 +116,12 @@ class Engine:
         self.on_fatal: Callable[[str], None] | None = None
         # Called once, on the event loop, when every copy is ready (before the first request).
         self.on_ready: Callable[[], None] | None = None
-        self._copy_threads: list[CopyWorker] = []
-        self._unhealthy: dict[int, str] = {}  # copies out of rotation, and why
-        self._stop = threading.Event()
-        self._ready: set[int] = set()
-        self._costs: dict[tuple[int, int], float] = {}
         self._inflight = 0
         self._admitting = 0  # inputs admitted but not yet queued (being tokenized)
         self._idle = asyncio.Event()
         self._idle.set()
         self._trim_timer: asyncio.TimerHandle | None = None
-        self._malloc_trim = find_malloc_trim()
+        self._malloc_trim = libc.find_malloc_trim()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_pool = ThreadPoolExecutor(
             max_workers=1,
@@ -198,6 +130,19 @@ class Engine:
             initargs=("tokenize",),
         )
         self.metrics.track_queue_depth(lambda: self.batcher.depth)
+
+    def _prompts(self, directory: Any) -> Prompts:
+        try:
+            prompts = Prompts.from_directory(directory, self.settings.serve.default_prompt_name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if prompts.default is not None and not prompts.include_prompt:
+            log.warning(
+                "this model pools without its prompt's tokens (1_Pooling include_prompt=false), which "
+                "neuronserve does not support: no default prompt (requests naming one get a 422)"
+            )
+            return dataclasses.replace(prompts, default=None)
+        return prompts
 
     def _queue_tokens(self) -> int:
         """``serve.max_queue_tokens``, or half of what max_queue inputs of the largest length
@@ -231,42 +176,11 @@ class Engine:
         self, threads_per_copy: int, *, first_copy: int = 0, locks: dict[int, threading.Lock] | None = None
     ) -> None:
         """Load and warm every copy in its own thread (ready comes later); the process is
-        already pinned, with ``threads_per_copy`` torch threads for each copy.
-
-        Copies go on the server's cores from the ``first_copy``-th placement on (a server's
-        models take turns, so the second model's first copy is not on the first model's core);
-        ``locks`` (one per core, shared by the server's models) keep warm-up timings apart.
-        """
+        already pinned, with ``threads_per_copy`` torch threads for each copy. See
+        :meth:`Copies.start` for ``first_copy`` and ``locks``."""
         self._loop = asyncio.get_running_loop()
         self.threads_per_copy = threads_per_copy
-        shared = self.settings.serve.neuron_shared_weights
-        backend = self.kind.create(
-            self.settings.trace, shared_weights=shared, call_threads=self.call_threads or ()
-        )
-        slots = [self.kind.copy_core(first_copy + i, self.cores) for i in range(self.copies)]
-        locks = {} if locks is None else locks
-        for slot in slots:
-            locks.setdefault(slot, threading.Lock())
-        for index, slot in enumerate(slots):
-            worker = CopyWorker(
-                set_threads=self.kind.call_threads_setter() if self.lend_cores else None,
-                index=index,
-                start_nc=slot,
-                backend=backend,
-                manifest=self.manifest,
-                cores=self.cores,
-                task=self.task,
-                batcher=self.batcher,
-                on_ready=self._on_copy_ready,
-                on_failed=self._on_copy_failed,
-                on_outcome=self._on_outcome,
-                on_health=self._on_copy_health,
-                measure_lock=locks[slot],
-                max_failures=self.settings.serve.max_failed_batches,
-                stop=self._stop,
-            )
-            self._copy_threads.append(worker)
-            worker.start()
+        self.copy_set.start(self._loop, first_copy=first_copy, locks={} if locks is None else locks)
 
     @property
     def ready(self) -> bool:
@@ -278,22 +192,22 @@ class Engine:
             return "failed"
         if self.draining:
             return "draining"
-        if len(self._ready) < self.copies:
+        if self.copy_set.ready < self.copies:
             return "loading"
-        return "unhealthy" if self._unhealthy else "ready"
+        return "unhealthy" if self.copy_set.unhealthy else "ready"
 
     @property
     def unhealthy(self) -> dict[int, str]:
         """Copies out of rotation after failed batches, and why."""
-        return dict(self._unhealthy)
+        return dict(self.copy_set.unhealthy)
 
     @property
     def copies_ready(self) -> int:
-        return len(self._ready)
+        return self.copy_set.ready
 
     @property
     def costs(self) -> dict[tuple[int, int], float]:
-        return dict(self._costs)
+        return dict(self.copy_set.costs)
 
     def begin_drain(self) -> None:
         """Stop taking work: ready and new requests answer 503; queued work still runs."""
@@ -313,45 +227,17 @@ class Engine:
         return True
 
     def close(self) -> None:
-        self._stop.set()
+        self.copy_set.stop()
         self.batcher.close()
         if self._trim_timer is not None:
             self._trim_timer.cancel()
             self._trim_timer = None
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
-    # --- copy thread callbacks (run in copy threads) ----------------------------------------
-
-    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
-        """Run ``callback`` on the event loop. Once the loop is closed (the server stopped while a
-        copy was still loading or running) there is nobody left to tell, and it is dropped."""
-        assert self._loop is not None, "this is a bug: a copy started before the engine"
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            if not self._loop.is_closed():
-                raise
-
-    def _on_copy_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
-        assert self._loop is not None, "this is a bug: a copy started before the engine"
-        self._to_loop(self._mark_ready, index, costs)
-
-    def _mark_ready(self, index: int, costs: dict[tuple[int, int], float]) -> None:
-        for shape, cost in costs.items():  # the slowest copy's figure is the safe one to plan with
-            self._costs[shape] = max(cost, self._costs.get(shape, 0.0))
-        self.batcher.set_costs(self._costs)
-        self._ready.add(index)
-        self.metrics.copies_ready.set(len(self._ready))
-        if self.ready:
-            if self.on_ready is not None:
-                self.on_ready()
-            self._release_free_memory()  # warm-up ran every shape; keep none of its buffers
-            log.info("all %d copies ready on cores %s", self.copies, self.cores)
-
-    def _on_copy_failed(self, index: int, message: str) -> None:
-        assert self._loop is not None, "this is a bug: a copy started before the engine"
-        del index  # the message names the copy
-        self._to_loop(self._fatal, message)
+    def _all_ready(self) -> None:
+        if self.ready and self.on_ready is not None:
+            self.on_ready()
+        self._release_free_memory()  # warm-up ran every shape; keep none of its buffers
 
     def _fatal(self, message: str) -> None:
         if self.load_error is not None:
@@ -362,55 +248,29 @@ class Engine:
         if self.on_fatal is not None:
             self.on_fatal(message)
 
-    def _on_copy_health(self, index: int, problem: str | None) -> None:
-        assert self._loop is not None, "this is a bug: a copy started before the engine"
-        self._to_loop(self._set_health, index, problem)
+    # --- answers (event loop) -----------------------------------------------------------------
 
-    def _set_health(self, index: int, problem: str | None) -> None:
-        if problem is None:
-            self._unhealthy.pop(index, None)
-            log.info("copy %d healthy again", index)
-        else:
-            self._unhealthy[index] = problem
-            log.error("copy %d out of rotation: %s", index, problem)
-        self.metrics.copies_unhealthy.set(len(self._unhealthy))
-
-    def _on_outcome(self, outcome: BatchOutcome) -> None:
-        batch = outcome.batch
-        # Costs are of a copy's own cores at the full compiled length: a trimmed or helped call is
-        # faster than that.
-        own = batch.threads == self.batcher.base_threads
-        if outcome.error is None and own and batch.padded_length == batch.sequence_length:
-            self.batcher.observe(batch.batch_size, batch.sequence_length, outcome.inference_s)
-        self.metrics.batch_ran(
-            outcome.copy,
-            shape=(batch.batch_size, batch.sequence_length),
-            padded_length=batch.padded_length,
-            lengths=[item.length for item in batch.items],
-            seconds=outcome.inference_s,
-            queued=[item.dispatched_at - item.enqueued_at for item in batch.items],
-        )
-        assert self._loop is not None, "this is a bug: a copy started before the engine"
-        self._to_loop(self._resolve, outcome)
-
-    def _on_drop(self, dropped: list[tuple[WorkItem, str]]) -> None:
+    def _on_drop(self, dropped: list[tuple[Item, str]]) -> None:
+        """In a copy's thread or the loop: inputs the batcher dropped unrun, and why."""
         if self._loop is not None:
-            self._to_loop(self._resolve_dropped, dropped)
-
-    # --- event loop side ----------------------------------------------------------------------
+            try:
+                self._loop.call_soon_threadsafe(self._resolve_dropped, dropped)
+            except RuntimeError:
+                if not self._loop.is_closed():
+                    raise
 
     def _resolve(self, outcome: BatchOutcome) -> None:
         size = len(outcome.batch.items)
         results = outcome.results
         failed = outcome.error is not None or results is None
         for i, item in enumerate(outcome.batch.items):
-            answer: _Answer = item.handle
+            answer = item.payload.answer
             if answer.future.done():
                 continue
             if failed or results is None:
                 answer.fail(ServeError("internal_error", "inference failed; see the server log"))
                 continue
-            answer.values[item.slot] = results[i]
+            answer.values[item.payload.slot] = results[i]
             answer.queue_s = max(answer.queue_s, item.dispatched_at - item.enqueued_at)
             answer.inference_s = max(answer.inference_s, outcome.inference_s)
             answer.batch_size = max(answer.batch_size, size)
@@ -418,14 +278,13 @@ class Engine:
             if answer.remaining == 0:
                 answer.future.set_result(answer)
 
-    def _resolve_dropped(self, dropped: list[tuple[WorkItem, str]]) -> None:
+    def _resolve_dropped(self, dropped: list[tuple[Item, str]]) -> None:
         for item, reason in dropped:
             self.metrics.dropped(reason)
-            answer: _Answer = item.handle
             if reason == "expired":
-                answer.fail(deadline("the request's deadline passed while it waited for a copy"))
+                item.payload.answer.fail(deadline("the request's deadline passed while it waited for a copy"))
             else:
-                answer.cancel()
+                item.payload.answer.cancel()
 
     def _schedule_trim(self) -> None:
         if self._trim_timer is None and self._loop is not None:
@@ -443,108 +302,11 @@ class Engine:
 
     def retry_after_s(self) -> int:
         """Seconds until the queue is likely to have room: queue depth over measured throughput."""
-        per_item = [c / b for (b, _s), c in self._costs.items() if b == self.batch_sizes[-1]]
+        per_item = [c / b for (b, _s), c in self.copy_set.costs.items() if b == self.batch_sizes[-1]]
         seconds_per_item = max(per_item) if per_item else 0.01
         return max(1, math.ceil(self.batcher.depth * seconds_per_item / self.copies))
 
-    async def _admit(
-        self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str
-    ) -> list[Encoded]:
-        """Refuse at once when the queue plus what is being tokenized is full; else tokenize.
-
-        Counting the inputs still being tokenized bounds the work a burst can start before the
-        queue would have said no.
-        """
-        limit = self.settings.serve.max_queue
-        waiting = self._admitting + self.batcher.depth
-        if waiting + len(inputs) > limit:
-            self.metrics.rejected("queue_full")
-            raise overloaded(
-                f"server overloaded: queue full ({waiting} of {limit} inputs waiting); retry later",
-                self.retry_after_s(),
-            )
-        self._admitting += len(inputs)
-        try:
-            return await self._tokenize(inputs, truncate=truncate, field=field)
-        finally:
-            self._admitting -= len(inputs)
-
-    @staticmethod
-    def _work_items(
-        encoded: list[Encoded], options: list[ItemOptions], expires: float, answer: _Answer
-    ) -> list[WorkItem]:
-        now = time.monotonic()
-        return [
-            WorkItem(
-                length=enc.length,
-                deadline=expires,
-                payload=(enc, opt),
-                handle=answer,
-                slot=i,
-                enqueued_at=now,
-            )
-            for i, (enc, opt) in enumerate(zip(encoded, options, strict=True))
-        ]
-
-    def _enqueue(self, items: list[WorkItem]) -> None:
-        try:
-            self.batcher.submit(items)
-        except QueueFullError as exc:
-            self.metrics.rejected("queue_full")
-            raise overloaded(f"server overloaded: {exc}; retry later", self.retry_after_s()) from None
-        except BatcherClosedError:
-            self.metrics.rejected("draining")
-            raise unavailable("the server is shutting down; retry on another server") from None
-
-    async def _tokenize(
-        self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
-    ) -> list[Encoded]:
-        size = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
-        return await self._tokenizer_work(size, lambda: self.encode(inputs, truncate=truncate, field=field))
-
-    async def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list[dict[str, Any]]]:
-        """Every token of each text (``/tokenize``)."""
-        size = sum(len(t) for t in texts)
-        return await self._tokenizer_work(
-            size, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
-        )
-
-    async def _tokenizer_work(self, chars: int, work: Callable[[], T]) -> T:
-        """Small requests inline (microseconds); larger ones on the tokenizer thread."""
-        if chars <= INLINE_TOKENIZE_CHARS:
-            return work()
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, work)
-
-    def prompted(self, texts: list[str], name: str | None, field: str) -> list[str]:
-        """``texts`` with the named sentence-transformers prompt before each (the default one
-        when ``name`` is None); a 422 naming ``field`` for a name the model does not have."""
-        chosen = name if name is not None else self.prompts.default
-        if chosen is None:
-            return texts
-        if not self.task_kind.embeds:
-            raise validation(field, "prompts apply to feature-extraction (embedding) models only")
-        prompt = self.prompts.prompts.get(chosen)
-        if prompt is None:
-            names = ", ".join(sorted(self.prompts.prompts)) or "none"
-            raise validation(field, f"unknown prompt {chosen!r}; this model's prompts: {names}")
-        if not self.prompts.include_prompt:
-            raise validation(
-                field, "this model pools without its prompt's tokens (include_prompt=false): not supported"
-            )
-        return [prompt + text for text in texts]
-
-    @property
-    def normalizes(self) -> bool:
-        """Whether this model's embeddings are L2-normalised by default."""
-        return bool(getattr(self.task, "normalize", False))
-
-    def encode(
-        self, inputs: list[str] | list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
-    ) -> list[Encoded]:
-        """Token ids of ``inputs``; a refusal names ``field`` (the request's own name for them)."""
-        if inputs and isinstance(inputs[0], tuple):
-            return self.encoder.encode_pairs(inputs, truncate=truncate, field=field)
-        return self.encoder.encode(inputs, truncate=truncate, field=field)  # type: ignore[arg-type]
+    # --- admission ----------------------------------------------------------------------------
 
     def check_available(self) -> None:
         if self.draining:
@@ -552,36 +314,77 @@ class Engine:
             raise unavailable("the server is shutting down; retry on another server")
         if not self.ready:
             self.metrics.rejected("not_ready")
-            if self._unhealthy:
-                raise unavailable(f"copy {min(self._unhealthy)} is failing; retry on another server")
+            if self.copy_set.unhealthy:
+                raise unavailable(f"copy {min(self.copy_set.unhealthy)} is failing; retry on another server")
             raise unavailable(self.load_error or "model copies are still loading; retry shortly")
 
-    async def infer(
-        self,
-        inputs: list[str] | list[tuple[str, str]],
-        options: list[ItemOptions],
-        *,
-        truncate: bool,
-        timeout_s: float,
-        watch: list[WorkItem] | None = None,
-        field: str = "inputs",
-    ) -> InferResult:
-        """Tokenize, queue and await ``inputs``; raises ServeError for every refusal.
+    def check_count(self, count: int, field: str) -> None:
+        """At most serve.max_inputs_per_request inputs (a 413 naming ``field``)."""
+        limit = self.settings.serve.max_inputs_per_request
+        if count > limit:
+            raise too_large(field, f"{count} inputs exceed serve.max_inputs_per_request ({limit})")
 
-        The work items are appended to ``watch`` before they are queued, so that whoever
-        watches the client can cancel them (a cancelled item is dropped before it reaches a
-        copy), also when the client left while its inputs were tokenized. ``field`` is what the
-        request calls its inputs, for the errors that name one.
+    def timeout_s(self, requested_ms: int | None, field: str) -> float:
+        """The request's deadline: its own up to serve.max_request_timeout_ms, else the default."""
+        serve = self.settings.serve
+        if requested_ms is None:
+            return serve.request_timeout_ms / 1000.0
+        if requested_ms > serve.max_request_timeout_ms:
+            raise validation(
+                field, f"{requested_ms} exceeds serve.max_request_timeout_ms ({serve.max_request_timeout_ms})"
+            )
+        return requested_ms / 1000.0
+
+    def prompted(self, texts: tuple[str, ...], name: str | None, field: str) -> tuple[str, ...]:
+        """``texts`` with their prompt before each: see :meth:`Prompts.apply`."""
+        return self.prompts.apply(texts, name, field=field, embeds=self.task_kind.embeds)
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether this model's embeddings are L2-normalised by default."""
+        return bool(getattr(self.task, "normalize", False))
+
+    @overload
+    async def infer(self, request: InferRequest) -> InferResult: ...
+
+    @overload
+    async def infer(self, request: InferRequest, *, receive: Receive | None) -> InferResult | None: ...
+
+    async def infer(self, request: InferRequest, *, receive: Receive | None = None) -> InferResult | None:
+        """Check ``request`` against this server's limits, tokenize, queue and await it; raises
+        ServeError for every refusal. With ``receive`` (the client's ASGI channel), a client that
+        leaves has its queued inputs dropped before any copy takes them, and the answer is None.
+
+        Only the client's own disconnect becomes None; any other cancellation (shutdown, a
+        cancelled handler task) propagates as it must.
         """
+        self.check_count(request.count, request.field)
+        timeout_s = self.timeout_s(request.timeout_ms, request.timeout_field)
+        texts = self.prompted(request.texts, request.prompt_name, request.prompt_field)
+        request = dataclasses.replace(request, texts=texts)
         self.check_available()
+        watch = DisconnectWatch(receive) if receive is not None else None
+        try:
+            return await self._run(request, timeout_s, watch)
+        except asyncio.CancelledError:
+            if watch is not None and watch.disconnected:
+                return None
+            raise
+        finally:
+            if watch is not None:
+                watch.close()
+
+    async def _run(
+        self, request: InferRequest, timeout_s: float, watch: DisconnectWatch | None
+    ) -> InferResult:
         started = time.monotonic()
-        encoded = await self._admit(inputs, truncate=truncate, field=field)
+        encoded = await self._admit(request)
         expires = started + timeout_s
         loop = asyncio.get_running_loop()
-        answer = _Answer(loop, len(encoded))
-        items = self._work_items(encoded, options, expires, answer)
+        answer = Answer(loop, len(encoded))
+        items = self._work_items(encoded, request, expires, answer)
         if watch is not None:
-            watch.extend(items)
+            watch.add(items)
         self._enqueue(items)
         tokens = sum(enc.length for enc in encoded)
         self.metrics.input_tokens.inc(tokens)
@@ -593,7 +396,7 @@ class Engine:
         try:
             await answer.future
             answered = True
-        except _ExpiredError:
+        except ExpiredError:
             self.metrics.rejected("deadline")
             raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
         finally:
@@ -614,3 +417,79 @@ class Engine:
             batch_size=answer.batch_size,
             tokens=tokens,
         )
+
+    async def _admit(self, request: InferRequest) -> list[Encoded]:
+        """Refuse at once when the queue plus what is being tokenized is full; else tokenize.
+
+        Counting the inputs still being tokenized bounds the work a burst can start before the
+        queue would have said no.
+        """
+        limit = self.settings.serve.max_queue
+        waiting = self._admitting + self.batcher.depth
+        if waiting + request.count > limit:
+            self.metrics.rejected("queue_full")
+            raise overloaded(
+                f"server overloaded: queue full ({waiting} of {limit} inputs waiting); retry later",
+                self.retry_after_s(),
+            )
+        self._admitting += request.count
+        try:
+            return await self._tokenize(request)
+        finally:
+            self._admitting -= request.count
+
+    @staticmethod
+    def _work_items(
+        encoded: list[Encoded], request: InferRequest, expires: float, answer: Answer
+    ) -> list[Item]:
+        now = time.monotonic()
+        return [
+            Item(
+                length=enc.length,
+                deadline=expires,
+                payload=QueuedInput(enc, request.options_for(i), answer, i),
+                enqueued_at=now,
+            )
+            for i, enc in enumerate(encoded)
+        ]
+
+    def _enqueue(self, items: list[Item]) -> None:
+        try:
+            self.batcher.submit(items)
+        except QueueFullError as exc:
+            self.metrics.rejected("queue_full")
+            raise overloaded(f"server overloaded: {exc}; retry later", self.retry_after_s()) from None
+        except BatcherClosedError:
+            self.metrics.rejected("draining")
+            raise unavailable("the server is shutting down; retry on another server") from None
+
+    async def _tokenize(self, request: InferRequest) -> list[Encoded]:
+        """Token ids of the request's inputs; a refusal names its field."""
+        truncate, field = request.truncate, request.field
+        if request.pairs:
+            pairs = list(request.pairs)
+            size = sum(len(q) + len(t) for q, t in pairs)
+            return await self._tokenizer_work(
+                size, lambda: self.encoder.encode_pairs(pairs, truncate=truncate, field=field)
+            )
+        texts = list(request.texts)
+        size = sum(len(t) for t in texts)
+        return await self._tokenizer_work(
+            size, lambda: self.encoder.encode(texts, truncate=truncate, field=field)
+        )
+
+    async def tokens(
+        self, texts: list[str], *, add_special_tokens: bool, field: str = "inputs"
+    ) -> list[list[dict[str, Any]]]:
+        """Every token of each text (``/tokenize``)."""
+        self.check_count(len(texts), field)
+        size = sum(len(t) for t in texts)
+        return await self._tokenizer_work(
+            size, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
+        )
+
+    async def _tokenizer_work(self, chars: int, work: Callable[[], T]) -> T:
+        """Small requests inline (microseconds); larger ones on the tokenizer thread."""
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, work)

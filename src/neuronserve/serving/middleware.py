@@ -1,7 +1,10 @@
-"""Pure ASGI middleware for every request: id, API key, body limit, headers, metrics, access log.
+"""The server's HTTP layer, pure ASGI: request id, route (from the route table), API key,
+content type, body limit, the handler, headers, metrics and the access log.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) because it sits on the hot path of every request.
-The access log never contains input text: method, route, status, duration, sizes and request id.
+Every request is answered here; only what is not HTTP (the lifespan) reaches the application
+behind it. The access log never contains input text: method, route, status, duration, sizes and
+request id.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from neuronserve.serving.errors import ServeError
-from neuronserve.serving.handlers import Reply
 from neuronserve.serving.metrics import ServerMetrics
+from neuronserve.serving.protocols.common import Call, Reply
+from neuronserve.serving.routes import Route, Router
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,7 +42,6 @@ class _FastRoute:
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PROTECTED_PREFIXES = ("/predict", "/v1/", "/v2/models", "/v2/repository", "/info", "/rerank", "/tokenize")
 TIMING_HEADERS = (b"x-queue-ms", b"x-inference-ms", b"x-batch-size")
 JSON_TYPES = (b"application/json",)
 BINARY_TYPES = (b"application/octet-stream",)  # the v2 binary tensor extension
@@ -55,13 +58,11 @@ class ServingMiddleware:
         max_body_bytes: int,
         api_key: str,
         metrics: ServerMetrics,
+        routes: list[Route],
         draining: Callable[[], bool] = lambda: False,
-        fast_routes: dict[str, Callable[[bytes, Receive], Awaitable[Reply]]] | None = None,
-        probe_routes: dict[str, Callable[[], Reply]] | None = None,
         access_log: bool = True,
     ) -> None:
-        self.fast_routes = fast_routes or {}
-        self.probe_routes = probe_routes or {}
+        self.router = Router(routes)
         # Request ids: a random prefix per process and a counter (uuid4 costs a syscall each).
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
@@ -105,27 +106,30 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            probe = self.probe_routes.get(scope["path"]) if scope["method"] == "GET" else None
-            if probe is not None:  # no body, no key, nothing to wait for but the loop's turn
-                scope["route"] = _FastRoute(scope["path"])
-                await _send_reply(probe(), send_with_headers)
+            method = scope["method"]
+            route, params, allowed = self.router.match(method, scope["path"])
+            if route is not None:
+                scope["route"] = _FastRoute(route.path)
+            if route is not None and route.probe is not None:  # nothing to wait for but the loop's turn
+                await _send_reply(route.probe(), send_with_headers, head=method == "HEAD")
                 return
             error = (
-                self._check_auth(scope["path"], headers)
-                or self._check_content_type(scope, headers)
+                self._check_auth(route, headers)
+                or self._check_route(route, method, scope["path"], allowed)
+                or self._check_content_type(route, method, headers)
                 or self._check_declared_size(headers)
             )
-            if error is None and scope["method"] in {"POST", "PUT", "PATCH"}:
+            body = b""
+            if error is None and method in {"POST", "PUT", "PATCH"}:
                 body, error = await self._read_body(receive)
                 receive = _replay(body, receive)
-            fast = self.fast_routes.get(scope["path"]) if scope["method"] == "POST" else None
-            if error is not None:
-                await _send_error(error, send_with_headers)
-            elif fast is not None:
-                scope["route"] = _FastRoute(scope["path"])
-                await self._serve_fast(fast, body, receive, send_with_headers, request_id)
+            if error is not None or route is None or route.handler is None:
+                await _send_error(
+                    error or ServeError("internal_error", "this is a bug: no handler"), send_with_headers
+                )
             else:
-                await self.app(scope, receive, send_with_headers)
+                call = Call(body, receive, params, headers)
+                await self._serve(route.handler, call, send_with_headers, request_id, head=method == "HEAD")
         finally:
             elapsed = time.perf_counter() - started
             self._record(scope, request_id, status=status, model=model, elapsed=elapsed, sent=sent)
@@ -153,16 +157,17 @@ class ServingMiddleware:
                 },
             )
 
-    async def _serve_fast(
+    async def _serve(
         self,
-        handler: Callable[[bytes, Receive], Awaitable[Reply]],
-        body: bytes,
-        receive: Receive,
+        handler: Callable[[Call], Awaitable[Reply]],
+        call: Call,
         send: Send,
         request_id: str,
+        *,
+        head: bool,
     ) -> None:
         try:
-            reply = await handler(body, receive)
+            reply = await handler(call)
         except ServeError as exc:
             await _send_error(exc, send)
             return
@@ -170,10 +175,12 @@ class ServingMiddleware:
             log.exception("unhandled error", extra={"request_id": request_id})
             await _send_error(ServeError("internal_error", "internal error; see the server log"), send)
             return
-        await _send_reply(reply, send)
+        await _send_reply(reply, send, head=head)
 
-    def _check_auth(self, path: str, headers: dict[bytes, bytes]) -> ServeError | None:
-        if not self.api_key or not path.startswith(PROTECTED_PREFIXES):
+    def _check_auth(self, route: Route | None, headers: dict[bytes, bytes]) -> ServeError | None:
+        """The API key, when one is set, for every route that needs it and for paths that are
+        no route at all (what is not declared open is closed)."""
+        if not self.api_key or (route is not None and not route.needs_key):
             return None
         given = headers.get(b"x-api-key", b"")
         auth = headers.get(b"authorization", b"")
@@ -188,17 +195,31 @@ class ServingMiddleware:
         )
 
     @staticmethod
-    def _check_content_type(scope: Scope, headers: dict[bytes, bytes]) -> ServeError | None:
+    def _check_route(route: Route | None, method: str, path: str, allowed: list[str]) -> ServeError | None:
+        if route is not None:
+            return None
+        if allowed:
+            return ServeError(
+                "method_not_allowed",
+                f"{method} is not allowed on {path}; use {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        return ServeError("not_found", f"no route {path}; GET /openapi.json lists them")
+
+    @staticmethod
+    def _check_content_type(
+        route: Route | None, method: str, headers: dict[bytes, bytes]
+    ) -> ServeError | None:
         """Bodies are JSON (v2 binary tensors: octet-stream). Refusing text/plain and form bodies
         keeps a web page in a local browser from posting here: those are the only bodies a
         cross-origin "simple request" may carry without asking first."""
-        if scope["method"] not in {"POST", "PUT", "PATCH"}:
+        if method not in {"POST", "PUT", "PATCH"}:
             return None
         declared = headers.get(b"content-type")
         if declared is None:
             return None  # curl --data-binary, raw clients: no browser sends a body without one
         kind = declared.split(b";", 1)[0].strip().lower()
-        allowed = JSON_TYPES + (BINARY_TYPES if scope["path"].startswith("/v2/") else ())
+        allowed = JSON_TYPES + (BINARY_TYPES if route is not None and route.binary_body else ())
         if kind in allowed:
             return None
         names = ", ".join(t.decode() for t in allowed)
@@ -253,14 +274,14 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _send_reply(reply: Reply, send: Send) -> None:
+async def _send_reply(reply: Reply, send: Send, *, head: bool = False) -> None:
     headers = [
         (b"content-type", reply.media_type.encode()),
         (b"content-length", str(len(reply.body)).encode()),
     ]
     headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+    await send({"type": "http.response.body", "body": b"" if head else reply.body})
 
 
 async def _send_error(error: ServeError, send: Send) -> None:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from neuronserve.models import pool_hidden, pooling_mode
+from neuronserve.serving.errors import validation
 from neuronserve.serving.tokenization import Encoded
 from neuronserve.tasks import TaskKind
 
@@ -36,18 +38,6 @@ class Task(Protocol):
     ) -> list[Any]: ...
 
 
-def pooling_mode(directory: Path) -> str:
-    """mean, cls or max: the model's sentence-transformers pooling (mean without one)."""
-    pooling = directory / "1_Pooling" / "config.json"
-    if pooling.is_file():
-        config = json.loads(pooling.read_text(encoding="utf-8"))
-        if config.get("pooling_mode_cls_token"):
-            return "cls"
-        if config.get("pooling_mode_max_tokens"):
-            return "max"
-    return "mean"
-
-
 class FeatureExtraction:
     """Sentence embeddings: pooling per the model's sentence-transformers config (mean by default)."""
 
@@ -68,12 +58,7 @@ class FeatureExtraction:
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) from (rows, sequence, hidden) states and their (rows, sequence) mask."""
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        if self.mode == "cls":
-            return hidden[:, 0]
-        if self.mode == "max":
-            return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
-        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        return pool_hidden(hidden, mask, self.mode)
 
     def results(
         self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
@@ -189,6 +174,27 @@ class Prompts:
         if pooling.is_file():
             include = bool(json.loads(pooling.read_text(encoding="utf-8")).get("include_prompt", True))
         return cls(prompts, default, include)
+
+    def apply(self, texts: tuple[str, ...], name: str | None, *, field: str, embeds: bool) -> tuple[str, ...]:
+        """``texts`` with the named prompt before each (the default one when ``name`` is None, on
+        embedding models); a 422 naming ``field`` for a name the model does not have, or any name
+        for a model that does not embed."""
+        if not embeds:
+            if name is not None:
+                raise validation(field, "prompts apply to feature-extraction (embedding) models only")
+            return texts
+        chosen = name if name is not None else self.default
+        if chosen is None:
+            return texts
+        prompt = self.prompts.get(chosen)
+        if prompt is None:
+            names = ", ".join(sorted(self.prompts)) or "none"
+            raise validation(field, f"unknown prompt {chosen!r}; this model's prompts: {names}")
+        if not self.include_prompt:
+            raise validation(
+                field, "this model pools without its prompt's tokens (include_prompt=false): not supported"
+            )
+        return tuple(prompt + text for text in texts)
 
 
 def task_for(task: TaskKind, directory: Path) -> Task:

@@ -130,6 +130,28 @@ def test_the_emitted_base_passes_the_check(emitted: Path) -> None:
     assert report.checkov_passed > 100
 
 
+def test_when_metrics_need_the_key_the_pod_monitor_sends_the_api_key_secret(tmp_path: Path) -> None:
+    """serve.metrics_need_key: Prometheus scrapes the servers with the API key's Secret as a
+    bearer token, in a PodMonitor the operator's published schema accepts."""
+    values = {"deploy.k8s_autoscaler": ("keda", "test"), "serve.api_key": ("k", "test")}
+    for need_key in (False, True):
+        settings = build_settings({**values, "serve.metrics_need_key": (str(need_key).lower(), "test")})
+        endpoint = k8s.pod_monitor(settings, "server", "http")["spec"]["podMetricsEndpoints"][0]
+        if not need_key:
+            assert "authorization" not in endpoint
+            continue
+        secret = {"name": "neuronserve-api-key", "key": "api-key"}  # the one the pods mount
+        assert endpoint["authorization"] == {"type": "Bearer", "credentials": secret}
+        assert (
+            "authorization"
+            not in k8s.pod_monitor(settings, "exporter", "metrics")["spec"]["podMetricsEndpoints"][0]
+        )
+        directory = tmp_path / "base"
+        k8s.write_base(settings, BackendKind.CPU, directory, host_bytes=None)
+        report = check(directory)
+        assert report.ok, report.text()
+
+
 def _edit(directory: Path, file_name: str, change: Any) -> None:
     path = directory / file_name
     document = yaml.safe_load(path.read_text())
@@ -161,7 +183,7 @@ def test_a_neuron_server_without_serve_cores_takes_the_cores_its_pod_was_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from neuronserve.config import ConfigError
-    from neuronserve.serving.engine import server_cores
+    from neuronserve.serving.copies import server_cores
 
     settings = make_settings(tmp_path)  # serve.cores empty, as in the base's ConfigMap
     monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
@@ -261,7 +283,7 @@ def test_the_check_says_what_is_missing_or_broken(tmp_path: Path, monkeypatch: p
 
 def test_unparsable_visible_cores_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from neuronserve.config import ConfigError
-    from neuronserve.serving.engine import server_cores
+    from neuronserve.serving.copies import server_cores
 
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "two")
     with pytest.raises(ConfigError, match="NEURON_RT_VISIBLE_CORES"):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +20,7 @@ from neuronserve.monitor import dashboards
 from neuronserve.monitor.exporter import ExporterState, SourceHealth, build_registry, pump
 from neuronserve.monitor.neuron_monitor import NeuronState, ReportError
 from neuronserve.monitor.prometheus import render_prometheus_yml
-from tests.conftest import REPO
+from tests.conftest import REPO, make_settings
 
 # The sample report from the project's research notes (shared/reference), kept as a fixture.
 SAMPLE = json.loads((REPO / "tests" / "fixtures" / "neuron-monitor-sample.json").read_text())
@@ -242,6 +245,32 @@ def test_committed_dashboards_are_generated() -> None:
         committed = (REPO / "monitor" / "grafana" / "dashboards" / name).read_text()
         assert committed == dashboards.render(document), f"regenerate: neuronserve dashboards ({name})"
     assert (REPO / "monitor" / "prometheus" / "prometheus.yml").read_text() == render_prometheus_yml(5.0)
+
+
+def test_a_local_deployment_whose_metrics_need_the_key_gives_prometheus_the_key(tmp_path: Path) -> None:
+    """serve.metrics_need_key: the deployment's prometheus.yml sends the servers' API key from a
+    file only its owner reads; promtool (Prometheus's own checker) accepts the config."""
+    from neuronserve.backends import BackendKind
+    from neuronserve.deploy.inventory import Inventory
+    from neuronserve.deploy.local import RunDir, _write_prometheus
+    from neuronserve.deploy.plan import make_plan
+
+    settings = make_settings(tmp_path, serve__api_key="s3cret", serve__metrics_need_key="true")
+    plan = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
+    run = RunDir(tmp_path / "run")
+    (run.path / "prometheus").mkdir(parents=True)
+    _write_prometheus(settings, plan, run)
+    key = run.path / "prometheus" / "api-key"
+    assert key.read_text() == "s3cret" and key.stat().st_mode & 0o077 == 0
+    config = run.path / "prometheus" / "prometheus.yml"
+    assert f"credentials_file: {key}" in config.read_text()
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed: the config is unchecked")
+    checked = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # PromQL words that are not metric names, in the dashboards' expressions.

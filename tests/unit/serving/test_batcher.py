@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from neuronserve.serving.batcher import EXPLORE_EVERY, Batcher, BatcherClosedError, QueueFullError, WorkItem
+from neuronserve.serving.tokenization import Encoded
 
 
 class Clock:
@@ -20,9 +22,9 @@ class Clock:
 
 def make(
     clock: Clock, *, max_queue: int = 100, delay: float = 0.0, sizes: tuple[int, ...] = (1, 8)
-) -> tuple[Batcher, list[Any]]:
+) -> tuple[Batcher[int], list[Any]]:
     dropped: list[Any] = []
-    batcher = Batcher(
+    batcher: Batcher[int] = Batcher(
         sequence_lengths=(32, 128),
         batch_sizes=sizes,
         max_queue=max_queue,
@@ -33,7 +35,7 @@ def make(
     return batcher, dropped
 
 
-def item(clock: Clock, length: int, deadline_in: float = 10.0) -> WorkItem:
+def item(clock: Clock, length: int, deadline_in: float = 10.0) -> WorkItem[int]:
     return WorkItem(length=length, deadline=clock.now + deadline_in, payload=length, enqueued_at=clock.now)
 
 
@@ -155,10 +157,10 @@ def test_blocking_hand_off_between_threads() -> None:
     got: list[Any] = []
     worker = threading.Thread(target=lambda: got.append(batcher.next_batch()))
     worker.start()
-    batcher.submit([WorkItem(length=5, deadline=1e12, payload="x", enqueued_at=100.0)])
+    batcher.submit([WorkItem(length=5, deadline=1e12, payload=7, enqueued_at=100.0)])
     worker.join(timeout=10)
     assert not worker.is_alive()
-    assert got[0].items[0].payload == "x"
+    assert got[0].items[0].payload == 7
 
 
 def test_close_drains_then_stops() -> None:
@@ -278,7 +280,6 @@ def test_build_inputs_pads_each_row_like_row_by_row_copying(seed: int) -> None:
 
     from neuronserve.serving.batcher import Batch
     from neuronserve.serving.copies import build_inputs
-    from neuronserve.serving.tokenization import Encoded
 
     rng = np.random.default_rng(seed)
     size, seq = 8, 16
@@ -288,9 +289,7 @@ def test_build_inputs_pads_each_row_like_row_by_row_copying(seed: int) -> None:
         n = int(rng.integers(1, seq + 1))
         types = rng.integers(0, 2, n) if rng.random() < 0.5 else None
         encoded.append(Encoded(ids=rng.integers(1, 1000, n), type_ids=types))
-    batch = Batch(
-        seq, size, tuple(WorkItem(length=e.length, deadline=1.0, payload=(e, None)) for e in encoded)
-    )
+    batch = Batch(seq, size, tuple(WorkItem(length=e.length, deadline=1.0, payload=_Row(e)) for e in encoded))
     (ids, mask, types_out), mask_again = build_inputs(
         batch, ("input_ids", "attention_mask", "token_type_ids")
     )
@@ -304,3 +303,10 @@ def test_build_inputs_pads_each_row_like_row_by_row_copying(seed: int) -> None:
     assert np.array_equal(mask.numpy(), want_mask) and np.array_equal(mask_again.numpy(), want_mask)
     assert np.array_equal(types_out.numpy(), want_types)
     assert ids.dtype == mask.dtype == types_out.dtype == mask_again.dtype  # int64, as traced
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A payload with the one thing build_inputs reads of it."""
+
+    encoded: Encoded

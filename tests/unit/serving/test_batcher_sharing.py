@@ -17,8 +17,8 @@ from tests.unit.serving.test_batcher import Clock, item
 SIZES = (1, 2, 4, 8, 16, 32)
 
 
-def make(clock: Clock, **options: Any) -> Batcher:
-    batcher = Batcher(
+def make(clock: Clock, **options: Any) -> Batcher[int]:
+    batcher: Batcher[int] = Batcher(
         sequence_lengths=options.pop("lengths", (32, 128)),
         batch_sizes=SIZES,
         max_queue=1000,
@@ -53,7 +53,7 @@ def test_what_waits_is_shared_out_among_idle_copies() -> None:
 def test_a_lone_batch_gets_every_idle_core_and_holds_them_until_finished() -> None:
     clock = Clock()
     batcher = make(clock, ledger=CoreLedger(2), copies=2)
-    got: list[Batch | None] = []
+    got: list[Batch[int] | None] = []
 
     def copy() -> None:
         got.append(batcher.next_batch())
@@ -154,7 +154,7 @@ def test_one_ledger_lends_a_process_cores_to_every_model_and_never_more() -> Non
     embedder.submit([item(clock, 20)])
     first = embedder.next_batch()
     assert first is not None and first.threads == 2 and ledger.free == 0
-    got: list[Batch | None] = []
+    got: list[Batch[int] | None] = []
     reranker.submit([item(clock, 20)])
     waiting = threading.Thread(target=lambda: got.append(reranker.next_batch()))
     waiting.start()
@@ -176,7 +176,7 @@ def test_copies_waiting_for_a_core_go_first_come_first_served_across_models() ->
     busy.submit([item(clock, 20), item(clock, 100)])  # two buckets: two batches
     first = busy.next_batch()
     assert first is not None
-    got: dict[str, Batch | None] = {}
+    got: dict[str, Batch[int] | None] = {}
     other.submit([item(clock, 20)])
     waiting = threading.Thread(target=lambda: got.setdefault("other", other.next_batch()))
     waiting.start()

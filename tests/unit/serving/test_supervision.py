@@ -19,7 +19,7 @@ from neuronserve.serving.batcher import Batcher
 from neuronserve.serving.engine import Engine
 from neuronserve.serving.errors import ServeError
 from neuronserve.serving.metrics import ServerMetrics
-from neuronserve.serving.tasks import ItemOptions
+from neuronserve.serving.work import InferRequest
 from tests.conftest import make_settings, trace_tiny
 
 
@@ -34,6 +34,10 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)  # poll interval
+
+
+def _texts(texts: list[str]) -> InferRequest:
+    return InferRequest(texts=tuple(texts), timeout_ms=30_000)
 
 
 def _run(engine: Engine, scenario: Callable[[Engine, list[str]], Awaitable[None]]) -> list[str]:
@@ -87,7 +91,7 @@ def test_a_copy_that_dies_while_serving_stops_the_server(
     real = Batcher.next_batch
     calls = {"n": 0}
 
-    def dying(self: Batcher) -> Any:
+    def dying(self: Batcher[Any]) -> Any:
         calls["n"] += 1
         if calls["n"] > 1:  # the first batch runs; the copy's loop then breaks outside a batch
             raise MemoryError("cannot allocate")
@@ -97,7 +101,7 @@ def test_a_copy_that_dies_while_serving_stops_the_server(
 
     async def scenario(engine: Engine, fatal: list[str]) -> None:
         await _until(lambda: engine.ready)
-        result = await engine.infer(["hello"], [ItemOptions()], truncate=False, timeout_s=30)
+        result = await engine.infer(_texts(["hello"]))
         assert len(result.outputs) == 1
         await _until(lambda: bool(fatal))
         assert engine.state == "failed"
@@ -133,7 +137,7 @@ def test_failing_batches_take_the_copy_out_of_rotation_until_its_probe_succeeds(
         _Flaky.failing = True
         for attempt in range(3):
             with pytest.raises(ServeError) as failed:
-                await engine.infer([f"text {attempt}"], [ItemOptions()], truncate=False, timeout_s=30)
+                await engine.infer(_texts([f"text {attempt}"]))
             assert failed.value.status == 500
         await _until(lambda: engine.state == "unhealthy")
         assert engine.unhealthy == {0: "3 batches in a row failed, last: RuntimeError: device error"}
@@ -143,7 +147,7 @@ def test_failing_batches_take_the_copy_out_of_rotation_until_its_probe_succeeds(
         assert refused.value.status == 503 and "copy 0 is failing" in refused.value.message
         _Flaky.failing = False  # the device recovers: the next probe succeeds
         await _until(lambda: engine.ready, timeout_s=10)
-        result = await engine.infer(["back"], [ItemOptions()], truncate=False, timeout_s=30)
+        result = await engine.infer(_texts(["back"]))
         assert len(result.outputs) == 1
         assert fatal == []
 
@@ -160,13 +164,10 @@ def test_inputs_still_being_tokenized_count_against_the_queue(
         gates.append(asyncio.Event())
         await _until(lambda: engine.ready)
         texts = [f"text {i}" for i in range(4)]
-        opts = [ItemOptions()] * 4
-        admitted = [
-            asyncio.create_task(engine.infer(texts, opts, truncate=False, timeout_s=30)) for _ in range(2)
-        ]
+        admitted = [asyncio.create_task(engine.infer(_texts(texts))) for _ in range(2)]
         await _until(lambda: engine._admitting == 8)
         with pytest.raises(ServeError) as refused:  # at once, without waiting for the tokenizer
-            await engine.infer(["one more"], [ItemOptions()], truncate=False, timeout_s=30)
+            await engine.infer(_texts(["one more"]))
         assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
         assert "queue full (8 of 8 inputs waiting)" in refused.value.message
         gates[0].set()
@@ -179,8 +180,6 @@ def test_inputs_still_being_tokenized_count_against_the_queue(
 def test_a_client_that_leaves_while_its_inputs_are_tokenized_is_not_served(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from neuronserve.serving import handlers
-
     gates = _gate_tokenization(monkeypatch)  # a large request
 
     async def scenario(engine: Engine, fatal: list[str]) -> None:
@@ -191,13 +190,11 @@ def test_a_client_that_leaves_while_its_inputs_are_tokenized_is_not_served(
             return {"type": "http.disconnect"}
 
         texts = [f"text {i}" for i in range(8)]
-        task = asyncio.create_task(
-            handlers._run(engine, receive, texts, [ItemOptions()] * 8, truncate=False, timeout_s=30)
-        )
+        task = asyncio.create_task(engine.infer(_texts(texts), receive=receive))
         await _until(lambda: engine._admitting == 8)
         gates[0].set()
         assert await task is None  # answered as "client closed", not run
-        await engine.infer(["after"], [ItemOptions()], truncate=False, timeout_s=30)  # the copy moves on
+        await engine.infer(_texts(["after"]))  # the copy moves on
         sample = engine.metrics.server.registry.get_sample_value
         assert sample("neuronserve_copy_items_total", {"model": "tiny", "copy": "0"}) == 1
         assert sample("neuronserve_inputs_dropped_total", {"model": "tiny", "reason": "cancelled"}) == 8
@@ -223,9 +220,9 @@ def test_a_copy_that_finishes_loading_after_the_server_stopped_goes_quietly(tmp_
         engine.close()  # before any copy is ready; asyncio.run then closes the loop
 
     asyncio.run(main())
-    for thread in engine._copy_threads:
+    for thread in engine.copy_set._threads:
         thread.join(timeout=60)  # a raise in the thread fails the test (pytest -W error)
-    assert not any(thread.is_alive() for thread in engine._copy_threads)
+    assert not any(thread.is_alive() for thread in engine.copy_set._threads)
 
 
 class _Recording:
@@ -261,17 +258,17 @@ def test_a_lone_request_runs_on_every_core_and_concurrent_ones_on_one_each(
     settings = make_settings(tmp_path, serve__artifacts=str(artifacts), serve__cores="0-1")
     monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)  # whatever limit this host has
     engine = Engine(settings, ServerMetrics("test"))
-    assert engine.copies == 2 and engine.lend_cores  # one copy per CPU by default
+    assert engine.copies == 2 and engine.copy_set.lend_cores  # one copy per CPU by default
 
     async def scenario(engine: Engine, _fatal: list[str]) -> None:
         await _until(lambda: engine.ready and engine.batcher.waiting_copies == 2)
         _Recording.threads.clear()
-        alone = await engine.infer(["hello"], [ItemOptions()], truncate=False, timeout_s=30)
+        alone = await engine.infer(_texts(["hello"]))
         assert _Recording.threads == [2]
         await _until(lambda: engine.batcher.waiting_copies == 2)  # both copies back for work
         _Recording.threads.clear()
         _Recording.barrier = threading.Barrier(2)  # both calls at once, or it breaks
-        pair = await engine.infer(["hello", "hello"], [ItemOptions()] * 2, truncate=False, timeout_s=30)
+        pair = await engine.infer(_texts(["hello", "hello"]))
         _Recording.barrier = None
         assert _Recording.threads == [1, 1]  # shared out: one input per copy, one core each
         assert torch.allclose(torch.tensor(pair.outputs[0]), torch.tensor(alone.outputs[0]), atol=1e-5)

@@ -13,9 +13,9 @@ import torch
 
 from neuronserve.models import resolve_source
 from neuronserve.serving.errors import STATUS, ServeError
+from neuronserve.serving.protocols.kserve_wire import V2Tensor, encode_infer, parse_infer
 from neuronserve.serving.tasks import FeatureExtraction, ItemOptions, QuestionAnswering, TextClassification
 from neuronserve.serving.tokenization import Encoded, TextEncoder
-from neuronserve.serving.v2 import V2Tensor, encode_infer, parse_infer
 
 BUNDLED = resolve_source("bundled:all-MiniLM-L6-v2")
 

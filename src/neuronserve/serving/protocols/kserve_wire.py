@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe v2) request and response bodies, JSON and binary.
+"""Open Inference Protocol (KServe v2) infer bodies on the wire, JSON and binary.
 
 ``tritonclient.http`` sends tensors with the binary data extension by default: the body is a
 JSON header of ``Inference-Header-Content-Length`` bytes followed by raw tensor bytes, each input
@@ -73,6 +73,8 @@ def parse_infer(body: bytes, header_length: str | None) -> V2Request:
     inputs: dict[str, list[str]] = {}
     for index, tensor in enumerate(header["inputs"]):
         name, values, offset = _parse_input(index, tensor, binary, offset)
+        if name in inputs:
+            raise validation(f"inputs[{index}].name", f"input {name!r} is given twice; send each input once")
         inputs[name] = values
     outputs = header.get("outputs")
     requested: list[str] | None = None
@@ -96,7 +98,7 @@ def parse_infer(body: bytes, header_length: str | None) -> V2Request:
 
 def _parse_input(index: int, tensor: Any, binary: bytes, offset: int) -> tuple[str, list[str], int]:
     """One BYTES input tensor: its name, its strings, and the offset after its binary data."""
-    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str) or not tensor["name"]:
         raise validation(f"inputs[{index}]", "each input needs a name")
     name = tensor["name"]
     if tensor.get("datatype") != "BYTES":
