@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neuronserve.tasks import TaskKind
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -29,6 +27,7 @@ LARGEST = (32, 128)
 
 def compile_at(backend: Any, eager: Any, shape: tuple[int, int], dest: Path) -> Any:
     from neuronserve.models import sample_inputs
+    from neuronserve.tasks import TaskKind
     from neuronserve.trace import _quiet_tracing
 
     with _quiet_tracing():
@@ -55,6 +54,7 @@ def main() -> int:
 
     from neuronserve.backends.cpu import CpuBackend
     from neuronserve.models import load_eager, resolve_source, sample_inputs
+    from neuronserve.tasks import TaskKind
 
     torch.set_num_threads(1)
     eager = load_eager(resolve_source("bundled:all-MiniLM-L6-v2"), TaskKind.FEATURE_EXTRACTION)

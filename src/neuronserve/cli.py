@@ -281,7 +281,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     settings = _settings(args)
     m = settings.monitor
     exporter = f"http://{m.host}:{m.port}/metrics" if m.enabled else None
-    return run_top(run_dir(settings).path, exporter, args.interval, args.once)
+    key = settings.api_key() if settings.serve.metrics_need_key else ""
+    return run_top(run_dir(settings).path, exporter, args.interval, args.once, api_key=key)
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:

@@ -283,8 +283,9 @@ class ServeSettings:
     )
     api_key: str = setting(
         "",
-        "When set, every route but the probes, the OpenAPI document and (see serve.metrics_need_key) "
-        "/metrics requires Authorization: Bearer <key> (or x-api-key).",
+        "When set, every route requires Authorization: Bearer <key> (or x-api-key) but the probes "
+        "(/health, /ready, /v2, /v2/health/*), the API's documents (/openapi.json, /docs, /redoc) "
+        "and, unless serve.metrics_need_key, /metrics.",
         secret=True,
     )
     api_key_file: str = setting(
@@ -295,8 +296,8 @@ class ServeSettings:
     metrics_need_key: bool = setting(
         False,
         "Whether GET /metrics needs the API key too. Off: Prometheus on the deployment's private "
-        "network scrapes it as it is (the probes and the OpenAPI document are always open); on: "
-        "every scraper must send Authorization: Bearer <key>.",
+        "network scrapes it as it is; on: every scraper sends Authorization: Bearer <key> (a local "
+        "deployment's own Prometheus, neuronserve top and the Kubernetes PodMonitor do).",
     )
     artifacts_fingerprint: str = setting(
         "",

@@ -177,6 +177,22 @@ def test_api_key(bundled_artifacts: Path, tmp_path: Path) -> None:
         assert "s3cret" not in srv.log_text()
 
 
+def test_metrics_that_need_the_key_are_read_with_it_by_our_own_tools(
+    bundled_artifacts: Path, tmp_path: Path
+) -> None:
+    """serve.metrics_need_key: a scraper without the key gets 401 (and `neuronserve top` shows
+    the server as not answering, instead of failing on the error body); with it, the samples."""
+    from neuronserve.monitor.top import scrape
+
+    extra = ("serve.api_key=s3cret", "serve.metrics_need_key=true")
+    with start_server(bundled_artifacts, tmp_path, *extra, copies=1) as srv:
+        assert httpx.get(f"{srv.url}/metrics").status_code == 401
+        assert scrape(f"{srv.url}/metrics") is None
+        keyed = scrape(f"{srv.url}/metrics", {"Authorization": "Bearer s3cret"})
+        assert keyed is not None and any(name == "neuronserve_copies_ready" for name, _ in keyed.samples)
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
 def _tiny_artifacts(tmp_path: Path, tiny_model: Callable[..., Path], task: str) -> Path:
     model_dir = tiny_model(tmp_path / task, task)
     settings = make_settings(

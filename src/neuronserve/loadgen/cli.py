@@ -88,9 +88,13 @@ def monitoring_snapshot(settings: Settings, directory: Path) -> str:
     if m.enabled:
         sources["exporter"] = f"http://{m.host}:{m.port}/metrics"
     saved = []
+    key = settings.api_key() if settings.serve.metrics_need_key else ""
     for name, url in sources.items():
+        keyed = key and name != "exporter"  # serve.metrics_need_key: the servers want the key
         try:
-            response = httpx.get(url, timeout=3)
+            response = httpx.get(
+                url, timeout=3, headers={"Authorization": f"Bearer {key}"} if keyed else None
+            )
         except httpx.HTTPError:
             continue
         if response.status_code == 200:

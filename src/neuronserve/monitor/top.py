@@ -42,11 +42,15 @@ class Scrape:
         return out
 
 
-def scrape(url: str) -> Scrape | None:
+def scrape(url: str, headers: dict[str, str] | None = None) -> Scrape | None:
+    """The samples at ``url``; None when it does not answer them (down, or refusing: a 401)."""
     try:
-        text = httpx.get(url, timeout=2).text
+        response = httpx.get(url, timeout=2, headers=headers)
     except httpx.HTTPError:
         return None
+    if response.status_code != 200:
+        return None
+    text = response.text
     result = Scrape(time.monotonic())
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -150,7 +154,9 @@ def frame(
     return "\n".join(lines)
 
 
-def run(run_dir: Path, exporter_url: str | None, interval_s: float, once: bool) -> int:
+def run(run_dir: Path, exporter_url: str | None, interval_s: float, once: bool, *, api_key: str = "") -> int:
+    """``api_key``: sent to the servers (serve.metrics_need_key), never to the exporter."""
+    keyed = {"Authorization": f"Bearer {api_key}"} if api_key else None
     plan_path = run_dir / "plan.json"
     if not plan_path.is_file():
         print(f"no deployment in {run_dir}; run ./fast-api/deploy.sh first", file=sys.stderr)
@@ -159,10 +165,11 @@ def run(run_dir: Path, exporter_url: str | None, interval_s: float, once: bool) 
     urls = {s["name"]: f"http://127.0.0.1:{s['port']}/metrics" for s in plan["servers"]}
     if exporter_url:
         urls["exporter"] = exporter_url
-    before = {name: scrape(url) for name, url in urls.items()}
+    headers = {name: None if name == "exporter" else keyed for name in urls}
+    before = {name: scrape(url, headers[name]) for name, url in urls.items()}
     while True:
         time.sleep(interval_s)  # the sampling interval of the view
-        after = {name: scrape(url) for name, url in urls.items()}
+        after = {name: scrape(url, headers[name]) for name, url in urls.items()}
         text = frame(plan, before, after)
         if once:
             print(text)

@@ -23,7 +23,7 @@ from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
 from neuronserve.backends import choose_backend
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
-from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError
+from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError, WorkItem
 from neuronserve.serving.copies import BatchOutcome, Copies, server_cores
 from neuronserve.serving.errors import ServeError, deadline, overloaded, too_large, unavailable, validation
 from neuronserve.serving.metrics import ModelMetrics, ServerMetrics
@@ -444,7 +444,7 @@ class Engine:
     ) -> list[Item]:
         now = time.monotonic()
         return [
-            Item(
+            WorkItem(
                 length=enc.length,
                 deadline=expires,
                 payload=QueuedInput(enc, request.options_for(i), answer, i),

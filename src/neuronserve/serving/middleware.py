@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _FastRoute:
-    """Stands in for a Starlette route in the scope, so metrics label fast-path requests too."""
+class _RouteLabel:
+    """Stands in for a Starlette route in the scope: the route's path labels its metrics."""
 
     path: str
 
@@ -107,15 +107,15 @@ class ServingMiddleware:
 
         try:
             method = scope["method"]
-            route, params, allowed = self.router.match(method, scope["path"])
+            route, params, others = self.router.match(method, scope["path"])
             if route is not None:
-                scope["route"] = _FastRoute(route.path)
+                scope["route"] = _RouteLabel(route.path)
             if route is not None and route.probe is not None:  # nothing to wait for but the loop's turn
                 await _send_reply(route.probe(), send_with_headers, head=method == "HEAD")
                 return
             error = (
-                self._check_auth(route, headers)
-                or self._check_route(route, method, scope["path"], allowed)
+                self._check_auth(route, others, headers)
+                or self._check_route(route, method, scope["path"], others)
                 or self._check_content_type(route, method, headers)
                 or self._check_declared_size(headers)
             )
@@ -177,10 +177,18 @@ class ServingMiddleware:
             return
         await _send_reply(reply, send, head=head)
 
-    def _check_auth(self, route: Route | None, headers: dict[bytes, bytes]) -> ServeError | None:
-        """The API key, when one is set, for every route that needs it and for paths that are
-        no route at all (what is not declared open is closed)."""
-        if not self.api_key or (route is not None and not route.needs_key):
+    def _check_auth(
+        self, route: Route | None, others: list[Route], headers: dict[bytes, bytes]
+    ) -> ServeError | None:
+        """The API key, when one is set, for every route that needs it, and for a path that is
+        no route: as the path's routes under other methods say (an open path answers 405
+        without the key); a path that is no route at all needs it (what is not declared open
+        is closed)."""
+        if not self.api_key:
+            return None
+        if route is not None and not route.needs_key:
+            return None
+        if route is None and others and not any(r.needs_key for r in others):
             return None
         given = headers.get(b"x-api-key", b"")
         auth = headers.get(b"authorization", b"")
@@ -195,9 +203,10 @@ class ServingMiddleware:
         )
 
     @staticmethod
-    def _check_route(route: Route | None, method: str, path: str, allowed: list[str]) -> ServeError | None:
+    def _check_route(route: Route | None, method: str, path: str, others: list[Route]) -> ServeError | None:
         if route is not None:
             return None
+        allowed = sorted({r.method for r in others})
         if allowed:
             return ServeError(
                 "method_not_allowed",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
@@ -29,7 +29,11 @@ from neuronserve.serving.registry import ModelRegistry, describe, is_cross_encod
 
 Narrow = Callable[[dict[str, Any]], None]
 OPENAPI_PATH = "/openapi.json"
-DOCS_PATH = "/docs"
+BINARY = "application/octet-stream"
+SECURITY_SCHEMES = {  # serve.api_key: either header carries it
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+}
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,14 @@ class Route:
 
     method: str
     path: str
+    operation: str  # a name of its own; with the path and method, its OpenAPI operationId
     summary: str
     handler: Handler | None = None
     probe: Probe | None = None
     body: type[BaseModel] | None = None
     body_required: bool = True
     binary_body: bool = False  # also takes application/octet-stream (v2's binary extension)
+    binary_answer: bool = False  # may answer application/octet-stream (v2's binary outputs)
     response: Any = None
     media_type: str = JSON
     needs_key: bool = True
@@ -56,10 +62,9 @@ class Route:
     narrow: Narrow | None = None
 
     @property
-    def name(self) -> str:
-        """The operation id: its method and path as one identifier."""
-        words = re.sub(r"[^a-z0-9]+", "_", self.path.lower()).strip("_") or "root"
-        return f"{self.method.lower()}_{words}"
+    def operation_id(self) -> str:
+        """The name, path and method as one identifier (as FastAPI made them: ``predict_predict_post``)."""
+        return re.sub(r"\W", "_", f"{self.operation}{self.path}") + f"_{self.method.lower()}"
 
 
 def route_table(
@@ -82,51 +87,56 @@ def route_table(
 
     return [
         # probes: no body, no key, nothing to wait for but the loop's turn
-        Route("GET", "/health", "Liveness: the process answers.", probe=native.liveness, response=native.Liveness,
+        Route("GET", "/health", "health", "Liveness: the process answers.", probe=native.liveness,
+              response=native.Liveness, needs_key=False, errors=False),
+        Route("GET", "/ready", "ready", "Readiness: every copy loaded and warmed on every compiled shape.",
+              probe=partial(native.readiness, r), needs_key=False, errors=False,
+              extra={503: (ErrorBody, "Loading, draining or a copy failing; the body says which and why.")}),
+        Route("GET", "/v2/health/live", "v2_live", "v2 liveness.", probe=kserve.liveness, response=kserve.V2Live,
               needs_key=False, errors=False),
-        Route("GET", "/ready", "Readiness: every copy loaded and warmed on every compiled shape.",
-              probe=partial(native.readiness, r), needs_key=False),
-        Route("GET", "/v2/health/live", "v2 liveness.", probe=kserve.liveness, response=kserve.V2Live,
-              needs_key=False, errors=False),
-        Route("GET", "/v2/health/ready", "v2 readiness: every copy loaded and warmed.", probe=partial(kserve.readiness, r),
-              response=kserve.V2Ready, needs_key=False, errors=False,
+        Route("GET", "/v2/health/ready", "v2_ready", "v2 readiness: every copy loaded and warmed.",
+              probe=partial(kserve.readiness, r), response=kserve.V2Ready, needs_key=False, errors=False,
               extra={503: (kserve.V2Ready, "Loading, draining or a copy failing.")}),
         # inference
-        Route("POST", "/predict", "Run the model on one input or a list (every task).", partial(native.predict, r),
-              body=native.PredictRequest, response=native.PredictResponse, narrow=partial(native.narrow_predict, r)),
-        Route("POST", "/v1/embeddings", "OpenAI-compatible embeddings.", partial(openai.embeddings, r),
+        Route("POST", "/predict", "predict", "Run the model on one input or a list (every task).",
+              partial(native.predict, r), body=native.PredictRequest, response=native.PredictResponse,
+              narrow=partial(native.narrow_predict, r)),
+        Route("POST", "/v1/embeddings", "embeddings", "OpenAI-compatible embeddings.", partial(openai.embeddings, r),
               body=openai.EmbeddingsRequest, documented=embeds, narrow=partial(openai.narrow_embeddings, r)),
-        Route("POST", "/rerank", "TEI rerank: each text's score against the query (cross-encoders), best first.",
+        Route("POST", "/rerank", "rerank",
+              "TEI rerank: each text's score against the query (cross-encoders), best first.",
               partial(rerank.rerank, r), body=rerank.RerankRequest, response=list[rerank.RerankResult],
               documented=reranks, narrow=partial(rerank.narrow, r)),
-        Route("POST", "/v1/rerank",
+        Route("POST", "/v1/rerank", "cohere_rerank",
               "Cohere/Jina rerank (LangChain, LlamaIndex): results[{index, relevance_score, document}].",
               partial(rerank.cohere_rerank, r), body=rerank.CohereRerankRequest,
               response=rerank.CohereRerankResponse, documented=reranks, narrow=partial(rerank.narrow, r)),
-        Route("POST", "/v2/models/{model}/infer", "v2 inference with BYTES text inputs.", partial(kserve.infer, r),
-              body=kserve.V2InferRequest, binary_body=True, narrow=partial(kserve.narrow_infer, r)),
-        Route("POST", "/v2/models/{model}/versions/{version}/infer", "v2 inference of a model version.",
+        Route("POST", "/v2/models/{model}/infer", "v2_infer", "v2 inference with BYTES text inputs.",
+              partial(kserve.infer, r), body=kserve.V2InferRequest, binary_body=True, binary_answer=True,
+              narrow=partial(kserve.narrow_infer, r)),
+        Route("POST", "/v2/models/{model}/versions/{version}/infer", "v2_infer", "v2 inference of a model version.",
               partial(kserve.infer, r), binary_body=True, documented=False),
-        Route("POST", "/tokenize", "Tokens of each input (TEI's shape): id, text, special, character span.",
+        Route("POST", "/tokenize", "tokenize", "Tokens of each input (TEI's shape): id, text, special, character span.",
               partial(native.tokenize, r), body=native.TokenizeRequest, response=list[list[native.Token]],
               narrow=partial(native.narrow_tokenize, r)),
         # discovery and the server's own state
-        Route("GET", "/v1/models", "OpenAI model list: the models this server serves.", partial(openai.models, r),
-              response=openai.ModelList, errors=False),
-        Route("GET", "/v1/models/{model}", "One OpenAI model object.", partial(openai.model, r),
+        Route("GET", "/v1/models", "v1_models", "OpenAI model list: the models this server serves.",
+              partial(openai.models, r), response=openai.ModelList, errors=False),
+        Route("GET", "/v1/models/{model}", "v1_model", "One OpenAI model object.", partial(openai.model, r),
               response=openai.ModelCard),
-        Route("GET", "/v2", "v2 server metadata.", kserve.server_metadata, needs_key=False, errors=False),
-        Route("GET", "/v2/models/{model}", "v2 model metadata.", partial(kserve.model_metadata, r)),
-        Route("GET", "/v2/models/{model}/versions/{version}", "v2 model metadata of a version.",
+        Route("GET", "/v2", "v2_server", "v2 server metadata.", kserve.server_metadata, needs_key=False, errors=False),
+        Route("GET", "/v2/models/{model}", "v2_model", "v2 model metadata.", partial(kserve.model_metadata, r)),
+        Route("GET", "/v2/models/{model}/versions/{version}", "v2_model", "v2 model metadata of a version.",
               partial(kserve.model_metadata, r), documented=False),
-        Route("GET", "/v2/models/{model}/ready", "v2 model readiness.", partial(kserve.model_ready, r),
+        Route("GET", "/v2/models/{model}/ready", "v2_model_ready", "v2 model readiness.", partial(kserve.model_ready, r),
               response=kserve.V2ModelReady, extra={503: (kserve.V2ModelReady, "Not ready.")}),
-        Route("POST", "/v2/repository/index",
+        Route("POST", "/v2/repository/index", "v2_repository_index",
               "v2 repository index: every model with its state (tritonclient's model list).",
               partial(kserve.repository_index, r), body=kserve.RepositoryIndexRequest, body_required=False,
               response=list[kserve.RepositoryModel]),
-        Route("GET", "/info", "Effective settings (secrets redacted), models, shapes and copies.", info),
-        Route("GET", "/metrics", "Prometheus metrics" + ("." if open_metrics else " (with the API key)."),
+        Route("GET", "/info", "info", "Effective settings (secrets redacted), models, shapes and copies.", info),
+        Route("GET", "/metrics", "prometheus_metrics",
+              "Prometheus metrics" + ("." if open_metrics else " (with the API key)."),
               prometheus, media_type="text/plain", needs_key=not open_metrics, errors=False),
     ]  # fmt: skip
 
@@ -143,8 +153,10 @@ class Router:
         self.routes = routes
         self._exact: dict[tuple[str, str], Route] = {}
         self._templated: list[tuple[re.Pattern[str], Route]] = []
-        self._methods: dict[str, list[str]] = {}
+        self._by_path: dict[str, list[Route]] = {}
         for route in routes:
+            if route.probe is not None and (route.needs_key or route.method != "GET"):
+                raise ValueError(f"this is a bug: the probe {route.path} is answered before any key check")
             if "{" in route.path:
                 pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", route.path)
                 self._templated.append((re.compile(f"^{pattern}$"), route))
@@ -152,23 +164,25 @@ class Router:
                 raise ValueError(f"this is a bug: {route.method} {route.path} is declared twice")
             else:
                 self._exact[(route.method, route.path)] = route
-            self._methods.setdefault(route.path, []).append(route.method)
+            if "{" not in route.path:
+                self._by_path.setdefault(route.path, []).append(route)
 
-    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
-        """(the route, its path parameters, []) or (None, {}, the methods the path takes)."""
+    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[Route]]:
+        """(the route, its path parameters, []), or (None, {}, the routes of the path under
+        other methods) when the path takes another method or none at all."""
         method = "GET" if method == "HEAD" else method  # a GET route answers HEAD too (no body)
         route = self._exact.get((method, path))
         if route is not None:
             return route, {}, []
-        allowed = list(self._methods.get(path, []))
+        others = [r for r in self._by_path.get(path, [])]
         for pattern, candidate in self._templated:
             found = pattern.match(path)
             if found is None:
                 continue
             if candidate.method == method:
                 return candidate, found.groupdict(), []
-            allowed.append(candidate.method)
-        return None, {}, sorted(set(allowed))
+            others.append(candidate)
+        return None, {}, others
 
 
 # --- the OpenAPI document -----------------------------------------------------------------------
@@ -210,40 +224,19 @@ class _Components:
 def openapi_document(routes: list[Route], settings: Settings, description: str) -> dict[str, Any]:
     """The server's OpenAPI document, from its route table alone."""
     components = _Components()
-    errors = error_responses(settings)
-    paths: dict[str, dict[str, Any]] = {}
     narrows: list[Narrow] = []
+    paths: dict[str, dict[str, Any]] = {}
+    keyed = bool(settings.api_key())
     for route in routes:
         if not route.documented:
             continue
-        answer = (
-            {"schema": components.schema(route.response, "serialization")}
-            if route.response
-            else {"schema": {}}
-        )
-        responses: dict[str, Any] = {
-            "200": {"description": "Successful Response", "content": {route.media_type: answer}}
-        }
-        if route.errors:
-            error = {JSON: {"schema": components.schema(ErrorBody, "serialization")}}
-            responses.update(
-                {str(code): {"description": text, "content": error} for code, text in errors.items()}
-            )
-        elif route.needs_key:
-            responses["401"] = {
-                "description": errors[401],
-                "content": {JSON: {"schema": components.schema(ErrorBody, "serialization")}},
-            }
-        for code, (model, text) in route.extra.items():
-            responses[str(code)] = {
-                "description": text,
-                "content": {JSON: {"schema": components.schema(model, "serialization")}},
-            }
         operation: dict[str, Any] = {
             "summary": route.summary,
-            "operationId": route.name,
-            "responses": responses,
+            "operationId": route.operation_id,
+            "responses": _responses(route, components, error_responses(settings)),
         }
+        if keyed and route.needs_key:
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
         parameters = re.findall(r"\{(\w+)\}", route.path)
         if parameters:
             operation["parameters"] = [
@@ -264,12 +257,42 @@ def openapi_document(routes: list[Route], settings: Settings, description: str) 
         "openapi": "3.1.0",
         "info": {"title": "neuronserve", "version": __version__, "description": description},
         "paths": paths,
-        "components": {"schemas": components.schemas},
+        "components": {
+            "schemas": components.schemas,
+            **({"securitySchemes": SECURITY_SCHEMES} if keyed else {}),
+        },
     }
 
 
+def _responses(route: Route, components: _Components, errors: dict[int, str]) -> dict[str, Any]:
+    """Its answer, the error statuses it may give (401 alone when only the key can fail) and its
+    other statuses, each with its body's schema."""
+
+    def content(kind: Any) -> dict[str, Any]:
+        return {JSON: {"schema": components.schema(kind, "serialization")}}
+
+    answer: dict[str, Any] = {
+        route.media_type: {
+            "schema": components.schema(route.response, "serialization") if route.response else {}
+        }
+    }
+    if route.binary_answer:  # a JSON header, then the tensors' bytes
+        answer[BINARY] = {"schema": {"type": "string", "format": "binary"}}
+    responses: dict[str, Any] = {"200": {"description": "Successful Response", "content": answer}}
+    if route.errors:
+        responses.update(
+            {str(code): {"description": text, "content": content(ErrorBody)} for code, text in errors.items()}
+        )
+    elif route.needs_key:
+        responses["401"] = {"description": errors[401], "content": content(ErrorBody)}
+    for code, (model, text) in route.extra.items():
+        responses[str(code)] = {"description": text, "content": content(model)}
+    return responses
+
+
 def document_routes(routes: list[Route], settings: Settings, description: str) -> list[Route]:
-    """``/openapi.json`` and ``/docs`` (Swagger UI) for ``routes``: open, like the probes."""
+    """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc`` for ``routes``: open, like the
+    probes (no input, no secret)."""
     document: list[bytes] = []  # built on first request: the routes' schemas cost ~100 ms
 
     async def openapi(_call: Call) -> Reply:
@@ -281,9 +304,12 @@ def document_routes(routes: list[Route], settings: Settings, description: str) -
         page = get_swagger_ui_html(openapi_url=OPENAPI_PATH, title="neuronserve - Swagger UI")
         return Reply(200, bytes(page.body), media_type="text/html")
 
+    async def redoc(_call: Call) -> Reply:
+        page = get_redoc_html(openapi_url=OPENAPI_PATH, title="neuronserve - ReDoc")
+        return Reply(200, bytes(page.body), media_type="text/html")
+
     return [
-        Route("GET", OPENAPI_PATH, "This document.", openapi, needs_key=False, documented=False),
-        Route(
-            "GET", DOCS_PATH, "Swagger UI.", docs, needs_key=False, documented=False, media_type="text/html"
-        ),
+        Route("GET", OPENAPI_PATH, "openapi", "This document.", openapi, needs_key=False, documented=False),
+        Route("GET", "/docs", "swagger_ui_html", "Swagger UI.", docs, needs_key=False, documented=False),
+        Route("GET", "/redoc", "redoc_html", "ReDoc.", redoc, needs_key=False, documented=False),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -35,19 +36,24 @@ async def _ok(_call: Call) -> Reply:
 def test_the_router_matches_templates_and_says_which_methods_a_path_takes() -> None:
     router = Router(
         [
-            Route("POST", "/predict", "p", _ok),
-            Route("POST", "/v2/models/{model}/infer", "i", _ok),
-            Route("GET", "/v2/models/{model}", "m", _ok),
+            Route("POST", "/predict", "predict", "p", _ok),
+            Route("POST", "/v2/models/{model}/infer", "v2_infer", "i", _ok),
+            Route("GET", "/v2/models/{model}", "v2_model", "m", _ok),
         ]
     )
-    route, params, allowed = router.match("POST", "/v2/models/tiny/infer")
-    assert route is not None and route.summary == "i" and params == {"model": "tiny"} and allowed == []
+    route, params, others = router.match("POST", "/v2/models/tiny/infer")
+    assert route is not None and route.summary == "i" and params == {"model": "tiny"} and others == []
+    assert route.operation_id == "v2_infer_v2_models__model__infer_post"  # as FastAPI named it
     assert router.match("HEAD", "/v2/models/tiny")[0] is not None  # a GET route answers HEAD
-    assert router.match("GET", "/predict") == (None, {}, ["POST"])
-    assert router.match("DELETE", "/v2/models/tiny") == (None, {}, ["GET"])
+    route, _, others = router.match("GET", "/predict")
+    assert route is None and [r.method for r in others] == ["POST"]
+    route, _, others = router.match("DELETE", "/v2/models/tiny")
+    assert route is None and [r.method for r in others] == ["GET"]
     assert router.match("GET", "/nowhere") == (None, {}, [])
     with pytest.raises(ValueError, match="declared twice"):
-        Router([Route("POST", "/predict", "a", _ok), Route("POST", "/predict", "b", _ok)])
+        Router([Route("POST", "/predict", "a", "a", _ok), Route("POST", "/predict", "b", "b", _ok)])
+    with pytest.raises(ValueError, match="before any key check"):  # a probe is never behind the key
+        Router([Route("GET", "/health", "health", "h", probe=lambda: Reply(200, b""))])
 
 
 @pytest.mark.parametrize("need_key", [False, True])
@@ -66,6 +72,13 @@ def test_metrics_is_open_or_closed_by_the_setting(tmp_path: Path, artifacts: Pat
         assert client.get("/nowhere").status_code == 401
         assert client.get("/nowhere", headers={"x-api-key": KEY}).status_code == 404
         assert client.get("/health").status_code == 200  # probes stay open
+        wrong = client.post("/health")  # an open path under another method: 405 saying which
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
+        assert client.post("/info").status_code == 401  # a closed one: the key first
+        security = spec["paths"]["/predict"]["post"]["security"]  # the document says how to send it
+        assert (
+            security == [{"bearer": []}, {"apiKey": []}] and "bearer" in spec["components"]["securitySchemes"]
+        )
 
 
 def test_every_documented_operation_is_a_route_and_answers(tmp_path: Path, artifacts: Path) -> None:
@@ -81,3 +94,34 @@ def test_every_documented_operation_is_a_route_and_answers(tmp_path: Path, artif
                 r = client.request(method, url, json={} if method == "post" else None)
                 assert r.status_code not in (404, 405), (method, path, r.status_code)
         assert client.post("/rerank", json={"query": "q", "texts": ["t"]}).json()["type"] == "not_found"
+
+
+def test_what_the_v2_schema_calls_valid_a_question_answering_model_serves(tmp_path: Path) -> None:
+    """The v2 infer body of a QA server: question and context of one count each is valid and
+    served; a repeated input or counts that differ (both 422s) are invalid in the document too."""
+    from jsonschema import Draft202012Validator
+
+    qa = trace_tiny(tmp_path, "question-answering", trace__sequence_lengths="32").directory
+    with _client(tmp_path, qa) as client:
+        spec = client.get("/openapi.json").json()
+        root = {"$ref": "#/components/schemas/V2InferRequest", "components": spec["components"]}
+        validator = Draft202012Validator(root)
+
+        def tensor(name: str, texts: list[str]) -> dict[str, Any]:
+            return {"name": name, "shape": [len(texts)], "datatype": "BYTES", "data": texts}
+
+        good = {"inputs": [tensor("question", ["who?", "what?"]), tensor("context", ["a b", "c d"])]}
+        assert validator.is_valid(good)
+        assert client.post("/v2/models/tiny/infer", json=good).status_code == 200
+        for bad in (
+            {"inputs": [tensor("question", ["who?"]), tensor("question", ["what?"])]},
+            {"inputs": [tensor("question", ["who?"]), tensor("context", ["a", "b"])]},
+            {"inputs": [tensor("text", ["a"])]},
+        ):
+            assert not validator.is_valid(bad), bad
+            assert client.post("/v2/models/tiny/infer", json=bad).status_code == 422, bad
+        outputs = {**good, "outputs": [{"name": "answer", "parameters": {"binary_data": False}}]}
+        assert (
+            validator.is_valid(outputs)
+            and client.post("/v2/models/tiny/infer", json=outputs).status_code == 200
+        )

@@ -37,21 +37,37 @@ class V2InputTensor(BaseModel):
     data: list[Text]
 
 
+class V2OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    binary_data: StrictBool = Field(False, description="This output as raw bytes after the JSON header.")
+
+
 class V2RequestedOutput(BaseModel):
-    """An output the client wants (with the binary extension, ``parameters.binary_data``)."""
+    """An output the client wants."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
+    parameters: V2OutputParameters | None = None
+
+
+class V2Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    binary_data_output: StrictBool = Field(
+        False, description="Every output as raw bytes after the JSON header."
+    )
 
 
 class V2InferRequest(BaseModel):
-    """``POST /v2/models/{model}/infer`` (Open Inference Protocol) as JSON. tritonclient's binary
-    extension (``parameters`` with ``binary_data_size``, ``binary_data_output``) is served too."""
+    """``POST /v2/models/{model}/infer`` (Open Inference Protocol) with a JSON body: each input a
+    BYTES tensor of shape [n] holding n texts. Also served, though a JSON schema cannot describe
+    them: tritonclient's binary bodies (a JSON header, then each input's bytes, its size in
+    ``parameters.binary_data_size``), and shapes of more dimensions with nested ``data``."""
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
     inputs: Annotated[list[V2InputTensor], Field(min_length=1)]
     outputs: list[V2RequestedOutput] | None = None
+    parameters: V2Parameters | None = None
 
 
 class RepositoryIndexRequest(BaseModel):
@@ -217,42 +233,59 @@ async def _infer(engine: Engine, call: Call) -> Reply:
     return Reply(200, out, {**headers, **result.timing_headers()}, media)
 
 
-def narrow_infer(registry: ModelRegistry, components: dict[str, Any]) -> None:
-    """What this server's models take, so that what the schema calls valid is served: each input
-    named as in the model's metadata (question and context for question answering, else text),
-    holding as many texts as its shape says, up to serve.max_inputs_per_request; outputs named
-    as in the metadata."""
-    limit = registry.settings.serve.max_inputs_per_request
-    kinds = {e.task_kind for e in registry.engines.values()}
-    names = sorted({n for k in kinds for n in k.facts.input_names})
-    columns = sorted({c.name for k in kinds for c in k.facts.columns})
-    text = {"type": "string", "minLength": 1, "pattern": r"\S"}
-    tensors = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": names},
-                "shape": {
-                    "type": "array",
-                    "items": {"type": "integer", "const": count},
-                    "minItems": 1,
-                    "maxItems": 1,
-                },
-                "datatype": {"type": "string", "const": "BYTES"},
-                "data": {"type": "array", "items": text, "minItems": count, "maxItems": count},
+# The document describes a tensor of each count from 1 to this (or serve.max_inputs_per_request),
+# a branch each; larger ones are served as well.
+DOCUMENTED_COUNTS = 32
+
+
+def _tensor(name: str, count: int) -> dict[str, Any]:
+    """A BYTES input tensor named ``name`` of shape [count] holding ``count`` texts."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "const": name},
+            "shape": {
+                "type": "array",
+                "items": {"type": "integer", "const": count},
+                "minItems": 1,
+                "maxItems": 1,
             },
-            "required": ["name", "shape", "datatype", "data"],
-            "additionalProperties": False,
-        }
-        for count in range(1, limit + 1)
-    ]
-    pairs = any(k.takes_pairs for k in kinds)
-    request = components["V2InferRequest"]["properties"]
-    request["inputs"] = {
-        "type": "array",
-        "items": {"anyOf": tensors},
-        "minItems": len(names) if pairs else 1,
-        "maxItems": len(names) if pairs else 1,
+            "datatype": {"type": "string", "const": "BYTES"},
+            "data": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "pattern": r"\S"},
+                "minItems": count,
+                "maxItems": count,
+            },
+        },
+        "required": ["name", "shape", "datatype", "data"],
+        "additionalProperties": False,
     }
-    output = components["V2RequestedOutput"]["properties"]
-    output["name"] = {"type": "string", "enum": columns}
+
+
+def narrow_infer(registry: ModelRegistry, components: dict[str, Any]) -> None:
+    """What this server's models take, so that what the schema calls valid is served: the inputs
+    of a model's metadata (text; or question and context, in that order, as many of each),
+    each of shape [n] with its n texts, n up to serve.max_inputs_per_request; outputs named as in
+    the metadata."""
+    limit = min(registry.settings.serve.max_inputs_per_request, DOCUMENTED_COUNTS)
+    kinds = sorted({e.task_kind for e in registry.engines.values()}, key=lambda k: k.value)
+    branches: list[dict[str, Any]] = []
+    for names in dict.fromkeys(k.facts.input_names for k in kinds):
+        for count in range(1, limit + 1):
+            tensors = [_tensor(name, count) for name in names]
+            if len(tensors) == 1:
+                branches.append({"type": "array", "items": tensors[0], "minItems": 1, "maxItems": 1})
+            else:
+                branches.append(
+                    {
+                        "type": "array",
+                        "prefixItems": tensors,
+                        "items": False,
+                        "minItems": len(tensors),
+                        "maxItems": len(tensors),
+                    }
+                )
+    components["V2InferRequest"]["properties"]["inputs"] = {"anyOf": branches}
+    columns = sorted({c.name for k in kinds for c in k.facts.columns})
+    components["V2RequestedOutput"]["properties"]["name"] = {"type": "string", "enum": columns}
