@@ -3,7 +3,8 @@
 ``least_conn`` spreads requests by open requests per server (kernel accept order piled
 keep-alive connections onto one worker in measured runs). Each server takes at most
 ``max_conns`` requests at once, so overload never floods a server's event loop: the excess is
-answered by nginx itself (503 with Retry-After, our JSON error shape), never by a reset. A
+answered by nginx itself (503 with Retry-After, our JSON error shape), never by a reset; every
+other answer nginx gives itself (413, 400, 414, ...) is in that shape too. A
 failed attempt, POSTs included (inference has no side effects), and a 503 from a draining or
 unhealthy server are retried once on another server; a timeout never is (under overload a
 retry only doubles the work).
@@ -90,6 +91,18 @@ http {{
     server {{
         listen {listen_host}:{listen_port} backlog=4096;
 
+        # nginx's own answers in the servers' JSON error shape (a server's own errors pass
+        # through as they are): set here, once, for every location (a location that set any
+        # error_page of its own would inherit none of these). Internal URIs, not named
+        # locations: a request whose line could not be read has no URI to carry to a name.
+        error_page 502 504 =503 /.neuronserve/no-server;
+        error_page 400 /.neuronserve/400;
+        error_page 408 /.neuronserve/408;
+        error_page 413 /.neuronserve/413;
+        error_page 414 /.neuronserve/414;
+        error_page 494 =431 /.neuronserve/431;
+        error_page 500 /.neuronserve/500;
+
         location / {{
             proxy_pass http://neuronserve_servers;
             proxy_http_version 1.1;
@@ -102,7 +115,6 @@ http {{
             proxy_send_timeout {int(read_timeout_s)}s;
             proxy_read_timeout {int(read_timeout_s)}s;
             proxy_intercept_errors off;
-            error_page 502 504 = @no_server;
         }}
 
         # Prometheus scrapes each server on loopback; the public endpoint does not expose
@@ -112,7 +124,44 @@ http {{
             return 404 '{{"error":"metrics are scraped from each server, not through the endpoint","type":"not_found"}}';
         }}
 
-        location @no_server {{
+        location = /.neuronserve/400 {{
+            internal;
+            default_type application/json;
+            return 400 '{{"error":"malformed HTTP request (request line or headers)","type":"invalid_request"}}';
+        }}
+
+        location = /.neuronserve/408 {{
+            internal;
+            default_type application/json;
+            return 408 '{{"error":"the request was not sent in time; send it again","type":"invalid_request"}}';
+        }}
+
+        location = /.neuronserve/413 {{
+            internal;
+            default_type application/json;
+            return 413 '{{"error":"body: more than {max_body_bytes} bytes exceed serve.max_body_bytes ({max_body_bytes} bytes); send fewer or shorter inputs per request","type":"payload_too_large","field":"body"}}';
+        }}
+
+        location = /.neuronserve/414 {{
+            internal;
+            default_type application/json;
+            return 414 '{{"error":"the request line is too long; send inputs in the body","type":"invalid_request"}}';
+        }}
+
+        location = /.neuronserve/431 {{
+            internal;
+            default_type application/json;
+            return 431 '{{"error":"the request headers are too large","type":"invalid_request"}}';
+        }}
+
+        location = /.neuronserve/500 {{
+            internal;
+            default_type application/json;
+            return 500 '{{"error":"internal error in the endpoint; see its error log","type":"internal_error"}}';
+        }}
+
+        location = /.neuronserve/no-server {{
+            internal;
             default_type application/json;
             add_header Retry-After 1 always;
             return 503 '{{"error":"no server could take the request (all busy or down); retry shortly","type":"unavailable"}}';
