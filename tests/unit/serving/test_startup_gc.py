@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -18,11 +19,19 @@ from tests.conftest import make_settings, ready_client, trace_tiny
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
+    """A server run in this process pins it (CPU affinity, torch threads) and installs its SIGTERM
+    handler; all of it is undone after, or every process the session starts later (a deployment's
+    supervisord, its servers) would inherit one CPU."""
+    import torch
+
     gc.unfreeze()
     previous = signal.getsignal(signal.SIGTERM)
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     yield
     gc.unfreeze()  # the rest of the test session collects as usual
     signal.signal(signal.SIGTERM, previous)
+    os.sched_setaffinity(0, affinity)
+    torch.set_num_threads(threads)
 
 
 def _settings(tmp_path: Path) -> object:
