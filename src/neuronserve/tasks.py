@@ -91,4 +91,3 @@ _FACTS = {
         ),
     ),
 }
-TASKS = tuple(kind.value for kind in TaskKind)

@@ -65,19 +65,9 @@ class BackendKind(str, enum.Enum):
         return self.facts.neuron_cores
 
     @property
-    def core_word(self) -> str:
-        return "NeuronCore" if self.neuron_cores else "CPU"
-
-    @property
     def lends_cores(self) -> bool:
         """A server's idle cores may run a lone batch as extra intra-op threads (CPUs are threads
         to lend; a NeuronCore is not)."""
-        return not self.neuron_cores
-
-    @property
-    def trims_batches(self) -> bool:
-        """Its artifacts may be verified at lengths between the compiled ones, so a batch pads to
-        its longest input, not its bucket (cpu; a NEFF runs its compiled shape only)."""
         return not self.neuron_cores
 
     @property

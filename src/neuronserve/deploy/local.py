@@ -351,14 +351,18 @@ def write_run_dir(settings: Settings, plan: Plan, artifacts: Path, config: Path 
         python=sys.executable,
         passthrough_env=passthrough,
     )
-    # Owner-only: the servers' environment in it carries serve.api_key when one is set.
-    fd = os.open(rd.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # also when an old file was there
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(conf)
+    _write_owner_only(rd.conf, conf)  # the servers' environment in it carries serve.api_key
     rd.plan.write_text(json.dumps(plan_to_json(plan), indent=2) + "\n")
     _write_prometheus(settings, plan, rd)
     return rd
+
+
+def _write_owner_only(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner alone (a secret is in it), also over an old file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an old file was there
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def _write_prometheus(settings: Settings, plan: Plan, rd: RunDir) -> None:
@@ -374,9 +378,7 @@ def _write_prometheus(settings: Settings, plan: Plan, rd: RunDir) -> None:
     key = settings.api_key()
     if settings.serve.metrics_need_key and key:  # the servers' /metrics needs the key: give it to Prometheus
         credentials = prom / "api-key"
-        fd = os.open(credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(key)
+        _write_owner_only(credentials, key)
     (prom / "prometheus.yml").write_text(render_prometheus_yml(m.scrape_interval_s, credentials))
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from neuronserve.artifacts import Manifest, artifacts_directory, load_manifest
@@ -131,7 +132,7 @@ class Engine:
         )
         self.metrics.track_queue_depth(lambda: self.batcher.depth)
 
-    def _prompts(self, directory: Any) -> Prompts:
+    def _prompts(self, directory: Path) -> Prompts:
         try:
             prompts = Prompts.from_directory(directory, self.settings.serve.default_prompt_name)
         except ValueError as exc:
@@ -361,7 +362,8 @@ class Engine:
         self.check_count(request.count, request.field)
         timeout_s = self.timeout_s(request.timeout_ms, request.timeout_field)
         texts = self.prompted(request.texts, request.prompt_name, request.prompt_field)
-        request = dataclasses.replace(request, texts=texts)
+        if texts is not request.texts:  # a prompt was put before them (no copy on the hot path otherwise)
+            request = dataclasses.replace(request, texts=texts)
         self.check_available()
         watch = DisconnectWatch(receive) if receive is not None else None
         try:

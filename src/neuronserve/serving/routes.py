@@ -78,6 +78,7 @@ def route_table(
     embeds = any(is_embedder(e) for e in engines)
     reranks = any(is_cross_encoder(e) for e in engines)
     open_metrics = not settings.serve.metrics_need_key
+    narrow_rerank = partial(rerank.narrow, r)  # one narrowing for both rerank bodies
 
     async def prometheus(_call: Call) -> Reply:
         return Reply(200, generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -106,11 +107,11 @@ def route_table(
         Route("POST", "/rerank", "rerank",
               "TEI rerank: each text's score against the query (cross-encoders), best first.",
               partial(rerank.rerank, r), body=rerank.RerankRequest, response=list[rerank.RerankResult],
-              documented=reranks, narrow=partial(rerank.narrow, r)),
+              documented=reranks, narrow=narrow_rerank),
         Route("POST", "/v1/rerank", "cohere_rerank",
               "Cohere/Jina rerank (LangChain, LlamaIndex): results[{index, relevance_score, document}].",
               partial(rerank.cohere_rerank, r), body=rerank.CohereRerankRequest,
-              response=rerank.CohereRerankResponse, documented=reranks, narrow=partial(rerank.narrow, r)),
+              response=rerank.CohereRerankResponse, documented=reranks, narrow=narrow_rerank),
         Route("POST", "/v2/models/{model}/infer", "v2_infer", "v2 inference with BYTES text inputs.",
               partial(kserve.infer, r), body=kserve.V2InferRequest, binary_body=True, binary_answer=True,
               narrow=partial(kserve.narrow_infer, r)),
@@ -227,13 +228,14 @@ def openapi_document(routes: list[Route], settings: Settings, description: str) 
     narrows: list[Narrow] = []
     paths: dict[str, dict[str, Any]] = {}
     keyed = bool(settings.api_key())
+    errors = error_responses(settings)
     for route in routes:
         if not route.documented:
             continue
         operation: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.operation_id,
-            "responses": _responses(route, components, error_responses(settings)),
+            "responses": _responses(route, components, errors),
         }
         if keyed and route.needs_key:
             operation["security"] = [{"bearer": []}, {"apiKey": []}]

@@ -13,7 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from neuronserve import __version__
 from neuronserve.serving.engine import Engine
 from neuronserve.serving.errors import validation
-from neuronserve.serving.protocols.common import Call, Reply, Text, answered, json_reply, labelled, parse_body
+from neuronserve.serving.protocols.common import (
+    CLIENT_CLOSED,
+    Call,
+    Reply,
+    Text,
+    json_reply,
+    labelled,
+    parse_body,
+)
 from neuronserve.serving.protocols.kserve_wire import (
     HEADER_LENGTH,
     V2Request,
@@ -225,7 +233,7 @@ async def _infer(engine: Engine, call: Call) -> Reply:
     parsed = parse_infer(call.body, header.decode("latin-1") if header is not None else None)
     result = await engine.infer(infer_request(engine, parsed), receive=call.receive)
     if result is None:
-        return answered(result, lambda _r: b"")
+        return Reply(CLIENT_CLOSED, b"")
     out, headers = encode_infer(
         engine.model_name, parsed.id, outputs(engine, result, parsed.requested), parsed.binary_outputs
     )
