@@ -207,6 +207,16 @@ class ServeSettings:
         "Cores this server owns, NEURON_RT_VISIBLE_CORES syntax (0-1); empty means every core "
         "available to the process.",
     )
+    shared_cores: str = setting(
+        "",
+        "cpu: the CPUs this server shares with the deployment's other servers through "
+        "serve.core_ledger, its own (serve.cores) among them; deploy sets it (deploy.lend_cores). "
+        "Empty: it runs on its own CPUs only.",
+    )
+    core_ledger: str = setting(
+        "",
+        "cpu: the host-wide core ledger file of serve.shared_cores (deploy sets both).",
+    )
     artifacts: str = setting(
         "",
         "Artifact directory to serve; empty means <trace.output_dir>/<model name>/<backend>.",
@@ -336,8 +346,9 @@ class DeploySettings:
     )
     cores_per_server: int = setting(
         0,
-        "Cores each server owns (contiguous); 0 picks by backend: 1 NeuronCore on Neuron; on cpu every "
-        "CPU up to 8 per server (its copies lend a lone request their idle CPUs), 1 per Kubernetes pod.",
+        "Cores each server owns (contiguous); 0 picks by backend: 1 NeuronCore on Neuron; on cpu half "
+        "the CPUs, at most 8 per server, so that at least two servers share the host (one dying loses "
+        "no request) and lend each other idle CPUs (deploy.lend_cores); 1 per Kubernetes pod.",
         minimum=0,
         maximum=1024,
     )
@@ -345,6 +356,12 @@ class DeploySettings:
         "max",
         "max (as many servers as fit), auto (one server owning every core) or a number (an error if "
         "more than fit).",
+    )
+    lend_cores: bool = setting(
+        True,
+        "cpu, local launcher: the servers lend each other their idle CPUs through a host-wide core "
+        "ledger (a lone request runs on every idle CPU, threads never outnumber CPUs); off: each "
+        "server runs on its own CPUs only.",
     )
     host: str = setting("127.0.0.1", "Address the endpoint (nginx) listens on.")
     port: int = setting(8080, "Port of the endpoint (nginx).", minimum=1, maximum=65535)

@@ -34,9 +34,6 @@ def _settings(tmp_path: Path, artifacts: Path, **extra: str) -> Settings:
         "deploy__port": str(free_port()),
         "deploy__base_port": str(free_port(8)),
         "serve__artifacts": str(artifacts),
-        "serve__models_per_server": "1",
-        # one server per CPU: these tests are about several servers behind nginx
-        "deploy__cores_per_server": "1",
         **extra,
     }
     return make_settings(tmp_path, **values)
@@ -44,6 +41,9 @@ def _settings(tmp_path: Path, artifacts: Path, **extra: str) -> Settings:
 
 @pytest.fixture
 def deployment(tmp_path: Path, bundled_artifacts: Path) -> Iterator[tuple[Settings, Plan, local.RunDir]]:
+    """The default layout, nothing hand-picked: several servers on a host of two CPUs or more."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the default layout has one server on a host of one CPU; these tests need several")
     settings = _settings(tmp_path, bundled_artifacts)
     plan = make_plan(settings, cpu_inventory(), BackendKind.CPU)
     with local.deployed(settings, plan, bundled_artifacts, None) as rd:
@@ -69,6 +69,15 @@ def test_endpoint_serves_and_spreads_over_servers(deployment: tuple[Settings, Pl
         assert client.get("/metrics").status_code == 404  # scraped per server, not public
     assert set(seen) == {f"itest-server-{i}" for i in range(len(plan.servers))}
     assert (rd.path / "logs" / "nginx-access.log").read_text().count('"uri":"/predict"') == 8
+    # one request at a time: each ran alone on every core, its server's and the idle others'
+    assert plan.shared_cores is not None and (rd.path / "cores.ledger").exists()
+    every = len(plan.shared_cores)
+    lent = 0.0
+    for server in plan.servers:
+        for line in httpx.get(f"http://127.0.0.1:{server.port}/metrics").text.splitlines():
+            if line.startswith("neuronserve_batch_threads_total{") and f'threads="{every}"' in line:
+                lent += float(line.rsplit(" ", 1)[1])
+    assert lent >= 8, "lone requests did not run on every core"
 
 
 def test_a_run_directory_deep_in_the_file_system_deploys_and_cleans_up(
@@ -104,9 +113,11 @@ def test_second_deploy_of_the_same_name_is_refused(
 def test_killing_one_process_of_a_server_under_load(
     deployment: tuple[Settings, Plan, local.RunDir], tmp_path: Path, victim_process: str
 ) -> None:
-    """SIGKILL of one process, as the OOM killer or an operator does it: the worker, or the
-    gunicorn master that supervisord watches. Nothing fails, the server is back within 15 s,
-    and no process of the old one lives on."""
+    """SIGKILL of one process of the default layout under 8 clients, as the OOM killer or an
+    operator does it: the worker, or the gunicorn master that supervisord watches. Nothing fails
+    (nginx retries the other server, which borrows the dead one's cores: the kernel drops its
+    locks in the core ledger), the server is back within 15 s, and no process of the old one
+    lives on."""
     _, plan, rd = deployment
     url = f"http://{plan.host}:{plan.port}"
     victim = plan.servers[0]
@@ -129,7 +140,7 @@ def test_killing_one_process_of_a_server_under_load(
         workers = local.children(master)
         return master, workers[0] if workers else 0
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
     try:

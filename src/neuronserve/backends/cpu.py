@@ -292,13 +292,14 @@ def set_call_threads(threads: int) -> None:
     _call_threads.count = threads
 
 
-def onnx_thread_counts(usable: int, copies: int) -> tuple[int, ...]:
+def onnx_thread_counts(usable: int, copies: int, span: int = 0) -> tuple[int, ...]:
     """The thread counts a server's ONNX sessions are made with, for ``usable`` CPUs shared by
-    ``copies`` copies: one, a copy's own share, and all of them (a batch alone). A call lent a
-    count in between runs on the largest of these it holds, so the weights are held at most
-    three times (twice with the default of one copy per CPU)."""
+    ``copies`` copies that may borrow up to ``span`` (0: ``usable``): one, a copy's own share,
+    and all of them (a batch alone). A call lent a count in between runs on the largest of these
+    it holds, so the weights are held at most three times (twice with the default of one copy
+    per CPU)."""
     usable = max(1, usable)
-    return tuple(sorted({1, max(1, usable // max(1, copies)), usable}))
+    return tuple(sorted({1, max(1, usable // max(1, copies)), max(usable, span)}))
 
 
 class OnnxModel:

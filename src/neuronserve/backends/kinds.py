@@ -177,14 +177,15 @@ class BackendKind(str, enum.Enum):
         return self.lends_cores and all(f.endswith((".pt", ".onnx")) for f in artifact_files)
 
     def call_thread_counts(
-        self, artifact_files: Sequence[str], usable: int, copies: int
+        self, artifact_files: Sequence[str], usable: int, copies: int, span: int = 0
     ) -> tuple[int, ...] | None:
         """The thread counts a lent call may run with on a server of ``usable`` CPUs and
-        ``copies`` copies (None: any): an ONNX artifact has a session per count."""
+        ``copies`` copies that may borrow up to ``span`` CPUs (its own and those it shares with
+        other servers; 0: its own) (None: any): an ONNX artifact has a session per count."""
         if self.lends_cores and any(f.endswith(".onnx") for f in artifact_files):
             from neuronserve.backends.cpu import onnx_thread_counts
 
-            return onnx_thread_counts(usable, copies)
+            return onnx_thread_counts(usable, copies, span)
         return None
 
     def call_threads_setter(self) -> Callable[[int], None]:

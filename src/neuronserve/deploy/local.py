@@ -117,7 +117,7 @@ RUN_DIR_MARKER = "NEURONSERVE_RUN_DIR"
 
 
 def server_environment(
-    settings: Settings, server: ServerPlan, artifacts: Path, config: Path | None
+    settings: Settings, server: ServerPlan, artifacts: Path, config: Path | None, plan: Plan | None = None
 ) -> dict[str, str]:
     """What a server process needs: its settings as NEURONSERVE_* variables (settings, not objects).
 
@@ -141,7 +141,16 @@ def server_environment(
     }
     if config is not None:
         env["NEURONSERVE_CONFIG"] = str(config)
+    if plan is not None and plan.shared_cores is not None:
+        env["NEURONSERVE_SERVE__SHARED_CORES"] = str(plan.shared_cores)
+        env["NEURONSERVE_SERVE__CORE_LEDGER"] = str(core_ledger(settings))
     return env
+
+
+def core_ledger(settings: Settings) -> Path:
+    """The deployment's host-wide core ledger (see serving.hostcores): a file its servers lock
+    bytes of; the kernel drops a dead server's locks."""
+    return run_dir(settings).path.resolve() / "cores.ledger"
 
 
 def all_cores(plan: Plan) -> str:
@@ -202,7 +211,7 @@ def render_supervisord_conf(
     ]
     marker = {RUN_DIR_MARKER: str(rd.path.resolve())}
     for server in plan.servers:
-        env = {**passthrough_env, **server_environment(settings, server, artifacts, config)}
+        env = {**passthrough_env, **server_environment(settings, server, artifacts, config, plan)}
         lines += [
             "",
             f"[program:{server.name}]",
@@ -386,6 +395,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
     data = asdict(plan)
     for server, original in zip(data["servers"], plan.servers, strict=True):
         server["cores"] = str(original.cores)
+    data["shared_cores"] = str(plan.shared_cores) if plan.shared_cores is not None else None
     return data
 
 

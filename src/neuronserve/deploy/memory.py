@@ -162,8 +162,9 @@ def estimate(
             # An ONNX artifact is loaded as a session per thread count (see call_thread_counts),
             # counted for the server's CPUs: a container's CPU limit, known where it runs, only
             # ever makes them fewer.
+            span = len(plan.shared_cores) if plan.shared_cores is not None else 0  # what it may borrow
             counts = plan.backend.call_thread_counts(
-                list(facts.artifact_bytes), len(server.cores.ids), copies
+                list(facts.artifact_bytes), len(server.cores.ids), copies, span
             )
             loads *= len(counts or (1,))
             host += loads * artifacts + (0 if neuron else copies * scratch)

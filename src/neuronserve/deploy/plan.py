@@ -36,6 +36,9 @@ class Plan:
     idle_cores: tuple[int, ...]
     # (model name, copies in each server), model.*'s first; every server holds every model.
     model_copies: tuple[tuple[str, int], ...] = ()
+    # cpu, local: the CPUs the servers lend each other through a host-wide core ledger (None: each
+    # runs on its own only).
+    shared_cores: CoreSet | None = None
 
     def table(self) -> str:
         """The plan as a text table, for --dry-run and after deploy."""
@@ -49,6 +52,11 @@ class Plan:
         rows.append(
             f"endpoint http://{self.host}:{self.port}  backend {self.backend}  {len(self.servers)} servers{idle}"
         )
+        if self.shared_cores is not None:
+            rows.append(
+                f"cores {self.shared_cores} lent between the servers: a batch running alone borrows the "
+                "others' idle cores (deploy.lend_cores)"
+            )
         return "\n".join(rows)
 
 
@@ -85,14 +93,13 @@ CPU_CORES_PER_SERVER = 8
 
 def cores_per_server(settings: Settings, backend: BackendKind, total: int | None) -> int:
     """``deploy.cores_per_server``, or by backend when it is 0: 1 NeuronCore on Neuron; on cpu
-    every one of the ``total`` CPUs up to CPU_CORES_PER_SERVER (an even share of them beyond),
-    so a server's copies lend each other idle CPUs; 1 where the total is unknown (a pod)."""
+    the largest even share of the ``total`` CPUs up to half of them and CPU_CORES_PER_SERVER, so
+    a host of two or more CPUs has at least two servers (one dying loses no request; they lend
+    each other idle CPUs, deploy.lend_cores); 1 where the total is unknown (a pod)."""
     configured = settings.deploy.cores_per_server
     if configured or backend.neuron_cores or total is None:
         return configured or 1
-    if total <= CPU_CORES_PER_SERVER:
-        return total
-    return max(d for d in _divisors(total) if d <= CPU_CORES_PER_SERVER)
+    return max(d for d in _divisors(total) if d <= max(1, min(CPU_CORES_PER_SERVER, total // 2)))
 
 
 def _layout(settings: Settings, total: int, backend: BackendKind) -> tuple[int, int]:
@@ -150,6 +157,7 @@ def make_plan(settings: Settings, inventory: Inventory, backend: BackendKind) ->
         for name, model in settings.per_model().items()
     )
     used = {c for s in servers for c in s.cores.ids}
+    lend = backend.lends_cores and d.lend_cores and d.launcher == "local" and len(servers) > 1
     return Plan(
         deployment=d.name,
         backend=backend,
@@ -159,4 +167,5 @@ def make_plan(settings: Settings, inventory: Inventory, backend: BackendKind) ->
         cores_per_device=inventory.cores_per_device,
         idle_cores=tuple(c for c in chosen if c not in used),
         model_copies=model_copies,
+        shared_cores=CoreSet(tuple(sorted(used))) if lend else None,
     )

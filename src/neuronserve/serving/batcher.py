@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from neuronserve.artifacts import trimmed_length
+from neuronserve.serving import hostcores
+from neuronserve.serving.hostcores import HostCores
 
 EXPLORE_EVERY = 16  # one dispatch in this many may try a larger batch size (see _explore)
 # With trim_step, a batch's items are chosen by length among this many times its size of the
@@ -129,20 +131,32 @@ class CoreLedger:
     Copies that find no free core wait their turn here, first come first served, whatever their
     model: a busy model's copies, back for more the moment they finish, cannot starve another
     model's. A turn is a token of the waiting ``next_batch`` call.
+
+    With ``host`` (:class:`~neuronserve.serving.hostcores.HostCores`), the process may run on
+    ``cores`` CPUs that it shares with the deployment's other servers, ``own`` of them its own:
+    a core is free when no process holds it, and a copy waiting for one another server holds
+    looks again every ``hostcores.POLL_S``.
     """
 
-    def __init__(self, cores: int) -> None:
+    def __init__(self, cores: int, *, host: HostCores | None = None, own: int = 0) -> None:
         if cores < 1:
             raise ValueError("this is a bug: a core ledger needs at least one core")
+        if host is not None and host.cores != cores:
+            raise ValueError(f"this is a bug: a host ledger of {host.cores} cores for {cores}")
         self.cores = cores
+        self.own = own or cores  # the process's own share (its copies' base threads divide it)
+        self._host = host
         self._busy = 0
         self._cond = threading.Condition(threading.Lock())
         self._turns: deque[object] = deque()
 
+    def _free(self) -> int:
+        return self._host.free() if self._host is not None else self.cores - self._busy
+
     @property
     def free(self) -> int:
         with self._cond:
-            return self.cores - self._busy
+            return self._free()
 
     def in_line(self, token: object) -> bool:
         with self._cond:
@@ -158,26 +172,44 @@ class CoreLedger:
         many (``fit``: the most a call can use of what is free). 0: none is free, or an earlier
         copy waits; ``token`` keeps its place in line."""
         with self._cond:
-            free = self.cores - self._busy
+            free = self._free()
             if free <= 0 or (self._turns and self._turns[0] is not token):
                 if token not in self._turns:
                     self._turns.append(token)
                 return 0
-            if self._turns:
-                self._turns.popleft()
             granted = min(wanted, free)
             if fit is not None:
                 granted = fit(granted)
+            if self._host is not None:
+                got = self._host.take(granted)  # another server may have taken one since
+                if got < granted:
+                    kept = fit(got) if (fit is not None and got) else got
+                    self._host.give(got - kept)
+                    granted = kept
+                if granted == 0:
+                    if token not in self._turns:
+                        self._turns.append(token)
+                    return 0
+            if self._turns:
+                self._turns.popleft()
             self._busy += granted
-            if self._turns and self._busy < self.cores:
+            if self._turns and self._free() > 0:
                 self._cond.notify_all()  # a core is left for the next in line
             return granted
 
     def wait_turn(self, token: object) -> None:
         """Block while ``token`` is in line and it is not its turn with a core free."""
         with self._cond:
-            while token in self._turns and (self._turns[0] is not token or self._busy >= self.cores):
-                self._cond.wait()
+            if self._host is None:
+                while token in self._turns and (self._turns[0] is not token or self._busy >= self.cores):
+                    self._cond.wait()
+                return
+            self._host.wait_begins()
+            try:
+                while token in self._turns and (self._turns[0] is not token or self._free() <= 0):
+                    self._cond.wait(hostcores.POLL_S)
+            finally:
+                self._host.wait_ends()
 
     def leave(self, token: object) -> None:
         """``token``'s copy no longer waits for a core (no work left, or it stops)."""
@@ -194,6 +226,8 @@ class CoreLedger:
             self._busy -= cores
             if self._busy < 0:
                 raise RuntimeError("this is a bug: more cores returned than were lent")
+            if self._host is not None:
+                self._host.give(cores)
             if self._turns:
                 self._cond.notify_all()  # the copy whose turn it is goes
 
@@ -262,7 +296,7 @@ class Batcher(Generic[P]):
         self.thread_counts = tuple(sorted({1, *thread_counts})) if thread_counts else None
         # Each copy's own share of the cores (what warm-up measures); idle ones are lent on top.
         self.base_threads = (
-            self._usable_threads(max(1, ledger.cores // max(1, copies))) if ledger is not None else 1
+            self._usable_threads(max(1, ledger.own // max(1, copies))) if ledger is not None else 1
         )
         # Artifacts that run every multiple of trim_step tokens (Manifest.trim_step): a batch is
         # padded to its longest input rounded up to it (TRIM_SHORTEST at least), not to its

@@ -110,6 +110,27 @@ def server_cores(settings: Settings, backend: BackendKind) -> CoreSet:
     return CoreSet(tuple(sorted(os.sched_getaffinity(0))))
 
 
+def shared_cores(settings: Settings, backend: BackendKind, home: CoreSet) -> CoreSet | None:
+    """``serve.shared_cores``: the CPUs this server shares with the deployment's other servers
+    through ``serve.core_ledger`` (cpu), ``home`` among them; None when it runs on its own only."""
+    if not settings.serve.shared_cores:
+        return None
+    try:
+        shared = CoreSet.parse(settings.serve.shared_cores)
+    except ValueError as exc:
+        raise ConfigError(f"serve.shared_cores {exc}") from None
+    if not backend.lends_cores:
+        raise ConfigError(f"serve.shared_cores is for the cpu backend; these artifacts are {backend}'s")
+    if not settings.serve.core_ledger:
+        raise ConfigError(
+            "serve.shared_cores needs serve.core_ledger: the file its servers lend cores through"
+        )
+    outside = [c for c in home.ids if c not in shared.ids]
+    if outside:
+        raise ConfigError(f"serve.cores {home}: CPU(s) {outside} are not in serve.shared_cores {shared}")
+    return shared
+
+
 def calibrated_costs(
     traced: dict[tuple[int, int], float], warm: dict[tuple[int, int], float]
 ) -> dict[tuple[int, int], float]:
@@ -250,6 +271,7 @@ class Copies:
             lengths=[item.length for item in batch.items],
             seconds=outcome.inference_s,
             queued=[item.dispatched_at - item.enqueued_at for item in batch.items],
+            threads=batch.threads,
         )
         self._to_loop(self.on_outcome, outcome)
 

@@ -25,8 +25,9 @@ from neuronserve.backends import choose_backend
 from neuronserve.config import ConfigError, Settings
 from neuronserve.serving import libc
 from neuronserve.serving.batcher import Batcher, BatcherClosedError, CoreLedger, QueueFullError, WorkItem
-from neuronserve.serving.copies import BatchOutcome, Copies, server_cores
+from neuronserve.serving.copies import BatchOutcome, Copies, server_cores, shared_cores
 from neuronserve.serving.errors import ServeError, deadline, overloaded, too_large, unavailable, validation
+from neuronserve.serving.hostcores import HostCores
 from neuronserve.serving.metrics import ModelMetrics, ServerMetrics
 from neuronserve.serving.tasks import Prompts, task_for
 from neuronserve.serving.tokenization import Encoded, TextEncoder
@@ -70,6 +71,9 @@ class Engine:
         self.cores = server_cores(settings, self.kind)
         usable = self.kind.usable_cores(self.cores)
         self.copies = self.kind.copies_per_server(settings.serve.models_per_server, usable)
+        # cpu: the CPUs shared with the deployment's other servers (None: its own only)
+        self.shared_cores = shared_cores(settings, self.kind, self.cores)
+        span = len(self.shared_cores) if self.shared_cores is not None else usable
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)
@@ -77,11 +81,11 @@ class Engine:
         self.prompts = self._prompts(directory)
         # cpu copies share the server's CPUs: a batch running alone gets the idle ones.
         lend_cores = self.kind.serves_lent_calls(self.manifest.artifact_files)
-        self.ledger = (ledger or CoreLedger(usable)) if lend_cores else None
+        self.ledger = (ledger or self._new_ledger(span, usable)) if lend_cores else None
         # The thread counts a lent call can run with (the batcher's and the backend's: one list)
-        call_threads = self.kind.call_thread_counts(self.manifest.artifact_files, usable, self.copies)
-        if self.ledger is not None and self.ledger.cores != usable:
-            raise RuntimeError(f"this is a bug: a ledger of {self.ledger.cores} cores for {usable}")
+        call_threads = self.kind.call_thread_counts(self.manifest.artifact_files, usable, self.copies, span)
+        if self.ledger is not None and self.ledger.cores != span:
+            raise RuntimeError(f"this is a bug: a ledger of {self.ledger.cores} cores for {span}")
         self.batcher: Batcher[QueuedInput] = Batcher(
             ledger=self.ledger,
             copies=self.copies,
@@ -159,6 +163,14 @@ class Engine:
                 f"use at least {s.max_inputs_per_request * longest}, or 0 for the default"
             )
         return s.max_queue_tokens
+
+    def _new_ledger(self, span: int, usable: int) -> CoreLedger:
+        """The process's ledger: of its own CPUs, or of those it shares host-wide."""
+        if self.shared_cores is None:
+            return CoreLedger(usable)
+        home = [self.shared_cores.ids.index(c) for c in self.cores.ids]
+        host = HostCores(Path(self.settings.serve.core_ledger), span, home)
+        return CoreLedger(span, host=host, own=usable)
 
     def _allowed_batch_sizes(self) -> tuple[int, ...]:
         limit = self.settings.serve.max_batch_size

@@ -132,6 +132,13 @@ class ServerMetrics:
         self.copy_items = Counter(
             "neuronserve_copy_items", "Real inputs run per copy", ["model", "copy"], registry=r
         )
+        self.batch_threads = Counter(
+            "neuronserve_batch_threads",
+            "Model calls by the cores they ran on (cpu: intra-op threads; more than a copy's own "
+            "share: idle cores were lent to it, by this server or, with a core ledger, another)",
+            ["model", "threads"],
+            registry=r,
+        )
         self.input_tokens = Counter(
             "neuronserve_input_tokens", "Tokens of accepted inputs", ["model"], registry=r
         )
@@ -188,6 +195,8 @@ class ModelMetrics:
         self._real_tokens = metrics.real_tokens
         self._padded_tokens = metrics.padded_tokens
         self._per_shape: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._batch_threads = metrics.batch_threads
+        self._per_threads: dict[int, Any] = {}
 
     def rejected(self, reason: str) -> None:
         self._rejections[reason].inc()
@@ -204,10 +213,11 @@ class ModelMetrics:
         lengths: Sequence[int],
         seconds: float,
         queued: Sequence[float],
+        threads: int = 1,
     ) -> None:
         """One model call of ``copy`` at compiled ``shape`` (batch size, sequence length), its
         rows padded to ``padded_length`` tokens: its real rows' token ``lengths``, their queue
-        times, and its duration."""
+        times, its duration and the cores (``threads``) it ran on."""
         inputs = len(lengths)
         per_shape = self._per_shape.get(shape)
         if per_shape is None:
@@ -228,6 +238,12 @@ class ModelMetrics:
             self._per_copy[copy] = children
         children[0].inc()
         children[1].inc(inputs)
+        counter = self._per_threads.get(threads)
+        if counter is None:
+            counter = self._per_threads[threads] = self._batch_threads.labels(
+                model=self.model, threads=str(threads)
+            )
+        counter.inc()
         self.inference_duration.observe(seconds)
         self.batch_size.observe(inputs)
         self.padding_rows.inc(shape[0] - inputs)

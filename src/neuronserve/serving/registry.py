@@ -54,6 +54,8 @@ class ModelRegistry:
             )
         self.kind = first.kind
         self.cores = first.cores
+        # cpu: the CPUs shared with the deployment's other servers (every model's ledger is one)
+        self.shared_cores = first.shared_cores
         self.threads_per_copy = 0
         self.on_fatal: Callable[[str], None] | None = None
         self.on_ready: Callable[[], None] | None = None
@@ -112,7 +114,11 @@ class ModelRegistry:
         copies = sum(e.copies for e in self.engines.values())
         tag = self.settings.serve.name or f"neuronserve-{self.settings.serve.port}"
         shared = self.settings.serve.neuron_shared_weights
-        self.threads_per_copy = self.kind.prepare_process(self.cores, copies, tag, shared_weights=shared)
+        # A server sharing CPUs runs on all of them (the core ledger keeps the count); its copies'
+        # own threads are a share of its own.
+        pinned = self.shared_cores or self.cores
+        threads = self.kind.prepare_process(pinned, copies, tag, shared_weights=shared)
+        self.threads_per_copy = threads if self.shared_cores is None else max(1, len(self.cores) // copies)
         first_copy = 0
         locks: dict[int, threading.Lock] = {}
         for engine in self.engines.values():

@@ -133,16 +133,32 @@ def test_cpu_plan_on_a_subset_of_cpus(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("cpus", "layout"),
-    [(1, [1]), (2, [2]), (8, [8]), (12, [6, 6]), (24, [8, 8, 8]), (16, [8, 8])],
+    [(1, [1]), (2, [1, 1]), (3, [1, 1, 1]), (8, [4, 4]), (12, [6, 6]), (24, [8, 8, 8]), (16, [8, 8])],
 )
-def test_a_cpu_host_gets_servers_of_up_to_eight_cpus_each_with_a_copy_per_cpu(
+def test_a_cpu_host_gets_at_least_two_servers_of_up_to_eight_cpus_that_lend_each_other_cores(
     tmp_path: Path, cpus: int, layout: list[int]
 ) -> None:
-    """So copies of one server lend a lone request their idle CPUs (one event loop feeds 8)."""
+    """Two servers or more, so one dying loses no request; they lend each other idle CPUs, so a
+    lone request still runs on all of them (one event loop feeds 8)."""
     plan = make_plan(make_settings(tmp_path), Inventory("cpu", tuple(range(cpus)), {}), BackendKind.CPU)
     assert [len(s.cores) for s in plan.servers] == layout
     assert [s.copies for s in plan.servers] == layout and plan.model_copies[0][1] == layout[0]
     assert not plan.idle_cores
+    if len(layout) > 1:
+        assert plan.shared_cores is not None and plan.shared_cores.ids == tuple(range(cpus))
+        assert "lent between the servers" in plan.table()
+    else:
+        assert plan.shared_cores is None
+
+
+@pytest.mark.parametrize(
+    "setting", [{"deploy__lend_cores": "false"}, {"deploy__launcher": "docker"}, {"deploy__servers": "auto"}]
+)
+def test_cores_are_lent_only_between_local_cpu_servers_that_are_asked_to(
+    tmp_path: Path, setting: dict[str, str]
+) -> None:
+    plan = make_plan(make_settings(tmp_path, **setting), Inventory("cpu", (0, 1), {}), BackendKind.CPU)
+    assert plan.shared_cores is None and "lent" not in plan.table()
 
 
 def test_neuron_keeps_one_core_and_two_copies_per_server_by_default(tmp_path: Path) -> None:

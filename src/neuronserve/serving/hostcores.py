@@ -1,0 +1,135 @@
+"""The host's CPUs, lent between the server processes of one deployment (cpu backend).
+
+Each server of a cpu deployment owns some of the host's CPUs (its *home* cores) and may run on
+all of them: a batch that runs while the other servers are idle borrows their cores as intra-op
+threads, and a server that gets work back takes its own cores again as soon as the batch that
+borrowed them ends. So the deployment keeps several processes (one of them dying loses no
+request: nginx retries the others) and a lone request still runs on every idle core.
+
+The ledger is a file with one byte per core of the deployment, locked with open-file-description
+locks (``F_OFD_SETLK``) while a batch runs on that core. The kernel is the only arbiter:
+
+- threads never outnumber cores across the processes, without a coordinator process;
+- a process that dies (SIGKILL, OOM) releases every core it held, with nothing to clean up;
+- a second range of bytes, one per core, says which servers have a copy waiting for a core: while
+  any other server waits, a server takes only its own cores, so a busy server cannot keep
+  borrowing a core back from one that needs it.
+
+A waiting copy polls every :data:`POLL_S` (a core freed by another process wakes nobody here),
+only while it has work and no core; a core freed in this process wakes it at once.
+
+Not thread-safe: :class:`~neuronserve.serving.batcher.CoreLedger` calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+# How often a copy waiting for a core another server holds looks again (see the module docstring).
+POLL_S = 0.001
+
+# struct flock on Linux (x86-64 and arm64): l_type, l_whence, l_start, l_len, l_pid (0 for OFD).
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+
+
+class HostCores:
+    """A server's view of the deployment's host-wide core ledger at ``path``.
+
+    ``cores``: how many CPUs the deployment lends between its servers (byte ``i`` is the ``i``-th
+    of them); ``home``: the indexes of this server's own, tried first and released last.
+    """
+
+    def __init__(self, path: Path, cores: int, home: Sequence[int]) -> None:
+        if cores < 1 or not home or any(not 0 <= i < cores for i in home):
+            raise ValueError(f"this is a bug: home cores {list(home)} of a ledger of {cores}")
+        self.cores = cores
+        self.home = tuple(home)
+        self._order = (*self.home, *(i for i in range(cores) if i not in self.home))
+        self._held: list[int] = []  # in the order taken
+        self._waiting = 0  # this process's copies waiting for a core
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        """Release everything (the kernel does it too when the process dies)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._held.clear()
+
+    # --- the kernel's locks ---------------------------------------------------------------
+
+    def _lock(self, offset: int) -> bool:
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
+        except OSError:  # EAGAIN/EACCES: another server holds it
+            return False
+        return True
+
+    def _unlock(self, offset: int) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, offset))
+
+    def _locked_by_another(self, offset: int) -> bool:
+        answer = fcntl.fcntl(self._fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, offset))
+        return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
+
+    # --- what the in-process ledger asks ----------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def others_waiting(self) -> bool:
+        """Whether a copy of another server waits for a core."""
+        mine = self.cores + self.home[0]
+        return any(
+            self._locked_by_another(self.cores + i) for i in range(self.cores) if self.cores + i != mine
+        )
+
+    def _candidates(self) -> list[int]:
+        """The cores this process could take now, its own first: another's only while no other
+        server waits for one."""
+        borrow = not self.others_waiting()
+        return [i for i in self._order if i not in self._held and (borrow or i in self.home)]
+
+    def free(self) -> int:
+        """Cores this process could take now (see :meth:`take`)."""
+        return sum(1 for i in self._candidates() if not self._locked_by_another(i))
+
+    def take(self, wanted: int) -> int:
+        """Lock up to ``wanted`` free cores, this server's own first; how many it got."""
+        got = 0
+        for i in self._candidates():
+            if got >= wanted:
+                break
+            if self._lock(i):
+                self._held.append(i)
+                got += 1
+        return got
+
+    def give(self, count: int) -> None:
+        """Release ``count`` of the held cores, borrowed ones first."""
+        if count > len(self._held):
+            raise RuntimeError("this is a bug: more host cores returned than were held")
+        borrowed_first = sorted(self._held, key=lambda i: i in self.home)
+        for i in borrowed_first[:count]:
+            self._unlock(i)
+            self._held.remove(i)
+
+    def wait_begins(self) -> None:
+        """A copy of this server waits for a core: other servers stop borrowing this one's."""
+        self._waiting += 1
+        if self._waiting == 1:
+            self._lock(self.cores + self.home[0])
+
+    def wait_ends(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._unlock(self.cores + self.home[0])
