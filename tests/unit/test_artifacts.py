@@ -23,6 +23,7 @@ def artifacts(tmp_path: Path, tiny_model: Callable[..., Path]) -> Path:
         tmp_path,
         model__source=str(model_dir),
         trace__backend="cpu",
+        trace__cpu_engine="torchscript",
         trace__batch_sizes="1",
         trace__sequence_lengths="16",
     )

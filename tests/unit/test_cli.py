@@ -98,7 +98,7 @@ def test_config_prints_the_template_and_the_effective_settings(tmp_path: Path) -
 
 
 def test_manifest_verifies_an_artifact_directory(tmp_path: Path) -> None:
-    directory = trace_tiny(tmp_path).directory
+    directory = trace_tiny(tmp_path, trace__cpu_engine="torchscript").directory
     ok = run_cli("manifest", str(directory), "--backend", "cpu", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "checksums: all files verified" in ok.stdout and "b1 s16" in ok.stdout

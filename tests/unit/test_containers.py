@@ -113,9 +113,8 @@ def test_serve_images_run_as_a_user_and_probe_readiness() -> None:
         # the image's probe waits as long as the launchers' do (a busy server is not a dead one)
         assert re.search(r"HEALTHCHECK .*--timeout=(\d+)s", text).group(1) == str(HEALTHCHECK_TIMEOUT_S)  # type: ignore[union-attr]
         assert f"/ready', timeout={PROBE_TIMEOUT_S})" in text
-        # the serve extra and tracing (the k8s trace Job runs this image), never the tools of others
-        # (cpu: and ONNX Runtime, the cpu backend's other engine)
-        extras = "serve,trace,onnx" if backend == "cpu" else "serve,trace"
-        assert f"ARG EXTRAS={extras}\n" in text and '".[${EXTRAS}]"' in text
+        # the serve extra and tracing (the k8s trace Job runs this image; both bring ONNX Runtime,
+        # the cpu default engine), never the tools of others
+        assert "ARG EXTRAS=serve,trace\n" in text and '".[${EXTRAS}]"' in text
         if backend != "cpu":  # the DLC's entrypoint script must not stand between server and SIGTERM
             assert "ENTRYPOINT []" in text and "pip install -c /tmp/keep.txt" in text

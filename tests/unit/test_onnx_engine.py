@@ -43,8 +43,8 @@ def _embeddings(tmp_path: Path, artifacts: Path) -> np.ndarray:
 
 
 def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(tmp_path: Path) -> None:
-    torchscript = _trace(tmp_path, "ts")
-    onnx = _trace(tmp_path, "ort", trace__cpu_engine="onnxruntime")
+    torchscript = _trace(tmp_path, "ts", trace__cpu_engine="torchscript")
+    onnx = _trace(tmp_path, "ort")  # the default engine
     manifest = onnx.manifest
     # one ONNX file, dynamic axes, serves every shape (and every length: TorchScript's, every
     # multiple of 8 tokens)
@@ -83,8 +83,11 @@ def test_int8_is_verified_by_its_own_floor_and_refused_below_it(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"trace__cpu_quantize": "int8"}, "needs trace.cpu_engine=onnxruntime"),
-        ({"trace__cpu_engine": "onnxruntime", "trace__cpu_auto_cast": "bf16"}, "trace.cpu_auto_cast=none"),
+        (
+            {"trace__cpu_engine": "torchscript", "trace__cpu_quantize": "int8"},
+            "needs trace.cpu_engine=onnxruntime",
+        ),
+        ({"trace__cpu_auto_cast": "bf16"}, "trace.cpu_auto_cast=none"),
         ({"trace__cpu_engine": "tensorrt"}, "trace.cpu_engine"),
     ],
 )
@@ -99,7 +102,7 @@ def test_an_onnx_artifact_without_onnxruntime_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    with pytest.raises(BackendError, match=r"pip install 'neuronserve\[onnx\]'"):
+    with pytest.raises(BackendError, match=r"pip install 'neuronserve\[serve\]'"):
         _load_onnx(tmp_path / "model-b1-s16.onnx", threads=(1,))
 
 

@@ -1,4 +1,8 @@
-"""The tracer on tiny random models: tasks, caching, stale shapes, verification failures."""
+"""The tracer on tiny random models: tasks, caching, stale shapes, verification failures.
+
+The mechanics are pinned on TorchScript artifacts (their file names, their reuse across shapes);
+test_onnx_engine.py covers the default engine, ONNX Runtime, through the same tracer.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def test_classification_trace(tmp_path: Path, tiny_model: Callable[..., Path]) -
         model__source=str(model_dir),
         model__task="text-classification",
         trace__backend="cpu",
+        trace__cpu_engine="torchscript",
         trace__batch_sizes="1,2",
         trace__sequence_lengths="16",
     )
@@ -57,6 +62,7 @@ def test_qa_trace_uses_token_type_ids(tmp_path: Path, tiny_model: Callable[..., 
         model__source=str(model_dir),
         model__task="question-answering",
         trace__backend="cpu",
+        trace__cpu_engine="torchscript",
         trace__batch_sizes="2",
         trace__sequence_lengths="32",
     )
@@ -76,7 +82,12 @@ def test_rerun_skips_force_redoes_and_stale_shapes_go(
     tmp_path: Path, tiny_model: Callable[..., Path]
 ) -> None:
     model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
-    common = {"model__source": str(model_dir), "trace__backend": "cpu", "trace__sequence_lengths": "16"}
+    common = {
+        "model__source": str(model_dir),
+        "trace__backend": "cpu",
+        "trace__cpu_engine": "torchscript",
+        "trace__sequence_lengths": "16",
+    }
     first = run_trace(
         make_settings(tmp_path, **common, trace__batch_sizes="1,2"), progress=False, emit=_quiet
     )
@@ -109,6 +120,7 @@ def test_modified_artifact_is_recompiled(tmp_path: Path, tiny_model: Callable[..
     common = {
         "model__source": str(model_dir),
         "trace__backend": "cpu",
+        "trace__cpu_engine": "torchscript",
         "trace__batch_sizes": "1",
         "trace__sequence_lengths": "16",
     }
@@ -125,6 +137,7 @@ def test_changed_weights_invalidate_the_cache(tmp_path: Path, tiny_model: Callab
     common = {
         "model__source": str(model_dir),
         "trace__backend": "cpu",
+        "trace__cpu_engine": "torchscript",
         "trace__batch_sizes": "1",
         "trace__sequence_lengths": "16",
     }
@@ -159,6 +172,7 @@ def test_verification_failure_keeps_no_artifact(
         tmp_path,
         model__source=str(model_dir),
         trace__backend="cpu",
+        trace__cpu_engine="torchscript",
         trace__batch_sizes="1",
         trace__sequence_lengths="16",
     )
@@ -186,6 +200,7 @@ def test_too_long_sequence_is_refused(tmp_path: Path, tiny_model: Callable[..., 
         tmp_path,
         model__source=str(model_dir),
         trace__backend="cpu",
+        trace__cpu_engine="torchscript",
         trace__batch_sizes="1",
         trace__sequence_lengths="256",
     )
@@ -202,7 +217,9 @@ def test_too_long_sequence_is_refused(tmp_path: Path, tiny_model: Callable[..., 
     ],
 )
 def test_bad_model_sources(tmp_path: Path, source: str, message: str) -> None:
-    settings = make_settings(tmp_path, model__source=source, trace__backend="cpu")
+    settings = make_settings(
+        tmp_path, model__source=source, trace__backend="cpu", trace__cpu_engine="torchscript"
+    )
     with pytest.raises(ModelSourceError, match=message):
         run_trace(settings, progress=False, emit=_quiet)
 
@@ -214,6 +231,7 @@ def test_bf16_auto_cast_runs_linears_in_bf16_and_is_its_own_cache_entry(
     common = {
         "model__source": str(model_dir),
         "trace__backend": "cpu",
+        "trace__cpu_engine": "torchscript",
         "trace__batch_sizes": "2",
         "trace__sequence_lengths": "16",
     }
@@ -289,7 +307,7 @@ def test_one_cpu_artifact_serves_every_verified_shape(
     tmp_path: Path, tiny_model: Callable[..., Path]
 ) -> None:
     model_dir = tiny_model(tmp_path / "fe", "feature-extraction")
-    common = {"model__source": str(model_dir), "trace__backend": "cpu"}
+    common = {"model__source": str(model_dir), "trace__backend": "cpu", "trace__cpu_engine": "torchscript"}
     report = run_trace(
         make_settings(tmp_path, **common, trace__batch_sizes="1,4", trace__sequence_lengths="16,32"),
         progress=False,
@@ -347,7 +365,7 @@ def test_a_shape_the_artifact_cannot_serve_gets_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: _ShapeBakingBackend(fault))
-    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,2").manifest
+    manifest = trace_tiny(tmp_path, trace__cpu_engine="torchscript", trace__batch_sizes="1,2").manifest
     assert [(s.batch_size, s.file) for s in manifest.shapes] == [
         (1, "model-b1-s16.pt"),
         (2, "model-b2-s16.pt"),
@@ -364,7 +382,7 @@ def test_artifacts_of_an_older_manifest_format_are_removed(tmp_path: Path) -> No
         (out / name).write_bytes(b"old")
     (out / "manifest.json").write_text(json.dumps({"format": 1}))
     (out / "notes.pt").write_bytes(b"not ours")
-    report = trace_tiny(tmp_path, trace__batch_sizes="1,2")
+    report = trace_tiny(tmp_path, trace__cpu_engine="torchscript", trace__batch_sizes="1,2")
     manifest = report.manifest
     assert report.directory == out
     assert sorted(p.name for p in out.glob("*.pt")) == ["model-b2-s16.pt", "notes.pt"]
@@ -375,7 +393,7 @@ def test_artifacts_of_an_older_manifest_format_are_removed(tmp_path: Path) -> No
 def test_copies_of_a_cpu_server_share_one_loaded_module(tmp_path: Path) -> None:
     from neuronserve.backends.base import CoreSet
 
-    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,2").manifest
+    manifest = trace_tiny(tmp_path, trace__cpu_engine="torchscript", trace__batch_sizes="1,2").manifest
     (file,) = manifest.artifact_files
     backend = CpuBackend()
     first = backend.load(manifest.directory / file, CoreSet((0, 1)), 0)
@@ -405,14 +423,21 @@ class _CountingBackend(CpuBackend):
 def test_a_trace_that_fails_leaves_the_served_artifacts_as_they_were_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = trace_tiny(tmp_path, trace__batch_sizes="1", trace__sequence_lengths="16")
+    first = trace_tiny(
+        tmp_path, trace__cpu_engine="torchscript", trace__batch_sizes="1", trace__sequence_lengths="16"
+    )
     served = first.directory
     before = {p.name: p.read_bytes() for p in served.rglob("*") if p.is_file()}
 
     failing = _CountingBackend(fail_at=3)
     monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: failing)
     with pytest.raises(RuntimeError, match="neuronx-cc crashed"):
-        trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__sequence_lengths="16,32")
+        trace_tiny(
+            tmp_path,
+            trace__cpu_engine="torchscript",
+            trace__batch_sizes="1,2",
+            trace__sequence_lengths="16,32",
+        )
     assert failing.compiled == [(2, 16), (1, 32), (2, 32)]  # b1 s16 was up to date
     # the served directory is byte for byte what it was
     assert {p.name: p.read_bytes() for p in served.rglob("*") if p.is_file()} == before
@@ -420,7 +445,9 @@ def test_a_trace_that_fails_leaves_the_served_artifacts_as_they_were_and_resumes
 
     working = _CountingBackend()
     monkeypatch.setattr(trace_module, "_backend_for", lambda _kind, _trace: working)
-    report = trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__sequence_lengths="16,32")
+    report = trace_tiny(
+        tmp_path, trace__cpu_engine="torchscript", trace__batch_sizes="1,2", trace__sequence_lengths="16,32"
+    )
     assert working.compiled == [(2, 32)]  # only what the failed run had not finished
     assert set(report.compiled) == {(2, 32)}
     manifest = load_manifest(served)
@@ -445,7 +472,12 @@ def test_a_trace_interrupted_before_the_swap_is_finished_with_its_own_model(
     from tests.conftest import build_tiny_model
 
     model = tmp_path / "model"
-    common = {"trace__backend": "cpu", "trace__batch_sizes": "1", "trace__sequence_lengths": "16"}
+    common = {
+        "trace__backend": "cpu",
+        "trace__cpu_engine": "torchscript",
+        "trace__batch_sizes": "1",
+        "trace__sequence_lengths": "16",
+    }
     build_tiny_model(model, "feature-extraction", token_types=True)
     first = run_trace(
         make_settings(tmp_path, model__source=str(model), **common), progress=False, emit=_quiet

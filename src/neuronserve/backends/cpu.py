@@ -132,7 +132,8 @@ class CpuBackend:
             return {"onnxruntime": metadata.version("onnxruntime"), "onnx": metadata.version("onnx")}
         except metadata.PackageNotFoundError as exc:
             raise BackendError(
-                f"trace.cpu_engine=onnxruntime needs {exc.name}: pip install 'neuronserve[onnx]'"
+                f"trace.cpu_engine=onnxruntime needs {exc.name}: pip install 'neuronserve[trace]' "
+                "(or set trace.cpu_engine=torchscript)"
             ) from None
 
     def compile(
@@ -333,7 +334,9 @@ def _load_onnx(artifact: Path, *, threads: tuple[int, ...]) -> OnnxModel:
     try:
         import onnxruntime as ort
     except ModuleNotFoundError:
-        raise BackendError(f"{artifact.name} is an ONNX artifact: pip install 'neuronserve[onnx]'") from None
+        raise BackendError(
+            f"{artifact.name} is an ONNX artifact: pip install 'neuronserve[serve]' (it brings onnxruntime)"
+        ) from None
 
     def session(count: int) -> object:
         options = ort.SessionOptions()
@@ -343,7 +346,10 @@ def _load_onnx(artifact: Path, *, threads: tuple[int, ...]) -> OnnxModel:
         # Sessions share the server's CPUs: a spinning pool would burn the cores another call needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: its warnings are about optimisations it skipped
-        return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's errors are plain Exceptions: as torch's are
+            raise RuntimeError(f"ONNX Runtime could not load {artifact.name}: {exc}") from exc
 
     return OnnxModel({count: session(count) for count in threads})
 

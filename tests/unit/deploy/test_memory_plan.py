@@ -98,7 +98,9 @@ def test_an_onnx_artifact_counts_a_session_per_thread_count(tmp_path: Path) -> N
     (one thread, both), a server of one CPU once; TorchScript's is loaded once either way."""
     from neuronserve.deploy.inventory import Inventory
 
-    manifest = trace_tiny(tmp_path, trace__batch_sizes="1,4", trace__sequence_lengths="16,32").manifest
+    manifest = trace_tiny(
+        tmp_path, trace__batch_sizes="1,4", trace__sequence_lengths="16,32", trace__cpu_engine="torchscript"
+    ).manifest
     artifact = sum(manifest.memory.artifact_bytes.values())
     onnx = dataclasses.replace(
         manifest, memory=dataclasses.replace(manifest.memory, artifact_bytes={"model-b4-s32.onnx": artifact})

@@ -164,6 +164,7 @@ def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
         serve__max_batch_delay_ms="7",
         serve__api_key=key,
         serve__neuron_shared_weights="true",
+        trace__cpu_engine="torchscript",
         trace__cpu_auto_cast="bf16",
     )
     plan = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
@@ -178,6 +179,9 @@ def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
     # and what the plan decides per server wins over the section's value
     assert env["NEURONSERVE_SERVE__PORT"] == "8082"
     assert env["NEURONSERVE_SERVE__CORES"] == "1"
+    # the servers lend each other their CPUs through one ledger in the run directory
+    assert env["NEURONSERVE_SERVE__SHARED_CORES"] == "0-1"
+    assert env["NEURONSERVE_SERVE__CORE_LEDGER"].endswith("/cores.ledger")
     assert env["PATH"] == "/bin"
 
 
