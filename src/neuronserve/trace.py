@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -208,7 +208,9 @@ def _verify_shape(
     batch_size: int,
     seq: int,
     tolerance: dict[str, float],
+    output_shapes: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
+    """The worst figures over two input sets; ``output_shapes`` is filled with the outputs'."""
     import torch
 
     worst = {"max_abs_diff": 0.0, "min_cosine": 1.0}
@@ -218,6 +220,8 @@ def _verify_shape(
         with torch.no_grad():
             expected = tuple(eager.module(*inputs))
         got = compiled.run(inputs)
+        if output_shapes is not None and offset == 0:
+            output_shapes.update({n: list(t.shape) for n, t in zip(eager.output_names, got, strict=True)})
         figures = compare_outputs(got, expected)
         if "max_abs_diff" not in tolerance:  # int8: judged by what requests get back
             mask = inputs[eager.input_names.index("attention_mask")]
@@ -236,13 +240,6 @@ def _verify_shape(
             "loosen trace.max_abs_diff / trace.min_cosine (int8: trace.quantized_min_cosine)"
         )
     return worst
-
-
-def _output_shapes(
-    compiled: LoadedModel, eager: EagerModel, task: TaskKind, b: int, s: int
-) -> dict[str, list[int]]:
-    outputs = compiled.run(sample_inputs(eager, task, b, s))
-    return {n: list(t.shape) for n, t in zip(eager.output_names, outputs, strict=True)}
 
 
 COST_CALLS = 2  # after verification's calls have warmed the shape; the minimum is kept
@@ -623,11 +620,21 @@ def _compile_shapes(
     bar = tqdm(todo, desc="tracing", unit="shape", disable=not progress, file=sys.stderr)
     for b, s in bar:
         bar.set_postfix_str(f"b{b} s{s}")
-        file, compiled, figures = _reuse(candidates, eager=eager, task=task, b=b, s=s, tolerance=tolerance)
+        shapes: dict[str, list[int]] = {}
+        file, compiled, figures = _reuse(
+            candidates, eager=eager, task=task, b=b, s=s, tolerance=tolerance, output_shapes=shapes
+        )
         if compiled is None:
             file = artifact_name(b, s, suffix)
             compiled, figures = _compile_one(
-                backend, eager=eager, task=task, dest=out_dir / file, b=b, s=s, tolerance=tolerance
+                backend,
+                eager=eager,
+                task=task,
+                dest=out_dir / file,
+                b=b,
+                s=s,
+                tolerance=tolerance,
+                output_shapes=shapes,
             )
             if backend.sharing.shapes:
                 candidates[file] = compiled
@@ -639,7 +646,7 @@ def _compile_shapes(
             sequence_length=s,
             file=file,
             cache_key=keys[(b, s)],
-            output_shapes=_output_shapes(compiled, eager, task, b, s),
+            output_shapes=shapes,
             verification=figures,
             cost_s=measure_cost(compiled, sample_inputs(eager, task, b, s)),
         )
@@ -658,6 +665,34 @@ def _compile_shapes(
     return done, eager.input_names, weights, trim
 
 
+# CPU kernels (ONNX Runtime's MLAS, oneDNN) handle a length by vector blocks of up to this many
+# elements plus a tail; the tail's code path depends only on the length modulo it.
+PROBE_BLOCK = 16
+
+
+def trim_probe_lengths(step: int, top: int, compiled: Collection[int] = ()) -> list[int]:
+    """The lengths verified to claim an artifact runs at every multiple of ``step`` up to ``top``.
+
+    At a coarse step (a multiple of PROBE_BLOCK's divisors, e.g. 8), every such length. At a
+    finer one, what proves it without running every length: an exported graph is the same
+    computation at any length (its sequence axis is dynamic), and what a length changes is the
+    kernels' tail handling, by the length modulo PROBE_BLOCK. So: every length of the first two
+    blocks and of the last block (each remainder short and long, the longest itself), one length
+    per block between them with the remainder going round, and each compiled length's
+    neighbours. The compiled lengths themselves are verified as shapes.
+    """
+    every = list(range(trimmed_length(1, step), top + 1, step))
+    if (step > 1 and PROBE_BLOCK % step == 0) or len(every) <= 4 * PROBE_BLOCK // step:
+        return [n for n in every if n not in compiled]
+    first = every[0]
+    chosen = {n for n in every if n < first + 2 * PROBE_BLOCK or n > top - PROBE_BLOCK}
+    for block, start in enumerate(range(first + 2 * PROBE_BLOCK, top - PROBE_BLOCK + 1, PROBE_BLOCK)):
+        chosen.add(start + (block * step) % PROBE_BLOCK)
+    chosen |= {n + d for n in compiled for d in (-step, step)}
+    runnable = set(every)
+    return sorted(n for n in chosen if n in runnable and n not in compiled)
+
+
 def _verify_trim(
     candidates: dict[str, LoadedModel],
     files: dict[tuple[int, int], str],
@@ -668,10 +703,11 @@ def _verify_trim(
     tolerance: dict[str, float],
     say: Callable[[str], None],
 ) -> int:
-    """``step`` (``Sharing.trim_step``) if every artifact reproduces eager PyTorch at every
-    length ``trimmed_length`` gives for it, from TRIM_SHORTEST up to the longest compiled length
-    the artifact serves (batch sizes are covered by the compiled shapes); else TRIM_FALLBACK if
-    that step's lengths all pass; else 0."""
+    """``step`` (``Sharing.trim_step``) if every artifact reproduces eager PyTorch at the
+    lengths that prove it runs every length ``trimmed_length`` gives for it, from TRIM_SHORTEST
+    up to the longest compiled length the artifact serves (:func:`trim_probe_lengths`; batch
+    sizes are covered by the compiled shapes); else TRIM_FALLBACK if that step's lengths all
+    pass; else 0."""
     longest: dict[str, int] = {}
     for (_b, s), file in files.items():
         longest[file] = max(longest.get(file, 0), s)
@@ -681,10 +717,12 @@ def _verify_trim(
     checked: set[tuple[str, int]] = set()  # (file, length) that passed: the fallback skips them
     for trial in dict.fromkeys((step, TRIM_FALLBACK)):
         failed, failed_at = None, 0
+        probed = 0
         for file, top in sorted(longest.items()):
-            for length in range(trimmed_length(1, trial), top + 1, trial):
-                if length in compiled_lengths or (file, length) in checked:
+            for length in trim_probe_lengths(trial, top, compiled_lengths):
+                if (file, length) in checked:
                     continue
+                probed += 1
                 try:
                     with _quiet_tracing():
                         _verify_shape(
@@ -704,7 +742,8 @@ def _verify_trim(
         if failed is None:
             every = "every length" if trial == 1 else f"every multiple of {trial} tokens"
             say(
-                f"verified at {every} from {trimmed_length(1, trial)}: batches run at their longest input's length"
+                f"verified for {every} from {trimmed_length(1, trial)} (at {probed} lengths besides the "
+                "compiled ones): batches run at their longest input's length"
             )
             return trial
         # A failed length that is a multiple of the fallback's step would fail it too.
@@ -723,13 +762,21 @@ def _reuse(
     b: int,
     s: int,
     tolerance: dict[str, float],
+    output_shapes: dict[str, list[int]],
 ) -> tuple[str, LoadedModel | None, dict[str, float]]:
-    """The first candidate artifact that reproduces eager PyTorch at (b, s), if any."""
+    """The first candidate artifact that reproduces eager PyTorch at (b, s), if any (its
+    outputs' shapes into ``output_shapes``)."""
     for file, model in candidates.items():
         try:
             with _quiet_tracing():
                 figures = _verify_shape(
-                    compiled=model, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
+                    compiled=model,
+                    eager=eager,
+                    task=task,
+                    batch_size=b,
+                    seq=s,
+                    tolerance=tolerance,
+                    output_shapes=output_shapes,
                 )
         except (VerificationError, RuntimeError) as exc:
             log.info("b%d s%d: %s does not serve this shape (%s); compiling its own", b, s, file, exc)
@@ -747,14 +794,22 @@ def _compile_one(
     b: int,
     s: int,
     tolerance: dict[str, float],
+    output_shapes: dict[str, list[int]],
 ) -> tuple[LoadedModel, dict[str, float]]:
-    """Compile at (b, s) into ``dest`` (atomically: a failed shape leaves no file)."""
+    """Compile at (b, s) into ``dest`` (atomically: a failed shape leaves no file); its
+    outputs' shapes into ``output_shapes``."""
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         with _quiet_tracing():
             compiled = backend.compile(eager.module, sample_inputs(eager, task, b, s), tmp)
         figures = _verify_shape(
-            compiled=compiled, eager=eager, task=task, batch_size=b, seq=s, tolerance=tolerance
+            compiled=compiled,
+            eager=eager,
+            task=task,
+            batch_size=b,
+            seq=s,
+            tolerance=tolerance,
+            output_shapes=output_shapes,
         )
     except BaseException:
         tmp.unlink(missing_ok=True)

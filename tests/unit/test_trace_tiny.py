@@ -545,3 +545,24 @@ def test_trimmed_lengths_are_verified_from_the_shortest_at_the_engines_step(
     if expected:
         run = {min(bucket, trimmed_length(n, expected)) for bucket in (16, 32) for n in range(1, bucket + 1)}
         assert run <= {*seen, 16, 32} - {failing}
+
+
+def test_a_long_grid_is_verified_at_every_remainder_of_the_kernels_blocks_not_at_every_length() -> None:
+    """ONNX Runtime artifacts up to 256 tokens: each remainder mod PROBE_BLOCK is checked among
+    the short lengths and among the long ones, the longest runnable length and each compiled
+    length's neighbours too, in a quarter of the lengths."""
+    from neuronserve.trace import PROBE_BLOCK, trim_probe_lengths
+
+    compiled = {16, 32, 64, 128, 256}
+    lengths = trim_probe_lengths(1, 256, compiled)
+    assert len(lengths) < (256 - 8) // 4
+    assert not compiled & set(lengths)
+    short, long = [n for n in lengths if n <= 48], [n for n in lengths if n >= 200]
+    for group in (short, long):
+        assert {n % PROBE_BLOCK for n in group} | {n % PROBE_BLOCK for n in compiled if n in range(8, 49)} | {
+            256 % PROBE_BLOCK
+        } == set(range(PROBE_BLOCK))
+    assert {n + d for n in compiled for d in (-1, 1)} & set(range(8, 257)) <= set(lengths)
+    # a coarse step (TorchScript's 8) and a short grid still check every length they claim
+    assert trim_probe_lengths(8, 256, compiled) == [n for n in range(8, 257, 8) if n not in compiled]
+    assert trim_probe_lengths(1, 32, {16, 32}) == [*range(8, 16), *range(17, 32)]
