@@ -293,6 +293,32 @@ def set_call_threads(threads: int) -> None:
     _call_threads.count = threads
 
 
+def set_onnx_call_threads(threads: int) -> None:
+    """Run this thread's next ONNX calls on the session of ``threads`` threads (see OnnxModel);
+    torch (pooling, padding) runs on this one thread: an OpenMP team of its own would spin on
+    the CPUs after every call, and one made after the thread was pinned shares its CPU."""
+    if getattr(_call_threads, "count", None) is None:
+        import torch
+
+        torch.set_num_threads(1)
+    _call_threads.count = threads
+
+
+def start_call_threads(threads: int) -> None:
+    """Make this thread's intra-op team of ``threads`` threads now (torch's OpenMP team is made
+    at the first parallel call and keeps the CPU affinity its threads were made with): a copy
+    that runs on its own CPUs after loading still reaches those it borrows. ONNX Runtime's
+    sessions make theirs when they are loaded."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.ones(threads * (1 << 16)).sum()  # above one grain of torch's parallel_for per thread
+    finally:
+        torch.set_num_threads(before)
+
+
 def onnx_thread_counts(usable: int, copies: int, span: int = 0) -> tuple[int, ...]:
     """The thread counts a server's ONNX sessions are made with, for ``usable`` CPUs shared by
     ``copies`` copies that may borrow up to ``span`` (0: ``usable``): one, a copy's own share,
@@ -380,7 +406,7 @@ def usable_cpus(cores: CoreSet) -> int:
     return min(len(cores), cgroup_cpu_limit() or len(cores))
 
 
-def pin_process(cores: CoreSet, copies: int) -> int:
+def pin_process(cores: CoreSet, copies: int, own: CoreSet | None = None) -> int:
     """Pin this process to ``cores`` and size torch's thread pool; returns threads per copy.
 
     Each copy runs in its own thread and torch's intra-op pool is shared by the process, so the
@@ -397,7 +423,8 @@ def pin_process(cores: CoreSet, copies: int) -> int:
             f"(available: {sorted(available)})"
         )
     os.sched_setaffinity(0, set(cores.ids))
-    # Sized by the CPU limit where there is one (usable_cpus), or the copies are throttled.
-    threads = max(1, usable_cpus(cores) // max(1, copies))
+    # Sized by the CPU limit where there is one (usable_cpus), or the copies are throttled; by
+    # the server's ``own`` CPUs when it runs on more (lent ones are given per call).
+    threads = max(1, usable_cpus(own or cores) // max(1, copies))
     torch.set_num_threads(threads)
     return threads

@@ -146,7 +146,15 @@ class BackendKind(str, enum.Enum):
             trace.neuron_compiler_args, trace.neuron_dynamic_batch, shared_weights=shared_weights
         )
 
-    def prepare_process(self, cores: CoreSet, copies: int, tag: str, *, shared_weights: bool = False) -> int:
+    def prepare_process(
+        self,
+        cores: CoreSet,
+        copies: int,
+        tag: str,
+        *,
+        shared_weights: bool = False,
+        own: CoreSet | None = None,
+    ) -> int:
         """Pin this process to ``cores`` before any model loads; returns torch threads per copy.
 
         Neuron: NEURON_RT_VISIBLE_CORES and NEURON_PROCESS_TAG, which the runtime reads once when
@@ -155,7 +163,7 @@ class BackendKind(str, enum.Enum):
         if not self.neuron_cores:
             from neuronserve.backends.cpu import pin_process
 
-            return pin_process(cores, copies)
+            return pin_process(cores, copies, own)
         from neuronserve.backends.sdk import neuron_environment
 
         os.environ.update(neuron_environment(cores, tag, shared_weights=shared_weights))
@@ -188,13 +196,26 @@ class BackendKind(str, enum.Enum):
             return onnx_thread_counts(usable, copies, span)
         return None
 
-    def call_threads_setter(self) -> Callable[[int], None]:
-        """How a copy thread sets the intra-op threads of its next call."""
+    def call_threads_starter(self, artifact_files: Sequence[str]) -> Callable[[int], None] | None:
+        """How a copy thread makes its intra-op threads before it is pinned to fewer CPUs (None:
+        they are made with the model, ONNX Runtime's sessions' when they load)."""
         if not self.lends_cores:
             raise BackendError(f"this is a bug: {self} copies are not given threads per call")
-        from neuronserve.backends.cpu import set_call_threads
+        if any(f.endswith(".onnx") for f in artifact_files):
+            return None
+        from neuronserve.backends.cpu import start_call_threads
 
-        return set_call_threads
+        return start_call_threads
+
+    def call_threads_setter(self, artifact_files: Sequence[str]) -> Callable[[int], None]:
+        """How a copy thread sets the intra-op threads of its next call: TorchScript's thread
+        count; for ONNX artifacts the session its call runs on, torch (pooling, the rest) staying
+        on one thread, whose OpenMP team would otherwise spin on a CPU after each call."""
+        if not self.lends_cores:
+            raise BackendError(f"this is a bug: {self} copies are not given threads per call")
+        from neuronserve.backends.cpu import set_call_threads, set_onnx_call_threads
+
+        return set_onnx_call_threads if any(f.endswith(".onnx") for f in artifact_files) else set_call_threads
 
 
 _FACTS = {

@@ -147,8 +147,23 @@ class CoreLedger:
         self.own = own or cores  # the process's own share (its copies' base threads divide it)
         self._host = host
         self._busy = 0
+        self._working = 0  # requests in flight in the process, every model's (with ``host``)
         self._cond = threading.Condition(threading.Lock())
         self._turns: deque[object] = deque()
+
+    def work_begins(self) -> None:
+        """A request is in flight (any model's): with ``host``, the other servers stop
+        borrowing this one's cores once the first is."""
+        with self._cond:
+            self._working += 1
+            if self._working == 1 and self._host is not None:
+                self._host.busy(True)
+
+    def work_ends(self) -> None:
+        with self._cond:
+            self._working -= 1
+            if self._working == 0 and self._host is not None:
+                self._host.busy(False)
 
     def _free(self) -> int:
         return self._host.free() if self._host is not None else self.cores - self._busy
@@ -204,12 +219,8 @@ class CoreLedger:
                 while token in self._turns and (self._turns[0] is not token or self._busy >= self.cores):
                     self._cond.wait()
                 return
-            self._host.wait_begins()
-            try:
-                while token in self._turns and (self._turns[0] is not token or self._free() <= 0):
-                    self._cond.wait(hostcores.POLL_S)
-            finally:
-                self._host.wait_ends()
+            while token in self._turns and (self._turns[0] is not token or self._free() <= 0):
+                self._cond.wait(hostcores.POLL_S)
 
     def leave(self, token: object) -> None:
         """``token``'s copy no longer waits for a core (no work left, or it stops)."""

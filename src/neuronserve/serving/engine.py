@@ -403,6 +403,8 @@ class Engine:
         tokens = sum(enc.length for enc in encoded)
         self.metrics.input_tokens.inc(tokens)
         self._inflight += 1
+        if self._inflight == 1 and self.ledger is not None:
+            self.ledger.work_begins()
         self._idle.clear()
         self.metrics.inflight.inc()
         answered = False
@@ -422,6 +424,8 @@ class Engine:
             self._inflight -= 1
             self.metrics.inflight.dec()
             if self._inflight == 0:
+                if self.ledger is not None:
+                    self.ledger.work_ends()
                 self._idle.set()
                 self._schedule_trim()
         return InferResult(

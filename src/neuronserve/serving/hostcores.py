@@ -11,12 +11,13 @@ locks (``F_OFD_SETLK``) while a batch runs on that core. The kernel is the only 
 
 - threads never outnumber cores across the processes, without a coordinator process;
 - a process that dies (SIGKILL, OOM) releases every core it held, with nothing to clean up;
-- a second range of bytes, one per core, says which servers have a copy waiting for a core: while
-  any other server waits, a server takes only its own cores, so a busy server cannot keep
-  borrowing a core back from one that needs it.
+- a second range of bytes, one per core, is locked by the server that owns the core while it has
+  work (a request in flight): only an idle server's cores are borrowed, so under load every server
+  runs on its own and none waits for a core another took in the gap between two of its batches.
 
-A waiting copy polls every :data:`POLL_S` (a core freed by another process wakes nobody here),
-only while it has work and no core; a core freed in this process wakes it at once.
+A copy whose own core is still lent to another server's batch (its request came while that batch
+ran) polls every :data:`POLL_S` (a core freed by another process wakes nobody here) until that
+batch ends; a core freed in this process wakes it at once.
 
 Not thread-safe: :class:`~neuronserve.serving.batcher.CoreLedger` calls it under its lock.
 """
@@ -54,7 +55,6 @@ class HostCores:
         self.home = tuple(home)
         self._order = (*self.home, *(i for i in range(cores) if i not in self.home))
         self._held: list[int] = []  # in the order taken
-        self._waiting = 0  # this process's copies waiting for a core
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
@@ -86,18 +86,13 @@ class HostCores:
     def held(self) -> int:
         return len(self._held)
 
-    def others_waiting(self) -> bool:
-        """Whether a copy of another server waits for a core."""
-        mine = self.cores + self.home[0]
-        return any(
-            self._locked_by_another(self.cores + i) for i in range(self.cores) if self.cores + i != mine
-        )
+    def lendable(self, core: int) -> bool:
+        """Whether ``core`` (an index) is this server's own, or its owner has no work."""
+        return core in self.home or not self._locked_by_another(self.cores + core)
 
     def _candidates(self) -> list[int]:
-        """The cores this process could take now, its own first: another's only while no other
-        server waits for one."""
-        borrow = not self.others_waiting()
-        return [i for i in self._order if i not in self._held and (borrow or i in self.home)]
+        """The cores this process could take now, its own first, then idle servers'."""
+        return [i for i in self._order if i not in self._held and self.lendable(i)]
 
     def free(self) -> int:
         """Cores this process could take now (see :meth:`take`)."""
@@ -123,13 +118,11 @@ class HostCores:
             self._unlock(i)
             self._held.remove(i)
 
-    def wait_begins(self) -> None:
-        """A copy of this server waits for a core: other servers stop borrowing this one's."""
-        self._waiting += 1
-        if self._waiting == 1:
-            self._lock(self.cores + self.home[0])
-
-    def wait_ends(self) -> None:
-        self._waiting -= 1
-        if self._waiting == 0:
-            self._unlock(self.cores + self.home[0])
+    def busy(self, working: bool) -> None:
+        """This server has work (a request in flight), or no longer: while it has, no other
+        server borrows its cores."""
+        for i in self.home:
+            if working:
+                self._lock(self.cores + i)
+            else:
+                self._unlock(self.cores + i)

@@ -9,6 +9,7 @@ one model that suits the route when the request names none.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 
@@ -117,13 +118,19 @@ class ModelRegistry:
         # A server sharing CPUs runs on all of them (the core ledger keeps the count); its copies'
         # own threads are a share of its own.
         pinned = self.shared_cores or self.cores
-        threads = self.kind.prepare_process(pinned, copies, tag, shared_weights=shared)
-        self.threads_per_copy = threads if self.shared_cores is None else max(1, len(self.cores) // copies)
+        self.threads_per_copy = self.kind.prepare_process(
+            pinned, copies, tag, shared_weights=shared, own=self.cores if self.shared_cores else None
+        )
         first_copy = 0
         locks: dict[int, threading.Lock] = {}
         for engine in self.engines.values():
             engine.start(self.threads_per_copy, first_copy=first_copy, locks=locks)
             first_copy += engine.copies
+        if self.shared_cores is not None:
+            # The copy threads (started above, with their thread pools) run on every shared CPU;
+            # this thread, the event loop, and the threads it starts from now on stay on the
+            # server's own, as a server's would that lends nothing.
+            os.sched_setaffinity(0, set(self.cores.ids))
 
     @property
     def state(self) -> str:

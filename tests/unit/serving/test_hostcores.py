@@ -39,16 +39,18 @@ def test_a_lone_server_borrows_every_idle_core_and_threads_never_outnumber_cores
         a.give(1)
 
 
-def test_a_waiting_server_stops_the_others_borrowing(ledger_file: Path) -> None:
+def test_a_server_with_work_keeps_its_cores_from_the_others(ledger_file: Path) -> None:
+    """Under load no server borrows: a core free only between two of its owner's batches is not
+    taken, so the owner never waits for it."""
     a, b = HostCores(ledger_file, 2, [0]), HostCores(ledger_file, 2, [1])
-    b.wait_begins()
-    assert a.others_waiting() and not b.others_waiting()
+    b.busy(True)
+    assert not a.lendable(1) and a.lendable(0) and b.lendable(0)
     assert a.free() == 1 and a.take(2) == 1  # its own core only
     assert b.take(1) == 1
-    b.wait_ends()
     a.give(1)
     b.give(1)
-    assert not a.others_waiting()
+    b.busy(False)
+    assert a.lendable(1)
     assert a.take(2) == 2
 
 
@@ -60,7 +62,7 @@ def test_the_kernel_returns_a_killed_servers_cores(ledger_file: Path) -> None:
             "import sys, pathlib\n"
             "from neuronserve.serving.hostcores import HostCores\n"
             f"h = HostCores(pathlib.Path({str(ledger_file)!r}), 2, [0])\n"
-            "h.wait_begins()\n"
+            "h.busy(True)\n"
             "print(h.take(2), flush=True)\n"
             "sys.stdin.read()\n",
         ],
@@ -72,10 +74,10 @@ def test_the_kernel_returns_a_killed_servers_cores(ledger_file: Path) -> None:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "2"
             b = HostCores(ledger_file, 2, [1])
-            assert b.free() == 0 and b.others_waiting()
+            assert b.free() == 0 and not b.lendable(0)
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait(timeout=30)
-            assert b.free() == 2 and not b.others_waiting()
+            assert b.free() == 2 and b.lendable(0)
             b.close()
         finally:
             holder.kill()
@@ -85,7 +87,9 @@ def test_a_copy_waiting_for_another_servers_core_gets_it_when_that_batch_ends(le
     a = CoreLedger(2, host=HostCores(ledger_file, 2, [0]), own=1)
     b = CoreLedger(2, host=HostCores(ledger_file, 2, [1]), own=1)
     first, second = object(), object()
-    assert a.take(2, first) == 2  # a lone batch on every core
+    a.work_begins()
+    assert a.take(2, first) == 2  # a lone request's batch on every core
+    b.work_begins()  # then a request reaches b
     assert b.free == 0 and b.take(1, second) == 0 and b.in_line(second)
     got: list[int] = []
 
@@ -95,10 +99,14 @@ def test_a_copy_waiting_for_another_servers_core_gets_it_when_that_batch_ends(le
 
     waiter = threading.Thread(target=wait_then_take)
     waiter.start()
-    # b's copy now waits: a sees it, and its next batch would take its own core only
-    a.give(2)
+    a.give(2)  # the lent batch ends (a's request is still being answered)
     waiter.join(timeout=30)
     assert not waiter.is_alive()
-    assert got and got[0] >= 1
-    assert a.take(2, first) == 2 - got[0]
-    b.give(got[0])
+    assert got == [1]  # its own core: a has work, so its core is not lent
+    assert a.take(2, first) == 1  # b has work: a takes its own core only
+    a.give(1)
+    a.work_ends()
+    b.give(1)
+    assert b.take(2, second) == 2  # a is idle now: b borrows its core
+    b.give(2)
+    b.work_ends()
