@@ -15,16 +15,54 @@ from pathlib import Path
 
 from tests.integration.servers import free_port
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def neuronserve(work: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
     """Run ``neuronserve`` with ``work``'s config; its stdout, or exit naming the failure.
-    ``env`` adds to the environment (PYTHONPATH runs another checkout's code)."""
-    cmd = [sys.executable, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
+    ``env`` adds to the environment; with VIRTUAL_ENV (see :func:`checkout`) it runs that
+    environment's interpreter, whose code every process it starts runs too."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    python = (
+        str(Path(env["VIRTUAL_ENV"]) / "bin" / "python") if env and "VIRTUAL_ENV" in env else sys.executable
+    )
+    cmd = [python, "-m", "neuronserve.cli", *args, "--config", str(work / "config.properties")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=environment, check=False)
     if check and result.returncode != 0:
         raise SystemExit(f"neuronserve {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result.stdout
+
+
+@contextmanager
+def checkout(ref: str, work: Path) -> Iterator[dict[str, str]]:
+    """Another commit's code for everything a bench starts with it, the servers that deploy
+    starts included: a git worktree of ``ref`` and a virtual environment that finds the
+    worktree's ``src`` first and this environment's packages after it (PYTHONPATH alone would
+    not reach the servers: deploy hands them only a few variables). Yields the environment to
+    pass to :func:`neuronserve`; removes both afterwards."""
+    tree, venv = work / f"checkout-{ref}", work / f"venv-{ref}"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        ours = [p for p in sys.path if p.endswith("site-packages")]
+        # The worktree first; this environment's packages after it (its editable install of this
+        # checkout is a .pth hook that only this environment's own site directory runs).
+        (Path(site) / "checkout.pth").write_text("\n".join([str(tree / "src"), *ours]) + "\n")
+        yield {"VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def trace_cpu(work: Path, output_dir: Path | str, *settings: str, env: dict[str, str] | None = None) -> None:
@@ -100,3 +138,23 @@ def hey(url: str, payload: Path, concurrency: int, duration: float) -> Hey:
     if ok == 0:
         raise SystemExit(f"no request succeeded:\n{result.stdout[-2000:]}")
     return Hey(ok, {k: int(v) for k, v in codes.items()}, seconds, result.stdout)
+
+
+def server_rss(run_dir: Path) -> int:
+    """Bytes of memory the servers of the local deployment in ``run_dir`` hold: the PSS of
+    every server process (gunicorn masters and their workers), so pages a worker shares with its
+    master count once."""
+    from neuronserve.deploy.local import RunDir, Supervisor, children
+
+    total = 0
+    for process in Supervisor(RunDir(run_dir)).processes():
+        if not str(process["name"]).startswith("server-") or not process["pid"]:
+            continue
+        for pid in (int(process["pid"]), *children(int(process["pid"]))):
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+            total += kb * 1024
+    return total

@@ -1,7 +1,7 @@
 """Host CPU per request of the serving path (nginx, HTTP, JSON, tokenization, batching), measured.
 
     python bench/host_overhead.py [--runs 3] [--duration 8] [--routes predict,embeddings]
-                                  [--texts 1,8,64]
+                                  [--texts 1,8,64] [--baseline REF]
 
 On Inferentia the model runs on the NeuronCores and the host's vCPUs do everything else, so the
 host's CPU per request bounds what an instance can serve. This measures it on the real stack:
@@ -20,13 +20,19 @@ CPU is read from /proc (utime + stime of every thread) before and after each run
   other       the servers' other threads (tokenizer pool, heartbeat) and gunicorn masters;
   client      hey itself: the load, not the server. It is printed apart and never added in.
 It prints per run and the medians: requests/s, requests/s per core, and microseconds of CPU per
-request (server side: nginx + loop + copies + other), and the cost of each text after the first
+request (server side: nginx + loop + copies + other), its ratio to the client's own CPU per
+request (the machine's speed cancels out), and the cost of each text after the first
 ((64-text cost - 1-text cost) / 63).
+
+--baseline REF measures another commit's code at its own defaults in the same run (a git
+worktree and a virtual environment the servers run too, see bench.common.checkout): both are
+traced and deployed, and each cell runs one after the other, so a noisy neighbour hits both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import os
 import resource
@@ -43,7 +49,7 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import deployed, hey, trace_cpu  # noqa: E402
+from bench.common import checkout, deployed, hey, trace_cpu  # noqa: E402
 
 NAME = "bench-host"
 # 16 tokens with [CLS] and [SEP]: a short text that fills the smallest default bucket (s16), so
@@ -81,9 +87,12 @@ def tiny_model(work: Path) -> Path:
     return directory
 
 
-def trace(work: Path) -> Path:
-    out = work / "trace"
-    trace_cpu(work, out, f"model.source={tiny_model(work)}")
+def trace(work: Path, slug: str, env: dict[str, str], *settings: str) -> Path:
+    model = work / "tiny-bert"
+    if not model.exists():
+        tiny_model(work)
+    out = work / f"trace-{slug}"
+    trace_cpu(work, out, f"model.source={model}", *settings, env=env)
     return out / "tiny-bert" / "cpu"
 
 
@@ -106,10 +115,10 @@ class Processes:
     workers: list[int]
 
 
-def processes(work: Path) -> Processes:
+def processes(work: Path, name: str) -> Processes:
     from neuronserve.deploy.local import RunDir, Supervisor
 
-    rd = RunDir(work / "run" / NAME)
+    rd = RunDir(work / "run" / name)
     nginx_master = int((rd.path / "nginx" / "nginx.pid").read_text())
     masters = [int(p["pid"]) for p in Supervisor(rd).processes() if str(p["name"]).startswith("server-")]
     workers = [w for m in masters for w in _children(m)]
@@ -139,6 +148,7 @@ def cpu_seconds(procs: Processes) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Run:
+    variant: str
     route: str
     texts: int
     ok: int
@@ -159,6 +169,11 @@ class Run:
     def client_us(self) -> float:
         return self.client_s / self.ok * 1e6
 
+    @property
+    def ratio(self) -> float:
+        """Server-side CPU per request over the client's (hey's) own."""
+        return self.us_per_request() / self.client_us
+
 
 def body(route: str, texts: int) -> bytes:
     inputs = [TEXT] * texts
@@ -167,10 +182,10 @@ def body(route: str, texts: int) -> bytes:
     return orjson.dumps({"inputs": inputs})
 
 
-def load(work: Path, url: str, route: str, texts: int, duration: float) -> Run:
+def load(work: Path, name: str, url: str, route: str, texts: int, duration: float) -> Run:  # noqa: PLR0917
     payload = work / f"body-{route}-{texts}.json"
     payload.write_bytes(body(route, texts))
-    procs = processes(work)
+    procs = processes(work, name)
     before = cpu_seconds(procs)
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run = hey(f"{url}{ROUTES[route]}", payload, CONCURRENCY[texts], duration)
@@ -180,6 +195,7 @@ def load(work: Path, url: str, route: str, texts: int, duration: float) -> Run:
         client_before.ru_utime + client_before.ru_stime
     )
     return Run(
+        name,
         route,
         texts,
         run.ok,
@@ -190,12 +206,19 @@ def load(work: Path, url: str, route: str, texts: int, duration: float) -> Run:
     )
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0912 - one sequence of steps
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--routes", default="predict,embeddings")
     parser.add_argument("--texts", default="1,8,64")
+    parser.add_argument("--baseline", help="also measure this git ref's code, at its own defaults")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="also measure this checkout with other settings: NAME:KEY=VALUE[,KEY=VALUE] (repeatable)",
+    )
     parser.add_argument("--work", type=Path, help="scratch directory (kept; default: a temporary one)")
     parser.add_argument("--set", action="append", default=[], help="extra deploy setting, key=value")
     args = parser.parse_args()
@@ -204,52 +227,84 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="host-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.properties").write_text("")
-    artifacts = trace(work)
     cores = len(os.sched_getaffinity(0))
-    shape = shape_of_64(artifacts)
-    print(
-        f"tiny BERT (2 layers, hidden 32) on {cores} cores; default deployment; hey closed loop; "
-        f"each text is {token_count(artifacts)} tokens (64 of them run as b{shape[0]} s{shape[1]})"
-    )
     runs: list[Run] = []
-    with deployed(work, artifacts, NAME, *args.set) as deployment:
-        url = deployment.url
-        for route in routes:  # a short warm-up per route, not measured
-            load(work, url, route, 1, 1.0)
-        print(f"{'run':<4}{'route':<12}{'texts':>6}{'conc':>6}{'req/s':>9}{'req/s/core':>11}"
-              f"{'us/req':>8}  {'nginx':>6}{'loop':>6}{'copies':>7}{'other':>6}  {'client':>7}  errors")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        envs: dict[str, dict[str, str]] = {NAME: {}}
+        sets: dict[str, list[str]] = {NAME: list(args.set)}
+        for variant in args.variant:
+            label, _, values = variant.partition(":")
+            envs[f"{NAME}-{label}"] = {}
+            sets[f"{NAME}-{label}"] = [*args.set, *values.split(",")]
+        if args.baseline:
+            envs[f"{NAME}-{args.baseline}"] = stack.enter_context(checkout(args.baseline, work))
+            sets[f"{NAME}-{args.baseline}"] = list(args.set)
+        urls = {}
+        for name, env in envs.items():
+            artifacts = trace(work, name, env, *[kv for kv in sets[name] if kv.startswith("trace.")])
+            urls[name] = stack.enter_context(deployed(work, artifacts, name, *sets[name], env=env)).url
+        shape = shape_of_64(artifacts)
+        print(
+            f"tiny BERT (2 layers, hidden 32) on {cores} cores; default deployment; hey closed loop; "
+            f"each text is {token_count(artifacts)} tokens (64 of them run as b{shape[0]} s{shape[1]})"
+        )
+        for name, url in urls.items():
+            for route in routes:  # a short warm-up per route, not measured
+                load(work, name, url, route, 1, 1.0)
+        print(f"{'run':<4}{'code':<26}{'route':<12}{'texts':>6}{'conc':>6}{'req/s':>9}{'req/s/core':>11}"
+              f"{'us/req':>8}  {'nginx':>6}{'loop':>6}{'copies':>7}{'other':>6}  {'client':>7}{'ratio':>7}  errors")  # fmt: skip
         for i in range(args.runs):
             for route in routes:
                 for texts in counts:
-                    r = load(work, url, route, texts, args.duration)
-                    runs.append(r)
-                    print(
-                        f"{i + 1:<4}{route:<12}{texts:>6}{CONCURRENCY[texts]:>6}{r.rps:>9.0f}{r.rps / cores:>11.0f}"
-                        f"{r.us_per_request():>8.0f}  "
-                        + "".join(
-                            f"{r.us_per_request(p):>{w}.0f}" for p, w in zip(PARTS, (6, 6, 7, 6), strict=True)
+                    for name, url in urls.items():
+                        r = load(work, name, url, route, texts, args.duration)
+                        runs.append(r)
+                        print(
+                            f"{i + 1:<4}{_code(name):<26}{route:<12}{texts:>6}{CONCURRENCY[texts]:>6}"
+                            f"{r.rps:>9.0f}{r.rps / cores:>11.0f}{r.us_per_request():>8.0f}  "
+                            + "".join(
+                                f"{r.us_per_request(p):>{w}.0f}"
+                                for p, w in zip(PARTS, (6, 6, 7, 6), strict=True)
+                            )
+                            + f"  {r.client_us:>7.0f}{r.ratio:>7.2f}  {r.other_codes or ''}",
+                            flush=True,
                         )
-                        + f"  {r.client_us:>7.0f}  {r.other_codes or ''}",
-                        flush=True,
-                    )
-    print("\nmedians (microseconds of CPU per request; server side = nginx + loop + copies + other)")
-    summary: dict[tuple[str, int], float] = {}
-    for route in routes:
-        for texts in counts:
-            mine = [r for r in runs if r.route == route and r.texts == texts]
-            us = statistics.median(r.us_per_request() for r in mine)
-            summary[(route, texts)] = us
-            parts = "  ".join(
-                f"{p} {statistics.median(r.us_per_request(p) for r in mine):.0f}" for p in PARTS
-            )
-            print(
-                f"  {route:<11}{texts:>3} texts: {us:6.0f} us/request ({parts}); "
-                f"client {statistics.median(r.client_us for r in mine):.0f} us/request (not included); "
-                f"{statistics.median(r.rps for r in mine) / cores:.0f} req/s per core"
-            )
+    print(
+        "\nmedians (microseconds of CPU per request; server side = nginx + loop + copies + other; "
+        "ratio = server side / the client's own)"
+    )
+    summary: dict[tuple[str, str, int], float] = {}
+    ratios: dict[tuple[str, str, int], float] = {}
+    for name in envs:
+        for route in routes:
+            for texts in counts:
+                mine = [r for r in runs if r.variant == name and r.route == route and r.texts == texts]
+                us = statistics.median(r.us_per_request() for r in mine)
+                summary[(name, route, texts)] = us
+                ratios[(name, route, texts)] = statistics.median(r.ratio for r in mine)
+                parts = "  ".join(
+                    f"{p} {statistics.median(r.us_per_request(p) for r in mine):.0f}" for p in PARTS
+                )
+                print(
+                    f"  {_code(name):<26}{route:<11}{texts:>3} texts: {us:6.0f} us/request ({parts}); "
+                    f"client {statistics.median(r.client_us for r in mine):.0f} us/request (not included), "
+                    f"ratio {ratios[(name, route, texts)]:.2f}; "
+                    f"{statistics.median(r.rps for r in mine) / cores:.0f} req/s per core"
+                )
+    for base in [name for name in envs if name != NAME]:
+        print(
+            f"\nthis checkout against {_code(base)} (ratio of the ratios: below 1 is less host CPU per request)"
+        )
+        for route in routes:
+            for texts in counts:
+                print(
+                    f"  {route:<11}{texts:>3} texts: ratio {ratios[(NAME, route, texts)]:.2f} vs "
+                    f"{ratios[(base, route, texts)]:.2f} = "
+                    f"{ratios[(NAME, route, texts)] / ratios[(base, route, texts)]:.2f}x"
+                )
     if 1 in counts and 64 in counts:
         for route in routes:
-            extra = (summary[(route, 64)] - summary[(route, 1)]) / 63
+            extra = (summary[(NAME, route, 64)] - summary[(NAME, route, 1)]) / 63
             print(f"  {route}: each text after the first costs {extra:.0f} us")
         print(
             f"  of which the model's own compute: {model_alone_us(artifacts, *shape):.0f} us per text "
@@ -257,6 +312,10 @@ def main() -> int:
             "these texts run; on Inferentia this part runs on the NeuronCores)"
         )
     return 0
+
+
+def _code(name: str) -> str:
+    return "this checkout" if name == NAME else name.removeprefix(f"{NAME}-")
 
 
 def token_count(artifacts: Path) -> int:

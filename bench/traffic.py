@@ -1,7 +1,7 @@
-"""Throughput and latency on real traffic (mixed lengths, batched ingestion, long texts), today's
-code and this checkout's side by side in one run.
+"""Throughput and latency on real traffic (mixed lengths, batched ingestion, long texts), the
+defaults of this checkout against the previous ones (or another commit) side by side in one run.
 
-    python bench/traffic.py [--runs 3] [--baseline REF] [--variants baseline,torchscript]
+    python bench/traffic.py [--runs 3] [--variants today,defaults] [--baseline REF]
                             [--duration 8] [--corpus FILE] [--write-corpus FILE]
 
 The corpus is real English: one text per line from --corpus, or built here from the docstrings
@@ -14,27 +14,36 @@ loaded with neuronserve's own client on /v1/embeddings, one workload after the o
                      intended send time)
   batch32 c=1, c=4   32 texts per request
   long c=1           one text of 96 tokens or more per request
-Variants (--variants): baseline (--baseline REF, default the last commit before this
-checkout's throughput work, run from a git worktree of it), torchscript (this checkout's
-defaults), onnxruntime (trace.cpu_engine=onnxruntime), int8 (onnxruntime, trace.cpu_quantize=int8).
+Variants (--variants):
+  defaults      this checkout's defaults: ONNX Runtime fp32, two servers or more lending each
+                other idle cores through the host-wide core ledger
+  today         the defaults before them, set on this checkout: TorchScript, one server owning
+                every core (up to 8)
+  torchscript   the default layout with trace.cpu_engine=torchscript
+  int8          the defaults with trace.cpu_quantize=int8
+  unlent        the defaults with deploy.lend_cores=false (each server on its own cores)
+  baseline      --baseline REF's code at its own defaults (a git worktree and a virtual
+                environment its servers run too, see bench.common.checkout)
 Runs interleave the variants (A B A B ...) so a noisy neighbour hits each alike. It prints each
 run, then per workload the medians of texts/s, p50 and p99 and each variant's ratio to the
 first variant split into its two factors (padding: the ratio of padding efficiencies; compute:
 tokens computed per second, padding included), the padding efficiency (real tokens / tokens
-computed) per shape from the servers' metrics, and each variant's embeddings against
-sentence-transformers' (min cosine).
+computed) per shape from the servers' metrics, each variant's embeddings against
+sentence-transformers' (min cosine), its servers' memory (RSS after the loads) and how long
+deploy took until every server was ready.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import inspect
 import json
+import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -47,19 +56,25 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import deployed, trace_cpu  # noqa: E402
+from bench.common import checkout, deployed, server_rss, trace_cpu  # noqa: E402
 
-# The last commit before this checkout's throughput work (issue 22): "today's" code.
-BASELINE = "9772e46"
+# The commit before the cpu defaults changed to ONNX Runtime and lent cores (--baseline's default).
+BASELINE = "3c0650f"
 MODEL = "all-MiniLM-L6-v2"
 MAX_TOKENS = 128  # the default grid's longest sequence, [CLS] and [SEP] included
 LONG_TOKENS = 96
+# The previous defaults: one server of every CPU up to 8 (deploy.cores_per_server's old rule).
+TODAY_CORES = min(8, len(os.sched_getaffinity(0)))
 VARIANTS: dict[str, tuple[str, ...]] = {
+    "defaults": (),
+    "today": ("trace.cpu_engine=torchscript", f"deploy.cores_per_server={TODAY_CORES}"),
+    "torchscript": ("trace.cpu_engine=torchscript",),
+    "int8": ("trace.cpu_quantize=int8",),
+    "unlent": ("deploy.lend_cores=false",),
     "baseline": (),
-    "torchscript": (),
-    "onnxruntime": ("trace.cpu_engine=onnxruntime",),
-    "int8": ("trace.cpu_engine=onnxruntime", "trace.cpu_quantize=int8"),
 }
+# Settings that only deploy reads (the trace of a variant ignores them).
+DEPLOY_ONLY = ("deploy.",)
 STDLIB = [
     "argparse",
     "asyncio",
@@ -306,7 +321,7 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE, help="git ref of today's code")
-    parser.add_argument("--variants", default="baseline,torchscript", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="today,defaults", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per workload")
     parser.add_argument("--open-rate", type=float, default=40.0, help="requests/s of the open loop")
     parser.add_argument(
@@ -342,50 +357,39 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
     loads = tuple(w for w in workloads(args.open_rate) if not wanted or any(x in w.name for x in wanted))
     results: dict[str, dict[str, list[Figures]]] = {v: defaultdict(list) for v in names}
     cosines: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-traffic-") as scratch:
+    memory: dict[str, list[float]] = defaultdict(list)  # GB, the servers' RSS after each run
+    ready: dict[str, list[float]] = defaultdict(list)  # s, deploy until every server is ready
+    with tempfile.TemporaryDirectory(prefix="bench-traffic-") as scratch, contextlib.ExitStack() as stack:
         work = Path(scratch)
         (work / "config.properties").write_text("")
         envs: dict[str, dict[str, str]] = {}
         artifacts: dict[str, Path] = {}
-        if "baseline" in names:
-            tree = work / "baseline"
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline],
-                check=True,
-                capture_output=True,
+        for variant in names:
+            envs[variant] = (
+                stack.enter_context(checkout(args.baseline, work)) if variant == "baseline" else {}
             )
-        try:
+            out = work / f"trace-{variant}"
+            traced = [kv for kv in VARIANTS[variant] if not kv.startswith(DEPLOY_ONLY)]
+            trace_cpu(work, out, *traced, env=envs[variant])
+            artifacts[variant] = out / MODEL / "cpu"
+        for run in range(args.runs):
             for variant in names:
-                envs[variant] = (
-                    {"PYTHONPATH": str(work / "baseline" / "src")} if variant == "baseline" else {}
-                )
-                out = work / f"trace-{variant}"
-                trace_cpu(work, out, *VARIANTS[variant], env=envs[variant])
-                artifacts[variant] = out / MODEL / "cpu"
-            for run in range(args.runs):
-                for variant in names:
-                    sets = VARIANTS[variant]
-                    with deployed(
-                        work, artifacts[variant], f"traffic-{variant}", *sets, env=envs[variant]
-                    ) as d:
-                        plan = json.loads((work / "run" / d.name / "plan.json").read_text())
-                        metrics = [f"http://127.0.0.1:{s['port']}/metrics" for s in plan["servers"]]
-                        if variant not in cosines:
-                            cosines[variant] = min_cosine(d.url, check, expected)
-                        line = []
-                        for load in loads:
-                            figures = measure(d.url, metrics, texts, load, args.duration)
-                            results[variant][load.name].append(figures)
-                            line.append(f"{load.name} {figures.texts_per_s:.1f}/s p50 {figures.p50_ms:.0f}")
-                    print(
-                        f"run {run + 1} {variant} ({len(plan['servers'])} servers): " + "; ".join(line),
-                        flush=True,
-                    )
-        finally:
-            if "baseline" in names:
-                subprocess.run(
-                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")],
-                    check=False,
+                sets = VARIANTS[variant]
+                with deployed(work, artifacts[variant], f"traffic-{variant}", *sets, env=envs[variant]) as d:
+                    ready[variant].append(d.ready_s)
+                    plan = json.loads((work / "run" / d.name / "plan.json").read_text())
+                    metrics = [f"http://127.0.0.1:{s['port']}/metrics" for s in plan["servers"]]
+                    if variant not in cosines:
+                        cosines[variant] = min_cosine(d.url, check, expected)
+                    line = []
+                    for load in loads:
+                        figures = measure(d.url, metrics, texts, load, args.duration)
+                        results[variant][load.name].append(figures)
+                        line.append(f"{load.name} {figures.texts_per_s:.1f}/s p50 {figures.p50_ms:.0f}")
+                    memory[variant].append(server_rss(work / "run" / d.name) / 1e9)
+                print(
+                    f"run {run + 1} {variant} ({len(plan['servers'])} servers): " + "; ".join(line),
+                    flush=True,
                 )
     first = names[0]
     print(f"\nmedians of {args.runs} runs ({args.duration:g} s each); ratios to {first}")
@@ -430,9 +434,13 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
                 f"{s} {r / c:.0%}" for s, (r, c) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:6]
             )
             print(f"  {variant:<12} {load.name:<18} overall {overall:.0%}: {shapes}")
-    print("\nagainst sentence-transformers (min cosine over 64 corpus texts):")
+    print("\nagainst sentence-transformers (min cosine over 64 corpus texts); servers' memory after the")
+    print("loads (RSS of every server process, summed; median); deploy until ready (median):")
     for variant, cosine in cosines.items():
-        print(f"  {variant:<12} {cosine:.6f}")
+        print(
+            f"  {variant:<12} cosine {cosine:.6f}   memory {statistics.median(memory[variant]):.2f} GB   "
+            f"ready {statistics.median(ready[variant]):.1f} s"
+        )
     return 0
 
 
