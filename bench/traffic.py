@@ -22,6 +22,7 @@ Variants (--variants):
   torchscript   the default layout with trace.cpu_engine=torchscript
   int8          the defaults with trace.cpu_quantize=int8
   unlent        the defaults with deploy.lend_cores=false (each server on its own cores)
+  oneserver     the default engine in the previous layout (one server of every CPU up to 8)
   baseline      --baseline REF's code at its own defaults (a git worktree and a virtual
                 environment its servers run too, see bench.common.checkout)
 Runs interleave the variants (A B A B ...) so a noisy neighbour hits each alike. It prints each
@@ -71,6 +72,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "torchscript": ("trace.cpu_engine=torchscript",),
     "int8": ("trace.cpu_quantize=int8",),
     "unlent": ("deploy.lend_cores=false",),
+    "oneserver": (f"deploy.cores_per_server={TODAY_CORES}",),
     "baseline": (),
 }
 # Settings that only deploy reads (the trace of a variant ignores them).

@@ -50,7 +50,7 @@ def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
     neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), BackendKind.NEURONX)
-    assert [(len(s.cores), s.copies) for s in cpu.servers] == [(1, 1), (1, 1)]  # two, lending cores
+    assert [(len(s.cores), s.copies) for s in cpu.servers] == [(1, 2), (1, 2)]  # two, lending cores
     assert [s.copies for s in neuron.servers] == [2, 2]
 
 

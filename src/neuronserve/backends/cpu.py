@@ -296,27 +296,12 @@ def set_call_threads(threads: int) -> None:
 def set_onnx_call_threads(threads: int) -> None:
     """Run this thread's next ONNX calls on the session of ``threads`` threads (see OnnxModel);
     torch (pooling, padding) runs on this one thread: an OpenMP team of its own would spin on
-    the CPUs after every call, and one made after the thread was pinned shares its CPU."""
+    the CPUs after every call, taking them from the next call, in this server or another."""
     if getattr(_call_threads, "count", None) is None:
         import torch
 
         torch.set_num_threads(1)
     _call_threads.count = threads
-
-
-def start_call_threads(threads: int) -> None:
-    """Make this thread's intra-op team of ``threads`` threads now (torch's OpenMP team is made
-    at the first parallel call and keeps the CPU affinity its threads were made with): a copy
-    that runs on its own CPUs after loading still reaches those it borrows. ONNX Runtime's
-    sessions make theirs when they are loaded."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.ones(threads * (1 << 16)).sum()  # above one grain of torch's parallel_for per thread
-    finally:
-        torch.set_num_threads(before)
 
 
 def onnx_thread_counts(usable: int, copies: int, span: int = 0) -> tuple[int, ...]:

@@ -196,17 +196,6 @@ class BackendKind(str, enum.Enum):
             return onnx_thread_counts(usable, copies, span)
         return None
 
-    def call_threads_starter(self, artifact_files: Sequence[str]) -> Callable[[int], None] | None:
-        """How a copy thread makes its intra-op threads before it is pinned to fewer CPUs (None:
-        they are made with the model, ONNX Runtime's sessions' when they load)."""
-        if not self.lends_cores:
-            raise BackendError(f"this is a bug: {self} copies are not given threads per call")
-        if any(f.endswith(".onnx") for f in artifact_files):
-            return None
-        from neuronserve.backends.cpu import start_call_threads
-
-        return start_call_threads
-
     def call_threads_setter(self, artifact_files: Sequence[str]) -> Callable[[int], None]:
         """How a copy thread sets the intra-op threads of its next call: TorchScript's thread
         count; for ONNX artifacts the session its call runs on, torch (pooling, the rest) staying

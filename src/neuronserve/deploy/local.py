@@ -144,6 +144,9 @@ def server_environment(
     if plan is not None and plan.shared_cores is not None:
         env["NEURONSERVE_SERVE__SHARED_CORES"] = str(plan.shared_cores)
         env["NEURONSERVE_SERVE__CORE_LEDGER"] = str(core_ledger(settings))
+        # torch's OpenMP threads (TorchScript) sleep when a call ends instead of spinning on the
+        # CPUs: those are lent to the next call, often another server's.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
 

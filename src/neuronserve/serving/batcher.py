@@ -220,7 +220,8 @@ class CoreLedger:
                     self._cond.wait()
                 return
             while token in self._turns and (self._turns[0] is not token or self._free() <= 0):
-                self._cond.wait(hostcores.POLL_S)
+                # a core another process holds comes back unannounced; this one's wake us
+                self._cond.wait(hostcores.POLL_S if self._host.held_elsewhere() else None)
 
     def leave(self, token: object) -> None:
         """``token``'s copy no longer waits for a core (no work left, or it stops)."""

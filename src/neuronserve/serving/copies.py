@@ -221,8 +221,6 @@ class Copies:
                 measure_lock=locks[slot],
                 max_failures=self.settings.serve.max_failed_batches,
                 stop=self._stop,
-                own_cores=self.cores if self.settings.serve.shared_cores else None,
-                start_threads=self.kind.call_threads_starter(files) if self.lend_cores else None,
             )
             self._threads.append(worker)
             worker.start()
@@ -300,12 +298,8 @@ class CopyWorker(threading.Thread):
         max_failures: int,
         stop: threading.Event,
         set_threads: Callable[[int], None] | None = None,
-        own_cores: CoreSet | None = None,
-        start_threads: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
-        self._own_cores = own_cores  # to run on once loaded, when the process spans more (lending)
-        self._start_threads = start_threads
         # Lent cores (see the Batcher's CoreLedger): the intra-op threads of this thread's next call.
         self._set_threads = set_threads
         self._threads = 0  # set when the thread starts
@@ -340,13 +334,6 @@ class CopyWorker(threading.Thread):
             self._on_failed(self.index, f"copy {self.index} failed to load: {type(exc).__name__}: {exc}")
             return
         self._on_ready(self.index, costs)
-        if self._own_cores is not None and self._batcher.ledger is not None:
-            # Lending between servers: this thread's intra-op threads, made now on every shared
-            # CPU (ONNX Runtime's while loading), reach the CPUs it borrows; the copy thread itself
-            # runs on its server's own, as it would if it lent nothing.
-            if self._start_threads is not None:
-                self._start_threads(self._batcher.ledger.cores)
-            os.sched_setaffinity(0, set(self._own_cores.ids))
         try:
             self._serve()
         except BaseException as exc:

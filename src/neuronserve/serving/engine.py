@@ -70,10 +70,11 @@ class Engine:
         self.task_kind = self.manifest.task
         self.cores = server_cores(settings, self.kind)
         usable = self.kind.usable_cores(self.cores)
-        self.copies = self.kind.copies_per_server(settings.serve.models_per_server, usable)
         # cpu: the CPUs shared with the deployment's other servers (None: its own only)
         self.shared_cores = shared_cores(settings, self.kind, self.cores)
         span = len(self.shared_cores) if self.shared_cores is not None else usable
+        # by default a copy per CPU it may run on (they share one load)
+        self.copies = self.kind.copies_per_server(settings.serve.models_per_server, span)
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)

@@ -17,7 +17,8 @@ locks (``F_OFD_SETLK``) while a batch runs on that core. The kernel is the only 
 
 A copy whose own core is still lent to another server's batch (its request came while that batch
 ran) polls every :data:`POLL_S` (a core freed by another process wakes nobody here) until that
-batch ends; a core freed in this process wakes it at once.
+batch ends; a copy that waits for a core its own server's batch holds is woken when that batch
+ends, without polling (under load, every server's copies wait so).
 
 Not thread-safe: :class:`~neuronserve.serving.batcher.CoreLedger` calls it under its lock.
 """
@@ -93,6 +94,11 @@ class HostCores:
     def _candidates(self) -> list[int]:
         """The cores this process could take now, its own first, then idle servers'."""
         return [i for i in self._order if i not in self._held and self.lendable(i)]
+
+    def held_elsewhere(self) -> bool:
+        """Whether a core this process could take is held by another (so only polling sees it
+        come back); False: the ones it could take are its own batches', whose end wakes it."""
+        return any(self._locked_by_another(i) for i in self._candidates())
 
     def free(self) -> int:
         """Cores this process could take now (see :meth:`take`)."""

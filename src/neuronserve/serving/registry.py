@@ -127,9 +127,9 @@ class ModelRegistry:
             engine.start(self.threads_per_copy, first_copy=first_copy, locks=locks)
             first_copy += engine.copies
         if self.shared_cores is not None:
-            # The copy threads (started above, with their thread pools) run on every shared CPU;
-            # this thread, the event loop, and the threads it starts from now on stay on the
-            # server's own, as a server's would that lends nothing.
+            # The copy threads (started above, with their thread pools) run on every shared CPU,
+            # as many at once as the core ledger lends; this thread, the event loop, and the
+            # threads it starts from now on stay on the server's own.
             os.sched_setaffinity(0, set(self.cores.ids))
 
     @property

@@ -182,6 +182,7 @@ def test_servers_get_the_deploys_effective_settings(tmp_path: Path) -> None:
     # the servers lend each other their CPUs through one ledger in the run directory
     assert env["NEURONSERVE_SERVE__SHARED_CORES"] == "0-1"
     assert env["NEURONSERVE_SERVE__CORE_LEDGER"].endswith("/cores.ledger")
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # no OpenMP team spins on a CPU lent to another
     assert env["PATH"] == "/bin"
 
 
