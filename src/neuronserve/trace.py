@@ -668,6 +668,9 @@ def _compile_shapes(
 # CPU kernels (ONNX Runtime's MLAS, oneDNN) handle a length by vector blocks of up to this many
 # elements plus a tail; the tail's code path depends only on the length modulo it.
 PROBE_BLOCK = 16
+# ... and switch strategies at larger sizes (GEMM blocking, packing, how work is split between
+# threads) at multiples of this: the lengths on either side of each are checked too.
+PROBE_THRESHOLD = 64
 
 
 def trim_probe_lengths(step: int, top: int, compiled: Collection[int] = ()) -> list[int]:
@@ -676,10 +679,11 @@ def trim_probe_lengths(step: int, top: int, compiled: Collection[int] = ()) -> l
     At a coarse step (a multiple of PROBE_BLOCK's divisors, e.g. 8), every such length. At a
     finer one, what proves it without running every length: an exported graph is the same
     computation at any length (its sequence axis is dynamic), and what a length changes is the
-    kernels' tail handling, by the length modulo PROBE_BLOCK. So: every length of the first two
-    blocks and of the last block (each remainder short and long, the longest itself), one length
-    per block between them with the remainder going round, and each compiled length's
-    neighbours. The compiled lengths themselves are verified as shapes.
+    kernels' tail handling, by the length modulo PROBE_BLOCK, and their strategy past the sizes
+    where it switches. So: every length of the first two blocks and of the last block (each
+    remainder short and long, the longest itself), one length per block between them with the
+    remainder going round, the lengths on either side of every multiple of PROBE_THRESHOLD and
+    each compiled length's neighbours. The compiled lengths themselves are verified as shapes.
     """
     every = list(range(trimmed_length(1, step), top + 1, step))
     if (step > 1 and PROBE_BLOCK % step == 0) or len(every) <= 4 * PROBE_BLOCK // step:
@@ -688,7 +692,8 @@ def trim_probe_lengths(step: int, top: int, compiled: Collection[int] = ()) -> l
     chosen = {n for n in every if n < first + 2 * PROBE_BLOCK or n > top - PROBE_BLOCK}
     for block, start in enumerate(range(first + 2 * PROBE_BLOCK, top - PROBE_BLOCK + 1, PROBE_BLOCK)):
         chosen.add(start + (block * step) % PROBE_BLOCK)
-    chosen |= {n + d for n in compiled for d in (-step, step)}
+    edges = {*compiled, *range(PROBE_THRESHOLD, top + 1, PROBE_THRESHOLD)}
+    chosen |= {n + d for n in edges for d in (-step, 0, step)}
     runnable = set(every)
     return sorted(n for n in chosen if n in runnable and n not in compiled)
 

@@ -549,13 +549,17 @@ def test_trimmed_lengths_are_verified_from_the_shortest_at_the_engines_step(
 
 def test_a_long_grid_is_verified_at_every_remainder_of_the_kernels_blocks_not_at_every_length() -> None:
     """ONNX Runtime artifacts up to 256 tokens: each remainder mod PROBE_BLOCK is checked among
-    the short lengths and among the long ones, the longest runnable length and each compiled
-    length's neighbours too, in a quarter of the lengths."""
-    from neuronserve.trace import PROBE_BLOCK, trim_probe_lengths
+    the short lengths and among the long ones, the longest runnable length, each compiled
+    length's neighbours and both sides of every multiple of PROBE_THRESHOLD too, in about a
+    quarter of the lengths."""
+    from neuronserve.trace import PROBE_BLOCK, PROBE_THRESHOLD, trim_probe_lengths
 
     compiled = {16, 32, 64, 128, 256}
     lengths = trim_probe_lengths(1, 256, compiled)
-    assert len(lengths) < (256 - 8) // 4
+    assert len(lengths) < (256 - 8) // 3
+    assert {
+        n + d for n in range(PROBE_THRESHOLD, 256, PROBE_THRESHOLD) for d in (-1, 0, 1)
+    } - compiled <= set(lengths)
     assert not compiled & set(lengths)
     short, long = [n for n in lengths if n <= 48], [n for n in lengths if n >= 200]
     for group in (short, long):

@@ -219,9 +219,15 @@ class CoreLedger:
                 while token in self._turns and (self._turns[0] is not token or self._busy >= self.cores):
                     self._cond.wait()
                 return
-            while token in self._turns and (self._turns[0] is not token or self._free() <= 0):
-                # a core another process holds comes back unannounced; this one's wake us
-                self._cond.wait(hostcores.POLL_S if self._host.held_elsewhere() else None)
+            while token in self._turns:
+                free, elsewhere = self._host.state()
+                first = self._turns[0] is token
+                if first and free > 0:
+                    return
+                # The first in line polls for a core another process holds (it comes back
+                # unannounced); the rest, and a wait for this process's own batches, are woken
+                # by take() and give(), with a backstop.
+                self._cond.wait(hostcores.POLL_S if first and elsewhere else hostcores.BACKSTOP_S)
 
     def leave(self, token: object) -> None:
         """``token``'s copy no longer waits for a core (no work left, or it stops)."""

@@ -17,22 +17,30 @@ locks (``F_OFD_SETLK``) while a batch runs on that core. The kernel is the only 
 
 A copy whose own core is still lent to another server's batch (its request came while that batch
 ran) polls every :data:`POLL_S` (a core freed by another process wakes nobody here) until that
-batch ends; a copy that waits for a core its own server's batch holds is woken when that batch
-ends, without polling (under load, every server's copies wait so).
+batch ends (only the first in line polls); a copy that waits for a core its own server's batch
+holds is woken when that batch ends (under load, every server's copies wait so), looking again
+every :data:`BACKSTOP_S` at most.
 
 Not thread-safe: :class:`~neuronserve.serving.batcher.CoreLedger` calls it under its lock.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 # How often a copy waiting for a core another server holds looks again (see the module docstring).
 POLL_S = 0.001
+# The longest any copy waits for a core without looking again (a backstop: every release this
+# process makes wakes it, and releases by others are polled for by the first in line).
+BACKSTOP_S = 0.05
 
 # struct flock on Linux (x86-64 and arm64): l_type, l_whence, l_start, l_len, l_pid (0 for OFD).
 _FLOCK = struct.Struct("@hhqqi4x")
@@ -70,8 +78,10 @@ class HostCores:
     def _lock(self, offset: int) -> bool:
         try:
             fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
-        except OSError:  # EAGAIN/EACCES: another server holds it
-            return False
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):  # another server holds it
+                return False
+            raise
         return True
 
     def _unlock(self, offset: int) -> None:
@@ -95,14 +105,16 @@ class HostCores:
         """The cores this process could take now, its own first, then idle servers'."""
         return [i for i in self._order if i not in self._held and self.lendable(i)]
 
-    def held_elsewhere(self) -> bool:
-        """Whether a core this process could take is held by another (so only polling sees it
-        come back); False: the ones it could take are its own batches', whose end wakes it."""
-        return any(self._locked_by_another(i) for i in self._candidates())
+    def state(self) -> tuple[int, bool]:
+        """(cores this process could take now, whether one it could take is held by another
+        process), from one look at the locks: that one comes back unannounced, so only polling
+        sees it; the others are this process's own batches', whose end wakes a waiting copy."""
+        held = [self._locked_by_another(i) for i in self._candidates()]
+        return held.count(False), any(held)
 
     def free(self) -> int:
         """Cores this process could take now (see :meth:`take`)."""
-        return sum(1 for i in self._candidates() if not self._locked_by_another(i))
+        return self.state()[0]
 
     def take(self, wanted: int) -> int:
         """Lock up to ``wanted`` free cores, this server's own first; how many it got."""
@@ -126,9 +138,14 @@ class HostCores:
 
     def busy(self, working: bool) -> None:
         """This server has work (a request in flight), or no longer: while it has, no other
-        server borrows its cores."""
+        server borrows its cores. Best effort: a lock that cannot be set or dropped (the ledger
+        file gone) only means borrowing as if it were idle, never a failed request."""
         for i in self.home:
-            if working:
-                self._lock(self.cores + i)
-            else:
-                self._unlock(self.cores + i)
+            try:
+                if working:
+                    self._lock(self.cores + i)
+                else:
+                    self._unlock(self.cores + i)
+            except OSError:
+                log.warning("the core ledger could not mark this server %s", "busy" if working else "idle")
+                return
