@@ -32,6 +32,7 @@ traced and deployed, and each cell runs one after the other, so a noisy neighbou
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib.resources
 import os
@@ -225,6 +226,8 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
     routes = args.routes.split(",")
     counts = [int(t) for t in args.texts.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="host-overhead-"))
+    if args.work is None:
+        atexit.register(shutil.rmtree, work, True)  # a scratch directory of its own goes with it
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.properties").write_text("")
     cores = len(os.sched_getaffinity(0))
