@@ -93,10 +93,6 @@ class HostCores:
 
     # --- what the in-process ledger asks ----------------------------------------------------
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def lendable(self, core: int) -> bool:
         """Whether ``core`` (an index) is this server's own, or its owner has no work."""
         return core in self.home or not self._locked_by_another(self.cores + core)
