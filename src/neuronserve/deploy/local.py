@@ -117,7 +117,7 @@ RUN_DIR_MARKER = "NEURONSERVE_RUN_DIR"
 
 
 def server_environment(
-    settings: Settings, server: ServerPlan, artifacts: Path, config: Path | None, plan: Plan | None = None
+    settings: Settings, server: ServerPlan, artifacts: Path, config: Path | None, plan: Plan
 ) -> dict[str, str]:
     """What a server process needs: its settings as NEURONSERVE_* variables (settings, not objects).
 
@@ -141,7 +141,7 @@ def server_environment(
     }
     if config is not None:
         env["NEURONSERVE_CONFIG"] = str(config)
-    if plan is not None and plan.shared_cores is not None:
+    if plan.shared_cores is not None:
         env["NEURONSERVE_SERVE__SHARED_CORES"] = str(plan.shared_cores)
         env["NEURONSERVE_SERVE__CORE_LEDGER"] = str(core_ledger(settings))
         # torch's OpenMP threads (TorchScript) sleep when a call ends instead of spinning on the

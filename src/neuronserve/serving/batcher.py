@@ -165,8 +165,13 @@ class CoreLedger:
             if self._working == 0 and self._host is not None:
                 self._host.busy(False)
 
+    def _state(self) -> tuple[int, bool]:
+        """(free cores, whether one this process could take is held by another process: only
+        polling sees such a core come back)."""
+        return self._host.state() if self._host is not None else (self.cores - self._busy, False)
+
     def _free(self) -> int:
-        return self._host.free() if self._host is not None else self.cores - self._busy
+        return self._state()[0]
 
     @property
     def free(self) -> int:
@@ -215,19 +220,18 @@ class CoreLedger:
     def wait_turn(self, token: object) -> None:
         """Block while ``token`` is in line and it is not its turn with a core free."""
         with self._cond:
-            if self._host is None:
-                while token in self._turns and (self._turns[0] is not token or self._busy >= self.cores):
-                    self._cond.wait()
-                return
             while token in self._turns:
-                free, elsewhere = self._host.state()
+                free, elsewhere = self._state()
                 first = self._turns[0] is token
                 if first and free > 0:
                     return
-                # The first in line polls for a core another process holds (it comes back
-                # unannounced); the rest, and a wait for this process's own batches, are woken
-                # by take() and give(), with a backstop.
-                self._cond.wait(hostcores.POLL_S if first and elsewhere else hostcores.BACKSTOP_S)
+                # Releases by this process wake it (take() and give()). The first in line polls for
+                # a core another process holds (it comes back unannounced); with ``host`` every wait
+                # has a backstop.
+                if self._host is None:
+                    self._cond.wait()
+                else:
+                    self._cond.wait(hostcores.POLL_S if first and elsewhere else hostcores.BACKSTOP_S)
 
     def leave(self, token: object) -> None:
         """``token``'s copy no longer waits for a core (no work left, or it stops)."""
