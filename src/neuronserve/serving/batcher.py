@@ -311,7 +311,8 @@ class Batcher(Generic[P]):
         self._queues: dict[int, deque[WorkItem[P]]] = {s: deque() for s in self.sequence_lengths}
         self._size = 0
         self._tokens = 0  # tokens of the queued inputs
-        self._idle = 0  # copies waiting in next_batch
+        self._idle = 0  # copies waiting in next_batch for work
+        self._core_waits = 0  # copies waiting in next_batch for a core (with a ledger)
         self.ledger = ledger
         # The thread counts a call can use (None: any); a batch is lent the most of them that fit
         # what is free, and the rest are never taken from the ledger.
@@ -364,7 +365,7 @@ class Batcher(Generic[P]):
     @property
     def waiting_copies(self) -> int:
         """Copies blocked in ``next_batch`` (for nothing to do, or for a core to be returned)."""
-        return self._idle
+        return self._idle + self._core_waits
 
     @property
     def depth_tokens(self) -> int:
@@ -405,12 +406,12 @@ class Batcher(Generic[P]):
                     if wait_until is not None or self.ledger is None:
                         self._wait(None if wait_until is None else wait_until - now)
                         continue
-                    self._idle += 1  # waiting for a core, outside this batcher's lock
+                    self._core_waits += 1  # waiting for a core, outside this batcher's lock
                 try:
                     self.ledger.wait_turn(turn)
                 finally:
                     with self._cond:
-                        self._idle -= 1
+                        self._core_waits -= 1
         finally:
             if self.ledger is not None:
                 self.ledger.leave(turn)
@@ -483,16 +484,18 @@ class Batcher(Generic[P]):
         available = own + sum(len(self._queues[s]) for s in smaller)
         # Copies idle right now (and a core for each) share what waits instead of one taking it all.
         free_cores = self.ledger.free if self.ledger is not None else self._idle + 1
-        sharing = max(1, min(self._idle + 1, free_cores))
+        sharing = max(1, min(self._idle + self._core_waits + 1, free_cores))
         share = -(-own // sharing)
         size = self._explore(self._fitted_to_lengths(seq, self.choose_batch_size(share, seq), share), share)
+        # A batch may wait for more inputs while it would take the last free core (every other copy
+        # runs, or waits for a core): capacity is scarce, so the fuller batch is worth its delay.
         if (
             available < size
             and self.max_delay_s > 0
-            and self._idle == 0
+            and free_cores == 1
             and now < oldest_at + self.max_delay_s
             and not self._closed
-            and not (self.ledger is not None and self.ledger.in_line(turn))  # a turn is not held idle
+            and not self._holds_turn_from_others(turn)
         ):
             return None, oldest_at + self.max_delay_s
         threads = 1
@@ -585,6 +588,15 @@ class Batcher(Generic[P]):
                 return below[1] + (cost - below[1]) * (length - below[0]) / (s - below[0])
             below = (s, cost)
         return below[1] if below is not None else None
+
+    def _holds_turn_from_others(self, turn: object) -> bool:
+        """Whether ``turn`` is in the ledger's line with another model's copy waiting too: a copy
+        never holds such a turn idle waiting for a fuller batch. This model's other copies in line
+        wait for a core, so they could not run what waits anyway (under load, that is every
+        other copy: the batch still fills as a lone copy's would)."""
+        if self.ledger is None or not self.ledger.in_line(turn):
+            return False
+        return self.ledger.others_waiting(turn) > self._core_waits
 
     def _usable_threads(self, threads: int) -> int:
         """The most threads a call can use of ``threads`` (see ``thread_counts``, which hold 1)."""

@@ -22,7 +22,7 @@ def make(clock: Clock, **options: Any) -> Batcher[int]:
         sequence_lengths=options.pop("lengths", (32, 128)),
         batch_sizes=SIZES,
         max_queue=1000,
-        max_delay_s=0.0,
+        max_delay_s=options.pop("max_delay_s", 0.0),
         on_drop=lambda _dropped: None,
         clock=clock,
         **options,
@@ -84,6 +84,28 @@ def test_no_core_is_lent_while_other_work_runs_or_waits() -> None:
     batcher.submit([item(clock, 20)])
     third = batcher.next_batch()
     assert third is not None and third.threads == 2
+
+
+def test_the_last_free_core_waits_for_a_fuller_batch_though_other_copies_wait_for_cores() -> None:
+    """Under load every other copy runs or waits for a core: neither could run what waits, so the
+    copy with the last free core lets the batch fill (up to max_delay) as a lone copy would; with a
+    spare core it runs at once."""
+    clock = Clock()
+    ledger = CoreLedger(2)
+    batcher = make(clock, ledger=ledger, copies=2, max_delay_s=0.005)
+    held = object()
+    assert ledger.take(1, held) == 1  # a batch of another copy runs on one core
+    batcher.submit([item(clock, 20) for _ in range(3)])  # the cost model wants 4 rows
+    with batcher._cond:  # as next_batch holds it
+        batcher._core_waits = 1  # a third copy waits for a core
+        batch, until = batcher._select(clock.now)
+        assert batch is None and until == pytest.approx(clock.now + 0.005)
+        batcher._core_waits = 0
+    ledger.give(1)  # a spare core: no reason to wait
+    with batcher._cond:
+        batch, _ = batcher._select(clock.now)
+    assert batch is not None and len(batch.items) == 3
+    batcher.finished(batch)
 
 
 def test_a_lone_copy_of_several_cores_always_runs_on_all_of_them() -> None:
