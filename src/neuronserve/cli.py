@@ -76,6 +76,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from neuronserve.trace import run_trace
 
     settings = _settings(args)
+    if settings.model.task.generates:
+        from neuronserve.generate.launch import trace
+
+        return trace(settings, force=args.force, say=print)
     if args.runner != "local" and _trace_in_docker(settings, args):
         return 0
     for name, model in settings.per_model().items():
@@ -152,6 +156,12 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from neuronserve.serving.runner import run, serve_overrides
 
+    if _settings(args).model.task.generates:
+        raise ConfigError(
+            "model.task=text-generation is served by copies of an LLM engine, not by neuronserve's "
+            "server: ./fast-api/deploy.sh (neuronserve deploy)"
+        )
+
     extra = serve_overrides(
         port=args.port,
         cores=args.cores,
@@ -184,6 +194,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return emit_k8s(settings, Path(args.emit))
     if args.emit:
         raise ConfigError("--emit writes a Kubernetes base: use it with --launcher k8s")
+    if settings.model.task.generates:
+        from neuronserve.generate.launch import deploy as deploy_generation
+
+        if args.emit_compose:
+            raise ConfigError("--emit-compose is for encoders; text-generation models deploy locally for now")
+        return deploy_generation(
+            settings,
+            dry_run=args.dry_run,
+            neuron_ls=Path(args.neuron_ls) if args.neuron_ls else None,
+            host_memory=host_memory,
+        )
     return deploy(
         settings,
         args.config,

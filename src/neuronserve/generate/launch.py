@@ -1,0 +1,152 @@
+"""``neuronserve trace | deploy | status`` for a text-generation model (cleanup is the encoders').
+
+The local launcher runs each engine copy as a supervisord program (restarted when it dies, its
+whole process group stopped with it) behind the deployment's nginx, which balances by open
+requests, passes streams through unbuffered, retries another copy only while nothing was sent,
+and checks the API key. deploy returns once every copy answers ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from neuronserve.backends import BackendKind, choose_backend
+from neuronserve.config import ConfigError, Settings
+from neuronserve.deploy import local
+from neuronserve.deploy.inventory import detect
+from neuronserve.deploy.local import EngineProgram
+from neuronserve.generate.artifacts import GenerationManifest, generation_directory, prepare
+from neuronserve.generate.engine import engine_python, ensure_engine
+from neuronserve.generate.keeper import MARK
+from neuronserve.generate.plan import GenerationPlan, make_generation_plan
+
+
+def _backend(settings: Settings) -> BackendKind:
+    return choose_backend(settings.trace.backend)[0]
+
+
+def _supported(backend: BackendKind) -> None:
+    if backend is BackendKind.NEURON:
+        raise ConfigError(
+            "text-generation runs on Inf2/Trn1 (trace.backend=neuronx: vLLM's Neuron backend) or on "
+            "cpu; Inf1 (trace.backend=neuron) has no LLM engine"
+        )
+
+
+def trace(settings: Settings, *, force: bool, say: Callable[[str], None] = print) -> int:
+    """Prepare the model; on cpu also make the engine's environment (so deploy starts at once)."""
+    backend = _backend(settings)
+    _supported(backend)
+    if settings.extra_models:
+        raise ConfigError("a text-generation model is deployed alone: remove the models.<name>.* entries")
+    manifest = prepare(settings, backend, force=force, say=say)
+    ensure_engine(settings, backend, say)
+    say(f"model {manifest.name} ({manifest.facts.parameters / 1e6:.0f}M parameters) ready for the engine")
+    return 0
+
+
+def plan_for(
+    settings: Settings, *, neuron_ls: Path | None = None, host_memory: int | None = None, verify: bool = True
+) -> tuple[GenerationPlan, GenerationManifest]:
+    if settings.extra_models:
+        raise ConfigError("a text-generation model is deployed alone: remove the models.<name>.* entries")
+    backend = _backend(settings)
+    _supported(backend)
+    directory = generation_directory(settings, backend)
+    manifest = GenerationManifest.read(directory)
+    if verify:
+        manifest.verify()
+    inventory = detect(manifest.backend, neuron_ls=neuron_ls, host_memory=host_memory)
+    plan = make_generation_plan(settings, inventory, manifest, engine_python(settings, manifest.backend))
+    return plan, manifest
+
+
+def deploy(
+    settings: Settings, *, dry_run: bool, neuron_ls: Path | None = None, host_memory: int | None = None
+) -> int:
+    if settings.deploy.launcher != "local":
+        raise ConfigError(
+            f"deploy.launcher={settings.deploy.launcher}: text-generation models deploy with the local "
+            "launcher for now (one engine per copy under supervisord, behind nginx)"
+        )
+    plan, manifest = plan_for(settings, neuron_ls=neuron_ls, host_memory=host_memory, verify=not dry_run)
+    print(plan.table())
+    if dry_run:
+        print(plan.commands())
+    plan.check()
+    if dry_run:
+        return 0
+    ensure_engine(settings, manifest.backend)
+    rd_path = local.run_dir(settings).path.resolve()
+    engines = [
+        EngineProgram(
+            c.name,
+            # the keeper takes the copy's engine core with it when the API server dies
+            shlex.join([sys.executable, "-m", "neuronserve.generate.keeper", "--", *c.command.argv]),
+            {**c.command.env, MARK: str(rd_path / c.name)},
+            c.port,
+        )
+        for c in plan.copies
+    ]
+    started = time.perf_counter()
+    rd = local.start(settings, plan.layout, manifest.directory, None, engines)
+    endpoint = f"http://{plan.layout.host}:{plan.layout.port}"
+    probes = {e.name: f"http://127.0.0.1:{e.port}/v1/models" for e in engines}
+    probes["nginx"] = f"{endpoint}/health"
+    try:
+        local.wait_ready(
+            settings, plan.layout, rd, probes=probes, timeout_s=settings.generate.ready_timeout_s
+        )
+    except BaseException:
+        local.stop(rd)
+        raise
+    _write_copies(rd, plan)
+    print(
+        f"ready: {endpoint}/v1 ({len(engines)} copies of {manifest.name} in {time.perf_counter() - started:.0f} s; "
+        f"logs in {rd.path / 'logs'})"
+    )
+    return 0
+
+
+def _write_copies(rd: local.RunDir, plan: GenerationPlan) -> None:
+    (rd.path / "copies.json").write_text(
+        json.dumps([{"name": c.name, "cores": c.cores, "port": c.port} for c in plan.copies], indent=2) + "\n"
+    )
+
+
+def status(rd: local.RunDir) -> int:
+    """Each copy's state, readiness (``/v1/models``), cores, port, pid and restarts."""
+    copies = json.loads((rd.path / "copies.json").read_text())
+    processes = {p["name"]: p for p in local.Supervisor(rd).processes()}
+    restarts = local.restarts(rd)
+    plan = json.loads(rd.plan.read_text())
+    print(f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts")
+    with httpx.Client(timeout=2) as client:
+        for copy in copies:
+            info = processes.get(copy["name"], {})
+            try:
+                ready = (
+                    "yes"
+                    if client.get(f"http://127.0.0.1:{copy['port']}/v1/models").status_code == 200
+                    else "no"
+                )
+            except httpx.HTTPError:
+                ready = "down"
+            print(
+                f"{copy['name']:<12}{info.get('statename', '?'):<10}{ready:<8}{copy['cores']:<8}"
+                f"{copy['port']:<7}{info.get('pid', 0):<9}{restarts.get(copy['name'], 0)}"
+            )
+        nginx = processes.get("nginx", {})
+        print(
+            f"{'nginx':<12}{nginx.get('statename', '?'):<10}{'':<8}{'':<8}{plan['port']:<7}"
+            f"{nginx.get('pid', 0):<9}{restarts.get('nginx', 0)}"
+        )
+    print(f"endpoint http://{plan['host']}:{plan['port']}/v1")
+    return 0

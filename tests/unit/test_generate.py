@@ -1,0 +1,266 @@
+"""Text-generation models: preparing a decoder, the copies x tensor-parallel plan on cores, its
+memory refusals, each copy's exact engine command, and the balancer's configuration for streams.
+No engine runs here (tests/integration/test_generate.py runs real vLLM copies)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuronserve.backends import BackendKind
+from neuronserve.config import ConfigError, Settings, load_settings
+from neuronserve.deploy.memory import MemoryPlanError
+from neuronserve.deploy.nginx import render_nginx_conf
+from neuronserve.generate.artifacts import (
+    MANIFEST,
+    GenerationArtifactError,
+    GenerationManifest,
+    ModelFacts,
+    prepare,
+)
+from neuronserve.generate.launch import plan_for
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "neuron-ls"
+REPO = Path(__file__).resolve().parents[2]
+# Llama-3.1-8B's shape (config.json on the hub): 8.03 B parameters, 32 layers, 8 KV heads of 128.
+LLAMA_8B = ModelFacts(
+    layers=32,
+    hidden=4096,
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    vocab=128256,
+    max_positions=131072,
+    parameters=8_030_261_248,
+    dtype="bfloat16",
+)
+TRN1_32XL = (
+    "["
+    + ",".join(
+        json.dumps(
+            {
+                "neuron_device": d,
+                "bdf": f"0000:{d:02x}:1e.0",
+                "nc_count": 2,
+                "memory_size": 34359738368,
+                "neuroncore_ids": [2 * d, 2 * d + 1],
+                "neuron_processes": [],
+            }
+        )
+        for d in range(16)
+    )
+    + "]"
+)
+
+
+def _recorded(tmp_path: Path, backend: BackendKind, facts: ModelFacts = LLAMA_8B) -> Path:
+    """A prepared model's record as trace writes it (the weights are not needed to plan)."""
+    directory = tmp_path / "trace-models" / "llama" / backend.value
+    directory.mkdir(parents=True)
+    manifest = GenerationManifest(
+        directory=directory,
+        name="llama",
+        source="/models/Llama-3.1-8B-Instruct",
+        source_sha256="0" * 64,
+        backend=backend,
+        model_dir=Path("/models/Llama-3.1-8B-Instruct"),
+        facts=facts,
+        files={},
+    )
+    (directory / MANIFEST).write_text(json.dumps(manifest.to_json()))
+    return directory
+
+
+def _settings(tmp_path: Path, *overrides: str) -> Settings:
+    config = tmp_path / "config.properties"
+    config.write_text(
+        "model.task=text-generation\nmodel.name=llama\nmodel.source=/models/Llama-3.1-8B-Instruct\n"
+    )
+    return load_settings(str(config), overrides=list(overrides))
+
+
+def test_tp8_on_a_trn1_32xlarge_is_four_copies_on_contiguous_ranges_with_the_neuron_vllm_command(
+    tmp_path: Path,
+) -> None:
+    _recorded(tmp_path, BackendKind.NEURONX)
+    neuron_ls = tmp_path / "trn1.json"
+    neuron_ls.write_text(TRN1_32XL)
+    settings = _settings(tmp_path, "trace.backend=neuronx", "deploy.cores_per_server=8")
+    plan, _ = plan_for(settings, neuron_ls=neuron_ls, host_memory=512 << 30, verify=False)
+    assert [c.cores for c in plan.copies] == ["0-7", "8-15", "16-23", "24-31"]
+    assert [c.port for c in plan.copies] == [8081, 8082, 8083, 8084]
+    first = plan.copies[0].command
+    assert first.env["NEURON_RT_VISIBLE_CORES"] == "0-7"
+    assert first.env["NEURON_COMPILED_ARTIFACTS"].endswith("neuron-compiled/tp8")
+    argv = list(first.argv)
+    assert argv[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "8"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # nginx is the endpoint
+    assert "taskset" not in argv and "--enforce-eager" not in argv
+    plan.check()  # 8B in bf16 over 8 cores fits 16 GiB each
+    # the per-core estimate: weights and KV cache split over the copy's cores, plus the runtime's
+    per_core = plan.copies[0].device_bytes_per_core
+    assert 2.0 * (1 << 30) < per_core < 4.0 * (1 << 30)
+
+
+def test_the_cli_dry_run_prints_each_copy_and_its_command(tmp_path: Path) -> None:
+    _recorded(tmp_path, BackendKind.NEURONX)
+    neuron_ls = tmp_path / "trn1.json"
+    neuron_ls.write_text(TRN1_32XL)
+    (tmp_path / "config.properties").write_text(
+        "model.task=text-generation\nmodel.name=llama\nmodel.source=/models/Llama-3.1-8B-Instruct\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronserve.cli", "deploy", "--dry-run", "--neuron-ls", str(neuron_ls),
+         "--host-memory-gib", "512", "--config", str(tmp_path / "config.properties"),
+         "--set", "trace.backend=neuronx", "--set", "deploy.cores_per_server=8"],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "4 copies x 8 cores (tensor-parallel degree)" in out
+    for i, cores in enumerate(("0-7", "8-15", "16-23", "24-31")):
+        assert f"copy-{i}: " in out and f"NEURON_RT_VISIBLE_CORES={cores} " in out
+    assert out.count("--tensor-parallel-size 8") == 4
+
+
+def test_a_copy_that_does_not_fit_its_neuroncores_is_refused_naming_the_knobs(tmp_path: Path) -> None:
+    _recorded(tmp_path, BackendKind.NEURONX)
+    neuron_ls = tmp_path / "trn1.json"
+    neuron_ls.write_text(TRN1_32XL)
+    # one core per copy: 16 GB of bf16 weights on a 16 GiB NeuronCore, with its KV cache
+    plan, _ = plan_for(
+        _settings(tmp_path, "trace.backend=neuronx", "deploy.cores_per_server=1"),
+        neuron_ls=neuron_ls,
+        host_memory=512 << 30,
+        verify=False,
+    )
+    with pytest.raises(MemoryPlanError, match=r"a NeuronCore has 16\.0 GiB.*deploy\.cores_per_server"):
+        plan.check()
+
+
+def test_copies_that_do_not_fit_host_memory_are_refused_naming_the_kv_cache_knobs(tmp_path: Path) -> None:
+    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
+    _recorded(tmp_path, BackendKind.CPU, small)
+    settings = _settings(
+        tmp_path, "trace.backend=cpu", "generate.max_num_seqs=64", "generate.max_model_len=8192"
+    )
+    plan, _ = plan_for(settings, host_memory=4 << 30, verify=False)
+    # 64 x 8192 tokens x 2 x 30 layers x 3 heads x 64 x 4 bytes = 24 GiB of KV cache per copy
+    assert plan.kv_bytes == 64 * 8192 * 2 * 30 * 3 * 64 * 4
+    with pytest.raises(
+        MemoryPlanError, match=r"host memory.*generate\.max_num_seqs or generate\.max_model_len"
+    ):
+        plan.check()
+    fits, _ = plan_for(_settings(tmp_path, "trace.backend=cpu"), host_memory=16 << 30, verify=False)
+    fits.check()
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused(tmp_path: Path) -> None:
+    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
+    _recorded(tmp_path, BackendKind.CPU, small)
+    with pytest.raises(ConfigError, match=r"generate\.max_model_len=16384 exceeds the model's 8192"):
+        plan_for(_settings(tmp_path, "trace.backend=cpu", "generate.max_model_len=16384"), verify=False)
+
+
+def test_cpu_copies_are_pinned_to_their_cores_with_eager_mode_and_their_kv_cache(tmp_path: Path) -> None:
+    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
+    _recorded(tmp_path, BackendKind.CPU, small)
+    settings = _settings(tmp_path, "trace.backend=cpu", "deploy.cores=0-1", "deploy.cores_per_server=1")
+    from neuronserve.deploy.inventory import Inventory
+    from neuronserve.generate.plan import make_generation_plan
+
+    manifest = GenerationManifest.read(tmp_path / "trace-models" / "llama" / "cpu")
+    inventory = Inventory("cpu", (0, 1), {}, host_memory=16 << 30)
+    plan = make_generation_plan(settings, inventory, manifest, Path("/engine/bin/python"))
+    assert [c.cores for c in plan.copies] == ["0", "1"]
+    second = plan.copies[1].command
+    assert list(second.argv[:3]) == ["taskset", "-c", "1"]
+    assert second.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert second.env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # 8 x 2048 tokens need well under 1 GiB
+    assert "--enforce-eager" in second.argv
+    assert second.argv[second.argv.index("--dtype") + 1] == "float32"
+    assert second.argv[second.argv.index("--tensor-parallel-size") + 1] == "1"
+
+
+def test_inf1_has_no_llm_engine(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trace\.backend=neuronx"):
+        plan_for(_settings(tmp_path, "trace.backend=neuron"), verify=False)
+
+
+def _tiny_llama(directory: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_prepare_records_a_local_decoder_checks_its_files_and_skips_it_when_unchanged(tmp_path: Path) -> None:
+    source = _tiny_llama(tmp_path / "tiny-llama")
+    settings = _settings(tmp_path, f"model.source={source}", "model.name=tiny", "trace.backend=cpu")
+    said: list[str] = []
+    manifest = prepare(settings, BackendKind.CPU, say=said.append)
+    assert manifest.model_dir == source  # a local directory is loaded where it is
+    assert (manifest.facts.layers, manifest.facts.kv_heads, manifest.facts.head_dim) == (2, 2, 8)
+    assert manifest.facts.parameters == sum(
+        p.numel() for p in __import__("transformers").LlamaForCausalLM.from_pretrained(source).parameters()
+    )
+    assert "model.safetensors" in manifest.files and "config.json" in manifest.files
+    again = prepare(settings, BackendKind.CPU, say=said.append)
+    assert again == GenerationManifest.read(manifest.directory) and "up to date" in said[-1]
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(GenerationArtifactError, match="differs from its checksum"):
+        GenerationManifest.read(manifest.directory).verify()
+
+
+def test_an_encoder_is_refused_as_a_text_generation_model(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    source = tmp_path / "bert"
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(source)
+    settings = _settings(tmp_path, f"model.source={source}", "model.name=bert", "trace.backend=cpu")
+    with pytest.raises(ConfigError, match=r"not a causal language model \(architectures \['BertModel'\]\)"):
+        prepare(settings, BackendKind.CPU, say=lambda _line: None)
+    assert not (tmp_path / "trace-models" / "bert" / "cpu").exists()  # nothing half-written is left
+
+
+def test_the_balancer_passes_streams_through_and_checks_the_key_at_the_edge(tmp_path: Path) -> None:
+    conf = render_nginx_conf(
+        listen_host="127.0.0.1",
+        listen_port=8080,
+        upstreams=["127.0.0.1:8081", "127.0.0.1:8082"],
+        run_dir=None,
+        max_body_bytes=1 << 20,
+        read_timeout_s=600,
+        streams=True,
+        api_key="s3cret-key",
+    )
+    assert "proxy_buffering off;" in conf and "least_conn;" in conf
+    assert '"Bearer s3cret-key" 1;' in conf and "return 401" in conf
+    assert "proxy_read_timeout 600s;" in conf
+    assert "location = /health" in conf  # the probe needs no key
+    encoders = render_nginx_conf(
+        listen_host="127.0.0.1", listen_port=8080, upstreams=["127.0.0.1:8081"], run_dir=None,
+        max_body_bytes=1 << 20, read_timeout_s=60,
+    )  # fmt: skip
+    assert "proxy_buffering off;" not in encoders and "Bearer" not in encoders
+    with pytest.raises(ValueError, match="API key may not contain"):
+        render_nginx_conf(
+            listen_host="127.0.0.1", listen_port=8080, upstreams=["127.0.0.1:8081"], run_dir=None,
+            max_body_bytes=1, read_timeout_s=1, streams=True, api_key='a"b',
+        )  # fmt: skip
