@@ -7,10 +7,12 @@ deployment serves the module's tests, the fault test last."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from neuronserve.backends import BackendKind
 from neuronserve.config import Settings
 from neuronserve.deploy import local
 from neuronserve.generate.engine import EngineError, ensure_engine
+from neuronserve.monitor import dashboards
 from tests.conftest import make_settings
 from tests.integration.servers import free_port
 
@@ -58,6 +61,9 @@ def _settings(base: Path) -> Settings:
         deploy__base_port=str(free_port(2)),
         serve__api_key=KEY,
         monitor__enabled="false",
+        monitor__prometheus="true" if shutil.which("prometheus") else "false",
+        monitor__prometheus_port=str(free_port()),
+        monitor__scrape_interval_s="1",
     )
 
 
@@ -73,6 +79,9 @@ def _config_file(base: Path, settings: Settings) -> Path:
         f"deploy.base_port={settings.deploy.base_port}",
         f"serve.api_key={KEY}",
         "monitor.enabled=false",
+        f"monitor.prometheus={str(settings.monitor.prometheus).lower()}",
+        f"monitor.prometheus_port={settings.monitor.prometheus_port}",
+        "monitor.scrape_interval_s=1",
     ]
     path = base / "config.properties"
     path.write_text("\n".join(lines) + "\n")
@@ -195,6 +204,76 @@ def test_greedy_answers_are_identical_across_copies(deployed: Deployed) -> None:
         )
         answers.add(reply.choices[0].text)
     assert len(answers) == 1 and "Paris" in answers.pop()
+
+
+def _query(prom: str, expr: str) -> list[object]:
+    answer = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
+    return list(answer["data"]["result"])
+
+
+def test_every_generation_dashboard_query_returns_series_from_a_live_deployment(deployed: Deployed) -> None:
+    """The copies' vLLM metrics reach Prometheus labelled by deployment and copy, and every query
+    of the generation dashboard (variables as Grafana fills them) answers with data."""
+    if not deployed.settings.monitor.prometheus:
+        pytest.skip("prometheus is not installed (make test installs it: scripts/system-deps.sh)")
+    prom = f"http://127.0.0.1:{deployed.settings.monitor.prometheus_port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            targets = httpx.get(f"{prom}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+            if sorted((t["labels"].get("copy"), t["health"]) for t in targets) == [
+                ("copy-0", "up"),
+                ("copy-1", "up"),
+            ]:
+                break
+        time.sleep(0.5)  # poll until Prometheus has scraped both copies
+    else:
+        pytest.fail(f"the copies' targets are not up in Prometheus: {targets}")
+    stop = threading.Event()
+
+    def load() -> None:
+        with _client(deployed) as client:
+            while not stop.is_set():
+                with client.completions.create(
+                    model=MODEL, prompt="Tell me about ships.", stream=True, max_tokens=8, temperature=0
+                ) as stream:
+                    for _chunk in stream:
+                        pass
+
+    loaders = [threading.Thread(target=load) for _ in range(3)]
+    for loader in loaders:
+        loader.start()
+    document = dashboards.dashboards()["neuronserve-generation.json"]
+    missing = []
+    try:
+        for variable in document["templating"]["list"]:
+            if variable["type"] == "query":
+                series, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]).groups()  # type: ignore[union-attr]
+                series = series.replace("$deployment", deployed.settings.deploy.name)
+                values = httpx.get(
+                    f"{prom}/api/v1/label/{label}/values", params={"match[]": series}, timeout=10
+                )
+                assert (deployed.settings.deploy.name if label == "deployment" else MODEL) in values.json()[
+                    "data"
+                ]
+        for expr in dashboards.expressions(document):
+            query = (
+                expr.replace("$__rate_interval", "30s")
+                .replace("$deployment", deployed.settings.deploy.name)
+                .replace("$model", MODEL)
+            )
+            deadline = time.monotonic() + 30
+            while not _query(prom, query) and time.monotonic() < deadline:
+                time.sleep(0.5)  # poll: a rate needs two scrapes of traffic
+            if not _query(prom, query):
+                missing.append(query)
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(timeout=120)
+    assert missing == []
+    copies = {r["metric"]["copy"] for r in _query(prom, "vllm:num_requests_running")}  # type: ignore[index]
+    assert copies == {"copy-0", "copy-1"}
 
 
 def test_status_shows_every_copy_ready(deployed: Deployed) -> None:

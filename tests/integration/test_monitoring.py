@@ -91,6 +91,8 @@ def test_every_dashboard_query_returns_series(tmp_path: Path, bundled_artifacts:
             time.sleep(8)  # let Prometheus collect several scrapes of live traffic (1 s interval)
             missing = []
             for name, document in dashboards.dashboards().items():
+                if name == "neuronserve-generation.json":
+                    continue  # an LLM engine's metrics: tests/integration/test_generate.py
                 # the variables as Grafana fills them: this deployment, every model
                 for variable in document["templating"]["list"]:
                     if variable["type"] == "query":

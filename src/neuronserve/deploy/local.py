@@ -407,7 +407,7 @@ def write_run_dir(
     )
     _write_owner_only(rd.conf, conf)  # the servers' environment in it carries serve.api_key
     rd.plan.write_text(json.dumps(plan_to_json(plan), indent=2) + "\n")
-    _write_prometheus(settings, plan, rd)
+    _write_prometheus(settings, plan, rd, engines)
     return rd
 
 
@@ -419,15 +419,23 @@ def _write_owner_only(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _write_prometheus(settings: Settings, plan: Plan, rd: RunDir) -> None:
+def _write_prometheus(
+    settings: Settings, plan: Plan, rd: RunDir, engines: Sequence[EngineProgram] = ()
+) -> None:
     """File-SD targets for Prometheus (the committed monitor/prometheus/prometheus.yml reads
-    them), and this deployment's own prometheus.yml when it runs Prometheus itself."""
+    them), and this deployment's own prometheus.yml when it runs Prometheus itself. Engine
+    copies are labelled ``copy``, servers ``server``."""
     from neuronserve.monitor.prometheus import render_prometheus_yml, write_targets
 
     m = settings.monitor
     prom = rd.path / "prometheus"
-    servers = {f"{settings.deploy.name}-{s.name}": f"127.0.0.1:{s.port}" for s in plan.servers}
-    write_targets(prom, settings.deploy.name, servers, f"{m.host}:{m.port}" if m.enabled else None)
+    exporter = f"{m.host}:{m.port}" if m.enabled else None
+    if engines:
+        copies = {e.name: f"127.0.0.1:{e.port}" for e in engines}
+        write_targets(prom, settings.deploy.name, copies, exporter, label="copy")
+    else:
+        servers = {f"{settings.deploy.name}-{s.name}": f"127.0.0.1:{s.port}" for s in plan.servers}
+        write_targets(prom, settings.deploy.name, servers, exporter)
     credentials = None
     key = settings.api_key()
     if settings.serve.metrics_need_key and key:  # the servers' /metrics needs the key: give it to Prometheus

@@ -26,9 +26,13 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, Vari
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Every metric the dashboards query starts with one of these (ours, and neuron-monitor's names).
-METRIC = re.compile(r"\b((?:neuronserve|neuroncore|neuron|execution|hardware|system)_[a-z_]+)(\{([^}]*)\})?")
+METRIC = re.compile(
+    r"\b((?:neuronserve|neuroncore|neuron|execution|hardware|system)_[a-z_]+|vllm:[a-z0-9_]+)(\{([^}]*)\})?"
+)
 BY_DEPLOYMENT = 'deployment=~"$deployment"'
 BY_MODEL = 'model=~"$model"'
+# vLLM's metrics name the model in model_name.
+BY_ENGINE_MODEL = 'model_name=~"$model"'
 INFERENCE_ROUTES = 'route=~"/predict|/v1/embeddings|/rerank|/v1/rerank|/v2/models/.*/infer"'
 
 
@@ -310,6 +314,61 @@ CORES: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
 )
 
 
+# Text-generation deployments: every copy's vLLM metrics, labelled by deployment and copy.
+GENERATION: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
+    (
+        "Latency",
+        (
+            PanelSpec("Time to first token", "s", _quantiles("vllm:time_to_first_token_seconds")),
+            PanelSpec("Inter-token latency", "s", _quantiles("vllm:inter_token_latency_seconds")),
+            PanelSpec("Request latency (end to end)", "s", _quantiles("vllm:e2e_request_latency_seconds")),
+            PanelSpec("Time queued before running", "s", _quantiles("vllm:request_queue_time_seconds")),
+        ),
+    ),
+    (
+        "Throughput and load",
+        (
+            PanelSpec(
+                "Tokens per second per copy",
+                "short",
+                (
+                    Query(
+                        "sum by (copy) (rate(vllm:generation_tokens_total[$__rate_interval]))",
+                        "output {{copy}}",
+                    ),
+                    Query(
+                        "sum by (copy) (rate(vllm:prompt_tokens_total[$__rate_interval]))", "prompt {{copy}}"
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Requests running and waiting per copy",
+                "short",
+                (
+                    Query("sum by (copy) (vllm:num_requests_running)", "running {{copy}}"),
+                    Query("sum by (copy) (vllm:num_requests_waiting)", "waiting {{copy}}"),
+                ),
+            ),
+            PanelSpec(
+                "KV cache usage per copy",
+                "percentunit",
+                (Query("max by (copy) (vllm:kv_cache_usage_perc)", "{{copy}}"),),
+            ),
+            PanelSpec(
+                "Requests finished per second by reason (error and abort are failures)",
+                "reqps",
+                (
+                    Query(
+                        "sum by (finished_reason) (rate(vllm:request_success_total[$__rate_interval]))",
+                        "{{finished_reason}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
+)
+
+
 def filtered(expr: str, matchers: tuple[str, ...]) -> str:
     """``expr`` with ``matchers`` added to every metric selector in it."""
 
@@ -320,15 +379,22 @@ def filtered(expr: str, matchers: tuple[str, ...]) -> str:
     return METRIC.sub(add, expr)
 
 
-def _variables(dashboard: Dashboard, by_model: bool) -> Dashboard:
-    """$datasource, $deployment and (serving) $model; the label queries follow each other."""
+def _variables(dashboard: Dashboard, by_model: bool, engine: bool = False) -> Dashboard:
+    """$datasource, $deployment and (serving, generation) $model; the label queries follow each other."""
     dashboard = dashboard.with_variable(
         DatasourceVariable("datasource").label("Data source").type("prometheus")
     )
-    series = "neuronserve_server_info" if by_model else "neuronserve_exporter_source_up"
+    series = (
+        "vllm:num_requests_running"
+        if engine
+        else "neuronserve_server_info"
+        if by_model
+        else "neuronserve_exporter_source_up"
+    )
     chosen = [("deployment", f"label_values({series}, deployment)")]
     if by_model:
-        chosen.append(("model", f"label_values({series}{{{BY_DEPLOYMENT}}}, model)"))
+        label = "model_name" if engine else "model"
+        chosen.append(("model", f"label_values({series}{{{BY_DEPLOYMENT}}}, {label})"))
     for name, query in chosen:
         dashboard = dashboard.with_variable(
             QueryVariable(name)
@@ -345,13 +411,20 @@ def _variables(dashboard: Dashboard, by_model: bool) -> Dashboard:
 
 
 def build(
-    title: str, uid: str, rows: tuple[tuple[str, tuple[PanelSpec, ...]], ...], *, by_model: bool
+    title: str,
+    uid: str,
+    rows: tuple[tuple[str, tuple[PanelSpec, ...]], ...],
+    *,
+    by_model: bool,
+    engine: bool = False,
 ) -> dict[str, Any]:
+    """``engine``: the series are an LLM engine's (vLLM: the model in model_name)."""
     dashboard = (
         Dashboard(title).uid(uid).tags(["neuronserve", "generated"]).refresh("10s").time("now-30m", "now")
     )
-    dashboard = _variables(dashboard, by_model)
-    matchers = (BY_DEPLOYMENT, BY_MODEL) if by_model else (BY_DEPLOYMENT,)
+    dashboard = _variables(dashboard, by_model, engine)
+    model = BY_ENGINE_MODEL if engine else BY_MODEL
+    matchers = (BY_DEPLOYMENT, model) if by_model else (BY_DEPLOYMENT,)
     y = 0
     for row_title, panels in rows:
         dashboard = dashboard.with_row(Row(row_title).grid_pos(GridPos(h=1, w=24, x=0, y=y)))
@@ -387,6 +460,9 @@ def dashboards() -> dict[str, dict[str, Any]]:
             "neuronserve: serving", "neuronserve-serving", SERVING, by_model=True
         ),
         "neuronserve-cores.json": build("neuronserve: cores", "neuronserve-cores", CORES, by_model=False),
+        "neuronserve-generation.json": build(
+            "neuronserve: generation", "neuronserve-generation", GENERATION, by_model=True, engine=True
+        ),
     }
 
 

@@ -34,12 +34,15 @@ scrape_configs:
 """
 
 
-def write_targets(directory: Path, deployment: str, servers: dict[str, str], exporter: str | None) -> None:
-    """File-SD targets: one group per server (labelled with its name), one for the exporter."""
+def write_targets(
+    directory: Path, deployment: str, servers: dict[str, str], exporter: str | None, label: str = "server"
+) -> None:
+    """File-SD targets: one group per server (labelled with its name under ``label``: ``copy``
+    for an LLM engine's copies), one for the exporter."""
     targets = directory / "targets"
     targets.mkdir(parents=True, exist_ok=True)
     groups = [
-        {"targets": [address], "labels": {"deployment": deployment, "server": name}}
+        {"targets": [address], "labels": {"deployment": deployment, label: name}}
         for name, address in servers.items()
     ]
     (targets / "servers.json").write_text(json.dumps(groups, indent=2) + "\n")

@@ -290,13 +290,17 @@ def _selectors(expr: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("name", ["neuronserve-serving.json", "neuronserve-cores.json"])
+@pytest.mark.parametrize(
+    "name", ["neuronserve-serving.json", "neuronserve-cores.json", "neuronserve-generation.json"]
+)
 def test_committed_dashboards_import_into_any_grafana(name: str) -> None:
     """No data source uid of ours: $datasource; every series filtered by $deployment (and on the
-    serving dashboard $model), each variable offering All."""
+    serving and generation dashboards $model), each variable offering All."""
     document = json.loads((REPO / "monitor" / "grafana" / "dashboards" / name).read_text())
     variables = {v["name"]: v for v in document["templating"]["list"]}
-    by_model = name == "neuronserve-serving.json"
+    by_model = name != "neuronserve-cores.json"
+    model_matcher = 'model_name=~"$model"' if name == "neuronserve-generation.json" else 'model=~"$model"'
+
     assert set(variables) == (
         {"datasource", "deployment", "model"} if by_model else {"datasource", "deployment"}
     )
@@ -307,7 +311,8 @@ def test_committed_dashboards_import_into_any_grafana(name: str) -> None:
         variable = variables[label]
         assert variable["type"] == "query" and variable["includeAll"] and variable["allValue"] == ".*"
         assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-        assert variable["query"].startswith("label_values(") and variable["query"].endswith(f", {label})")
+        source = "model_name" if label == "model" and name == "neuronserve-generation.json" else label
+        assert variable["query"].startswith("label_values(") and variable["query"].endswith(f", {source})")
     panels = [p for p in document["panels"] if p["type"] != "row"]
     assert panels
     for panel in panels:
@@ -318,7 +323,7 @@ def test_committed_dashboards_import_into_any_grafana(name: str) -> None:
             assert selectors, target["expr"]
             for metric, matchers in selectors:
                 assert 'deployment=~"$deployment"' in matchers, (panel["title"], metric)
-                assert ('model=~"$model"' in matchers) == by_model, (panel["title"], metric)
+                assert (model_matcher in matchers) == by_model, (panel["title"], metric)
     assert '"uid": "prometheus"' not in json.dumps(document)
 
 
