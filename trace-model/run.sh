@@ -4,6 +4,6 @@
 # e.g. ./trace-model/run.sh --force   or   ./trace-model/run.sh --set trace.backend=cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make --no-print-directory -s venv EXTRAS=trace,deploy,bundled 2>&1  # setup output on stdout: stderr is for errors
+make --no-print-directory -s venv EXTRAS=trace,deploy,bundled,generate 2>&1  # setup output on stdout: stderr is for errors
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 exec .venv/bin/neuronserve trace --runner auto "$@"
