@@ -214,44 +214,48 @@ def _deploy_docker(settings: Settings, plan: Plan, artifacts: dict[str, Path]) -
 
 
 def status(settings: Settings) -> int:
-    """Print each server's state, readiness, cores, port and restarts; 3 when nothing runs."""
+    """Print each server's (or engine copy's) state, readiness, cores, port and restarts; 3 when
+    nothing runs."""
     if settings.deploy.launcher == "docker":
         return _docker_status(settings)
     rd = local.run_dir(settings)
     if local.supervisord_pid(rd) is None:
         print(f"deployment {settings.deploy.name!r} is not running")
         return 3
-    if (rd.path / "copies.json").is_file():  # engine copies of a text-generation model
-        from neuronserve.generate.launch import status as generation_status
-
-        return generation_status(rd)
     import json
 
     plan = json.loads(rd.plan.read_text())
+    copies = rd.path / "copies.json"  # engine copies of a text-generation model
+    engines = copies.is_file()
+    # (program, cores, port, readiness URL path)
+    rows = (
+        [(c["name"], c["cores"], c["port"], "/v1/models") for c in json.loads(copies.read_text())]
+        if engines
+        else [(s["name"], s["cores"], s["port"], "/ready") for s in plan["servers"]]
+    )
     processes = {p["name"]: p for p in local.Supervisor(rd).processes()}
     restarts = local.restarts(rd)
-    print(f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts (worker)")
+    print(
+        f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts"
+        + ("" if engines else " (worker)")
+    )
     with httpx.Client(timeout=2) as client:
-        for server in plan["servers"]:
-            info = processes.get(server["name"], {})
+        for name, cores, port, probe in rows:
+            info = processes.get(name, {})
             try:
-                ready = (
-                    "yes"
-                    if client.get(f"http://127.0.0.1:{server['port']}/ready").status_code == 200
-                    else "no"
-                )
+                ready = "yes" if client.get(f"http://127.0.0.1:{port}{probe}").status_code == 200 else "no"
             except httpx.HTTPError:
                 ready = "down"
+            worker = "" if engines else f" ({local.worker_restarts(rd, name)})"
             print(
-                f"{server['name']:<12}{info.get('statename', '?'):<10}{ready:<8}{server['cores']:<8}"
-                f"{server['port']:<7}{info.get('pid', 0):<9}{restarts.get(server['name'], 0)} "
-                f"({local.worker_restarts(rd, server['name'])})"
+                f"{name:<12}{info.get('statename', '?'):<10}{ready:<8}{cores:<8}"
+                f"{port:<7}{info.get('pid', 0):<9}{restarts.get(name, 0)}{worker}"
             )
         nginx = processes.get("nginx", {})
         print(
             f"{'nginx':<12}{nginx.get('statename', '?'):<10}{'':<8}{'':<8}{plan['port']:<7}{nginx.get('pid', 0):<9}{restarts.get('nginx', 0)}"
         )
-    print(f"endpoint http://{plan['host']}:{plan['port']}")
+    print(f"endpoint http://{plan['host']}:{plan['port']}" + ("/v1" if engines else ""))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``neuronserve trace | deploy | status`` for a text-generation model (cleanup is the encoders').
+"""``neuronserve trace | deploy`` for a text-generation model (status and cleanup are the encoders',
+which list and stop engine copies as they do servers).
 
 The local launcher runs each engine copy as a supervisord program (restarted when it dies, its
 whole process group stopped with it) behind the deployment's nginx, which balances by open
@@ -14,8 +15,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
 
 from neuronserve.backends import BackendKind, choose_backend
 from neuronserve.config import ConfigError, Settings
@@ -119,34 +118,3 @@ def _write_copies(rd: local.RunDir, plan: GenerationPlan) -> None:
     (rd.path / "copies.json").write_text(
         json.dumps([{"name": c.name, "cores": c.cores, "port": c.port} for c in plan.copies], indent=2) + "\n"
     )
-
-
-def status(rd: local.RunDir) -> int:
-    """Each copy's state, readiness (``/v1/models``), cores, port, pid and restarts."""
-    copies = json.loads((rd.path / "copies.json").read_text())
-    processes = {p["name"]: p for p in local.Supervisor(rd).processes()}
-    restarts = local.restarts(rd)
-    plan = json.loads(rd.plan.read_text())
-    print(f"{'program':<12}{'state':<10}{'ready':<8}{'cores':<8}{'port':<7}{'pid':<9}restarts")
-    with httpx.Client(timeout=2) as client:
-        for copy in copies:
-            info = processes.get(copy["name"], {})
-            try:
-                ready = (
-                    "yes"
-                    if client.get(f"http://127.0.0.1:{copy['port']}/v1/models").status_code == 200
-                    else "no"
-                )
-            except httpx.HTTPError:
-                ready = "down"
-            print(
-                f"{copy['name']:<12}{info.get('statename', '?'):<10}{ready:<8}{copy['cores']:<8}"
-                f"{copy['port']:<7}{info.get('pid', 0):<9}{restarts.get(copy['name'], 0)}"
-            )
-        nginx = processes.get("nginx", {})
-        print(
-            f"{'nginx':<12}{nginx.get('statename', '?'):<10}{'':<8}{'':<8}{plan['port']:<7}"
-            f"{nginx.get('pid', 0):<9}{restarts.get('nginx', 0)}"
-        )
-    print(f"endpoint http://{plan['host']}:{plan['port']}/v1")
-    return 0
