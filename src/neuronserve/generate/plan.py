@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuronserve.backends import BackendKind
+from neuronserve.backends import BackendKind, CoreSet
 from neuronserve.config import ConfigError, Settings
 from neuronserve.deploy.inventory import Inventory
 from neuronserve.deploy.memory import GIB, RUNTIME_BYTES_PER_CORE, MemoryPlanError
@@ -67,9 +67,10 @@ class GenerationPlan:
             device = f"{c.device_bytes_per_core / GIB:>17.2f}" if backend.neuron_cores else ""
             rows.append(f"{c.name:<10}{c.cores:<10}{c.port:<8}{c.host_bytes / GIB:>9.2f}{device}")
         per_copy = len(self.layout.servers[0].cores)
+        idle = f"; idle cores: {CoreSet(self.layout.idle_cores)}" if self.layout.idle_cores else ""
         rows.append(
             f"endpoint http://{self.layout.host}:{self.layout.port}  backend {backend}  "
-            f"{len(self.copies)} copies x {per_copy} cores ({tp})"
+            f"{len(self.copies)} copies x {per_copy} cores ({tp}){idle}"
         )
         rows.append(
             f"per copy: weights {self.weights_bytes / GIB:.2f} GiB, KV cache {self.kv_bytes / GIB:.2f} GiB"
@@ -115,6 +116,14 @@ def make_generation_plan(
     # Engines share no cores: each copy runs on its own (lending is the encoders' servers').
     unlent = dataclasses.replace(settings, deploy=dataclasses.replace(settings.deploy, lend_cores=False))
     layout = make_plan(unlent, inventory, backend)
+    tp = len(layout.servers[0].cores)
+    heads = manifest.facts.heads
+    if backend.neuron_cores and heads % tp:
+        fits = [d for d in range(1, heads + 1) if heads % d == 0 and d <= len(inventory.cores)]
+        raise ConfigError(
+            f"{tp} cores per copy: the tensor-parallel degree must divide the model's {heads} attention "
+            f"heads; set deploy.cores_per_server to one of {', '.join(map(str, fits))}"
+        )
     dtype_bytes = DTYPE_BYTES[engine_dtype(settings, backend)]
     weights = manifest.facts.parameters * dtype_bytes
     per_token = manifest.facts.kv_bytes_per_token(dtype_bytes)
@@ -124,7 +133,6 @@ def make_generation_plan(
     copies = []
     for server in layout.servers:
         name = f"copy-{server.index}"
-        tp = len(server.cores)
         if backend.neuron_cores:
             device = (weights + kv) // tp + RUNTIME_BYTES_PER_CORE
             host = ENGINE_PROCESS_BYTES + weights  # the host copy held while it loads
