@@ -5,6 +5,7 @@ No engine runs here (tests/integration/test_generate.py runs real vLLM copies)."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,7 +97,18 @@ def test_tp8_on_a_trn1_32xlarge_is_four_copies_on_contiguous_ranges_with_the_neu
     assert [c.port for c in plan.copies] == [8081, 8082, 8083, 8084]
     first = plan.copies[0].command
     assert first.env["NEURON_RT_VISIBLE_CORES"] == "0-7"
-    assert first.env["NEURON_COMPILED_ARTIFACTS"].endswith("neuron-compiled/tp8")
+    compiled = first.env["NEURON_COMPILED_ARTIFACTS"]
+    assert re.search(r"/neuron-compiled/tp8-[0-9a-f]{12}$", compiled)
+    # compiled graphs are reused only for the shapes they were compiled at
+    longer, _ = plan_for(
+        _settings(
+            tmp_path, "trace.backend=neuronx", "deploy.cores_per_server=8", "generate.max_model_len=4096"
+        ),
+        neuron_ls=neuron_ls,
+        host_memory=512 << 30,
+        verify=False,
+    )
+    assert longer.copies[0].command.env["NEURON_COMPILED_ARTIFACTS"] != compiled
     argv = list(first.argv)
     assert argv[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "8"
@@ -312,3 +324,11 @@ def test_a_generative_model_is_deployed_alone_and_locally(tmp_path: Path) -> Non
         and "deploy.launcher=k8s: text-generation models deploy with the local" in result.stderr
     )
     assert not (tmp_path / "k8s").exists()
+
+
+def test_an_engine_python_without_vllm_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from neuronserve.generate.engine import EngineError, ensure_engine
+
+    settings = _settings(tmp_path, f"generate.engine_python={sys.executable}")  # this one has no vLLM
+    with pytest.raises(EngineError, match=r"cannot run vLLM: .*point generate\.engine_python"):
+        ensure_engine(settings, BackendKind.NEURONX, say=lambda _line: None)

@@ -80,6 +80,18 @@ def ensure_engine(settings: Settings, backend: BackendKind, say: Callable[[str],
     """The engine's Python, its cpu environment made first when missing (a few minutes, once)."""
     python = engine_python(settings, backend)
     if settings.generate.engine_python or backend.neuron_cores:
+        where = (
+            "generate.engine_python"
+            if settings.generate.engine_python
+            else "python3 on PATH (the Neuron vLLM image's)"
+        )
+        try:
+            _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], "import vLLM")
+        except (EngineError, OSError) as exc:
+            raise EngineError(
+                f"the engine's Python {python} ({where}) cannot run vLLM: {exc}; point generate.engine_python "
+                "at a Python with vLLM (on Neuron, the Neuron vLLM image's)"
+            ) from None
         return python
     assert isinstance(python, Path)
     venv = python.parent.parent

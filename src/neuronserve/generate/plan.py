@@ -15,6 +15,7 @@ they and the engine's own processes are checked against the host's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,15 @@ class GenerationPlan:
             raise MemoryPlanError(f"the plan does not fit: {'; '.join(problems)}; {KNOBS}")
 
 
+def compiled_name(settings: Settings, tp: int) -> str:
+    """The directory a Neuron copy compiles into and later starts reuse: named by everything the
+    compiled graphs depend on, so a change of batch, length, dtype or engine arguments compiles
+    anew instead of loading graphs of other shapes."""
+    g = settings.generate
+    shape = f"{tp}|{g.max_num_seqs}|{g.max_model_len}|{g.dtype}|{g.engine_args}"
+    return f"tp{tp}-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
+
+
 def make_generation_plan(
     settings: Settings, inventory: Inventory, manifest: GenerationManifest, python: Path | str
 ) -> GenerationPlan:
@@ -148,7 +158,7 @@ def make_generation_plan(
             cores=server.cores,
             port=server.port,
             kv_gib=kv_gib,
-            compiled_dir=manifest.directory / "neuron-compiled" / f"tp{tp}",
+            compiled_dir=manifest.directory / "neuron-compiled" / compiled_name(settings, tp),
         )
         copies.append(CopyPlan(name, str(server.cores), server.port, command, host, device))
     return GenerationPlan(layout, tuple(copies), weights, kv, inventory.host_memory, capacity)
