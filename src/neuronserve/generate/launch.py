@@ -1,10 +1,11 @@
 """``neuronserve trace | deploy`` for a text-generation model (status and cleanup are the encoders',
 which list and stop engine copies as they do servers).
 
-The local launcher runs each engine copy as a supervisord program (restarted when it dies, its
-whole process group stopped with it) behind the deployment's nginx, which balances by open
-requests, passes streams through unbuffered, retries another copy only while nothing was sent,
-and checks the API key. deploy returns once every copy answers ``/v1/models``.
+The local launcher runs each engine copy as a supervisord program, through a keeper that stops
+the copy's whole process group with it (:mod:`~neuronserve.generate.keeper`), behind the
+deployment's nginx, which balances by open requests, passes streams through unbuffered, retries
+another copy only for a request that reached none, and checks the API key. deploy returns once
+every copy answers ``/v1/models``.
 """
 
 from __future__ import annotations
