@@ -332,3 +332,33 @@ def test_an_engine_python_without_vllm_is_refused_before_anything_starts(tmp_pat
     settings = _settings(tmp_path, f"generate.engine_python={sys.executable}")  # this one has no vLLM
     with pytest.raises(EngineError, match=r"cannot run vLLM: .*point generate\.engine_python"):
         ensure_engine(settings, BackendKind.NEURONX, say=lambda _line: None)
+
+
+def test_on_neuron_the_first_copy_compiles_alone_and_the_others_start_from_its_graphs(tmp_path: Path) -> None:
+    from neuronserve.deploy.local import RunDir, render_supervisord_conf
+    from neuronserve.generate.launch import compiles_first, engine_programs
+
+    _recorded(tmp_path, BackendKind.NEURONX)
+    neuron_ls = tmp_path / "trn1.json"
+    neuron_ls.write_text(TRN1_32XL)
+    settings = _settings(tmp_path, "trace.backend=neuronx", "deploy.cores_per_server=8")
+    plan, _ = plan_for(settings, neuron_ls=neuron_ls, host_memory=512 << 30, verify=False)
+    assert compiles_first(plan)  # nothing compiled for these settings yet
+    programs = engine_programs(settings, plan, first_compiles=True)
+    assert [p.autostart for p in programs] == [True, False, False, False]
+    conf = render_supervisord_conf(
+        settings=settings, plan=plan.layout, rd=RunDir(tmp_path / "run"), artifacts=tmp_path, config=None,
+        nginx="/usr/sbin/nginx", python=sys.executable, passthrough_env={}, engines=programs,
+    )  # fmt: skip
+    blocks = {b.split("]", 1)[0]: b for b in conf.split("[program:")[1:]}
+    assert "autostart=true" in blocks["copy-0"] and "autostart=false" in blocks["copy-3"]
+    assert "neuronserve.generate.keeper -- python3 -m vllm.entrypoints.openai.api_server" in blocks["copy-0"]
+    compiled = Path(plan.copies[0].command.env["NEURON_COMPILED_ARTIFACTS"])
+    compiled.mkdir(parents=True)
+    (compiled / "model.neff").write_bytes(b"\0")
+    assert not compiles_first(plan)  # compiled once: every copy starts at once
+    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
+    _recorded(tmp_path / "cpu", BackendKind.CPU, small)
+    cpu_settings = _settings(tmp_path / "cpu", "trace.backend=cpu")
+    cpu_plan, _ = plan_for(cpu_settings, host_memory=16 << 30, verify=False)
+    assert not compiles_first(cpu_plan)

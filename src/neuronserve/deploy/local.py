@@ -190,6 +190,7 @@ class EngineProgram:
     env: dict[str, str]
     port: int
     cores: str
+    autostart: bool = True  # off: the launcher starts it later (Supervisor.start_program)
 
 
 def render_supervisord_conf(
@@ -233,7 +234,7 @@ def render_supervisord_conf(
             f"[program:{engine.name}]",
             f"command={engine.command.replace('%', '%%')}",
             f"environment={_supervisor_env({**passthrough_env, **engine.env, **marker})}",
-            "autostart=true",
+            f"autostart={'true' if engine.autostart else 'false'}",
             "autorestart=true",
             "startsecs=5",
             "startretries=10",
@@ -465,15 +466,19 @@ class Supervisor:
     def __init__(self, rd: RunDir) -> None:
         self.rd = rd
 
-    def _call(self, method: str) -> Any:
+    def _call(self, method: str, *args: Any) -> Any:
         from supervisor.xmlrpc import SupervisorTransport
 
         transport = SupervisorTransport(None, None, f"unix://{self.rd.socket}")
         try:
             proxy: Any = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-            return getattr(proxy.supervisor, method)()
+            return getattr(proxy.supervisor, method)(*args)
         finally:
             transport.close()
+
+    def start_program(self, name: str) -> None:
+        """Start a program that does not start with supervisord (autostart off); returns at once."""
+        self._call("startProcess", name, False)
 
     def processes(self) -> list[dict[str, Any]]:
         return list(self._call("getAllProcessInfo"))

@@ -78,27 +78,22 @@ def deploy(
     if dry_run:
         return 0
     ensure_engine(settings, manifest.backend)
-    rd_path = local.run_dir(settings).path.resolve()
-    engines = [
-        EngineProgram(
-            c.name,
-            # the keeper takes the copy's engine core with it when the API server dies
-            shlex.join([sys.executable, "-m", "neuronserve.generate.keeper", "--", *c.command.argv]),
-            {**c.command.env, MARK: str(rd_path / c.name)},
-            c.port,
-            c.cores,
-        )
-        for c in plan.copies
-    ]
+    first_compiles = compiles_first(plan)
+    engines = engine_programs(settings, plan, first_compiles=first_compiles)
     started = time.perf_counter()
     rd = local.start(settings, plan.layout, manifest.directory, None, engines)
     endpoint = f"http://{plan.layout.host}:{plan.layout.port}"
     probes = {e.name: f"http://127.0.0.1:{e.port}/v1/models" for e in engines}
     probes["nginx"] = f"{endpoint}/health"
+    timeout = settings.generate.ready_timeout_s
     try:
-        local.wait_ready(
-            settings, plan.layout, rd, probes=probes, timeout_s=settings.generate.ready_timeout_s
-        )
+        if first_compiles:
+            print(f"{engines[0].name} compiles the model first; the other copies start from its graphs")
+            first = {engines[0].name: probes[engines[0].name]}
+            local.wait_ready(settings, plan.layout, rd, probes=first, timeout_s=timeout)
+            for engine in engines[1:]:
+                local.Supervisor(rd).start_program(engine.name)
+        local.wait_ready(settings, plan.layout, rd, probes=probes, timeout_s=timeout)
     except BaseException:
         local.stop(rd)
         raise
@@ -107,3 +102,30 @@ def deploy(
         f"logs in {rd.path / 'logs'})"
     )
     return 0
+
+
+def compiles_first(plan: GenerationPlan) -> bool:
+    """Neuron, with nothing compiled yet for these settings: copies that started together would
+    all compile, into one directory at once, so the first compiles alone and the others then
+    load its graphs (``NEURON_COMPILED_ARTIFACTS``)."""
+    if not plan.layout.backend.neuron_cores or len(plan.copies) < 2:
+        return False
+    compiled = Path(plan.copies[0].command.env["NEURON_COMPILED_ARTIFACTS"])
+    return not (compiled.is_dir() and any(compiled.iterdir()))
+
+
+def engine_programs(settings: Settings, plan: GenerationPlan, *, first_compiles: bool) -> list[EngineProgram]:
+    """Each copy's supervisord program: its engine under its keeper, which takes the copy's engine
+    core down with the API server; with ``first_compiles`` only the first starts with supervisord."""
+    rd_path = local.run_dir(settings).path.resolve()
+    return [
+        EngineProgram(
+            c.name,
+            shlex.join([sys.executable, "-m", "neuronserve.generate.keeper", "--", *c.command.argv]),
+            {**c.command.env, MARK: str(rd_path / c.name)},
+            c.port,
+            c.cores,
+            autostart=not first_compiles or i == 0,
+        )
+        for i, c in enumerate(plan.copies)
+    ]
