@@ -131,7 +131,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     # nothing of it is left: no process (vLLM's overwrite their environment: checked by pid), no
     # run directory, no port
     assert any("VLLM::EngineCore" in command for command in engines.values()), engines
-    assert [p for p in engines if _running(p)] == []
+    assert [p for p in engines if local.alive(p)] == []
     assert not rd.path.exists()
     assert not local.port_in_use("127.0.0.1", settings.deploy.port)
 
@@ -377,17 +377,9 @@ def test_a_copy_killed_under_streaming_load_ends_its_streams_with_an_error_and_c
     assert _copy_pid(deployed, str(victim["name"])) != keeper
     # the copy's keeper took the engine core down with it (vLLM alone leaves it running)
     deadline = time.monotonic() + 10
-    while (lingering := [p for p in engine_processes if _running(p)]) and time.monotonic() < deadline:
+    while (lingering := [p for p in engine_processes if local.alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)  # poll until the kernel has reaped them
     assert not lingering, f"processes of the killed copy still run: {lingering}"
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _command(pid: int) -> str:

@@ -40,6 +40,8 @@ LLAMA_8B = ModelFacts(
     parameters=8_030_261_248,
     dtype="bfloat16",
 )
+# SmolLM2-135M-Instruct's shape, as prepare records it from the converted checkpoint.
+SMOLLM2 = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
 TRN1_32XL = (
     "["
     + ",".join(
@@ -157,8 +159,7 @@ def test_a_copy_that_does_not_fit_its_neuroncores_is_refused_naming_the_knobs(tm
 
 
 def test_copies_that_do_not_fit_host_memory_are_refused_naming_the_kv_cache_knobs(tmp_path: Path) -> None:
-    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
-    _recorded(tmp_path, BackendKind.CPU, small)
+    _recorded(tmp_path, BackendKind.CPU, SMOLLM2)
     settings = _settings(
         tmp_path, "trace.backend=cpu", "generate.max_num_seqs=64", "generate.max_model_len=8192"
     )
@@ -174,15 +175,13 @@ def test_copies_that_do_not_fit_host_memory_are_refused_naming_the_kv_cache_knob
 
 
 def test_max_model_len_beyond_the_models_positions_is_refused(tmp_path: Path) -> None:
-    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
-    _recorded(tmp_path, BackendKind.CPU, small)
+    _recorded(tmp_path, BackendKind.CPU, SMOLLM2)
     with pytest.raises(ConfigError, match=r"generate\.max_model_len=16384 exceeds the model's 8192"):
         plan_for(_settings(tmp_path, "trace.backend=cpu", "generate.max_model_len=16384"), verify=False)
 
 
 def test_cpu_copies_are_pinned_to_their_cores_with_eager_mode_and_their_kv_cache(tmp_path: Path) -> None:
-    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
-    _recorded(tmp_path, BackendKind.CPU, small)
+    _recorded(tmp_path, BackendKind.CPU, SMOLLM2)
     settings = _settings(tmp_path, "trace.backend=cpu", "deploy.cores=0-1", "deploy.cores_per_server=1")
     from neuronserve.deploy.inventory import Inventory
     from neuronserve.generate.plan import make_generation_plan
@@ -357,8 +356,7 @@ def test_on_neuron_the_first_copy_compiles_alone_and_the_others_start_from_its_g
     compiled.mkdir(parents=True)
     (compiled / "model.neff").write_bytes(b"\0")
     assert not compiles_first(plan)  # compiled once: every copy starts at once
-    small = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
-    _recorded(tmp_path / "cpu", BackendKind.CPU, small)
+    _recorded(tmp_path / "cpu", BackendKind.CPU, SMOLLM2)
     cpu_settings = _settings(tmp_path / "cpu", "trace.backend=cpu")
     cpu_plan, _ = plan_for(cpu_settings, host_memory=16 << 30, verify=False)
     assert not compiles_first(cpu_plan)

@@ -225,14 +225,8 @@ def status(settings: Settings) -> int:
     import json
 
     plan = json.loads(rd.plan.read_text())
-    copies = rd.path / "copies.json"  # engine copies of a text-generation model
-    engines = copies.is_file()
-    # (program, cores, port, readiness URL path)
-    rows = (
-        [(c["name"], c["cores"], c["port"], "/v1/models") for c in json.loads(copies.read_text())]
-        if engines
-        else [(s["name"], s["cores"], s["port"], "/ready") for s in plan["servers"]]
-    )
+    programs, engines = local.served_programs(rd.path)
+    probe = "/v1/models" if engines else "/ready"
     processes = {p["name"]: p for p in local.Supervisor(rd).processes()}
     restarts = local.restarts(rd)
     print(
@@ -240,7 +234,8 @@ def status(settings: Settings) -> int:
         + ("" if engines else " (worker)")
     )
     with httpx.Client(timeout=2) as client:
-        for name, cores, port, probe in rows:
+        for program in programs:
+            name, cores, port = program["name"], program["cores"], program["port"]
             info = processes.get(name, {})
             try:
                 ready = "yes" if client.get(f"http://127.0.0.1:{port}{probe}").status_code == 200 else "no"

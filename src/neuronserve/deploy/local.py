@@ -719,18 +719,22 @@ def reap(rd: RunDir, grace_s: float = 10.0) -> int:
     return len(pids)
 
 
+def served_programs(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The programs that serve the local deployment in ``run_dir`` (each with its name, cores and
+    port), and whether they are an LLM engine's copies (copies.json) rather than neuronserve's
+    servers (plan.json)."""
+    copies = run_dir / "copies.json"
+    if copies.is_file():
+        return list(json.loads(copies.read_text())), True
+    return list(json.loads((run_dir / "plan.json").read_text())["servers"]), False
+
+
 def deployment_servers(run_dir: Path) -> dict[str, int]:
     """Server name -> main pid of the local deployment in ``run_dir`` (from its plan and
     supervisord; empty while there is none): what the host exporter samples."""
     if not (run_dir / "plan.json").is_file():
         return {}
-    copies = run_dir / "copies.json"  # an LLM engine's copies
-    listed = (
-        json.loads(copies.read_text())
-        if copies.is_file()
-        else json.loads((run_dir / "plan.json").read_text())["servers"]
-    )
-    names = {s["name"] for s in listed}
+    names = {s["name"] for s in served_programs(run_dir)[0]}
     try:
         processes = Supervisor(RunDir(run_dir)).processes()
     except OSError:

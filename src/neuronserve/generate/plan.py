@@ -138,7 +138,7 @@ def make_generation_plan(
     weights = manifest.facts.parameters * dtype_bytes
     per_token = manifest.facts.kv_bytes_per_token(dtype_bytes)
     kv = g.max_num_seqs * g.max_model_len * per_token
-    kv_gib = kv_cache_gib(settings, per_token)
+    kv_gib = kv_cache_gib(settings, kv)
     capacity = min(inventory.core_memory.values()) if inventory.core_memory else 0
     copies = []
     for server in layout.servers:
