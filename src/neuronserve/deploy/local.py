@@ -569,7 +569,7 @@ def wait_ready(
                         del pending[name]
                     elif response.status_code == 503 and '"failed"' in response.text:
                         raise DeployError(_failure(name, rd, response.json().get("error", "")))
-            if not pending:
+            if not pending and not _still_starting(rd, set(probes)):
                 return
             servers = set(probes)  # nginx too: one that cannot start (a bad config) fails at once
             crashing = [
@@ -588,6 +588,16 @@ def wait_ready(
                     )
                 )
             time.sleep(0.2)  # poll interval between readiness checks
+
+
+def _still_starting(rd: RunDir, programs: set[str]) -> bool:
+    """True while supervisord still counts one of ``programs`` as STARTING (its ``startsecs`` not
+    yet passed, though it answers): deploy returns once status would show every one RUNNING."""
+    try:
+        infos = Supervisor(rd).processes()
+    except (OSError, xmlrpc.client.Fault):
+        return True
+    return any(i.get("name") in programs and i.get("statename") == "STARTING" for i in infos)
 
 
 def _failure(program: str, rd: RunDir, reason: str) -> str:
