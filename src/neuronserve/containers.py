@@ -133,7 +133,7 @@ def trace_container_spec(
 
 
 def build_image(engine: Engine, repo: Path, stage: str, backend: BackendKind) -> str:
-    """Build the ``stage`` (trace or serve) image for ``backend``; returns its tag."""
+    """Build the ``stage`` (trace, serve or engine) image for ``backend``; returns its tag."""
     assert engine.client is not None, "this is a bug: build_image needs an engine"
     tag = image_tag(stage, backend)
     engine.client.images.build(

@@ -137,6 +137,8 @@ class _Containers:
         self.engine = engine
         self.by_name: dict[str, _Container] = {}
         self.removed: list[_Container] = []
+        # Each container as it was made, with whether every server made before it was healthy.
+        self.created: list[tuple[str, bool]] = []
 
     def run(self, **kwargs: Any) -> _Container:
         assert kwargs.get("detach") is True, "the launcher must not block on a server"
@@ -148,6 +150,7 @@ class _Containers:
         return self._add(kwargs)
 
     def _add(self, kwargs: dict[str, Any]) -> _Container:
+        self.created.append((kwargs["name"], self.engine.servers_healthy()))
         container = _Container(self.engine, kwargs)
         self.by_name[container.name] = container
         return container
@@ -215,7 +218,7 @@ class _Engine:
         servers = [
             c
             for c in self.containers.by_name.values()
-            if c.labels.get("neuronserve.server", "").startswith("server-")
+            if c.labels.get("neuronserve.server", "") not in docker.NOT_SERVERS
         ]
         return bool(servers) and all(
             c.attrs.get("State", {}).get("Health", {}).get("Status") == "healthy" for c in servers
@@ -223,11 +226,12 @@ class _Engine:
 
 
 def _endpoint(host: str, port: int, engine: _Engine) -> ThreadingHTTPServer:
-    """nginx in front of the servers: /ready answers 200 only once every server is healthy."""
+    """nginx in front of the servers: /ready (before engine copies: /health) answers 200 only
+    once every server is healthy."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            code = 200 if self.path == "/ready" and engine.servers_healthy() else 503
+            code = 200 if self.path in {"/ready", "/health"} and engine.servers_healthy() else 503
             self.server.hits.append((self.path, code))  # type: ignore[attr-defined]
             self.send_response(code)
             self.send_header("content-length", "0")
@@ -434,3 +438,58 @@ def test_the_ready_probe_prints_the_body_and_exits_by_status(status: int, body: 
         server.server_close()
     assert done.returncode == code
     assert json.loads(done.stdout) == json.loads(body)
+
+
+@pytest.mark.parametrize("first_alone", [False, True], ids=["together", "first-compiles-alone"])
+def test_engine_copies_deploy_as_one_container_each_behind_nginx(
+    setup: Callable[..., tuple[Settings, Plan, _Engine]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    first_alone: bool,
+) -> None:
+    """A text-generation model with deploy.launcher=docker: one engine container per copy, the
+    endpoint's probe is the engines' /health, and a copy that compiles first starts alone."""
+    from neuronserve import containers
+    from neuronserve.deploy import commands
+    from neuronserve.generate import docker_launch
+    from neuronserve.generate.artifacts import GenerationManifest, ModelFacts
+    from neuronserve.generate.plan import make_generation_plan
+
+    directory = tmp_path / "trace-models" / "smollm2" / "cpu"
+    directory.mkdir(parents=True)
+    facts = ModelFacts(30, 576, 9, 3, 64, 49152, 8192, 134_515_008, "float32")
+    manifest = GenerationManifest(
+        directory, "smollm2", "bundled:x", "0" * 64, BackendKind.CPU, directory, facts, {}
+    )
+    settings, _plan, engine = setup(
+        {"copy-0": warming_then_healthy(3), "copy-1": warming_then_healthy(1)},
+        images={"neuronserve-engine-cpu:latest", docker.NGINX_IMAGE},
+        model__task="text-generation",
+        model__name="smollm2",
+        deploy__launcher="docker",
+    )
+    plan = make_generation_plan(
+        settings, Inventory("cpu", (0, 1), {}, host_memory=16 << 30), manifest, "python3"
+    )
+    docker_launch.deploy(engine, settings, plan, manifest, first_alone=first_alone)
+
+    made = engine.containers.created
+    assert [name for name, _ in made] == ["itest-copy-0", "itest-copy-1", "itest-nginx"]
+    assert made[1][1] is first_alone  # copy-1 was made once copy-0 was healthy, or at once
+    copy = engine.containers.by_name["itest-copy-1"].config
+    assert copy["HostConfig"]["CpusetCpus"] == "1" and copy["Image"] == "neuronserve-engine-cpu:latest"
+    nginx = engine.containers.by_name["itest-nginx"].http
+    assert nginx is not None and nginx.hits[-1] == ("/health", 200)  # type: ignore[attr-defined]
+    monkeypatch.setattr(containers, "docker_engine", lambda: containers.Engine(engine, "stand-in engine"))
+    capsys.readouterr()
+    assert commands.status(settings) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines[1:3]] == [
+        ["itest-copy-0", "running", "yes"],
+        ["itest-copy-1", "running", "yes"],
+    ]
+    assert lines[-1].endswith("(ready)")
+    assert docker.cleanup(engine, "itest") == 3
+    stops = {c.name: c.stopped_with for c in engine.containers.removed}
+    assert stops == {"itest-copy-0": 30, "itest-copy-1": 30, "itest-nginx": 10}

@@ -10,8 +10,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from neuronserve.backends import BackendKind
 from neuronserve.config import ConfigError, Settings, load_settings
@@ -304,7 +306,7 @@ def test_a_tensor_parallel_degree_that_does_not_divide_the_heads_is_refused(tmp_
         )
 
 
-def test_a_generative_model_is_deployed_alone_and_locally(tmp_path: Path) -> None:
+def test_a_generative_model_is_deployed_alone(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="deployed alone"):
         _settings(tmp_path, "models.chat.source=/models/x", "models.chat.task=feature-extraction")
     (tmp_path / "config.properties").write_text("model.source=bundled:all-MiniLM-L6-v2\n")
@@ -313,16 +315,6 @@ def test_a_generative_model_is_deployed_alone_and_locally(tmp_path: Path) -> Non
             str(tmp_path / "config.properties"),
             overrides=["models.chat.source=/models/x", "models.chat.task=text-generation"],
         )
-    result = subprocess.run(
-        [sys.executable, "-m", "neuronserve.cli", "deploy", "--launcher", "k8s", "--emit", str(tmp_path / "k8s"),
-         "--set", "model.task=text-generation", "--config", str(tmp_path / "config.properties")],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
-    )  # fmt: skip
-    assert (
-        result.returncode != 0
-        and "deploy.launcher=k8s: text-generation models deploy with the local" in result.stderr
-    )
-    assert not (tmp_path / "k8s").exists()
 
 
 def test_an_engine_python_without_vllm_is_refused_before_anything_starts(tmp_path: Path) -> None:
@@ -360,3 +352,159 @@ def test_on_neuron_the_first_copy_compiles_alone_and_the_others_start_from_its_g
     cpu_settings = _settings(tmp_path / "cpu", "trace.backend=cpu")
     cpu_plan, _ = plan_for(cpu_settings, host_memory=16 << 30, verify=False)
     assert not compiles_first(cpu_plan)
+
+
+def _container_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the docker SDK would send the engine for ``spec`` (a mistyped argument fails here)."""
+    from docker.api.client import APIClient
+    from docker.models.containers import _create_container_args
+
+    kwargs = {k: v for k, v in spec.items() if k not in {"nginx_conf", "stop_grace_period_s"}}
+    create = _create_container_args({"command": None, **kwargs, "version": "1.41"})
+    create.pop("name")
+    api = APIClient(base_url="tcp://127.0.0.1:9", version="1.41")  # never connects
+    config: dict[str, Any] = api.create_container_config(**create)
+    return config
+
+
+def test_in_docker_each_neuron_copy_gets_its_own_devices_renumbered_and_the_compiled_graphs(
+    tmp_path: Path,
+) -> None:
+    from neuronserve.generate.docker_launch import container_specs
+
+    _recorded(tmp_path, BackendKind.NEURONX)
+    neuron_ls = tmp_path / "trn1.json"
+    neuron_ls.write_text(TRN1_32XL)
+    key = "k" * 40
+    settings = _settings(
+        tmp_path,
+        "trace.backend=neuronx",
+        "deploy.cores_per_server=8",
+        "deploy.launcher=docker",
+        f"serve.api_key={key}",
+    )
+    plan, manifest = plan_for(settings, neuron_ls=neuron_ls, host_memory=512 << 30, verify=False)
+    *copies, nginx = container_specs(settings, plan, manifest, (1000, 1000))
+    assert [c["name"] for c in copies] == [f"neuronserve-copy-{i}" for i in range(4)]
+    second = _container_config(copies[1])
+    # cores 8-15 are devices 4-7 (2 cores each), seen inside as neuron0-3 and cores 0-7
+    assert [d["PathOnHost"] for d in second["HostConfig"]["Devices"]] == [
+        f"/dev/neuron{d}" for d in (4, 5, 6, 7)
+    ]
+    assert [d["PathInContainer"] for d in second["HostConfig"]["Devices"]] == [
+        f"/dev/neuron{i}" for i in range(4)
+    ]
+    env = dict(e.split("=", 1) for e in second["Env"])
+    assert env["NEURON_RT_VISIBLE_CORES"] == "0-7" and env["NEURON_COMPILED_ARTIFACTS"] == "/compiled"
+    argv = second["Entrypoint"]
+    assert argv[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert (
+        argv[argv.index("--tensor-parallel-size") + 1] == "8" and argv[argv.index("--model") + 1] == "/model"
+    )
+    assert argv[argv.index("--host") + 1] == "0.0.0.0" and "taskset" not in argv
+    binds = sorted(second["HostConfig"]["Binds"])
+    assert binds == sorted([f"{plan.compiled_dir}:/compiled:rw", "/models/Llama-3.1-8B-Instruct:/model:ro"])
+    assert second["User"] == "1000:1000" and second["HostConfig"]["CapDrop"] == ["ALL"]
+    assert second["HostConfig"]["ShmSize"] == 12 << 30 and "PortBindings" not in second["HostConfig"]
+    assert second["Image"].startswith("public.ecr.aws/neuron/pytorch-inference-vllm-neuronx:")
+    assert (
+        second["Healthcheck"]["Test"][:3] == ["CMD", "python3", "-c"]
+        and "/health" in second["Healthcheck"]["Test"][3]
+    )
+    # nginx: the four copies by name, streams unbuffered, the key checked at the edge
+    conf = nginx["nginx_conf"]
+    for i in range(4):
+        assert f"server neuronserve-copy-{i}:8080 " in conf
+    assert "proxy_buffering off;" in conf and f'"Bearer {key}"' in conf
+    assert _container_config(nginx)["HostConfig"]["PortBindings"] == {
+        "8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(settings.deploy.port)}]
+    }
+
+
+def test_in_docker_a_cpu_copy_is_its_cpuset_and_binds_its_threads_to_it(tmp_path: Path) -> None:
+    from neuronserve.deploy.inventory import Inventory
+    from neuronserve.generate.docker_launch import container_specs
+    from neuronserve.generate.plan import make_generation_plan
+
+    _recorded(tmp_path, BackendKind.CPU, SMOLLM2)
+    settings = _settings(tmp_path, "trace.backend=cpu", "deploy.cores_per_server=1", "deploy.launcher=docker")
+    manifest = GenerationManifest.read(tmp_path / "trace-models" / "llama" / "cpu")
+    plan = make_generation_plan(
+        settings, Inventory("cpu", (0, 1), {}, host_memory=16 << 30), manifest, "python3"
+    )
+    copies = [_container_config(s) for s in container_specs(settings, plan, manifest, (10001, 10001))[:-1]]
+    assert [c["HostConfig"]["CpusetCpus"] for c in copies] == ["0", "1"]
+    env = dict(e.split("=", 1) for e in copies[1]["Env"])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert (
+        copies[1]["Image"] == "neuronserve-engine-cpu:latest" and "--enforce-eager" in copies[1]["Entrypoint"]
+    )
+    assert "taskset" not in copies[1]["Entrypoint"] and "Devices" not in copies[1]["HostConfig"]
+
+
+def test_the_k8s_base_is_one_pod_per_copy_asking_for_its_neuroncores_and_passes_the_check(
+    tmp_path: Path,
+) -> None:
+    from neuronserve.deploy.k8s_check import check
+
+    key = "s3cret-key-that-is-long-enough"
+    config = tmp_path / "config.properties"
+    config.write_text(
+        "model.task=text-generation\nmodel.name=llama\nmodel.source=bundled:SmolLM2-135M-Instruct\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronserve.cli", "deploy", "--launcher", "k8s", "--emit", str(tmp_path / "k8s"),
+         "--config", str(config), "--set", "trace.backend=neuronx", "--set", "deploy.cores_per_server=8",
+         "--set", "deploy.k8s_replicas=4", "--set", f"serve.api_key={key}"],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "each pod is one engine copy of llama on 8 NeuronCore(s)" in result.stdout
+    base = tmp_path / "k8s"
+    deployment = yaml.safe_load((base / "deployment.yaml").read_text())
+    assert deployment["metadata"]["name"] == "neuronserve-engine" and deployment["spec"]["replicas"] == 4
+    pod = deployment["spec"]["template"]["spec"]
+    (engine,) = pod["containers"]
+    assert engine["resources"]["limits"]["aws.amazon.com/neuroncore"] == 8
+    assert engine["resources"]["requests"]["cpu"] == "9"
+    argv = [*engine["command"], *engine["args"]]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "8"
+    assert argv[argv.index("--model") + 1] == "/artifacts/llama/neuronx"
+    env = {e["name"]: e["value"] for e in engine["env"]}
+    assert "NEURON_RT_VISIBLE_CORES" not in env  # the device plugin's
+    assert env["NEURON_COMPILED_ARTIFACTS"] == "/compiled"
+    # the key: read from the Secret's file into the engine's environment, never in the spec
+    assert (
+        key not in (base / "deployment.yaml").read_text() and key not in (base / "settings.env").read_text()
+    )
+    assert engine["command"][:2] == ["sh", "-c"] and "VLLM_API_KEY=" in engine["command"][2]
+    assert {"name": "api-key", "mountPath": "/etc/neuronserve/api-key", "readOnly": True} in engine[
+        "volumeMounts"
+    ]
+    assert engine["startupProbe"]["httpGet"]["path"] == "/health"
+    assert "generation.json" in pod["initContainers"][0]["command"][2]
+    monitor = yaml.safe_load((base / "podmonitor-engine.yaml").read_text())
+    relabel = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "copy"} in relabel
+    assert "NEURONSERVE_DEPLOY__LAUNCHER=k8s" in (base / "settings.env").read_text()
+    assert not (base / "autoscaler.yaml").exists()
+    report = check(base)
+    assert report.ok, report.text()
+    assert "Deployment/neuronserve-engine" in report.objects and "Job/" in " ".join(report.objects)
+
+
+def test_for_k8s_a_local_model_is_copied_into_the_prepared_directory(tmp_path: Path) -> None:
+    source = _tiny_llama(tmp_path / "tiny-llama")
+    settings = _settings(
+        tmp_path, f"model.source={source}", "model.name=tiny", "trace.backend=cpu", "deploy.launcher=k8s"
+    )
+    said: list[str] = []
+    manifest = prepare(settings, BackendKind.CPU, say=said.append)
+    assert manifest.model_dir == manifest.directory  # the pods load what the trace Job wrote
+    assert (manifest.directory / "model.safetensors").read_bytes() == (
+        source / "model.safetensors"
+    ).read_bytes()
+    manifest.verify()
+    in_place = _settings(tmp_path, f"model.source={source}", "model.name=tiny", "trace.backend=cpu")
+    assert prepare(in_place, BackendKind.CPU, say=said.append).model_dir == source  # prepared again, in place
+    assert "up to date" not in said[-1]

@@ -139,6 +139,10 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
             "starting with a letter (at most 40)"
         )
     backend, why = parse_kind(settings.trace.backend), f"trace.backend={settings.trace.backend}"
+    if settings.model.task.generates:
+        from neuronserve.generate.launch import emit_k8s as emit_generation
+
+        return emit_generation(settings, backend, directory)
     plan = k8s.pod_plan(settings, backend)
     local_sources = [
         f"{model_name} ({m.model.source})"
@@ -275,7 +279,8 @@ def _docker_status(settings: Settings) -> int:
     d = settings.deploy
     endpoint = f"http://{'127.0.0.1' if d.host in {'0.0.0.0', '::'} else d.host}:{d.port}"  # noqa: S104
     try:
-        answer = httpx.get(f"{endpoint}/ready", timeout=2).status_code
+        probe = "/health" if settings.model.task.generates else "/ready"  # engine copies: theirs
+        answer = httpx.get(f"{endpoint}{probe}", timeout=2).status_code
         said = "ready" if answer == 200 else f"not ready ({answer})"
     except httpx.HTTPError:
         said = "not answering"

@@ -47,6 +47,9 @@ HEALTHCHECK_TIMEOUT_S = PROBE_TIMEOUT_S + 2  # also the serve images' HEALTHCHEC
 ARTIFACTS_MOUNT = "/artifacts"
 API_KEY_MOUNT = "/run/secrets/neuronserve-api-key"
 NGINX_IMAGE = "nginx:1.27-alpine"
+NOT_SERVERS = frozenset({"nginx", "exporter"})  # roles (neuronserve.server labels) that serve no model
+# On an engine deployment's nginx: its endpoint's probe is /health (the engines' own).
+ENGINE_LABEL = "neuronserve.engine"
 
 
 def relative_cores(server: ServerPlan, cores_per_device: int | None) -> str:
@@ -125,7 +128,21 @@ def server_spec(
     return spec
 
 
-def nginx_spec(settings: Settings, plan: Plan) -> dict[str, Any]:
+def nginx_spec(
+    settings: Settings,
+    plan: Plan,
+    *,
+    upstreams: list[str] | None = None,
+    streams: bool = False,
+    api_key: str = "",
+    read_timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """nginx in front of the servers (``upstreams``: other containers, e.g. engine copies, with
+    ``streams`` and the ``api_key`` checked at the edge, as :func:`render_nginx_conf` says)."""
+    if upstreams is None:
+        upstreams = [f"{plan.deployment}-{s.name}" for s in plan.servers]
+    if read_timeout_s is None:
+        read_timeout_s = settings.serve.max_request_timeout_ms / 1000 + 5
     return {
         "name": f"{plan.deployment}-nginx",
         "image": NGINX_IMAGE,
@@ -137,11 +154,13 @@ def nginx_spec(settings: Settings, plan: Plan) -> dict[str, Any]:
         "nginx_conf": render_nginx_conf(
             listen_host="0.0.0.0",  # noqa: S104 - inside the container; published on deploy.host only
             listen_port=CONTAINER_PORT,
-            upstreams=[f"{plan.deployment}-{s.name}:{CONTAINER_PORT}" for s in plan.servers],
+            upstreams=[f"{u}:{CONTAINER_PORT}" for u in upstreams],
             run_dir=None,
             max_body_bytes=settings.serve.max_body_bytes,
-            read_timeout_s=settings.serve.max_request_timeout_ms / 1000 + 5,
+            read_timeout_s=read_timeout_s,
             max_conns=settings.deploy.max_conns_per_server,
+            streams=streams,
+            api_key=api_key,
         ),
     }
 
@@ -252,8 +271,19 @@ def write_compose(path: Path, specs: list[dict[str, Any]], plan: Plan) -> None:
     path.write_text(json.dumps(compose_document(specs, plan), indent=2) + "\n")
 
 
-def deploy(engine_client: Any, settings: Settings, plan: Plan, specs: list[dict[str, Any]]) -> None:
-    """Start the deployment and wait until it serves; on any failure remove what was started."""
+def deploy(
+    engine_client: Any,
+    settings: Settings,
+    plan: Plan,
+    specs: list[dict[str, Any]],
+    *,
+    first_alone: bool = False,
+    timeout_s: float | None = None,
+) -> None:
+    """Start the deployment and wait until it serves; on any failure remove what was started.
+
+    ``first_alone``: the first container starts and gets healthy before the others start (a
+    Neuron engine copy that compiles the graphs the others then load)."""
     if engine_client.containers.list(all=True, filters={"label": f"{LABEL}={plan.deployment}"}):
         raise DeployError(
             f"deployment {plan.deployment!r} is already running in Docker; run ./fast-api/cleanup.sh "
@@ -261,8 +291,14 @@ def deploy(engine_client: Any, settings: Settings, plan: Plan, specs: list[dict[
         )
     _check_images(engine_client, specs)
     try:
-        launch(engine_client, specs, plan)
-        wait_ready(engine_client, settings, plan, specs)
+        if first_alone:
+            print(f"{specs[0]['name']} compiles the model first; the other copies start from its graphs")
+            launch(engine_client, specs[:1], plan)
+            wait_ready(engine_client, settings, plan, specs[:1], timeout_s=timeout_s)
+            launch(engine_client, specs[1:], plan)
+        else:
+            launch(engine_client, specs, plan)
+        wait_ready(engine_client, settings, plan, specs, timeout_s=timeout_s)
     except BaseException:
         cleanup(engine_client, plan.deployment, timeout_s=10)
         raise
@@ -277,8 +313,9 @@ def _check_images(engine_client: Any, specs: list[dict[str, Any]]) -> None:
         try:
             engine_client.images.get(image)
         except ImageNotFound:
-            if image.startswith("neuronserve-serve-"):
-                hint = "build it with: neuronserve image build serve"
+            if image.startswith(("neuronserve-serve-", "neuronserve-engine-")):
+                stage = image.split("-")[1]
+                hint = f"build it with: neuronserve image build {stage}"
             else:
                 hint = f"pull it with: docker pull {image}"
             raise DeployError(f"image {image} is not on this Docker engine; {hint}") from None
@@ -323,19 +360,21 @@ def wait_ready(
     specs: list[dict[str, Any]],
     *,
     poll_s: float = 0.5,
+    timeout_s: float | None = None,
 ) -> None:
-    """Wait until every server container is healthy (Docker runs :data:`READY_PROBE` in it),
-    then until the endpoint's /ready and the exporter's /metrics answer through their published
-    ports. A server that reports itself failed, or restarts ``CRASH_LOOP_RESTARTS`` times, or
-    anything still pending after ``deploy.ready_timeout_s``, fails the deploy naming it."""
-    deadline = time.monotonic() + settings.deploy.ready_timeout_s
-    servers = [
-        s["name"] for s in specs if str(s["labels"].get("neuronserve.server", "")).startswith("server-")
-    ]
+    """Wait until every server (or engine copy) container is healthy (Docker runs its health
+    probe in it), then until the endpoint's /ready (an engine deployment's /health) and the
+    exporter's /metrics answer through their published ports. A server that reports itself
+    failed, or restarts ``CRASH_LOOP_RESTARTS`` times, or anything still pending after
+    ``timeout_s`` (default ``deploy.ready_timeout_s``), fails the deploy naming it."""
+    timeout_s = settings.deploy.ready_timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    servers = [s["name"] for s in specs if s["labels"].get("neuronserve.server") not in NOT_SERVERS]
     pending: dict[str, str] = {}
     for spec in specs:
         if "nginx_conf" in spec:
-            pending[spec["name"]] = _local_url(plan.host, plan.port, "/ready")
+            probe = "/health" if ENGINE_LABEL in spec["labels"] else "/ready"
+            pending[spec["name"]] = _local_url(plan.host, plan.port, probe)
         elif spec["labels"].get("neuronserve.server") == "exporter":
             pending[spec["name"]] = _local_url(settings.monitor.host, settings.monitor.port, "/metrics")
     with httpx.Client(timeout=2) as client:
@@ -355,7 +394,7 @@ def wait_ready(
                 raise DeployError(
                     _failure(
                         engine_client.containers.get(first),
-                        f"not ready after {settings.deploy.ready_timeout_s:.0f}s (waiting for {waiting})",
+                        f"not ready after {timeout_s:.0f}s (waiting for {waiting})",
                     )
                 )
             time.sleep(poll_s)  # poll interval between readiness checks

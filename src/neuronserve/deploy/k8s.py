@@ -77,7 +77,7 @@ def _quantity(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
 
 
-def _memory(settings: Settings, host_bytes: int | None) -> str:
+def memory_request(settings: Settings, host_bytes: int | None) -> str:
     if settings.deploy.k8s_memory:
         return settings.deploy.k8s_memory
     return f"{math.ceil((host_bytes or DEFAULT_MEMORY) / (256 << 20)) * 256}Mi"
@@ -89,7 +89,7 @@ def _cpu(settings: Settings, backend: BackendKind) -> str:
     return str(per_server + 1 if backend.neuron_cores else per_server)
 
 
-def _labels(settings: Settings, component: str) -> dict[str, str]:
+def component_labels(settings: Settings, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "neuronserve",
         "app.kubernetes.io/instance": settings.deploy.name,
@@ -107,7 +107,7 @@ def _identity() -> dict[str, Any]:
     }
 
 
-def _security() -> dict[str, Any]:
+def security() -> dict[str, Any]:
     return {
         **_identity(),
         "allowPrivilegeEscalation": False,
@@ -116,11 +116,11 @@ def _security() -> dict[str, Any]:
     }
 
 
-def _pod_security() -> dict[str, Any]:
+def pod_security() -> dict[str, Any]:
     return {**_identity(), "fsGroup": UID}
 
 
-def _placement(settings: Settings, backend: BackendKind) -> dict[str, Any]:
+def placement(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """Neuron: the scheduler extension, the Neuron taint tolerated, Neuron instance types only."""
     if not backend.neuron_cores:
         return {}
@@ -149,7 +149,7 @@ def _placement(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     return placement
 
 
-def _resources(cpu: str, memory: str, neuroncores: int = 0) -> dict[str, Any]:
+def resources(cpu: str, memory: str, neuroncores: int = 0) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if neuroncores:
         limits[NEURONCORE] = neuroncores
@@ -186,20 +186,23 @@ def settings_env(settings: Settings, backend: BackendKind) -> dict[str, str]:
         env[f"NEURONSERVE_MODELS__{m.name.upper()}__ARTIFACTS"] = f"/artifacts/{dirs[m.name]}"
         env[f"NEURONSERVE_MODELS__{m.name.upper()}__ARTIFACTS_FINGERPRINT"] = ""
     env["NEURONSERVE_SERVE__API_KEY"] = ""
-    env["NEURONSERVE_SERVE__API_KEY_FILE"] = f"{API_KEY_DIR}/api-key" if _uses_api_key(settings) else ""
+    env["NEURONSERVE_SERVE__API_KEY_FILE"] = f"{API_KEY_DIR}/api-key" if uses_api_key(settings) else ""
     return env
 
 
-def _fetch_container(settings: Settings, backend: BackendKind) -> dict[str, Any]:
-    """Waits for every model's manifest where the trace Job writes, then copies the artifacts
-    into the pod (the server verifies every file against its manifest before serving)."""
+def fetch_container(
+    settings: Settings, backend: BackendKind, marker: str = "manifest.json", container_image: str = ""
+) -> dict[str, Any]:
+    """Waits for every model's ``marker`` (its manifest) where the trace Job writes, then copies
+    the artifacts into the pod (the server verifies every file against its manifest before
+    serving). ``container_image``: the image that copies from a volume (default: the servers')."""
     dirs = " ".join(_model_dirs(settings, backend).values())
     source = settings.deploy.k8s_artifacts
     if source.startswith("s3://"):
         prefix = source.rstrip("/")
         script = (
             f"set -eu; for m in {dirs}; do "
-            f'until aws s3 ls "{prefix}/$m/manifest.json" >/dev/null; do echo "waiting for {prefix}/$m"; sleep 10; done; '
+            f'until aws s3 ls "{prefix}/$m/{marker}" >/dev/null; do echo "waiting for {prefix}/$m"; sleep 10; done; '
             f'aws s3 sync --only-show-errors "{prefix}/$m" "/artifacts/$m"; done'
         )
         container_image = AWS_CLI_IMAGE
@@ -207,10 +210,10 @@ def _fetch_container(settings: Settings, backend: BackendKind) -> dict[str, Any]
     else:
         script = (
             f"set -eu; for m in {dirs}; do "
-            f'until [ -f "/trace-models/$m/manifest.json" ]; do echo "waiting for $m"; sleep 10; done; '
+            f'until [ -f "/trace-models/$m/{marker}" ]; do echo "waiting for $m"; sleep 10; done; '
             f'mkdir -p "/artifacts/$m"; cp -R "/trace-models/$m/." "/artifacts/$m/"; done'
         )
-        container_image = image(settings, backend)
+        container_image = container_image or image(settings, backend)
         mounts = [
             {"name": "artifacts", "mountPath": "/artifacts"},
             {"name": "trace-models", "mountPath": "/trace-models", "readOnly": True},
@@ -221,8 +224,8 @@ def _fetch_container(settings: Settings, backend: BackendKind) -> dict[str, Any]
         "imagePullPolicy": "Always",
         "command": ["sh", "-c", script],
         "env": [{"name": "HOME", "value": TMP}],  # the aws cli's cache
-        "resources": _resources("500m", "512Mi"),
-        "securityContext": _security(),
+        "resources": resources("500m", "512Mi"),
+        "securityContext": security(),
         "volumeMounts": [*mounts, {"name": "tmp", "mountPath": TMP}],
     }
 
@@ -230,7 +233,7 @@ def _fetch_container(settings: Settings, backend: BackendKind) -> dict[str, Any]
 API_KEY_DIR = "/etc/neuronserve/api-key"
 
 
-def _uses_api_key(settings: Settings) -> bool:
+def uses_api_key(settings: Settings) -> bool:
     """An API key is configured: the pods read it from the Secret <name>-api-key (key api-key),
     mounted as a file, which the user creates; its value is never written into the base."""
     return bool(settings.serve.api_key or settings.serve.api_key_file)
@@ -238,7 +241,7 @@ def _uses_api_key(settings: Settings) -> bool:
 
 def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[str, Any]:
     name = f"{settings.deploy.name}-server"
-    labels = _labels(settings, "server")
+    labels = component_labels(settings, "server")
     period = 5
     grace = grace_period_s(settings)
     neuroncores = cores_per_server(settings, backend, None) if backend.neuron_cores else 0
@@ -252,8 +255,8 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
             {"name": "NEURONSERVE_SERVE__NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-        "resources": _resources(_cpu(settings, backend), memory, neuroncores),
-        "securityContext": _security(),
+        "resources": resources(_cpu(settings, backend), memory, neuroncores),
+        "securityContext": security(),
         # Start-up (hashing, loading, warming every shape) may take up to deploy.ready_timeout_s.
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
@@ -292,7 +295,7 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
         volumes.append(
             {"name": "trace-models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
-    if _uses_api_key(settings):
+    if uses_api_key(settings):
         secret = {"secretName": f"{settings.deploy.name}-api-key", "defaultMode": 0o440}
         volumes.append({"name": "api-key", "secret": secret})
         server["volumeMounts"].append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
@@ -308,9 +311,9 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
                 "spec": {
                     "serviceAccountName": settings.deploy.name,
                     "automountServiceAccountToken": False,
-                    "securityContext": _pod_security(),
+                    "securityContext": pod_security(),
                     "terminationGracePeriodSeconds": grace,
-                    **_placement(settings, backend),
+                    **placement(settings, backend),
                     "topologySpreadConstraints": [
                         {
                             "maxSkew": 1,
@@ -319,7 +322,7 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
                             "labelSelector": {"matchLabels": labels},
                         }
                     ],
-                    "initContainers": [_fetch_container(settings, backend)],
+                    "initContainers": [fetch_container(settings, backend)],
                     "containers": [server],
                     "volumes": volumes,
                 },
@@ -343,7 +346,7 @@ def settings_hash(settings: Settings, backend: BackendKind) -> str:
 
 def trace_job(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """Traces every model into the artifacts volume (pvc:) or uploads the trace (s3://)."""
-    labels = _labels(settings, "trace")
+    labels = component_labels(settings, "trace")
     trace: dict[str, Any] = {
         "name": "trace",
         "image": image(settings, backend),
@@ -352,8 +355,8 @@ def trace_job(settings: Settings, backend: BackendKind) -> dict[str, Any]:
         "envFrom": [{"configMapRef": {"name": f"{settings.deploy.name}-settings"}}],
         # Tracing may fetch a hub model (model.source=<hub id>); serving never does.
         "env": [{"name": "HF_HUB_OFFLINE", "value": "0"}, {"name": "TRANSFORMERS_OFFLINE", "value": "0"}],
-        "resources": _resources(_cpu(settings, backend), "8Gi", 1 if backend.neuron_cores else 0),
-        "securityContext": _security(),
+        "resources": resources(_cpu(settings, backend), "8Gi", 1 if backend.neuron_cores else 0),
+        "securityContext": security(),
         "volumeMounts": [
             {"name": "trace-models", "mountPath": "/trace-models"},
             {"name": "tmp", "mountPath": TMP},
@@ -369,8 +372,8 @@ def trace_job(settings: Settings, backend: BackendKind) -> dict[str, Any]:
             "imagePullPolicy": "Always",
             "command": ["aws", "s3", "sync", "--only-show-errors", "/trace-models", source.rstrip("/")],
             "env": [{"name": "HOME", "value": TMP}],
-            "resources": _resources("500m", "512Mi"),
-            "securityContext": _security(),
+            "resources": resources("500m", "512Mi"),
+            "securityContext": security(),
             "volumeMounts": [
                 {"name": "trace-models", "mountPath": "/trace-models", "readOnly": True},
                 {"name": "tmp", "mountPath": TMP},
@@ -385,8 +388,8 @@ def trace_job(settings: Settings, backend: BackendKind) -> dict[str, Any]:
         "serviceAccountName": settings.deploy.name,
         "automountServiceAccountToken": False,
         "restartPolicy": "Never",
-        "securityContext": _pod_security(),
-        **_placement(settings, backend),
+        "securityContext": pod_security(),
+        **placement(settings, backend),
         "containers": containers,
         "volumes": volumes,
     }
@@ -417,7 +420,7 @@ def autoscaler(settings: Settings) -> dict[str, Any] | None:
         return {
             "apiVersion": "autoscaling/v2",
             "kind": "HorizontalPodAutoscaler",
-            "metadata": {"name": deployment_name, "labels": _labels(settings, "server")},
+            "metadata": {"name": deployment_name, "labels": component_labels(settings, "server")},
             "spec": {
                 "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment_name},
                 "minReplicas": d.k8s_replicas,
@@ -442,7 +445,7 @@ def autoscaler(settings: Settings) -> dict[str, Any] | None:
         return {
             "apiVersion": "keda.sh/v1alpha1",
             "kind": "ScaledObject",
-            "metadata": {"name": deployment_name, "labels": _labels(settings, "server")},
+            "metadata": {"name": deployment_name, "labels": component_labels(settings, "server")},
             "spec": {
                 "scaleTargetRef": {"name": deployment_name},
                 "minReplicaCount": d.k8s_replicas,
@@ -468,7 +471,7 @@ def autoscaler(settings: Settings) -> dict[str, Any] | None:
 def exporter_daemonset(settings: Settings, backend: BackendKind) -> dict[str, Any]:
     """neuron-monitor and our exporter on every Neuron node (AWS's names and labels for its
     metrics, so AWS's dashboards work too)."""
-    labels = _labels(settings, "exporter")
+    labels = component_labels(settings, "exporter")
     container = {
         "name": "exporter",
         "image": image(settings, backend),
@@ -481,7 +484,7 @@ def exporter_daemonset(settings: Settings, backend: BackendKind) -> dict[str, An
             {"name": "NEURONSERVE_MONITOR__PERIOD_S", "value": format_value(settings.monitor.period_s)},
         ],
         "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
-        "resources": _resources("500m", "256Mi"),
+        "resources": resources("500m", "256Mi"),
         # neuron-monitor reads every Neuron device's counters, as AWS's own DaemonSet does.
         "securityContext": {"privileged": True, "readOnlyRootFilesystem": True},
         "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10},
@@ -514,7 +517,7 @@ def exporter_daemonset(settings: Settings, backend: BackendKind) -> dict[str, An
                     "serviceAccountName": settings.deploy.name,
                     "automountServiceAccountToken": False,
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                    **{k: v for k, v in _placement(settings, backend).items() if k != "schedulerName"},
+                    **{k: v for k, v in placement(settings, backend).items() if k != "schedulerName"},
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },
@@ -523,13 +526,20 @@ def exporter_daemonset(settings: Settings, backend: BackendKind) -> dict[str, An
     }
 
 
+# The label a pod's name becomes on its metrics, by component: what the dashboards group by.
+POD_LABEL = {"server": "server", "engine": "copy"}
+
+
 def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": {"name": f"{settings.deploy.name}-{component}", "labels": _labels(settings, component)},
+        "metadata": {
+            "name": f"{settings.deploy.name}-{component}",
+            "labels": component_labels(settings, component),
+        },
         "spec": {
-            "selector": {"matchLabels": _labels(settings, component)},
+            "selector": {"matchLabels": component_labels(settings, component)},
             "podMetricsEndpoints": [
                 {
                     "port": port,
@@ -544,18 +554,23 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
                         }
                         if component == "server"
                         and settings.serve.metrics_need_key
-                        and _uses_api_key(settings)
+                        and uses_api_key(settings)
                         else {}
                     ),
                     "interval": f"{_quantity(settings.monitor.scrape_interval_s)}s",
                     # the dashboards filter by deployment, as local deployments' targets are
-                    # labelled, and group by server: one pod is one server (the exporter's
-                    # series carry their own server label)
+                    # labelled, and group by server (or engine copy): one pod is one server
+                    # (the exporter's series carry their own server label)
                     "relabelings": [
                         {"targetLabel": "deployment", "replacement": settings.deploy.name},
                         *(
-                            [{"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "server"}]
-                            if component == "server"
+                            [
+                                {
+                                    "sourceLabels": ["__meta_kubernetes_pod_name"],
+                                    "targetLabel": POD_LABEL[component],
+                                }
+                            ]
+                            if component in POD_LABEL
                             else []
                         ),
                     ],
@@ -565,9 +580,9 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
     }
 
 
-def _network_policy(settings: Settings, component: str, port: int | None) -> dict[str, Any]:
+def network_policy(settings: Settings, component: str, port: int | None) -> dict[str, Any]:
     """Ingress to ``component``'s pods on ``port`` only (none at all when None)."""
-    labels = _labels(settings, component)
+    labels = component_labels(settings, component)
     spec: dict[str, Any] = {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress"]}
     if port is not None:
         spec["ingress"] = [{"ports": [{"port": port, "protocol": "TCP"}]}]
@@ -582,16 +597,16 @@ def _network_policy(settings: Settings, component: str, port: int | None) -> dic
 def objects(settings: Settings, backend: BackendKind, host_bytes: int | None) -> dict[str, dict[str, Any]]:
     """File name -> object, every object of the base but the generated ConfigMaps."""
     d = settings.deploy
-    server_labels = _labels(settings, "server")
+    server_labels = component_labels(settings, "server")
     out: dict[str, dict[str, Any]] = {
         "namespace.yaml": {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": d.k8s_namespace}},
         "serviceaccount.yaml": {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
-            "metadata": {"name": d.name, "labels": _labels(settings, "server")},
+            "metadata": {"name": d.name, "labels": component_labels(settings, "server")},
             "automountServiceAccountToken": False,
         },
-        "deployment.yaml": deployment(settings, backend, _memory(settings, host_bytes)),
+        "deployment.yaml": deployment(settings, backend, memory_request(settings, host_bytes)),
         "service.yaml": {
             "apiVersion": "v1",
             "kind": "Service",
@@ -608,9 +623,9 @@ def objects(settings: Settings, backend: BackendKind, host_bytes: int | None) ->
             "metadata": {"name": f"{d.name}-server", "labels": server_labels},
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": server_labels}},
         },
-        "networkpolicy-server.yaml": _network_policy(settings, "server", SERVER_PORT),
+        "networkpolicy-server.yaml": network_policy(settings, "server", SERVER_PORT),
         # The trace Job takes no connections at all.
-        "networkpolicy-trace.yaml": _network_policy(settings, "trace", None),
+        "networkpolicy-trace.yaml": network_policy(settings, "trace", None),
         "podmonitor-server.yaml": pod_monitor(settings, "server", "http"),
         "trace-job.yaml": trace_job(settings, backend),
     }
@@ -619,13 +634,16 @@ def objects(settings: Settings, backend: BackendKind, host_bytes: int | None) ->
         out["autoscaler.yaml"] = scaler
     if backend.neuron_cores:
         out["exporter-daemonset.yaml"] = exporter_daemonset(settings, backend)
-        out["networkpolicy-exporter.yaml"] = _network_policy(settings, "exporter", EXPORTER_PORT)
+        out["networkpolicy-exporter.yaml"] = network_policy(settings, "exporter", EXPORTER_PORT)
         out["podmonitor-exporter.yaml"] = pod_monitor(settings, "exporter", "metrics")
     if d.k8s_artifacts.startswith("pvc:"):
         out["pvc.yaml"] = {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": d.k8s_artifacts.removeprefix("pvc:"), "labels": _labels(settings, "trace")},
+            "metadata": {
+                "name": d.k8s_artifacts.removeprefix("pvc:"),
+                "labels": component_labels(settings, "trace"),
+            },
             "spec": {
                 "accessModes": ["ReadWriteMany"],
                 "resources": {"requests": {"storage": "20Gi"}},
@@ -635,11 +653,22 @@ def objects(settings: Settings, backend: BackendKind, host_bytes: int | None) ->
     return out
 
 
-def kustomization(
-    settings: Settings, backend: BackendKind, files: list[str], dashboards: list[str]
-) -> dict[str, Any]:
-    full = image(settings, backend)
+def _image_entry(full: str) -> dict[str, str]:
     name, _, tag = full.rpartition(":") if ":" in full.rsplit("/", 1)[-1] else (full, "", "latest")
+    return {"name": name, "newTag": tag}
+
+
+def kustomization(
+    settings: Settings,
+    backend: BackendKind,
+    files: list[str],
+    dashboards: list[str],
+    *,
+    workload: str = "server",
+    images: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``workload``: the Deployment whose replicas an overlay sets (``<name>-<workload>``);
+    ``images``: further images an overlay may pin (an engine's)."""
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -647,8 +676,8 @@ def kustomization(
         "labels": [{"pairs": {"app.kubernetes.io/part-of": "neuronserve"}, "includeSelectors": False}],
         "resources": files,
         # Overlays change these without editing the base: image (and digest), replicas.
-        "images": [{"name": name, "newTag": tag}],
-        "replicas": [{"name": f"{settings.deploy.name}-server", "count": settings.deploy.k8s_replicas}],
+        "images": [_image_entry(full) for full in (image(settings, backend), *images)],
+        "replicas": [{"name": f"{settings.deploy.name}-{workload}", "count": settings.deploy.k8s_replicas}],
         "configMapGenerator": [
             {"name": f"{settings.deploy.name}-settings", "envs": ["settings.env"]},
             {
@@ -661,19 +690,30 @@ def kustomization(
 
 
 def write_base(
-    settings: Settings, backend: BackendKind, directory: Path, host_bytes: int | None
+    settings: Settings,
+    backend: BackendKind,
+    directory: Path,
+    host_bytes: int | None,
+    *,
+    docs: dict[str, dict[str, Any]] | None = None,
+    env: dict[str, str] | None = None,
+    workload: str = "server",
+    images: tuple[str, ...] = (),
 ) -> list[Path]:
-    """Write the base into ``directory`` (its previous files are replaced); returns the files."""
+    """Write the base into ``directory`` (its previous files are replaced); returns the files.
+
+    ``docs``, ``env``, ``workload``, ``images``: another base's objects, settings, scaled
+    Deployment and further images (an engine's), by default the servers'."""
     if directory.exists():
         shutil.rmtree(directory)
     (directory / "dashboards").mkdir(parents=True)
     written = []
-    docs = objects(settings, backend, host_bytes)
+    docs = objects(settings, backend, host_bytes) if docs is None else docs
     for file_name, document in docs.items():
         path = directory / file_name
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         written.append(path)
-    env = settings_env(settings, backend)
+    env = settings_env(settings, backend) if env is None else env
     settings_file = directory / "settings.env"
     settings_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
     from neuronserve.monitor import dashboards as grafana
@@ -683,7 +723,12 @@ def write_base(
         (directory / "dashboards" / file_name).write_text(grafana.render(board))
     dashboards = sorted(boards)
     kust = directory / "kustomization.yaml"
-    kust.write_text(yaml.safe_dump(kustomization(settings, backend, list(docs), dashboards), sort_keys=False))
+    kust.write_text(
+        yaml.safe_dump(
+            kustomization(settings, backend, list(docs), dashboards, workload=workload, images=images),
+            sort_keys=False,
+        )
+    )
     return [kust, settings_file, *written]
 
 

@@ -3,7 +3,7 @@
 The engine loads a plain Hugging Face directory. A bundled model ships as GGUF (quantized), which
 vLLM's CPU build does not load: it is converted once into ``<output_dir>/<name>/<backend>/``
 (safetensors at the checkpoint's precision, tokenizer and chat template). A local directory is
-used where it is. ``generation.json`` records the source's digest (the cache key: an unchanged
+used where it is (copied in for deploy.launcher=k8s, whose pods load the prepared directory). ``generation.json`` records the source's digest (the cache key: an unchanged
 source is not converted again), the model's shape facts (what the memory plan needs) and the
 sha256 of every file the engine reads, checked again before a deployment starts.
 
@@ -241,6 +241,12 @@ class _Source:
     files: dict[str, str] | None = None  # a local directory's engine files -> sha256
 
 
+def _copies_local(settings: Settings) -> bool:
+    """Kubernetes pods load the prepared directory (copied from the trace Job's volume), not the
+    path of a local source: for them it is copied in. Locally and in Docker it is used in place."""
+    return settings.deploy.launcher == "k8s"
+
+
 def _source(source: str) -> _Source:
     gguf = _bundled_gguf(source)
     if gguf is not None:
@@ -258,10 +264,12 @@ def prepare(
     source with its files intact is not prepared again."""
     out = generation_directory(settings, backend)
     source = _source(settings.model.source)
+    in_place = source.local is not None and not _copies_local(settings)
     if not force:
         try:
             previous = GenerationManifest.read(out)
-            if previous.source_sha256 == source.digest and previous.backend is backend:
+            same_place = (previous.model_dir != out) == in_place
+            if previous.source_sha256 == source.digest and previous.backend is backend and same_place:
                 if source.files is None:  # a local source's files were just hashed: the digest says
                     previous.verify()  # the converted ones
                 say(f"{settings.model_name}: up to date in {out}")
@@ -301,6 +309,11 @@ def _prepare_into(
             raise ModelSourceError(f"model.source {name}: no config.json")
         parameters = _parameters(source.local)
         model_dir, files_dir, files = source.local, source.local, source.files
+        if _copies_local(settings):
+            for relative in files:
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source.local / relative, staging / relative)
+            model_dir, files_dir = out, staging
     config = json.loads((files_dir / "config.json").read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
     generative = any(

@@ -47,6 +47,22 @@ READY_MARK = ".neuronserve-ready"
 MIN_KV_GIB = 1
 
 
+# The engine's images for the Docker and Kubernetes launchers: on Neuron AWS's Neuron vLLM image
+# (pin the tag your SDK release names, generate.engine_image), on cpu docker/engine-cpu.Dockerfile.
+NEURON_ENGINE_IMAGE = (
+    "public.ecr.aws/neuron/pytorch-inference-vllm-neuronx:0.13.0-neuronx-py312-sdk2.28.0-ubuntu24.04"
+)
+CPU_ENGINE_IMAGE = "neuronserve-engine-cpu"
+
+
+def engine_image(settings: Settings, backend: BackendKind, tag: str = "latest") -> str:
+    """``tag``: of the cpu engine image neuronserve builds (``latest`` as ``image build`` tags it;
+    a Kubernetes base names the release)."""
+    if settings.generate.engine_image:
+        return settings.generate.engine_image
+    return NEURON_ENGINE_IMAGE if backend.neuron_cores else f"{CPU_ENGINE_IMAGE}:{tag}"
+
+
 class EngineError(RuntimeError):
     """The engine's environment cannot be made or found; the message says what to do."""
 
@@ -182,15 +198,19 @@ def copy_command(
     port: int,
     kv_gib: int,
     compiled_dir: Path,
+    host: str = "127.0.0.1",
+    pin: bool = True,
 ) -> CopyCommand:
-    """One copy's engine process: loopback only (nginx is the endpoint and checks the key)."""
+    """One copy's engine process: loopback only (nginx is the endpoint and checks the key), or
+    ``host`` in a container on the deployment's private network. ``pin``: on cpu, ``taskset``
+    the process to its cores (a container's cpuset does that itself)."""
     g = settings.generate
     tp = len(cores) if backend.neuron_cores else 1
     argv = [
         str(python), "-m", ENTRYPOINT,
         "--model", str(model_dir),
         "--served-model-name", served_name,
-        "--host", "127.0.0.1",
+        "--host", host,
         "--port", str(port),
         "--tensor-parallel-size", str(tp),
         "--max-num-seqs", str(g.max_num_seqs),
@@ -205,7 +225,8 @@ def copy_command(
     else:
         # eager: torch.compile makes a copy ready in minutes, not seconds, and redoes it each start
         argv.append("--enforce-eager")
-        argv = ["taskset", "-c", str(cores), *argv]
+        if pin:
+            argv = ["taskset", "-c", str(cores), *argv]
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
     if g.engine_args:

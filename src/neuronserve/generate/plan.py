@@ -56,6 +56,8 @@ class GenerationPlan:
     kv_bytes: int
     host_available: int
     core_capacity: int  # bytes of device memory per NeuronCore, 0 on cpu or unknown
+    kv_gib: int  # cpu: each copy's KV cache space (VLLM_CPU_KVCACHE_SPACE)
+    compiled_dir: Path  # Neuron: where the copies' compiled graphs are (NEURON_COMPILED_ARTIFACTS)
 
     def table(self) -> str:
         backend = self.layout.backend
@@ -140,6 +142,7 @@ def make_generation_plan(
     kv = g.max_num_seqs * g.max_model_len * per_token
     kv_gib = kv_cache_gib(settings, kv)
     capacity = min(inventory.core_memory.values()) if inventory.core_memory else 0
+    compiled = manifest.directory / "neuron-compiled" / compiled_name(settings, tp)
     copies = []
     for server in layout.servers:
         name = f"copy-{server.index}"
@@ -158,7 +161,9 @@ def make_generation_plan(
             cores=server.cores,
             port=server.port,
             kv_gib=kv_gib,
-            compiled_dir=manifest.directory / "neuron-compiled" / compiled_name(settings, tp),
+            compiled_dir=compiled,
         )
         copies.append(CopyPlan(name, str(server.cores), server.port, command, host, device))
-    return GenerationPlan(layout, tuple(copies), weights, kv, inventory.host_memory, capacity)
+    return GenerationPlan(
+        layout, tuple(copies), weights, kv, inventory.host_memory, capacity, kv_gib, compiled
+    )
