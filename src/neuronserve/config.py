@@ -479,7 +479,10 @@ class GenerateSettings:
         "", "More arguments for every copy's engine command, e.g. --enable-prefix-caching."
     )
     ready_timeout_s: float = setting(
-        900.0, "How long deploy waits for every copy to answer /v1/models.", minimum=1.0, maximum=14_400.0
+        900.0,
+        "How long deploy waits for every copy to be ready (locally its /v1/models, in containers its /health).",
+        minimum=1.0,
+        maximum=14_400.0,
     )
     request_timeout_s: float = setting(
         3600.0,

@@ -218,7 +218,7 @@ class _Engine:
         servers = [
             c
             for c in self.containers.by_name.values()
-            if c.labels.get("neuronserve.server", "") not in docker.NOT_SERVERS
+            if c.labels.get("neuronserve.server", "") not in {"nginx", "exporter"}
         ]
         return bool(servers) and all(
             c.attrs.get("State", {}).get("Health", {}).get("Status") == "healthy" for c in servers

@@ -464,26 +464,40 @@ def test_the_k8s_base_is_one_pod_per_copy_asking_for_its_neuroncores_and_passes_
     deployment = yaml.safe_load((base / "deployment.yaml").read_text())
     assert deployment["metadata"]["name"] == "neuronserve-engine" and deployment["spec"]["replicas"] == 4
     pod = deployment["spec"]["template"]["spec"]
-    (engine,) = pod["containers"]
+    engine, edge = pod["containers"]
     assert engine["resources"]["limits"]["aws.amazon.com/neuroncore"] == 8
     assert engine["resources"]["requests"]["cpu"] == "9"
     argv = [*engine["command"], *engine["args"]]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "8"
     assert argv[argv.index("--model") + 1] == "/artifacts/llama/neuronx"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "ports" not in engine  # behind the edge
     env = {e["name"]: e["value"] for e in engine["env"]}
     assert "NEURON_RT_VISIBLE_CORES" not in env  # the device plugin's
     assert env["NEURON_COMPILED_ARTIFACTS"] == "/compiled"
-    # the key: read from the Secret's file into the engine's environment, never in the spec
-    assert (
-        key not in (base / "deployment.yaml").read_text() and key not in (base / "settings.env").read_text()
-    )
-    assert engine["command"][:2] == ["sh", "-c"] and "VLLM_API_KEY=" in engine["command"][2]
-    assert {"name": "api-key", "mountPath": "/etc/neuronserve/api-key", "readOnly": True} in engine[
+    # the key: in no file of the base; the edge reads it from the Secret's file when it starts
+    for path in base.iterdir():
+        assert not path.is_file() or key not in path.read_text(), path
+    assert "@API_KEY@" in (base / "nginx.conf.template").read_text()
+    assert {"name": "api-key", "mountPath": "/etc/neuronserve/api-key", "readOnly": True} in edge[
         "volumeMounts"
     ]
-    assert engine["startupProbe"]["httpGet"]["path"] == "/health"
+    assert [p["containerPort"] for p in edge["ports"]] == [8080, 9100]
+    assert "/health" in engine["startupProbe"]["exec"]["command"][2]  # on the engine's loopback
+    assert edge["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert "generation.json" in pod["initContainers"][0]["command"][2]
+    # the trace Job prepares where the pods' init container waits for it, taking no NeuronCore
+    from neuronserve.config import env_overrides
+    from neuronserve.generate.artifacts import generation_directory
+
+    cluster_env = dict(line.split("=", 1) for line in (base / "settings.env").read_text().splitlines())
+    overrides = [f"{k}={v}" for k, (v, _where) in env_overrides(cluster_env).items()]
+    job_settings = load_settings(str(config), overrides=overrides)
+    assert generation_directory(job_settings, BackendKind.NEURONX) == Path("/trace-models/llama/neuronx")
+    assert "/trace-models/$m/generation.json" in pod["initContainers"][0]["command"][2]
+    job = yaml.safe_load((base / "trace-job.yaml").read_text())["spec"]["template"]["spec"]
+    assert all("aws.amazon.com/neuroncore" not in c["resources"]["limits"] for c in job["containers"])
     monitor = yaml.safe_load((base / "podmonitor-engine.yaml").read_text())
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     relabel = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
     assert {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "copy"} in relabel
     assert "NEURONSERVE_DEPLOY__LAUNCHER=k8s" in (base / "settings.env").read_text()
@@ -508,3 +522,69 @@ def test_for_k8s_a_local_model_is_copied_into_the_prepared_directory(tmp_path: P
     in_place = _settings(tmp_path, f"model.source={source}", "model.name=tiny", "trace.backend=cpu")
     assert prepare(in_place, BackendKind.CPU, say=said.append).model_dir == source  # prepared again, in place
     assert "up to date" not in said[-1]
+
+
+def _edge_run(tmp_path: Path, template: str, key: str | None) -> subprocess.CompletedProcess[str]:
+    """The edge's start script as a pod runs it, on this host: its paths moved under
+    ``tmp_path`` and nginx only asked to check the configuration it wrote."""
+    from neuronserve.generate import k8s_base
+
+    conf_dir, key_dir = tmp_path / "nginx-template", tmp_path / "api-key"
+    conf_dir.mkdir(exist_ok=True)
+    key_dir.mkdir(exist_ok=True)
+    (conf_dir / k8s_base.TEMPLATE).write_text(
+        template.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
+    )
+    if key is not None:
+        (key_dir / "api-key").write_text(key)
+    script = (
+        k8s_base.EDGE_SCRIPT.replace(k8s_base.TEMPLATE_DIR, str(conf_dir))
+        .replace("/etc/neuronserve/api-key", str(key_dir))
+        .replace("/tmp/nginx.conf", str(tmp_path / "nginx.conf"))
+        .replace("exec nginx -c", f"exec {shutil.which('nginx') or '/usr/sbin/nginx'} -t -q -p {tmp_path} -c")
+    )
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False)
+
+
+def test_the_pods_nginx_takes_the_key_from_its_secret_when_it_starts_and_refuses_an_empty_one(
+    tmp_path: Path,
+) -> None:
+    from neuronserve.generate import k8s_base
+
+    if not Path(shutil.which("nginx") or "/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed (make test installs it): the edge was not started")
+    (tmp_path / "logs").mkdir()
+    key = "0123456789abcdef" * 4
+    keyed = k8s_base.edge_conf(_settings(tmp_path, "serve.api_key=anything", "deploy.launcher=k8s"))
+    assert "@API_KEY@" in keyed and "listen 0.0.0.0:9100;" in keyed
+    started = _edge_run(tmp_path, keyed, key)
+    assert started.returncode == 0, started.stderr
+    written = (tmp_path / "nginx.conf").read_text()
+    assert f'if ($http_authorization != "Bearer {key}")' in written and "@API_KEY@" not in written
+    for bad in ("", "has space", 'quo"te', "back\\slash", "dollar$x"):
+        refused = _edge_run(tmp_path, keyed, bad)
+        assert refused.returncode == 1 and "is empty or has quotes" in refused.stderr, (bad, refused.stderr)
+    open_conf = k8s_base.edge_conf(_settings(tmp_path, "deploy.launcher=k8s"))
+    assert "Bearer" not in open_conf
+    assert _edge_run(tmp_path, open_conf, None).returncode == 0  # no key configured, no Secret read
+
+
+def test_for_docker_a_local_model_whose_files_link_elsewhere_is_copied_in(tmp_path: Path) -> None:
+    """A Hugging Face cache's snapshot links into its blobs, which a read-only mount of the
+    snapshot alone would leave dangling in the container."""
+    source = _tiny_llama(tmp_path / "tiny-llama")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (source / "model.safetensors").rename(blobs / "weights")
+    (source / "model.safetensors").symlink_to(blobs / "weights")
+    docker = _settings(
+        tmp_path, f"model.source={source}", "model.name=tiny", "trace.backend=cpu", "deploy.launcher=docker"
+    )
+    manifest = prepare(docker, BackendKind.CPU, say=lambda _line: None)
+    assert manifest.model_dir == manifest.directory
+    weights = manifest.directory / "model.safetensors"
+    assert not weights.is_symlink() and weights.read_bytes() == (blobs / "weights").read_bytes()
+    (source / "model.safetensors").unlink()
+    (blobs / "weights").rename(source / "model.safetensors")
+    in_place = prepare(docker, BackendKind.CPU, say=lambda _line: None)  # nothing links out any more
+    assert in_place.model_dir == source

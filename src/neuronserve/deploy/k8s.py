@@ -552,7 +552,7 @@ def pod_monitor(settings: Settings, component: str, port: str) -> dict[str, Any]
                                 "credentials": {"name": f"{settings.deploy.name}-api-key", "key": "api-key"},
                             }
                         }
-                        if component == "server"
+                        if component in POD_LABEL
                         and settings.serve.metrics_need_key
                         and uses_api_key(settings)
                         else {}
@@ -666,9 +666,11 @@ def kustomization(
     *,
     workload: str = "server",
     images: tuple[str, ...] = (),
+    config_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``workload``: the Deployment whose replicas an overlay sets (``<name>-<workload>``);
-    ``images``: further images an overlay may pin (an engine's)."""
+    ``images``: further images an overlay may pin (an engine's); ``config_files``: further
+    ConfigMaps (``<name>-<map>``) of one file each, by file name -> map."""
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -685,6 +687,10 @@ def kustomization(
                 "files": [f"dashboards/{f}" for f in dashboards],
                 "options": {"labels": {"grafana_dashboard": "1"}, "disableNameSuffixHash": True},
             },
+            *(
+                {"name": f"{settings.deploy.name}-{config_map}", "files": [file_name]}
+                for file_name, config_map in (config_files or {}).items()
+            ),
         ],
     }
 
@@ -699,11 +705,13 @@ def write_base(
     env: dict[str, str] | None = None,
     workload: str = "server",
     images: tuple[str, ...] = (),
+    config_files: dict[str, tuple[str, str]] | None = None,
 ) -> list[Path]:
     """Write the base into ``directory`` (its previous files are replaced); returns the files.
 
     ``docs``, ``env``, ``workload``, ``images``: another base's objects, settings, scaled
-    Deployment and further images (an engine's), by default the servers'."""
+    Deployment and further images (an engine's), by default the servers'. ``config_files``:
+    file name -> (ConfigMap, its text), each file a ConfigMap ``<name>-<map>`` of its own."""
     if directory.exists():
         shutil.rmtree(directory)
     (directory / "dashboards").mkdir(parents=True)
@@ -722,10 +730,21 @@ def write_base(
     for file_name, board in boards.items():
         (directory / "dashboards" / file_name).write_text(grafana.render(board))
     dashboards = sorted(boards)
+    for file_name, (_config_map, text) in (config_files or {}).items():
+        (directory / file_name).write_text(text)
+        written.append(directory / file_name)
     kust = directory / "kustomization.yaml"
     kust.write_text(
         yaml.safe_dump(
-            kustomization(settings, backend, list(docs), dashboards, workload=workload, images=images),
+            kustomization(
+                settings,
+                backend,
+                list(docs),
+                dashboards,
+                workload=workload,
+                images=images,
+                config_files={f: m for f, (m, _text) in (config_files or {}).items()},
+            ),
             sort_keys=False,
         )
     )

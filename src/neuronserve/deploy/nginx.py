@@ -83,6 +83,8 @@ def render_nginx_conf(
     user: str | None = None,
     streams: bool = False,
     api_key: str = "",
+    metrics_listen: str = "",
+    metrics_key: bool = False,
 ) -> str:
     """``upstreams`` are ``host:port``; ``run_dir`` holds pid, temp files and logs (None: stdout,
     for containers).
@@ -91,7 +93,9 @@ def render_nginx_conf(
     buffering) and a request goes to another copy only while nothing of its answer was sent
     (nginx never retries after that, so a stream cut by a dying copy ends with an error the
     client sees, never a silent restart). ``api_key``: checked here, at the edge (the engines
-    have no key of their own; they listen on loopback only)."""
+    have no key of their own; they listen on loopback only). ``metrics_listen`` (``host:port``):
+    a second listener that answers only ``/metrics``, from the upstream (a pod's engine, which
+    Prometheus cannot reach on its loopback), behind ``api_key`` too with ``metrics_key``."""
     if not upstreams:
         raise ValueError("this is a bug: nginx needs at least one upstream")
     servers = "\n".join(
@@ -200,5 +204,24 @@ http {{
         }}
 
 {error_locations}    }}
-}}
+{_metrics_server(metrics_listen, key_check if metrics_key else "")}}}
+"""
+
+
+def _metrics_server(listen: str, key_check: str) -> str:
+    if not listen:
+        return ""
+    return f"""
+    server {{
+        listen {listen};
+        location = /metrics {{
+{key_check}            proxy_pass http://neuronserve_servers;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location / {{
+            default_type application/json;
+            return 404 '{{"error":"this port serves /metrics only","type":"not_found"}}';
+        }}
+    }}
 """

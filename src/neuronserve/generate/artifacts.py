@@ -241,10 +241,19 @@ class _Source:
     files: dict[str, str] | None = None  # a local directory's engine files -> sha256
 
 
-def _copies_local(settings: Settings) -> bool:
-    """Kubernetes pods load the prepared directory (copied from the trace Job's volume), not the
-    path of a local source: for them it is copied in. Locally and in Docker it is used in place."""
-    return settings.deploy.launcher == "k8s"
+def _copies_local(settings: Settings, source: _Source) -> bool:
+    """Whether a local source is copied into the prepared directory: for Kubernetes, whose pods
+    load that (copied from the trace Job's volume), not the source's path; for Docker when a file
+    links out of the source directory (a Hugging Face cache's snapshot links into its blobs),
+    which a read-only mount of the directory would leave dangling. Otherwise it is used in place."""
+    if source.local is None or source.files is None:
+        return False
+    if settings.deploy.launcher == "k8s":
+        return True
+    root = source.local.resolve()
+    return settings.deploy.launcher == "docker" and any(
+        not (source.local / name).resolve().is_relative_to(root) for name in source.files
+    )
 
 
 def _source(source: str) -> _Source:
@@ -264,7 +273,7 @@ def prepare(
     source with its files intact is not prepared again."""
     out = generation_directory(settings, backend)
     source = _source(settings.model.source)
-    in_place = source.local is not None and not _copies_local(settings)
+    in_place = source.local is not None and not _copies_local(settings, source)
     if not force:
         try:
             previous = GenerationManifest.read(out)
@@ -309,7 +318,7 @@ def _prepare_into(
             raise ModelSourceError(f"model.source {name}: no config.json")
         parameters = _parameters(source.local)
         model_dir, files_dir, files = source.local, source.local, source.files
-        if _copies_local(settings):
+        if _copies_local(settings, source):
             for relative in files:
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source.local / relative, staging / relative)

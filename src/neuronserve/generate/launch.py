@@ -174,8 +174,19 @@ def emit_k8s(settings: Settings, backend: BackendKind, directory: Path) -> int:
             f"note: the trace Job runs in the cluster, where the local model directory {settings.model.source} "
             "is not: bake it into the serve image or mount it in an overlay"
         )
-    if manifest is None and not settings.deploy.k8s_memory:
-        print("no prepared model here to size the pods from: set deploy.k8s_memory, or run trace first")
+    if manifest is None:
+        from neuronserve.deploy.k8s import memory_request
+        from neuronserve.generate.engine import kv_cache_gib
+
+        kv = (
+            ""
+            if backend.neuron_cores
+            else f" and a KV cache of {kv_cache_gib(settings, 0)} GiB (generate.kv_cache_gib)"
+        )
+        print(
+            f"no prepared model here to size the pods from: each asks for {memory_request(settings, None)} "
+            f"(deploy.k8s_memory){kv}; run trace first to size them from the model"
+        )
     files = k8s_base.write_base(settings, backend, directory, manifest)
     print(f"wrote {len(files)} files to {directory}")
     print(f"check: neuronserve k8s check {directory}; deploy: kubectl apply -k {directory}")
