@@ -23,6 +23,7 @@ Variants (--variants):
   torchscript   the default layout with trace.cpu_engine=torchscript
   int8          the defaults with trace.cpu_quantize=int8
   unlent        the defaults with deploy.lend_cores=false (each server on its own cores)
+  onecopy       the defaults with one copy per server (serve.models_per_server=1), lending
   oneserver     the default engine in the previous layout (one server of every CPU up to 8)
   baseline      --baseline REF's code at its own defaults (a git worktree and a virtual
                 environment its servers run too, see bench.common.checkout)
@@ -73,6 +74,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "torchscript": ("trace.cpu_engine=torchscript",),
     "int8": ("trace.cpu_quantize=int8",),
     "unlent": ("deploy.lend_cores=false",),
+    "onecopy": ("serve.models_per_server=1",),
     "oneserver": (f"deploy.cores_per_server={TODAY_CORES}",),
     "baseline": (),
 }
@@ -394,6 +396,11 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
                     f"run {run + 1} {variant} ({len(plan['servers'])} servers): " + "; ".join(line),
                     flush=True,
                 )
+        # The model alone, for the floor under the p50 at one client (while its artifacts exist).
+        onnx = next((v for v in names if v != "baseline" and list(artifacts[v].glob("*.onnx"))), None)
+        floor = None
+        if onnx is not None and any(load.name.startswith("mixed c=1") for load in loads):
+            floor = floor_ms(artifacts[onnx], texts, tokenizer)
     first = names[0]
     print(f"\nmedians of {args.runs} runs ({args.duration:g} s each); ratios to {first}")
     print(
@@ -437,6 +444,14 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
                 f"{s} {r / c:.0%}" for s, (r, c) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:6]
             )
             print(f"  {variant:<12} {load.name:<18} overall {overall:.0%}: {shapes}")
+    if floor is not None and onnx is not None:
+        single = next(load.name for load in loads if load.name.startswith("mixed c=1"))
+        base_p50 = statistics.median(f.p50_ms for f in results[first][single])
+        print(
+            f"\nfloor: {onnx}'s model alone (no HTTP, no batching; one corpus text per call at its exact "
+            f"length on all {len(os.sched_getaffinity(0))} CPUs) takes {floor:.2f} ms at the median: "
+            f"{floor / base_p50:.2f}x {first}'s {single} p50, the least any server of this engine can answer in"
+        )
     print("\nagainst sentence-transformers (min cosine over 64 corpus texts); servers' memory after the")
     print("loads (RSS of every server process, summed; median); deploy until ready (median):")
     for variant, cosine in cosines.items():
@@ -445,6 +460,37 @@ def main() -> int:  # noqa: PLR0912 - one sequence of steps
             f"ready {statistics.median(ready[variant]):.1f} s"
         )
     return 0
+
+
+def floor_ms(directory: Path, texts: list[str], tokenizer: Any, sample: int = 200) -> float:
+    """The median in-process time of the model alone on one corpus text per call, padded to
+    nothing (its exact length), intra-op threads on every CPU of this process: the floor under
+    any served p50 at one client."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(sorted(directory.glob("*.onnx"))[-1]), options, providers=["CPUExecutionProvider"]
+    )
+    names = {i.name for i in session.get_inputs()}
+    random.seed(1)
+    times = []
+    for text in random.sample(texts, min(sample, len(texts))):
+        ids = np.array([tokenizer.encode(text).ids[:128]], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        feed = {k: v for k, v in feed.items() if k in names}
+        session.run(None, feed)  # its first call at this length
+        started = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
