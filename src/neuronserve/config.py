@@ -516,6 +516,7 @@ class MonitorSettings:
 
 
 LoadMode = Literal["closed", "open"]
+BenchApi = Literal["", "openai-chat", "openai-completions"]
 
 
 @dataclass(frozen=True)
@@ -580,6 +581,59 @@ class BenchSettings:
     )
     output_dir: str = setting("results", "Where reports go: <output_dir>/<name>-<timestamp>/.")
     name: str = setting("bench", "Name of the run (the report directory's prefix).")
+    api: BenchApi = setting(
+        "",
+        "Generative endpoints: openai-chat (/v1/chat/completions) or openai-completions (/v1/completions), "
+        "streamed, with TTFT, TPOT, ITL, E2EL, tokens/s and goodput; empty loads bench.route instead.",
+    )
+    input_len: int = setting(
+        128,
+        "Generative, random prompts: tokens per prompt (the model's tokenizer).",
+        minimum=1,
+        maximum=1_048_576,
+    )
+    output_len: int = setting(
+        64, "Generative: tokens asked for per answer (max_tokens).", minimum=1, maximum=1_048_576
+    )
+    num_prompts: int = setting(
+        32, "Generative: requests per step (each step sends the same prompts).", minimum=1, maximum=10_000_000
+    )
+    seed: int = setting(
+        0, "Generative: seed of the random prompts and of the open loop's arrivals.", minimum=0
+    )
+    ignore_eos: bool = setting(
+        False,
+        "Generative: ask the engine to ignore end-of-sequence so every answer has exactly bench.output_len "
+        "tokens (vLLM's ignore_eos; other servers may refuse it).",
+    )
+    tokenizer: str = setting(
+        "",
+        "Generative: the model's tokenizer (its directory or tokenizer.json) for random prompts and token "
+        "counts; empty uses the deployment's prepared model.",
+    )
+    ttft_budget_ms: float = setting(
+        0.0, "Generative: p95 time to first token a step must stay under (0: none).", minimum=0.0
+    )
+    tpot_budget_ms: float = setting(
+        100.0,
+        "Generative: p95 time per output token a step must stay under (0: none); the knee is where the median "
+        "crosses it.",
+        minimum=0.0,
+    )
+    goodput: str = setting(
+        "",
+        "Generative: per-request objectives for goodput, e.g. ttft:2000,tpot:100,e2el:10000 (ms); with them the "
+        "decision maximises goodput instead of output tokens/s.",
+    )
+    extra_body: str = setting(
+        "",
+        'Generative: a JSON object merged into every request, e.g. {"temperature": 0} for greedy answers.',
+    )
+    engine_metrics: str = setting(
+        "",
+        "Generative: the engines' /metrics URLs (comma-separated) read before and after each step; empty uses "
+        "the local deployment's copies.",
+    )
 
 
 @dataclass(frozen=True)

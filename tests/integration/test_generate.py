@@ -299,6 +299,47 @@ def test_status_shows_every_copy_ready(deployed: Deployed) -> None:
         assert "RUNNING" in row and " yes " in row and str(copy["cores"]) in row
 
 
+def test_the_streaming_load_client_reports_token_metrics_the_engines_agree_with(deployed: Deployed) -> None:
+    """`neuronserve bench --api openai-chat` against the live deployment: random prompts from the
+    model's tokenizer, two steps, the report's files, and the client's output tokens equal to the
+    engines' own vllm:generation_tokens_total delta, step by step."""
+    out = deployed.config.parent / "bench-results"
+    result = _cli(
+        deployed.config, "bench", "--api", "openai-chat", "--input-len", "32", "--output-len", "12",
+        "--num-prompts", "8", "--concurrency", "1,4", "--ignore-eos", "--extra-body",
+        '{"temperature": 0, "min_tokens": 12}', "--goodput", "ttft:60000,tpot:60000", "--output", str(out),
+        "--no-progress", "--instance-type", "trn1.2xlarge", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (run,) = out.iterdir()
+    assert {p.name for p in run.iterdir()} >= {
+        "summary.json",
+        "requests.csv",
+        "report.md",
+        "tpot_vs_throughput.png",
+        "ttft_tpot.png",
+    }
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "generative" and summary["config"]["model"] == MODEL
+    for step in summary["steps"]:
+        assert step["completed"] == step["requests"] == 8 and step["errors"] == {}
+        assert step["output_tokens"] == 8 * 12 and step["tokens_from"] == {"usage": 8}
+        assert step["server"]["copies"] == 2
+        assert (
+            step["server"]["generation_tokens"] == step["output_tokens"]
+        )  # exactly what the engines counted
+        assert step["goodput_per_s"] == pytest.approx(step["request_throughput"])  # generous SLOs: all met
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert 0 < step[metric]["p50"] <= step[metric]["p99"], metric
+        assert step["cost_per_million_output_tokens"] > 0
+    assert summary["decision"]["best"] is not None and "decision:" in result.stdout
+    rows = (run / "requests.csv").read_text().splitlines()
+    columns = rows[0].split(",")
+    assert len(rows) == 1 + 16 and "prompt" not in columns and "text" not in columns  # no prompt or answer
+    again = _cli(deployed.config, "bench", "--compare", str(run), str(run), timeout=60)
+    assert again.returncode == 0 and "same" in again.stdout, again.stdout + again.stderr
+
+
 def _copy_pid(d: Deployed, name: str) -> int:
     info = {p["name"]: p for p in local.Supervisor(d.rd).processes()}[name]
     return int(info["pid"])

@@ -217,11 +217,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_parsed(args: argparse.Namespace) -> int:
     """Run what the parsed options (see :mod:`neuronserve.loadgen.options`) ask for."""
     if args.compare:
-        print(compare(Path(args.compare[0]), Path(args.compare[1])))
+        a, b = (Path(p) for p in args.compare)
+        from neuronserve.loadgen.genrun import is_generative
+
+        if is_generative(a / "summary.json") or is_generative(b / "summary.json"):
+            import json
+
+            from neuronserve.loadgen.genreport import compare as compare_generative
+
+            summaries = [json.loads((d / "summary.json").read_text()) for d in (a, b)]
+            if {s.get("kind") for s in summaries} != {"generative"}:
+                print(
+                    "neuronserve bench: --compare needs two generative runs or two encoder runs",
+                    file=sys.stderr,
+                )
+                return 2
+            print(compare_generative(summaries[0], summaries[1]))
+        else:
+            print(compare(a, b))
         return 0
     try:
         settings = _settings(args)
-        run(settings, progress=not args.no_progress)
+        if settings.bench.api:
+            from neuronserve.loadgen.genrun import run_generative
+
+            run_generative(settings, progress=not args.no_progress)
+        else:
+            run(settings, progress=not args.no_progress)
     except (ConfigError, PayloadError, ValueError) as exc:
         print(f"neuronserve bench: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ from neuronserve.config import BenchSettings
 
 DESCRIPTION = (
     "Sweep concurrency (closed loop) or request rate (open loop, Poisson) against neuronserve "
-    "servers and write a report: requests.csv, summary.json, report.md, plots."
+    "servers, or (--api) streamed requests against an OpenAI-compatible generative endpoint, and "
+    "write a report: requests.csv, summary.json, report.md, plots."
 )
 
 SHORTCUTS = {
@@ -32,6 +33,17 @@ SHORTCUTS = {
     "output": "bench.output_dir",
     "instance_type": "bench.instance_type",
     "model": "bench.model",
+    "api": "bench.api",
+    "input_len": "bench.input_len",
+    "output_len": "bench.output_len",
+    "num_prompts": "bench.num_prompts",
+    "seed": "bench.seed",
+    "tokenizer": "bench.tokenizer",
+    "ttft_budget": "bench.ttft_budget_ms",
+    "tpot_budget": "bench.tpot_budget_ms",
+    "goodput": "bench.goodput",
+    "engine_metrics": "bench.engine_metrics",
+    "extra_body": "bench.extra_body",
 }
 
 
@@ -62,6 +74,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instance-type", dest="instance_type", help="for the cost figures")
     parser.add_argument(
         "--model", help="the model to load (bench.model; v2 default: the server's only model, from /info)"
+    )
+    generative = parser.add_argument_group(
+        "generative endpoints (streamed; TTFT, TPOT, ITL, E2EL, output tokens/s, goodput, cost per 1M tokens)"
+    )
+    generative.add_argument("--api", choices=("openai-chat", "openai-completions"), help="bench.api")
+    generative.add_argument("--input-len", dest="input_len", help="random prompts' tokens")
+    generative.add_argument("--output-len", dest="output_len", help="tokens asked for per answer")
+    generative.add_argument("--num-prompts", dest="num_prompts", help="requests per step")
+    generative.add_argument("--seed", help="seed of the random prompts and arrivals")
+    generative.add_argument(
+        "--ignore-eos",
+        dest="ignore_eos",
+        action="store_const",
+        const="true",
+        help="exactly --output-len tokens",
+    )
+    generative.add_argument("--tokenizer", help="the model's directory or tokenizer.json")
+    generative.add_argument("--ttft-budget", dest="ttft_budget", help="p95 TTFT budget (ms)")
+    generative.add_argument("--tpot-budget", dest="tpot_budget", help="p95 TPOT budget (ms)")
+    generative.add_argument("--goodput", help="SLOs, e.g. ttft:2000,tpot:100")
+    generative.add_argument("--engine-metrics", dest="engine_metrics", help="engines' /metrics URLs")
+    generative.add_argument(
+        "--extra-body", dest="extra_body", help='JSON merged into requests, e.g. {"temperature":0}'
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
