@@ -13,8 +13,8 @@ import pytest
 
 from neuronserve.loadgen.engine_metrics import quantile, scrape, summary
 from neuronserve.loadgen.genload import Prompt, StreamPlan, run_stream_step
-from neuronserve.loadgen.genstats import GenBudgets, Slo, decide, knee, linear_percentile, summarize
-from neuronserve.loadgen.sse import SSEParser, StreamRecord, request_body, stream_request
+from neuronserve.loadgen.genstats import GenBudgets, GenStep, Slo, decide, knee, linear_percentile, summarize
+from neuronserve.loadgen.sse import Api, SSEParser, StreamRecord, request_body, stream_request
 
 # A step of the script: bytes to send, or a pause in seconds, or "close" (cut the connection).
 Step = bytes | float | str
@@ -68,14 +68,14 @@ async def _serve(script: list[Step], head: bytes = SSE_HEAD) -> tuple[asyncio.Ab
 
 
 def run(
-    script: list[Step], *, timeout_s: float = 5.0, head: bytes = SSE_HEAD, api: str = "openai-chat"
+    script: list[Step], *, timeout_s: float = 5.0, head: bytes = SSE_HEAD, api: Api = "openai-chat"
 ) -> StreamRecord:
     async def main() -> StreamRecord:
         server, url = await _serve(script, head)
         try:
             async with httpx.AsyncClient() as client:
                 record = StreamRecord(index=0, intended_s=0.0, sent_s=0.0)
-                body = request_body(api, "m", "hello", 8, ignore_eos=False)  # type: ignore[arg-type]
+                body = request_body(api, "m", "hello", 8, ignore_eos=False)
                 path = "/v1/chat/completions" if api == "openai-chat" else "/v1/completions"
                 return await stream_request(
                     client,
@@ -84,7 +84,7 @@ def run(
                     {},
                     api=api,
                     record=record,
-                    timeout_s=timeout_s,  # type: ignore[arg-type]
+                    timeout_s=timeout_s,
                 )
         finally:
             server.close()
@@ -245,7 +245,7 @@ def test_percentiles_interpolate_as_the_other_clients_do() -> None:
 def test_the_decision_is_the_most_tokens_inside_the_budgets_and_the_knee_where_tpot_crosses_its_budget() -> (
     None
 ):
-    def step(level: int, tpot: float, tokens: float, ttft: float = 100.0) -> object:
+    def step(level: int, tpot: float, tokens: float, ttft: float = 100.0) -> GenStep:
         s = summarize([_record(ttft / 1000, ttft / 1000 + tpot / 1000 * 9, 10)], mode="closed", level=level,
                       duration_s=10 / tokens, slo=Slo(), dollars_per_hour=None)  # fmt: skip
         return s
@@ -272,8 +272,6 @@ vllm:generation_tokens_total{{model_name="m"}} {tokens}
 def test_the_engines_counters_and_histograms_are_read_as_deltas_over_copies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from neuronserve.loadgen import engine_metrics
-
     assert quantile({0.1: 5.0, 0.2: 10.0, math.inf: 10.0}, 0.5) == pytest.approx(0.1)
     assert quantile({0.1: 0.0, 0.2: 10.0, math.inf: 10.0}, 0.5) == pytest.approx(0.15)
     served = {
@@ -281,9 +279,7 @@ def test_the_engines_counters_and_histograms_are_read_as_deltas_over_copies(
         "/b": HISTOGRAM.format(a=0, b=0, c=0, tokens=50),
     }
     transport = httpx.MockTransport(lambda request: httpx.Response(200, text=served[request.url.path]))
-    monkeypatch.setattr(
-        engine_metrics.httpx, "get", lambda url, **_kw: httpx.Client(transport=transport).get(url)
-    )
+    monkeypatch.setattr(httpx, "get", lambda url, **_kw: httpx.Client(transport=transport).get(url))
     before = scrape(["http://x/a", "http://x/b"])
     served.update(
         {"/a": HISTOGRAM.format(a=3, b=6, c=6, tokens=160), "/b": HISTOGRAM.format(a=2, b=4, c=4, tokens=90)}
