@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -250,6 +251,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
         max_sequence_lengths=args.max_sequence_lengths,
         max_batch_sizes=args.max_batch_sizes,
     )
+    if _settings(args).model.task.generates:
+        from neuronserve.tune.generative import tune_generative
+
+        try:
+            seqs = tuple(int(x) for x in args.max_num_seqs.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError("--max-num-seqs takes numbers, e.g. --max-num-seqs 4,8,16") from None
+        if any(n < 1 for n in seqs):
+            raise ConfigError("--max-num-seqs takes numbers of 1 or more, e.g. --max-num-seqs 4,8,16")
+        if args.dataset:
+            options = dataclasses.replace(
+                options, overrides=(*options.overrides, f"bench.dataset={args.dataset}")
+            )
+        return tune_generative(options, emit=lambda line: print(line, flush=True), max_num_seqs=seqs)
+    if args.max_num_seqs:
+        raise ConfigError("--max-num-seqs is for text-generation models (model.task=text-generation)")
     return tune(options, emit=lambda line: print(line, flush=True))
 
 
@@ -484,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
         description="Trace the grid the traffic needs, deploy candidate layouts one at a time on free "
         "ports, load each within bench.latency_budget_ms / bench.error_budget / bench.cost_budget, and "
         "write results/tune-<stamp>/ (report.md, pareto.png, tuned.properties). Ctrl-C stops cleanly "
-        "and writes the report so far.",
+        "and writes the report so far. A text-generation model: copies x cores per copy (its "
+        "tensor-parallel degree) x --max-num-seqs, each loaded with streamed requests (bench.* as "
+        "neuronserve bench --api reads them) within bench.ttft_budget_ms / bench.tpot_budget_ms / "
+        "bench.error_budget.",
     )
     _add_config_args(p)
     p.add_argument(
@@ -514,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
         default=0,
         metavar="N",
         help="shape budget: batch sizes to compile (default: as many as the configured grid has)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        default="",
+        metavar="N,N",
+        help="text-generation: the engine batches (generate.max_num_seqs) to try with each layout "
+        "(default: the configured one)",
     )
     p.set_defaults(func=cmd_tune)
 

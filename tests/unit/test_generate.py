@@ -588,3 +588,41 @@ def test_for_docker_a_local_model_whose_files_link_elsewhere_is_copied_in(tmp_pa
     (blobs / "weights").rename(source / "model.safetensors")
     in_place = prepare(docker, BackendKind.CPU, say=lambda _line: None)  # nothing links out any more
     assert in_place.model_dir == source
+
+
+def test_the_tuner_tries_every_layout_that_divides_the_cores_and_on_neuron_the_heads(tmp_path: Path) -> None:
+    from neuronserve.tune.generative import candidates
+
+    cpu = _settings(tmp_path, "trace.backend=cpu")
+    assert [(c.copies, c.cores_per_copy, c.max_num_seqs) for c in candidates(cpu, 2, 9, (8,))] == [
+        (2, 1, 8),
+        (1, 2, 8),
+    ]
+    neuron = _settings(tmp_path, "trace.backend=neuronx")
+    # 32 cores, 32 heads: every power of two; 9 heads (SmolLM2) on 8 cores: tp 1 only
+    assert [c.cores_per_copy for c in candidates(neuron, 32, 32, (8,))] == [1, 2, 4, 8, 16, 32]
+    assert [c.cores_per_copy for c in candidates(neuron, 8, 9, (4, 16))] == [1, 1]
+    assert [c.max_num_seqs for c in candidates(neuron, 8, 9, (4, 16))] == [4, 16]
+
+
+def test_a_layout_whose_kv_cache_does_not_fit_is_tried_at_the_workloads_length(tmp_path: Path) -> None:
+    from neuronserve.deploy.memory import MemoryPlanError
+    from neuronserve.tune.generative import GenCandidate, _fitting
+    from neuronserve.tune.run import TuneOptions
+
+    _recorded(tmp_path, BackendKind.CPU, SMOLLM2)
+    config = tmp_path / "config.properties"
+    config.write_text(
+        "model.task=text-generation\nmodel.name=llama\nmodel.source=/models/Llama-3.1-8B-Instruct\n"
+        "trace.backend=cpu\ndeploy.cores=0-1\n"
+    )
+    options = TuneOptions(config=str(config), overrides=())
+    # 32 sequences of 8192 tokens: 11 GiB of KV cache per copy, two copies on 16 GiB do not fit
+    wide = GenCandidate(cores_per_copy=1, copies=2, max_num_seqs=32, max_model_len=8192)
+    overrides, fitted = _fitting(options, wide, 256, 0, tmp_path, host_memory=16 << 30)
+    assert fitted.max_model_len == 256 and "generate.max_model_len=256" in overrides
+    assert "deploy.cores_per_server=1" in overrides and "generate.max_num_seqs=32" in overrides
+    roomy = _fitting(options, wide, 256, 0, tmp_path, host_memory=64 << 30)[1]
+    assert roomy.max_model_len == 8192  # kept where it fits
+    with pytest.raises(MemoryPlanError, match="host memory"):
+        _fitting(options, wide, 256, 0, tmp_path, host_memory=4 << 30)  # not even the workload's fits
