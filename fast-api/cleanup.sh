@@ -4,5 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make --no-print-directory -s venv EXTRAS=deploy 2>&1  # setup output on stdout: stderr is for errors
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 exec .venv/bin/neuronserve cleanup "$@"

@@ -167,11 +167,28 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from neuronserve.serving.runner import run, serve_overrides
 
-    if _settings(args).model.task.generates:
+    chosen = {
+        "model.source": args.model,
+        "model.task": args.task,
+        "model.revision": args.revision,
+        "model.trust_remote_code": "true" if args.trust_remote_code else None,
+        "serve.host": args.host,
+        "serve.api_key": args.api_key,
+    }
+    given = [f"{key}={value}" for key, value in chosen.items() if value is not None]
+    args.overrides = [*args.overrides, *given]
+    settings = _settings(args)
+    if settings.model.task.generates:
         raise ConfigError(
             "model.task=text-generation is served by copies of an LLM engine, not by neuronserve's "
             "server: ./fast-api/deploy.sh (neuronserve deploy)"
         )
+    if args.model:  # one command, as text-embeddings-router --model-id: trace what is missing, serve
+        from neuronserve.trace import run_trace
+
+        for name, model in settings.per_model().items():
+            report = run_trace(model, progress=not args.quiet, emit=lambda line: print(line, file=sys.stderr))
+            print(f"{name}: {format_manifest_summary(report.manifest)}", file=sys.stderr)
 
     extra = serve_overrides(
         port=args.port,
@@ -448,6 +465,20 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     p.add_argument("--name", help="serve.name (the x-server header)")
     p.add_argument("--artifacts", help="serve.artifacts (an artifact directory)")
     p.add_argument("--mode", choices=("gunicorn", "uvicorn"), help="serve.mode")
+    p.add_argument(
+        "--model",
+        metavar="ID_OR_DIR",
+        help="model.source (a hub id, a directory or bundled:NAME): traced first when its artifacts are "
+        "missing or stale (cached), then served",
+    )
+    p.add_argument("--task", help="model.task (default feature-extraction)")
+    p.add_argument("--revision", help="model.revision of a hub id (branch, tag or commit)")
+    p.add_argument("--trust-remote-code", action="store_true", help="model.trust_remote_code=true")
+    p.add_argument("--host", help="serve.host (default 127.0.0.1; 0.0.0.0 to be reached from other hosts)")
+    p.add_argument(
+        "--api-key", dest="api_key", help="serve.api_key (requests then send Authorization: Bearer KEY)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no trace progress bars")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="start every server of the plan behind nginx and wait until ready")

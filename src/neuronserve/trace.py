@@ -314,7 +314,7 @@ def _job(settings: Settings, say: Callable[[str], None]) -> _Job:
     sdk_versions = backend.versions()  # raises BackendError naming the install step if missing
     say(f"backend: {kind} ({reason})")
     task = settings.model.task
-    model_dir = resolve_source(settings.model.source)
+    model_dir = resolve_source(settings.model.source, revision=settings.model.revision)
     name = settings.model.name or default_name(settings.model.source)
     model_sha = model_sha256(model_dir)
     versions = _versions(sdk_versions)
@@ -439,6 +439,7 @@ def run_trace(
             on_shape=record,
             served={shape: entry.file for shape, entry in entries.items()},
             suffix=job.kind.artifact_suffix(settings.trace),
+            trust_remote_code=settings.model.trust_remote_code,
         )
         entries.update(compiled)
     else:
@@ -599,6 +600,7 @@ def _compile_shapes(
     on_shape: Callable[[ShapeEntry, tuple[str, ...], int], None],
     served: dict[tuple[int, int], str] | None = None,
     suffix: str = ".pt",
+    trust_remote_code: bool = False,
 ) -> tuple[dict[tuple[int, int], ShapeEntry], tuple[str, ...], int, int]:
     """Verify (and where needed compile) every shape of ``todo``; returns entries, input names,
     the model's weight bytes and the trim step verified (see ``Manifest.trim_step``; 0 where
@@ -608,7 +610,7 @@ def _compile_shapes(
 
     from neuronserve.backends.base import CoreSet
 
-    eager = load_eager(model_dir, task)
+    eager = load_eager(model_dir, task, trust_remote_code=trust_remote_code)
     weights = weight_bytes(eager.module)
     # Artifacts this run may try at a new shape, loaded once each; the largest shape goes
     # first so that the artifact every other shape tries was traced at full size.

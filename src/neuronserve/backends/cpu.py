@@ -186,20 +186,21 @@ def _load_file(artifact: Path) -> LoadedModel:
 
 def _dynamic_axes(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[dict[int, str]]:
     """For each output, which dimensions follow the batch and the sequence: found by running the
-    module at the example's shape and at one row and token more."""
+    module at the example's shape and at one row more and one token less (never more: the example
+    may be at the model's longest)."""
     import torch
 
     b, s = example_inputs[0].shape
-    grown = tuple(torch.cat([t, t[:1]])[:, [*range(s), s - 1]] for t in example_inputs)
+    other = tuple(torch.cat([t, t[:1]])[:, : s - 1] for t in example_inputs)
     with torch.no_grad():
-        first, second = tuple(module(*example_inputs)), tuple(module(*grown))
+        first, second = tuple(module(*example_inputs)), tuple(module(*other))
     axes = []
-    for small, large in zip(first, second, strict=True):
+    for given, changed in zip(first, second, strict=True):
         named = {}
-        for dim, (x, y) in enumerate(zip(small.shape, large.shape, strict=True)):
+        for dim, (x, y) in enumerate(zip(given.shape, changed.shape, strict=True)):
             if (x, y) == (b, b + 1):
                 named[dim] = "batch"
-            elif (x, y) == (s, s + 1):
+            elif (x, y) == (s, s - 1):
                 named[dim] = "sequence"
         axes.append(named)
     return axes
