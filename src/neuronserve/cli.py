@@ -277,10 +277,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ConfigError("--max-num-seqs takes numbers, e.g. --max-num-seqs 4,8,16") from None
         if any(n < 1 for n in seqs):
             raise ConfigError("--max-num-seqs takes numbers of 1 or more, e.g. --max-num-seqs 4,8,16")
-        if args.dataset:
-            options = dataclasses.replace(
-                options, overrides=(*options.overrides, f"bench.dataset={args.dataset}")
-            )
+        if args.dataset:  # as typed, from here (bench.dataset in a config: from the config's directory)
+            dataset = Path(args.dataset).resolve()
+            options = dataclasses.replace(options, overrides=(*options.overrides, f"bench.dataset={dataset}"))
         return tune_generative(options, emit=lambda line: print(line, flush=True), max_num_seqs=seqs)
     if args.max_num_seqs:
         raise ConfigError("--max-num-seqs is for text-generation models (model.task=text-generation)")

@@ -226,7 +226,9 @@ def run_parsed(args: argparse.Namespace) -> int:
             from neuronserve.loadgen.genreport import compare as compare_generative
 
             summaries = [json.loads((d / "summary.json").read_text()) for d in (a, b)]
-            if {s.get("kind") for s in summaries} != {"generative"}:
+            if {s.get("kind") for s in summaries} != {"generative"} or not all(
+                "steps" in s for s in summaries
+            ):
                 print(
                     "neuronserve bench: --compare needs two generative runs or two encoder runs",
                     file=sys.stderr,

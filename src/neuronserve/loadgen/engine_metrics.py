@@ -45,11 +45,17 @@ def scrape(urls: Sequence[str], headers: dict[str, str] | None = None) -> Snapsh
     snap = Snapshot()
     for url in urls:
         try:
-            text = httpx.get(url, timeout=5, headers=headers).text
+            response = httpx.get(url, timeout=5, headers=headers)
         except httpx.HTTPError:
             continue
+        if response.status_code != 200:
+            continue
+        try:
+            families = list(text_string_to_metric_families(response.text))
+        except ValueError:  # not Prometheus' text format
+            continue
         snap.reached += 1
-        for family in text_string_to_metric_families(text):
+        for family in families:
             for sample in family.samples:
                 name = sample.name.removesuffix("_total")
                 if name in COUNTERS and sample.name.endswith("_total"):

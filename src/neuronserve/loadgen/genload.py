@@ -90,18 +90,35 @@ def file_prompts(
     if not path.is_file():
         raise PayloadError(f"bench.dataset {path}: no such file")
     rows: list[tuple[str, int]] = []
+    if path.suffix == ".csv":
+        import csv
+
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            column = text_field if text_field in (reader.fieldnames or []) else "prompt"
+            if column not in (reader.fieldnames or []):
+                raise PayloadError(f"{path}: no column {text_field!r} or 'prompt' (bench.text_field)")
+            rows = [(row[column], output_len) for row in reader if row[column].strip()]
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+        if not line.strip() or path.suffix == ".csv":
             continue
         if path.suffix in {".jsonl", ".ndjson"}:
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise PayloadError(f"{path}:{number}: not JSON ({exc})") from None
             text = row.get(text_field, row.get("prompt")) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise PayloadError(
                     f"{path}:{number}: no string field {text_field!r} or 'prompt' (bench.text_field)"
                 )
             wanted = row.get("output_len", row.get("output_tokens", row.get("max_tokens", output_len)))
-            rows.append((text, int(wanted)))
+            try:
+                rows.append((text, int(wanted)))
+            except (TypeError, ValueError):
+                raise PayloadError(
+                    f"{path}:{number}: output_len {wanted!r} is not a number of tokens"
+                ) from None
         else:
             rows.append((line, output_len))
     prompts = [Prompt(text, tokens.count(text) if tokens else len(text.split()), n) for text, n in rows]
@@ -129,7 +146,8 @@ class StreamPlan:
 async def run_stream_step(
     plan: StreamPlan, base_url: str, prompts: Sequence[Prompt], headers: dict[str, str], *, offset: int = 0
 ) -> tuple[list[StreamRecord], float]:
-    """Every request of one step, and its duration (first send to last answer)."""
+    """Every request of one step, and its duration (first send to last end). The step sends
+    ``prompts`` from ``offset`` on, round the list."""
     url = base_url.rstrip("/") + ROUTES[plan.api]
     order = [prompts[(offset + i) % len(prompts)] for i in range(plan.num_prompts)]
     records: list[StreamRecord] = []
@@ -169,8 +187,10 @@ async def run_stream_step(
                 tasks.append(asyncio.create_task(one(client, index, at)))
                 at += rng.expovariate(plan.level)
             await asyncio.gather(*tasks)
+    # From the first send to the last request's end, whatever ended it (an answer, an error, a
+    # timeout): failures count in the time as they do in the load.
     first = min((r.sent_s for r in records), default=0.0)
-    last = max((r.sent_s + r.e2el_s for r in records if r.e2el_s == r.e2el_s), default=first)
+    last = max((r.end_s for r in records), default=first)
     return sorted(records, key=lambda r: r.index), max(1e-9, last - first)
 
 

@@ -85,10 +85,15 @@ def tokenizer_for(settings: Settings) -> Tokens | None:
     return Tokens(manifest.model_dir)
 
 
-def local_engine_metrics(settings: Settings) -> list[str]:
-    """bench.engine_metrics, else the /metrics of each copy of this host's local deployment."""
+def local_engine_metrics(settings: Settings, url: str = "") -> list[str]:
+    """bench.engine_metrics, else the /metrics of each copy of this host's local deployment when
+    ``url`` is its endpoint (a run against another endpoint reads no local counters)."""
     if settings.bench.engine_metrics:
         return [u.strip() for u in settings.bench.engine_metrics.split(",") if u.strip()]
+    from urllib.parse import urlsplit
+
+    if url and urlsplit(url).port != settings.deploy.port:
+        return []
     from neuronserve.deploy.local import run_dir, served_programs, supervisord_pid
 
     rd = run_dir(settings)
@@ -109,7 +114,10 @@ def _prompts(settings: Settings, tokens: Tokens | None, bucket: Bucket | None) -
             "random prompts need the model's tokenizer: pass --tokenizer DIR (the model's directory), or "
             "--dataset FILE of prompts"
         )
-    count = b.num_prompts
+    # Prompts of their own for every step and for the warm-up (the last): a step never meets a
+    # prompt a cache of prefixes already holds.
+    levels = b.concurrency if b.mode == "closed" else b.rates
+    count = b.num_prompts * len(levels) + 1
     prompts = random_prompts(tokens, count, b.input_len, b.output_len, b.seed)
     return prompts, f"random prompts of {b.input_len} tokens asking for {b.output_len}, seed {b.seed}"
 
@@ -138,11 +146,16 @@ class Sweep:
         for index, level in enumerate(self.levels):
             plan = dataclasses.replace(t, level=level, seed=t.seed + index)
             before = engine_metrics.scrape(self.metrics_urls) if self.metrics_urls else None
-            records, duration = asyncio.run(run_stream_step(plan, self.url, prompts, self.headers))
-            if tokens is not None:
-                for r in records:
-                    if r.ok and r.tokens_from != "usage":  # no usage from this server
+            offset = index * t.num_prompts
+            records, duration = asyncio.run(
+                run_stream_step(plan, self.url, prompts, self.headers, offset=offset)
+            )
+            for r in records:
+                if r.ok and r.tokens_from != "usage":  # no usage from this server
+                    if tokens is not None:
                         r.output_tokens, r.tokens_from = tokens.count(r.text), "tokenizer"
+                    else:  # a chunk may carry several tokens: a lower bound, said in the report
+                        r.output_tokens, r.tokens_from = r.chunks, "chunks"
             step = summarize(
                 records,
                 mode=t.mode,
@@ -151,6 +164,11 @@ class Sweep:
                 slo=self.slo,
                 dollars_per_hour=self.dollars_per_hour,
             )
+            if "chunks" in step.tokens_from:
+                step.notes.append(
+                    "the server sent no usage and no tokenizer was given (--tokenizer): output tokens are "
+                    "counted as content chunks, a lower bound"
+                )
             if before is not None:
                 step.server = engine_metrics.summary(engine_metrics.scrape(self.metrics_urls).minus(before))
             steps.append(step)
@@ -172,7 +190,12 @@ class Sweep:
 def run_generative(settings: Settings, *, progress: bool) -> list[Path]:
     b = settings.bench
     api: Api = b.api  # type: ignore[assignment]  # not "" here
-    url = next((u.strip() for u in b.target.split(",") if u.strip()), "") or (
+    targets = [u.strip() for u in b.target.split(",") if u.strip()]
+    if len(targets) > 1:
+        raise ConfigError(
+            "generative runs load one endpoint: give --target one URL (the balancer in front of the copies)"
+        )
+    url = next(iter(targets), "") or (
         f"http://{'127.0.0.1' if settings.deploy.host in {'0.0.0.0', '::'} else settings.deploy.host}:"  # noqa: S104
         f"{settings.deploy.port}"
     )
@@ -188,7 +211,7 @@ def run_generative(settings: Settings, *, progress: bool) -> list[Path]:
     pricing = Pricing.load(settings.path(b.pricing_file) if b.pricing_file else None)
     dollars = pricing.per_hour(b.instance_type, b.instance_count)
     levels = tuple(float(x) for x in (b.concurrency if b.mode == "closed" else b.rates))
-    metrics_urls = local_engine_metrics(settings)
+    metrics_urls = local_engine_metrics(settings, url)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     buckets: list[Bucket | None] = [*parse_buckets(b.token_buckets)] or [None]
     written = []
@@ -197,7 +220,7 @@ def run_generative(settings: Settings, *, progress: bool) -> list[Path]:
         first = warm_up(
             StreamPlan(api, model, b.mode, 1, 1, b.timeout_s, b.ignore_eos, b.seed, extra),
             url,
-            prompts[0],
+            prompts[-1],
             headers,
         )
         if first.error:

@@ -157,7 +157,7 @@ def violations(step: GenStep, budgets: GenBudgets) -> list[str]:
         return ["no successful request"]
     if budgets.ttft_p95_ms and step.ttft_ms["p95"] > budgets.ttft_p95_ms:
         out.append(f"p95 TTFT {step.ttft_ms['p95']:.0f} ms > {budgets.ttft_p95_ms:g} ms")
-    if budgets.tpot_p95_ms and step.tpot_ms["p95"] > budgets.tpot_p95_ms:
+    if budgets.tpot_p95_ms and step.tpot_ms["p95"] > budgets.tpot_p95_ms:  # NaN (1-token answers): none
         out.append(f"p95 TPOT {step.tpot_ms['p95']:.1f} ms > {budgets.tpot_p95_ms:g} ms")
     if step.error_rate > budgets.error_rate:
         out.append(f"error rate {step.error_rate:.2%} > {budgets.error_rate:.2%}")
@@ -166,12 +166,15 @@ def violations(step: GenStep, budgets: GenBudgets) -> list[str]:
 
 def knee(steps: Sequence[GenStep], per_token_budget_ms: float) -> int | None:
     """The last step before per-token latency (p50 TPOT) crosses ``per_token_budget_ms`` (the
-    JumpStart knee), else, with no budget or none crossed, the Kneedle point of output tokens/s
-    against p50 TPOT (where each step starts to buy less throughput for more latency)."""
+    JumpStart knee; None when even the first step is over it), else, with no budget or every
+    step within it, the Kneedle point of output tokens/s against p50 TPOT (where each step starts
+    to buy less throughput for more latency)."""
     usable = [(i, s) for i, s in enumerate(steps) if s.completed and not math.isnan(s.tpot_ms["p50"])]
     if per_token_budget_ms:
         within = [i for i, s in usable if s.tpot_ms["p50"] <= per_token_budget_ms]
-        if within and len(within) < len(usable):
+        if usable and not within:
+            return None  # every step is over the budget: no knee below it
+        if len(within) < len(usable):
             return within[-1]
     if len(usable) < 3:
         return None

@@ -44,6 +44,7 @@ SHORTCUTS = {
     "goodput": "bench.goodput",
     "engine_metrics": "bench.engine_metrics",
     "extra_body": "bench.extra_body",
+    "ignore_eos": "bench.ignore_eos",
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import httpx
 
 Api = Literal["openai-chat", "openai-completions"]
+ABORTED = {"abort", "error"}  # finish reasons of answers the engine did not finish
 ROUTES: dict[str, str] = {"openai-chat": "/v1/chat/completions", "openai-completions": "/v1/completions"}
 
 
@@ -74,6 +75,7 @@ class StreamRecord:
     index: int  # the prompt's
     intended_s: float
     sent_s: float
+    end_s: float = math.nan  # when the client was done with it (answer, error or timeout)
     status: int = 0
     error: str = ""
     detail: str = ""  # the error's message (never the prompt or the answer)
@@ -148,7 +150,7 @@ class _Stream:
                 record.error, record.detail = f"http_{response.status_code}", _message(said)
                 return
             parser = SSEParser()
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():  # decoded, should a proxy compress
                 now = self.clock()
                 for data in parser.feed(chunk):
                     if not self.take(data, now):
@@ -167,12 +169,20 @@ class _Stream:
             event = json.loads(data)
         except ValueError:
             event = None
-        if not isinstance(event, dict):
-            record.error, record.detail = "bad_chunk", data[:120]
+        if not isinstance(event, dict):  # its size only: it may hold the answer's text
+            record.error, record.detail = "bad_chunk", f"not a JSON object ({len(data)} bytes)"
             return False
         if event.get("error"):
             record.error, record.detail = "stream_error", _message(json.dumps(event["error"]))
             return False
+        try:
+            return self._event(event, now)
+        except (AttributeError, TypeError, ValueError) as exc:  # a chunk of another shape
+            record.error, record.detail = "bad_chunk", f"unexpected chunk shape ({type(exc).__name__})"
+            return False
+
+    def _event(self, event: dict[str, Any], now: float) -> bool:
+        record = self.record
         for choice in event.get("choices") or []:
             text = _content(self.api, choice)
             if text:
@@ -185,6 +195,9 @@ class _Stream:
                 self.pieces.append(text)
             if choice.get("finish_reason"):
                 record.finish_reason = str(choice["finish_reason"])
+                if record.finish_reason in ABORTED:  # the engine gave up on it: no answer
+                    record.error, record.detail = "aborted", f"finish_reason {record.finish_reason}"
+                    return False
         usage = event.get("usage")
         if isinstance(usage, dict):
             if usage.get("completion_tokens") is not None:
@@ -228,21 +241,37 @@ async def stream_request(
         record.error, record.detail = "timeout", f"no complete answer within {timeout_s:g} s"
     except httpx.HTTPError as exc:
         # Nothing came back, or the stream was cut (a copy died mid-answer).
-        record.error = "truncated" if record.status == 200 else "connection"
-        record.detail = f"{type(exc).__name__}: {exc}"[:200]
+        if not record.error:
+            record.error = (
+                "truncated"
+                if record.status == 200
+                else f"http_{record.status}"
+                if record.status
+                else "connection"
+            )
+        record.detail = record.detail or f"{type(exc).__name__}: {exc}"[:200]
     stream.finish()
+    record.end_s = clock() - origin
     return record
 
 
 def _message(text: str) -> str:
-    """An error body's message (JSON ``message``/``error``/``detail`` when there is one)."""
+    """An error body's message (JSON ``message``/``error``/``detail`` when there is one), never
+    what a validation error echoes of the request (pydantic's ``input``: the prompt)."""
     try:
         data = json.loads(text)
     except ValueError:
-        return text.strip()[:200]
+        return f"a body of {len(text)} bytes that is not JSON"
     if isinstance(data, dict):
         inner = data.get("error", data)
         if isinstance(inner, dict):
-            return str(inner.get("message") or inner.get("detail") or inner)[:200]
+            said = inner.get("message") or inner.get("detail") or inner.get("type") or "no message"
+            if isinstance(said, list):  # pydantic: where and what, without the input
+                said = "; ".join(
+                    f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}"
+                    for d in said
+                    if isinstance(d, dict)
+                )
+            return str(said)[:200]
         return str(inner)[:200]
-    return str(data)[:200]
+    return "an error body of another shape"

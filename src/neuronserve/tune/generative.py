@@ -32,7 +32,16 @@ from typing import Any
 
 from neuronserve.config import ConfigError, Settings, load_settings, render_template
 from neuronserve.deploy.memory import MemoryPlanError
-from neuronserve.tune.run import EXIT_INTERRUPTED, PATH_KEYS, TuneOptions
+from neuronserve.tune.run import (
+    EXIT_INTERRUPTED,
+    PATH_KEYS,
+    TuneOptions,
+    interrupt_on_sigterm,
+    no_interrupts,
+)
+
+# Paths a generative config may hold besides the encoders' (tuned.properties lives elsewhere).
+GENERATIVE_PATH_KEYS = ("serve.api_key_file", "bench.tokenizer", "generate.engine_python")
 
 FIRST_TRIAL_ESTIMATE_S = 120.0  # before any trial ran: a deploy and a short sweep
 REPORT_RESERVE_S = 10.0
@@ -100,13 +109,15 @@ def tune_generative(
     tuner = GenTuner(options, emit, max_num_seqs)
     interrupted = False
     try:
-        tuner.run()
+        with interrupt_on_sigterm():
+            tuner.run()
     except KeyboardInterrupt:  # the trial in progress stopped its deployment
         interrupted = True
         emit("tune: interrupted; writing the report of the trials so far")
     trials = tuner.trials
     winner = max((t for t in trials if t.score > 0), key=lambda t: t.score, default=None)
-    report = _write(tuner, trials, winner)
+    with no_interrupts(reraise=False):  # a second Ctrl-C does not cut the report short
+        report = _write(tuner, trials, winner)
     emit(f"tune: report {report}")
     if interrupted:
         return EXIT_INTERRUPTED
@@ -194,9 +205,16 @@ class GenTuner:
         try:
             overrides, trial.candidate = _fitting(self.options, candidate, self.workload_len, index, self.out)
             port = free_ports(trial.candidate.copies + 1)
+            # A trial that cannot get ready within what is left of the budget is a failed trial.
+            remaining = max(10.0, min(self.base.generate.ready_timeout_s, self.deadline - time.monotonic()))
             settings = load_settings(
                 self.options.config,
-                overrides=[*overrides, f"deploy.port={port}", f"deploy.base_port={port + 1}"],
+                overrides=[
+                    *overrides,
+                    f"deploy.port={port}",
+                    f"deploy.base_port={port + 1}",
+                    f"generate.ready_timeout_s={remaining:.0f}",
+                ],
             )
             ready_started = time.monotonic()
             said = io.StringIO()
@@ -210,12 +228,13 @@ class GenTuner:
             trial.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         finally:
             if settings is not None:
-                stop(run_dir(settings))
+                with no_interrupts():  # by name: stopping one that never started is a no-op
+                    stop(run_dir(settings))
             trial.wall_s = time.monotonic() - began
         return trial
 
     def _measure(self, trial: GenTrial, settings: Settings) -> None:
-        from neuronserve.loadgen.genload import StreamPlan
+        from neuronserve.loadgen.genload import StreamPlan, warm_up
         from neuronserve.loadgen.genrun import Sweep, local_engine_metrics
         from neuronserve.loadgen.genstats import decide
 
@@ -228,6 +247,9 @@ class GenTuner:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         url = f"http://127.0.0.1:{settings.deploy.port}"
         metrics = local_engine_metrics(settings)
+        first = warm_up(dataclasses.replace(template, level=1, num_prompts=1), url, self.prompts[-1], headers)
+        if first.error:
+            raise RuntimeError(f"the first request failed ({first.error}: {first.detail})")
         sweep = Sweep(template, self.levels, url, headers, metrics, self.slo, self.budgets, self.dollars)
         steps, _rows = sweep.run(self.prompts, self.tokens, progress=False)
         decision = decide(steps, self.budgets, by_goodput=self.slo.given)
@@ -354,13 +376,13 @@ def write_tuned(path: Path, options: TuneOptions, winner: GenTrial, stamp: str) 
     extra = [f"{k}={v}" for k, v in winner.candidate.overrides().items()]
     settings = load_settings(options.config, overrides=[*options.overrides, *extra])
     absolute = []
-    for key in PATH_KEYS:
+    for key in (*PATH_KEYS, *GENERATIVE_PATH_KEYS):
         section, name = key.split(".")
         value = getattr(getattr(settings, section), name)
         if value:
             absolute.append(f"{key}={settings.path(value)}")
-    source = Path(settings.model.source)
-    if source.exists():
+    source = settings.path(settings.model.source)
+    if not settings.model.source.startswith("bundled:") and source.exists():
         absolute.append(f"model.source={source.resolve()}")
     settings = load_settings(options.config, overrides=[*options.overrides, *extra, *absolute])
     header = [

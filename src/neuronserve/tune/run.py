@@ -102,7 +102,7 @@ def tune(options: TuneOptions, emit: Callable[[str], None] = print) -> int:
     started = time.monotonic()
     emit(f"tune: results in {out}; time budget {options.time_budget_s:.0f} s")
     try:
-        with _interrupt_on_sigterm():
+        with interrupt_on_sigterm():
             texts = load_texts(dataset, b.text_field)
             _search(options, settings=settings, texts=texts, outcome=outcome, started=started, emit=emit)
     except KeyboardInterrupt:
@@ -113,7 +113,7 @@ def tune(options: TuneOptions, emit: Callable[[str], None] = print) -> int:
         raise
     finally:
         outcome.elapsed_s = time.monotonic() - started
-        with _no_interrupts(reraise=False):  # a second Ctrl-C does not cut the report short
+        with no_interrupts(reraise=False):  # a second Ctrl-C does not cut the report short
             report = _finish(outcome, options)
         emit(f"tune: report {report}")
     if outcome.interrupted:
@@ -384,7 +384,7 @@ class TrialRunner:
         finally:
             # By name, not by what start returned: an interrupt inside start may come after
             # supervisord is up. Stopping a deployment that never started is a no-op.
-            with _no_interrupts():
+            with no_interrupts():
                 local.stop(local.run_dir(settings))
             trial.wall_s = time.monotonic() - started
         decision = decide(steps, self.budgets)
@@ -407,7 +407,7 @@ class TrialRunner:
 
 
 @contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
+def interrupt_on_sigterm() -> Iterator[None]:
     """SIGTERM ends the tune like Ctrl-C (cleanup and a report), in the main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -424,7 +424,7 @@ def _interrupt_on_sigterm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_interrupts(*, reraise: bool = True) -> Iterator[None]:
+def no_interrupts(*, reraise: bool = True) -> Iterator[None]:
     """Cleanup and the report are not cut short by Ctrl-C or SIGTERM: one that arrives meanwhile
     is raised afterwards as KeyboardInterrupt (``reraise``), or dropped when the tune is ending."""
     if threading.current_thread() is not threading.main_thread():

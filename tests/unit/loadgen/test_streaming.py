@@ -5,8 +5,10 @@ knee and decision; the engines' histograms read as Prometheus would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+from pathlib import Path
 
 import httpx
 import pytest
@@ -288,3 +290,92 @@ def test_the_engines_counters_and_histograms_are_read_as_deltas_over_copies(
     assert delta["generation_tokens"] == 100 and delta["copies"] == 2
     # 8 new requests: 4 under 100 ms, 4 more under 200 ms: the median is the first bucket's edge
     assert delta["ttft_ms"]["p50"] == pytest.approx(100.0)  # type: ignore[index]
+
+
+def test_what_a_failure_records_never_holds_the_prompt_or_the_answer() -> None:
+    secret = "the-prompt-or-answer-text"
+    bad = run([b"data: " + secret.encode() + b"\n\n", DONE])
+    assert bad.error == "bad_chunk" and secret not in bad.detail
+    body = json.dumps(
+        {"detail": [{"loc": ["body", "messages"], "msg": "too long", "input": secret}]}
+    ).encode()
+    head = b"HTTP/1.1 422 Unprocessable\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    refused = run([body], head=head % len(body))
+    assert refused.error == "http_422" and refused.detail == "body.messages: too long"
+    aborted = run([chat("a"), chat(None, finish="abort"), DONE])
+    assert aborted.error == "aborted" and not aborted.ok
+
+
+def test_a_steps_duration_runs_to_its_last_request_whatever_ended_it() -> None:
+    """One answer at once, one that times out later: the step lasts until the timeout, not the answer."""
+
+    async def main() -> tuple[list[StreamRecord], float]:
+        calls = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal calls
+            calls += 1
+            mine = calls
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length")
+                )
+                await reader.readexactly(length)
+                if mine == 2:
+                    with contextlib.suppress(asyncio.CancelledError):  # cancelled when the test's loop ends
+                        await asyncio.sleep(5)  # never answers in time
+                    return
+                writer.write(SSE_HEAD + chat("x") + usage(1) + DONE)
+                await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        plan = StreamPlan("openai-chat", "m", "closed", 2, 2, 0.6, ignore_eos=False, seed=0)
+        records, duration = await run_stream_step(plan, url, [Prompt("p", 1, 1)], {})
+        server.close()
+        await server.wait_closed()
+        return records, duration
+
+    records, duration = asyncio.run(main())
+    assert sorted(r.error for r in records) == ["", "timeout"]
+    assert duration >= 0.6  # the timed-out request's time counts
+
+
+def test_no_knee_when_every_step_is_over_the_per_token_budget() -> None:
+    steps = [
+        summarize(
+            [_record(0.1, 0.1 + tpot * 9, 10)],
+            mode="closed",
+            level=level,
+            duration_s=1.0,
+            slo=Slo(),
+            dollars_per_hour=None,
+        )
+        for level, tpot in ((1, 0.15), (2, 0.2), (4, 0.3))
+    ]
+    assert knee(steps, 100.0) is None
+
+
+def test_every_generative_option_reaches_its_setting(tmp_path: Path) -> None:
+    from neuronserve.loadgen.cli import _settings
+    from neuronserve.loadgen.options import build_parser
+
+    (tmp_path / "c.properties").write_text("")
+    args = build_parser().parse_args(
+        ["--config", str(tmp_path / "c.properties"), "--api", "openai-completions", "--input-len", "7",
+         "--output-len", "9", "--num-prompts", "3", "--seed", "5", "--ignore-eos", "--tokenizer", "t.json",
+         "--ttft-budget", "800", "--tpot-budget", "50", "--goodput", "ttft:1", "--engine-metrics", "http://x/m",
+         "--extra-body", "{}"]
+    )  # fmt: skip
+    b = _settings(args).bench
+    assert (b.api, b.input_len, b.output_len, b.num_prompts, b.seed, b.ignore_eos) == (
+        "openai-completions", 7, 9, 3, 5, True,
+    )  # fmt: skip
+    assert (b.tokenizer, b.ttft_budget_ms, b.tpot_budget_ms, b.goodput, b.engine_metrics, b.extra_body) == (
+        "t.json", 800.0, 50.0, "ttft:1", "http://x/m", "{}",
+    )  # fmt: skip
