@@ -299,6 +299,12 @@ class ServeSettings:
         "config_sentence_transformers.json prompts) put before every text whose request names none; "
         "empty means the model's own default_prompt_name, none means no prompt.",
     )
+    auto_truncate: bool = setting(
+        False,
+        "Cut inputs longer than the largest compiled sequence length to it on every route (the response "
+        "says so: an x-truncated-inputs header, and usage.truncated_inputs on /v1/embeddings); off, such "
+        "an input is refused with a 422 that says how that route asks for truncation.",
+    )
     max_body_bytes: int = setting(
         1_048_576, "Largest request body in bytes; larger bodies get 413.", minimum=1024, maximum=1 << 30
     )

@@ -117,6 +117,36 @@ def _hub_snapshot(repo: str, revision: str, *, offline: bool) -> Path:
         ) from None
 
 
+# A tokenizer_config's model_max_length this large means "no limit set" (transformers' sentinel).
+UNSET_MAX_LENGTH = 1_000_000
+
+
+def model_max_length(model_dir: Path) -> int | None:
+    """The longest input the model reads, in tokens: sentence-transformers' ``max_seq_length``
+    where the model has one, else the smaller of ``max_position_embeddings`` and the tokenizer's
+    ``model_max_length``; None when none of them says."""
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    declared = read("sentence_bert_config.json").get("max_seq_length")
+    if isinstance(declared, int) and declared > 0:
+        return declared
+    limits = [
+        value
+        for value in (
+            read("config.json").get("max_position_embeddings"),
+            read("tokenizer_config.json").get("model_max_length"),
+        )
+        if isinstance(value, int) and 0 < value < UNSET_MAX_LENGTH
+    ]
+    return min(limits) if limits else None
+
+
 def default_name(source: str) -> str:
     """A directory name for a model source: its last path component, made filesystem-safe."""
     base = source[len(BUNDLED_PREFIX) :] if source.startswith(BUNDLED_PREFIX) else source

@@ -50,6 +50,7 @@ from neuronserve.models import (
     ModelSourceError,
     default_name,
     load_eager,
+    model_max_length,
     model_sha256,
     pool_hidden,
     resolve_source,
@@ -308,6 +309,18 @@ def _backend_for(kind: BackendKind, trace: TraceSettings) -> Backend:
     return kind.create(trace)
 
 
+def fitted_lengths(lengths: tuple[int, ...], longest: int | None, *, extend: bool) -> tuple[int, ...]:
+    """The default sequence lengths fitted to a model whose inputs stop at ``longest`` tokens:
+    none beyond it, and (``extend``: cpu, where one artifact serves every length) up to it, so
+    what the model itself can read is served by default."""
+    if not longest:
+        return lengths
+    kept = tuple(s for s in lengths if s <= longest)
+    if extend and (not kept or kept[-1] < longest):
+        kept = (*kept, longest)
+    return kept or (longest,)
+
+
 def _job(settings: Settings, say: Callable[[str], None]) -> _Job:
     kind, reason = choose_backend(settings.trace.backend)
     backend = _backend_for(kind, settings.trace)
@@ -320,6 +333,10 @@ def _job(settings: Settings, say: Callable[[str], None]) -> _Job:
     versions = _versions(sdk_versions)
     compiler_args = kind.compiler_args(settings.trace)
     batch_sizes, sequence_lengths = kind.trace_grid(settings.trace)
+    if not settings.trace.sequence_lengths:  # the default grid: to the model's own longest
+        sequence_lengths = fitted_lengths(
+            sequence_lengths, model_max_length(model_dir), extend=not kind.neuron_cores
+        )
     shapes = [(b, s) for s in sequence_lengths for b in batch_sizes]
     keys = {
         (b, s): cache_key(

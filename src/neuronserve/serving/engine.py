@@ -435,6 +435,7 @@ class Engine:
             inference_ms=answer.inference_s * 1000.0,
             batch_size=answer.batch_size,
             tokens=tokens,
+            truncated=sum(1 for enc in encoded if enc.truncated),
         )
 
     async def _admit(self, request: InferRequest) -> list[Encoded]:
@@ -484,17 +485,18 @@ class Engine:
 
     async def _tokenize(self, request: InferRequest) -> list[Encoded]:
         """Token ids of the request's inputs; a refusal names its field."""
-        truncate, field = request.truncate, request.field
+        truncate, field = request.truncate or self.settings.serve.auto_truncate, request.field
+        hint = request.truncate_hint
         if request.pairs:
             pairs = list(request.pairs)
             size = sum(len(q) + len(t) for q, t in pairs)
             return await self._tokenizer_work(
-                size, lambda: self.encoder.encode_pairs(pairs, truncate=truncate, field=field)
+                size, lambda: self.encoder.encode_pairs(pairs, truncate=truncate, field=field, hint=hint)
             )
         texts = list(request.texts)
         size = sum(len(t) for t in texts)
         return await self._tokenizer_work(
-            size, lambda: self.encoder.encode(texts, truncate=truncate, field=field)
+            size, lambda: self.encoder.encode(texts, truncate=truncate, field=field, hint=hint)
         )
 
     async def tokens(

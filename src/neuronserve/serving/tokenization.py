@@ -18,6 +18,8 @@ from tokenizers import Encoding, Tokenizer
 
 from neuronserve.serving.errors import validation
 
+# How a route's caller asks for truncation, unless the route says otherwise (InferRequest).
+DEFAULT_HINT = 'send "parameters": {"truncate": true} to cut it to {n} tokens, or shorten it'
 # Characters per token assumed when looking for a long text's first tokens (English averages
 # ~4; starting at 8 means one look almost always suffices).
 CHARS_PER_TOKEN_GUESS = 8
@@ -34,6 +36,7 @@ class Encoded:
     type_ids: np.ndarray | None = None  # int64, unpadded; None when all zero (single texts)
     offsets: list[tuple[int, int]] | None = None
     sequence_ids: list[int | None] | None = None
+    truncated: bool = False  # cut to the largest compiled length (on request or serve.auto_truncate)
     length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,7 +73,10 @@ class TextEncoder:
         # Pairs keep the whole question and cut the context, as QA pipelines do.
         self._truncating_pairs.enable_truncation(max_length, strategy="only_second")
 
-    def encode(self, texts: list[str], *, truncate: bool, field: str = "inputs") -> list[Encoded]:
+    def encode(
+        self, texts: list[str], *, truncate: bool, field: str = "inputs", hint: str = ""
+    ) -> list[Encoded]:
+        """``hint``: how the caller's route asks for truncation, for the refusal of a long input."""
         tokenizer = self._truncating if truncate else self._plain
         bounded = [self.bounded(text) for text in texts]
         if len(bounded) == 1:
@@ -84,7 +90,7 @@ class TextEncoder:
             # (encode_batch_fast is tokenizers >= 0.20.1; older ones compute offsets anyway.)
             encodings = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(bounded)
         return [
-            self._check(enc, i, field, truncate, cut=len(bounded[i]) < len(texts[i]))
+            self._check(enc, i, field, truncate, cut=len(bounded[i]) < len(texts[i]), hint=hint)
             for i, enc in enumerate(encodings)
         ]
 
@@ -135,7 +141,7 @@ class TextEncoder:
         return text
 
     def encode_pairs(
-        self, pairs: list[tuple[str, str]], *, truncate: bool, field: str = "inputs"
+        self, pairs: list[tuple[str, str]], *, truncate: bool, field: str = "inputs", hint: str = ""
     ) -> list[Encoded]:
         tokenizer = self._truncating_pairs if truncate else self._plain
         try:
@@ -146,19 +152,27 @@ class TextEncoder:
                 f"the first text of a pair (the question or query) is longer than the largest compiled "
                 f"sequence length {self.max_length}",
             ) from exc
-        return [self._check(enc, i, field, truncate, pair=True) for i, enc in enumerate(encodings)]
+        return [self._check(enc, i, field, truncate, pair=True, hint=hint) for i, enc in enumerate(encodings)]
 
     def _check(
-        self, enc: Encoding, index: int, field: str, truncate: bool, *, pair: bool = False, cut: bool = False
+        self,
+        enc: Encoding,
+        index: int,
+        field: str,
+        truncate: bool,
+        *,
+        pair: bool = False,
+        cut: bool = False,
+        hint: str = "",
     ) -> Encoded:
         ids = enc.ids
         length = len(ids)
         if length > self.max_length:
-            hint = "" if truncate else '; send parameters {"truncate": true} to cut it'
+            advice = "" if truncate else "; " + (hint or DEFAULT_HINT).replace("{n}", str(self.max_length))
             count = f"more than {length}" if cut else f"{length}"
             raise validation(
                 f"{field}[{index}]",
-                f"{count} tokens exceed the largest compiled sequence length {self.max_length}{hint}",
+                f"{count} tokens exceed the largest compiled sequence length {self.max_length}{advice}",
             )
         types = enc.type_ids
         return Encoded(
@@ -166,4 +180,5 @@ class TextEncoder:
             type_ids=np.asarray(types, dtype=np.int64) if pair or any(types) else None,
             offsets=list(enc.offsets) if pair else None,
             sequence_ids=list(enc.sequence_ids) if pair else None,
+            truncated=truncate and (cut or bool(enc.overflowing)),
         )

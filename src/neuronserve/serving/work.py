@@ -30,6 +30,7 @@ class InferRequest:
     options: tuple[ItemOptions, ...] = ()  # one per input; empty: the defaults for every input
     field: str = "inputs"
     truncate: bool = False
+    truncate_hint: str = ""  # how this route asks for truncation (the refusal's advice); "": native's
     timeout_ms: int | None = None  # None: serve.request_timeout_ms
     timeout_field: str = "timeout"
     prompt_name: str | None = None  # None: the model's default prompt (embedding models)
@@ -55,13 +56,17 @@ class InferResult:
     inference_ms: float
     batch_size: int
     tokens: int
+    truncated: int = 0  # inputs cut to the largest compiled length
 
     def timing_headers(self) -> dict[str, str]:
-        return {
+        headers = {
             "x-queue-ms": f"{self.queue_ms:.3f}",
             "x-inference-ms": f"{self.inference_ms:.3f}",
             "x-batch-size": str(self.batch_size),
         }
+        if self.truncated:  # said, never silent
+            headers["x-truncated-inputs"] = str(self.truncated)
+        return headers
 
 
 class ExpiredError(Exception):

@@ -65,6 +65,10 @@ class V2Parameters(BaseModel):
     )
 
 
+# The Open Inference Protocol's request has no truncation: shorter inputs, or a server that cuts.
+V2_HINT = "shorten it to {n} tokens (this protocol has no truncation; a server with serve.auto_truncate=true cuts it)"
+
+
 class V2InferRequest(BaseModel):
     """``POST /v2/models/{model}/infer`` (Open Inference Protocol) with a JSON body: each input a
     BYTES tensor of shape [n] holding n texts. Also served, though a JSON schema cannot describe
@@ -186,11 +190,14 @@ def infer_request(engine: Engine, parsed: V2Request) -> InferRequest:
             raise validation("inputs.context", "needs as many elements as inputs.question")
         options = tuple(ItemOptions(context=c) for c in contexts)
         return InferRequest(
-            pairs=tuple(zip(questions, contexts, strict=True)), options=options, field="inputs.question"
+            pairs=tuple(zip(questions, contexts, strict=True)),
+            options=options,
+            field="inputs.question",
+            truncate_hint=V2_HINT,
         )
     if "text" not in parsed.inputs:
         raise validation("inputs.text", "a BYTES input named text is required")
-    return InferRequest(texts=tuple(parsed.inputs["text"]), field="inputs.text")
+    return InferRequest(texts=tuple(parsed.inputs["text"]), field="inputs.text", truncate_hint=V2_HINT)
 
 
 def outputs(engine: Engine, result: InferResult, requested: list[str] | None) -> list[V2Tensor]:

@@ -42,6 +42,11 @@ class EmbeddingsRequest(BaseModel):
         "model normalises); above the model's size is a 422.",
     )
     user: str | None = None
+    truncate: bool = Field(
+        False,
+        description="A neuronserve extension: cut inputs longer than the largest compiled sequence length "
+        "to it (the response's usage.truncated_inputs counts them); without it such an input is a 422.",
+    )
     prompt_name: str | None = Field(
         None,
         description="The model's sentence-transformers prompt to put before each input (default: "
@@ -81,7 +86,12 @@ async def _embeddings(engine: Engine, request: EmbeddingsRequest, call: Call) ->
         )
     texts = tuple(request.input) if isinstance(request.input, list) else (request.input,)
     decoded = InferRequest(
-        texts=texts, field="input", prompt_name=request.prompt_name, prompt_field="prompt_name"
+        texts=texts,
+        field="input",
+        prompt_name=request.prompt_name,
+        prompt_field="prompt_name",
+        truncate=request.truncate,
+        truncate_hint='send "truncate": true to cut it to {n} tokens, or shorten it',
     )
     result = await engine.infer(decoded, receive=call.receive)
     return answered(result, lambda r: _body(engine, r, request, dim))
@@ -100,7 +110,9 @@ def _body(engine: Engine, result: InferResult, request: EmbeddingsRequest, dim: 
             else array
         )
         data.append({"object": "embedding", "index": index, "embedding": embedding})
-    usage = {"prompt_tokens": result.tokens, "total_tokens": result.tokens}
+    usage: dict[str, int] = {"prompt_tokens": result.tokens, "total_tokens": result.tokens}
+    if result.truncated:
+        usage["truncated_inputs"] = result.truncated
     return dumps({"object": "list", "data": data, "model": engine.model_name, "usage": usage})
 
 

@@ -84,7 +84,11 @@ def _pairs(query: str, texts: Sequence[str], *, truncate: bool, field: str) -> I
     """(query, text) pairs scored as (sigmoid score, logit) each."""
     pairs = tuple((query, text) for text in texts)
     return InferRequest(
-        pairs=pairs, options=(ItemOptions(rerank=True),) * len(pairs), field=field, truncate=truncate
+        pairs=pairs,
+        options=(ItemOptions(rerank=True),) * len(pairs),
+        field=field,
+        truncate=truncate,
+        truncate_hint='send "truncate": true to cut it to {n} tokens, or shorten it',
     )
 
 
