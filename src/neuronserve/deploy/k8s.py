@@ -299,6 +299,31 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
         secret = {"secretName": f"{settings.deploy.name}-api-key", "defaultMode": 0o440}
         volumes.append({"name": "api-key", "secret": secret})
         server["volumeMounts"].append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
+    return pod_deployment(
+        settings,
+        backend,
+        name=name,
+        labels=labels,
+        grace_s=grace,
+        init_containers=[fetch_container(settings, backend)],
+        containers=[server],
+        volumes=volumes,
+    )
+
+
+def pod_deployment(
+    settings: Settings,
+    backend: BackendKind,
+    *,
+    name: str,
+    labels: dict[str, str],
+    grace_s: int,
+    init_containers: list[dict[str, Any]],
+    containers: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A Deployment of ``deploy.k8s_replicas`` pods (servers', or engine copies'): the base's
+    identity, placement on the Neuron nodes and spread over the hosts."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -312,7 +337,7 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
                     "serviceAccountName": settings.deploy.name,
                     "automountServiceAccountToken": False,
                     "securityContext": pod_security(),
-                    "terminationGracePeriodSeconds": grace,
+                    "terminationGracePeriodSeconds": grace_s,
                     **placement(settings, backend),
                     "topologySpreadConstraints": [
                         {
@@ -322,8 +347,8 @@ def deployment(settings: Settings, backend: BackendKind, memory: str) -> dict[st
                             "labelSelector": {"matchLabels": labels},
                         }
                     ],
-                    "initContainers": [fetch_container(settings, backend)],
-                    "containers": [server],
+                    "initContainers": init_containers,
+                    "containers": containers,
                     "volumes": volumes,
                 },
             },

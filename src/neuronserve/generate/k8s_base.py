@@ -197,43 +197,19 @@ def engine_deployment(settings: Settings, backend: BackendKind, memory: str, kv_
     if k8s.uses_api_key(settings):
         secret = {"secretName": f"{settings.deploy.name}-api-key", "defaultMode": 0o440}
         volumes.append({"name": "api-key", "secret": secret})
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels, "annotations": {"checkov.io/skip1": k8s.SKIP_DIGEST}},
-        "spec": {
-            "replicas": settings.deploy.k8s_replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": settings.deploy.name,
-                    "automountServiceAccountToken": False,
-                    "securityContext": k8s.pod_security(),
-                    "terminationGracePeriodSeconds": k8s.PRESTOP_S + 30,
-                    **k8s.placement(settings, backend),
-                    "topologySpreadConstraints": [
-                        {
-                            "maxSkew": 1,
-                            "topologyKey": "kubernetes.io/hostname",
-                            "whenUnsatisfiable": "ScheduleAnyway",
-                            "labelSelector": {"matchLabels": labels},
-                        }
-                    ],
-                    "initContainers": [
-                        k8s.fetch_container(
-                            settings,
-                            backend,
-                            marker=MANIFEST,
-                            container_image=engine_image(settings, backend, tag=__version__),
-                        )
-                    ],
-                    "containers": [engine, _edge(settings)],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
+    fetch = k8s.fetch_container(
+        settings, backend, marker=MANIFEST, container_image=engine_image(settings, backend, tag=__version__)
+    )
+    return k8s.pod_deployment(
+        settings,
+        backend,
+        name=name,
+        labels=labels,
+        grace_s=k8s.PRESTOP_S + 30,
+        init_containers=[fetch],
+        containers=[engine, _edge(settings)],
+        volumes=volumes,
+    )
 
 
 def objects(settings: Settings, backend: BackendKind, memory: str, kv_gib: int) -> dict[str, dict[str, Any]]:
