@@ -114,7 +114,7 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
     local_models = {
         "model" if name == settings.model_name else f"models.{name}": (
             name,
-            resolve_source(model.model.source),
+            resolve_source(model.model.source, revision=model.model.revision),
         )
         for name, model in settings.per_model().items()
         if not model.model.source.startswith(BUNDLED_PREFIX)
@@ -174,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "model.trust_remote_code": "true" if args.trust_remote_code else None,
         "serve.host": args.host,
         "serve.api_key": args.api_key,
+        "serve.api_key_file": args.api_key_file,
     }
     given = [f"{key}={value}" for key, value in chosen.items() if value is not None]
     args.overrides = [*args.overrides, *given]
@@ -185,6 +186,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if args.model:  # one command, as text-embeddings-router --model-id: trace what is missing, serve
         from neuronserve.trace import run_trace
+
+        if settings.serve.artifacts:
+            raise ConfigError(
+                "--model serves what it traces into trace.output_dir: drop --artifacts (serve.artifacts), "
+                "or serve that directory without --model"
+            )
 
         for name, model in settings.per_model().items():
             report = run_trace(model, progress=not args.quiet, emit=lambda line: print(line, file=sys.stderr))
@@ -475,7 +482,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
     p.add_argument("--trust-remote-code", action="store_true", help="model.trust_remote_code=true")
     p.add_argument("--host", help="serve.host (default 127.0.0.1; 0.0.0.0 to be reached from other hosts)")
     p.add_argument(
-        "--api-key", dest="api_key", help="serve.api_key (requests then send Authorization: Bearer KEY)"
+        "--api-key-file",
+        dest="api_key_file",
+        help="serve.api_key_file: a file holding the key requests must send (Authorization: Bearer KEY)",
+    )
+    p.add_argument(
+        "--api-key",
+        dest="api_key",
+        help="serve.api_key (visible to local users in the process list: prefer --api-key-file)",
     )
     p.add_argument("--quiet", action="store_true", help="no trace progress bars")
     p.set_defaults(func=cmd_serve)

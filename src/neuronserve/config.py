@@ -728,7 +728,10 @@ class Settings:
                 artifacts=m.artifacts,
                 artifacts_fingerprint=m.artifacts_fingerprint,
             )
-            model = dataclasses.replace(self.model, source=m.source, task=m.task, name=m.name, revision="")
+            # model.revision and model.trust_remote_code are model.*'s own, never a further model's
+            model = dataclasses.replace(
+                self.model, source=m.source, task=m.task, name=m.name, revision="", trust_remote_code=False
+            )
             out[m.name] = dataclasses.replace(self, model=model, trace=trace, serve=serve, extra_models=())
         return out
 

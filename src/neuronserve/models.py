@@ -86,45 +86,61 @@ def resolve_source(source: str, environ: dict[str, str] | None = None, *, revisi
 
 
 def _hub_snapshot(repo: str, revision: str, *, offline: bool) -> Path:
-    """The cached snapshot of ``repo`` at ``revision`` (downloaded first unless ``offline``)."""
+    """The cached snapshot of ``repo`` at ``revision`` (downloaded first unless ``offline``).
+
+    The hub client's errors are told apart by name: their module moved between its versions."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     at = f"@{revision}" if revision else ""
     fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     try:
         return Path(snapshot_download(repo_id=repo, revision=revision or None, local_files_only=offline))
-    except LocalEntryNotFoundError:
-        if offline:
-            raise ModelSourceError(
+    except Exception as exc:
+        kind = type(exc).__name__
+        if kind == "LocalEntryNotFoundError" and offline:
+            message = (
                 f"model.source {repo}{at} is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE): "
                 f"fetch it with `{fetch}` on a connected host (or unset HF_HUB_OFFLINE), or set model.source "
                 "to the model's directory"
-            ) from None
-        raise ModelSourceError(
-            f"model.source {repo}{at}: the hub could not be reached and the cache does not have it; "
-            f"fetch it with `{fetch}`, or set model.source to the model's directory"
-        ) from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise ModelSourceError(
-            f"model.source {repo}{at}: {type(exc).__name__.removesuffix('Error').replace('NotFound', ' not found')} "
-            "on the hub (a private or gated model needs HF_TOKEN)"
-        ) from None
-    except Exception as exc:
-        raise ModelSourceError(
-            f"model.source {repo}{at}: could not fetch it from the hub ({type(exc).__name__}: {exc}); fetch it "
-            f"with `{fetch}`, or set model.source to the model's directory"
-        ) from None
+            )
+        elif kind == "LocalEntryNotFoundError":
+            message = (
+                f"model.source {repo}{at}: the hub could not be reached and the cache does not have it; "
+                f"fetch it with `{fetch}`, or set model.source to the model's directory"
+            )
+        elif kind in {"RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"}:
+            what = {"RevisionNotFoundError": "no such revision", "GatedRepoError": "a gated model"}.get(
+                kind, "no such model"
+            )
+            message = f"model.source {repo}{at}: {what} on the hub (a private or gated model needs HF_TOKEN)"
+        else:
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            message = (
+                f"model.source {repo}{at}: could not fetch it from the hub ({kind}: {said}); fetch it "
+                f"with `{fetch}`, or set model.source to the model's directory"
+            )
+        raise ModelSourceError(message) from None
 
 
 # A tokenizer_config's model_max_length this large means "no limit set" (transformers' sentinel).
 UNSET_MAX_LENGTH = 1_000_000
+# Models whose position ids start after the padding index (RoBERTa and its descendants).
+OFFSET_POSITIONS = {
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "mpnet",
+    "longformer",
+    "data2vec-text",
+    "xlm-roberta-xl",
+}
 
 
 def model_max_length(model_dir: Path) -> int | None:
     """The longest input the model reads, in tokens: sentence-transformers' ``max_seq_length``
-    where the model has one, else the smaller of ``max_position_embeddings`` and the tokenizer's
-    ``model_max_length``; None when none of them says."""
+    where the model has one, else the smaller of ``max_position_embeddings`` (less RoBERTa's
+    offset) and the tokenizer's ``model_max_length``, never beyond the positions; None when none
+    of them says."""
 
     def read(name: str) -> dict[str, Any]:
         try:
@@ -133,17 +149,19 @@ def model_max_length(model_dir: Path) -> int | None:
             return {}
         return data if isinstance(data, dict) else {}
 
-    declared = read("sentence_bert_config.json").get("max_seq_length")
-    if isinstance(declared, int) and declared > 0:
-        return declared
+    config = read("config.json")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and config.get("model_type") in OFFSET_POSITIONS:
+        # RoBERTa's kind count positions from pad_token_id + 1: 514 embeddings hold 512 tokens.
+        positions -= int(config.get("pad_token_id") or 1) + 1
     limits = [
         value
-        for value in (
-            read("config.json").get("max_position_embeddings"),
-            read("tokenizer_config.json").get("model_max_length"),
-        )
+        for value in (positions, read("tokenizer_config.json").get("model_max_length"))
         if isinstance(value, int) and 0 < value < UNSET_MAX_LENGTH
     ]
+    declared = read("sentence_bert_config.json").get("max_seq_length")
+    if isinstance(declared, int) and declared > 0:  # never beyond the positions the model has
+        return min(declared, positions) if isinstance(positions, int) and positions > 0 else declared
     return min(limits) if limits else None
 
 
@@ -223,7 +241,8 @@ def load_eager(model_dir: Path, task: TaskKind, *, trust_remote_code: bool = Fal
     """Load the model for ``task`` in eval mode, wrapped to take positional tensors."""
     import transformers
 
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    # Always said: None would let transformers ask on a terminal whether to run a model's code.
+    remote = {"trust_remote_code": bool(trust_remote_code)}
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, **remote)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **remote)

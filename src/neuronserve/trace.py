@@ -309,16 +309,23 @@ def _backend_for(kind: BackendKind, trace: TraceSettings) -> Backend:
     return kind.create(trace)
 
 
+# The longest a default grid reaches by itself (a model reading 8k tokens is traced to it only
+# when trace.sequence_lengths says so: a b32 x s8192 warm-up would not fit a host's memory).
+DEFAULT_LONGEST = 512
+
+
 def fitted_lengths(lengths: tuple[int, ...], longest: int | None, *, extend: bool) -> tuple[int, ...]:
     """The default sequence lengths fitted to a model whose inputs stop at ``longest`` tokens:
-    none beyond it, and (``extend``: cpu, where one artifact serves every length) up to it, so
-    what the model itself can read is served by default."""
+    none beyond it; where it drops one, the model's own longest instead; and (``extend``: cpu,
+    where one artifact serves every length) up to it, at most DEFAULT_LONGEST, so what the model
+    itself can read is served by default."""
     if not longest:
         return lengths
     kept = tuple(s for s in lengths if s <= longest)
-    if extend and (not kept or kept[-1] < longest):
-        kept = (*kept, longest)
-    return kept or (longest,)
+    reach = min(longest, DEFAULT_LONGEST)
+    if (not kept or kept[-1] < reach) and (extend or reach < lengths[-1]):
+        kept = (*kept, reach)
+    return kept
 
 
 def _job(settings: Settings, say: Callable[[str], None]) -> _Job:
