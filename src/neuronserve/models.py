@@ -85,6 +85,11 @@ def resolve_source(source: str, environ: dict[str, str] | None = None, *, revisi
     return _hub_snapshot(source, revision, offline=env.get("HF_HUB_OFFLINE", "").lower() in OFFLINE_VALUES)
 
 
+def is_local_source(source: str) -> bool:
+    """``model.source`` names a directory of this host (not a hub id, not a bundled model)."""
+    return Path(source).expanduser().is_absolute() or Path(source).exists()
+
+
 def _hub_snapshot(repo: str, revision: str, *, offline: bool) -> Path:
     """The cached snapshot of ``repo`` at ``revision`` (downloaded first unless ``offline``).
 

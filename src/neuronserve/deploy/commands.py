@@ -125,7 +125,7 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
     """Write the Kustomize base for ``settings`` into ``directory`` (see deploy.k8s)."""
     from neuronserve.artifacts import artifacts_directory
     from neuronserve.deploy import k8s
-    from neuronserve.models import BUNDLED_PREFIX
+    from neuronserve.models import BUNDLED_PREFIX, is_local_source
 
     if settings.trace.backend == "auto":
         raise DeployError(
@@ -147,7 +147,7 @@ def emit_k8s(settings: Settings, directory: Path) -> int:
     local_sources = [
         f"{model_name} ({m.model.source})"
         for model_name, m in settings.per_model().items()
-        if Path(m.model.source).expanduser().is_absolute() or Path(m.model.source).exists()
+        if is_local_source(m.model.source)
     ]
     if local_sources:
         print(

@@ -32,7 +32,7 @@ from neuronserve.generate.artifacts import (
 from neuronserve.generate.engine import engine_python, ensure_engine
 from neuronserve.generate.keeper import MARK
 from neuronserve.generate.plan import GenerationPlan, make_generation_plan
-from neuronserve.models import BUNDLED_PREFIX
+from neuronserve.models import BUNDLED_PREFIX, is_local_source
 
 
 def _backend(settings: Settings) -> BackendKind:
@@ -169,7 +169,7 @@ def emit_k8s(settings: Settings, backend: BackendKind, directory: Path) -> int:
             "note: the trace Job converts the bundled model in the serve image: build it with "
             "--build-arg EXTRAS=serve,trace,generate,bundled"
         )
-    elif resolve_local(settings.model.source):
+    elif is_local_source(settings.model.source):
         print(
             f"note: the trace Job runs in the cluster, where the local model directory {settings.model.source} "
             "is not: bake it into the serve image or mount it in an overlay"
@@ -191,11 +191,6 @@ def emit_k8s(settings: Settings, backend: BackendKind, directory: Path) -> int:
     print(f"wrote {len(files)} files to {directory}")
     print(f"check: neuronserve k8s check {directory}; deploy: kubectl apply -k {directory}")
     return 0
-
-
-def resolve_local(source: str) -> bool:
-    """``model.source`` names a directory on this host."""
-    return Path(source).expanduser().is_absolute() or Path(source).exists()
 
 
 def compiles_first(plan: GenerationPlan) -> bool:

@@ -16,7 +16,7 @@ import httpx
 from neuronserve import __version__
 from neuronserve.config import ConfigError, Settings, load_settings
 from neuronserve.loadgen.client import Sweep, run_sweep
-from neuronserve.loadgen.http import Target
+from neuronserve.loadgen.http import Target, auth_headers
 from neuronserve.loadgen.options import SHORTCUTS, build_parser
 from neuronserve.loadgen.payloads import (
     Bucket,
@@ -38,8 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _headers(settings: Settings) -> dict[str, str]:
-    key = settings.api_key()
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    return auth_headers(settings.api_key())
 
 
 def _server_info(url: str, headers: dict[str, str]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from neuronserve.loadgen.genload import (
 )
 from neuronserve.loadgen.genreport import steps_table, write_all
 from neuronserve.loadgen.genstats import GenBudgets, GenStep, Slo, decide, knee, summarize, violations
+from neuronserve.loadgen.http import auth_headers
 from neuronserve.loadgen.payloads import Bucket, PayloadError, parse_buckets
 from neuronserve.loadgen.sse import Api, StreamRecord
 from neuronserve.loadgen.stats import Pricing
@@ -124,7 +125,8 @@ def _prompts(settings: Settings, tokens: Tokens | None, bucket: Bucket | None) -
 
 @dataclass(frozen=True)
 class Sweep:
-    """One step per level, each the same prompts; the engines' metrics read around each."""
+    """One step per level, each sending prompts of its own (step i: from i x num_prompts on);
+    the engines' metrics read around each."""
 
     template: StreamPlan  # every step's plan but its level and seed
     levels: tuple[float, ...]
@@ -200,7 +202,7 @@ def run_generative(settings: Settings, *, progress: bool) -> list[Path]:
         f"{settings.deploy.port}"
     )
     key = settings.api_key()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(key)
     model = b.model or asyncio.run(served_model(url, headers))
     if not model:
         raise ConfigError(f"{url}/v1/models names no model: pass --model NAME")

@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 
+def auth_headers(key: str) -> dict[str, str]:
+    """The header that carries the API key (none without one)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 @dataclass(frozen=True)
 class Target:
     host: str

@@ -30,14 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neuronserve.config import ConfigError, Settings, load_settings, render_template
+from neuronserve.config import ConfigError, Settings, load_settings
 from neuronserve.deploy.memory import MemoryPlanError
+from neuronserve.loadgen.http import auth_headers
 from neuronserve.tune.run import (
     EXIT_INTERRUPTED,
     PATH_KEYS,
     TuneOptions,
+    absolute_paths,
     interrupt_on_sigterm,
     no_interrupts,
+    write_config,
 )
 
 # Paths a generative config may hold besides the encoders' (tuned.properties lives elsewhere).
@@ -244,7 +247,7 @@ class GenTuner:
             b.seed, self.extra,
         )  # fmt: skip
         key = settings.api_key()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = auth_headers(key)
         url = f"http://127.0.0.1:{settings.deploy.port}"
         metrics = local_engine_metrics(settings)
         first = warm_up(dataclasses.replace(template, level=1, num_prompts=1), url, self.prompts[-1], headers)
@@ -375,12 +378,7 @@ def write_tuned(path: Path, options: TuneOptions, winner: GenTrial, stamp: str) 
     """A complete config: the original settings with the winner's, every path absolute."""
     extra = [f"{k}={v}" for k, v in winner.candidate.overrides().items()]
     settings = load_settings(options.config, overrides=[*options.overrides, *extra])
-    absolute = []
-    for key in (*PATH_KEYS, *GENERATIVE_PATH_KEYS):
-        section, name = key.split(".")
-        value = getattr(getattr(settings, section), name)
-        if value:
-            absolute.append(f"{key}={settings.path(value)}")
+    absolute = absolute_paths(settings, (*PATH_KEYS, *GENERATIVE_PATH_KEYS))
     source = settings.path(settings.model.source)
     if not settings.model.source.startswith("bundled:") and source.exists():
         absolute.append(f"model.source={source.resolve()}")
@@ -390,8 +388,4 @@ def write_tuned(path: Path, options: TuneOptions, winner: GenTrial, stamp: str) 
         f"# {winner.output_tokens_per_s:.1f} output tokens/s within the budgets on its workload",
         f"# Use it as it is: ./trace-model/run.sh --config {path} && ./fast-api/deploy.sh --config {path}",
     ]
-    mode = 0o600 if settings.serve.api_key or settings.serve.api_key_file else 0o644
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w", encoding="utf-8") as fh:
-        fh.write(render_template(settings, header))
-    load_settings(str(path))
-    return path
+    return write_config(path, settings, header)

@@ -34,6 +34,7 @@ from typing import Any
 
 from neuronserve.artifacts import Manifest
 from neuronserve.config import ConfigError, Settings, find_config, load_settings, render_template
+from neuronserve.loadgen.http import auth_headers
 from neuronserve.tune import buckets
 from neuronserve.tune.report import Grid, Outcome, csv, write_report
 from neuronserve.tune.search import (
@@ -316,7 +317,7 @@ class TrialRunner:
         self.route = b.route if b.route != "v2" else "/predict"
         self.payloads = build_payloads(texts, self.route, counter)
         key = base.api_key()
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.headers = auth_headers(key)
         self.config = find_config(options.config, {})
 
     def __call__(self, candidate: Candidate, rung: int, duration_s: float) -> Trial:
@@ -460,12 +461,7 @@ def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: T
         "serve.artifacts=",  # served from trace.output_dir: the tuned grid, not a configured path
     ]
     settings = _load(options, *extra)
-    absolute = []
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(settings, section), name)
-        if value:
-            absolute.append(f"{key}={settings.path(value)}")
+    absolute = absolute_paths(settings, PATH_KEYS)
     source = Path(settings.model.source)
     if source.exists():
         absolute.append(f"model.source={source.resolve()}")
@@ -477,13 +473,31 @@ def write_tuned_properties(path: Path, outcome: Outcome, best: Trial, options: T
         f"({outcome.dataset}); report: {outcome.directory / 'report.md'}",
         f"# Use it as it is: ./trace-model/run.sh --config {path} && ./fast-api/deploy.sh --config {path}",
     ]
+    return write_config(path, settings, header)
+
+
+def absolute_paths(settings: Settings, keys: Sequence[str]) -> list[str]:
+    """``key=<absolute path>`` for each of ``keys`` that is set: a config written elsewhere than
+    the one it came from means the same files."""
+    absolute = []
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(settings, section), name)
+        if value:
+            absolute.append(f"{key}={settings.path(value)}")
+    return absolute
+
+
+def write_config(path: Path, settings: Settings, header: list[str]) -> Path:
+    """``settings`` as a complete config at ``path`` (its owner's alone when it holds the API
+    key), read back to prove it valid."""
     text = render_template(settings, header)
     mode = (
         0o600 if settings.serve.api_key or settings.serve.api_key_file else 0o644
     )  # with the API key in it: never readable by others
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w", encoding="utf-8") as fh:
         fh.write(text)
-    load_settings(path)  # it must read back as a valid config
+    load_settings(str(path))  # it must read back as a valid config
     return path
 
 
