@@ -174,7 +174,9 @@ def _write_tokenizer(directory: Path, token_types: bool) -> None:
     names = (
         ["input_ids", "token_type_ids", "attention_mask"] if token_types else ["input_ids", "attention_mask"]
     )
-    tok = BertTokenizer(vocab_file=str(directory / "vocab.txt"), model_input_names=names)
+    # transformers 5 takes the vocabulary as ``vocab`` (a vocab_file argument is ignored, and
+    # the tokenizer then knows its five special tokens only)
+    tok = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, model_input_names=names)
     tok.save_pretrained(directory)
 
 
@@ -212,6 +214,30 @@ def build_tiny_model(directory: Path, task: str, *, token_types: bool = True, nu
     model = classes[task](config)
     model.save_pretrained(directory)
     return directory
+
+
+HUB_COMMIT = "4f3c2b1a" * 5
+
+
+def hub_cache(root: Path, repo: str, model: Path, commit: str = HUB_COMMIT) -> Path:
+    """``root`` laid out as huggingface_hub's cache leaves ``repo`` at main: the files in
+    ``blobs/``, the snapshot ``snapshots/<commit>/`` of relative links to them, ``refs/main``.
+    Returns the snapshot."""
+    import hashlib
+    import os
+
+    home = root / f"models--{repo.replace('/', '--')}"
+    snapshot = home / "snapshots" / commit
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        blob = home / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(path.read_bytes())
+        link = snapshot / path.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (home / "refs").mkdir(parents=True)
+    (home / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def trace_tiny(

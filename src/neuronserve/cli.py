@@ -97,7 +97,7 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
     """Trace in the trace image when an engine is reachable; False means trace locally."""
     from neuronserve import containers
     from neuronserve.backends import BackendError, choose_backend
-    from neuronserve.models import BUNDLED_PREFIX, resolve_source
+    from neuronserve.models import BUNDLED_PREFIX, is_hub_source, resolve_source
 
     engine = containers.docker_engine()
     if engine.client is None:
@@ -111,14 +111,17 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         raise BackendError(f"image {tag} not built; run ./trace-model/build.sh first")
     output_dir = settings.path(settings.trace.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    local_models = {
-        "model" if name == settings.model_name else f"models.{name}": (
-            name,
-            resolve_source(model.model.source, revision=model.model.revision),
-        )
-        for name, model in settings.per_model().items()
-        if not model.model.source.startswith(BUNDLED_PREFIX)
-    }
+    local_models: dict[str, tuple[str, Path]] = {}
+    hub_repos: list[Path] = []
+    for name, model in settings.per_model().items():
+        if model.model.source.startswith(BUNDLED_PREFIX):
+            continue  # in the image
+        # fetched here (unless offline) and resolved: a hub id's snapshot lies in its cache repo
+        found = resolve_source(model.model.source, revision=model.model.revision)
+        if is_hub_source(model.model.source):
+            hub_repos.append(found.parent.parent)  # models--org--name/snapshots/<commit>
+        else:
+            local_models["model" if name == settings.model_name else f"models.{name}"] = (name, found)
     uid, gid = containers.current_ids()
     config_path = Path(args.config or settings.base_dir / "config.properties")
     spec = containers.trace_container_spec(
@@ -130,6 +133,7 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         uid=uid,
         gid=gid,
         model_dirs=local_models,
+        hub_repos=hub_repos,
         environment={
             **settings_environment(settings, "model", "trace"),
         },

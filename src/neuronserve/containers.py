@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from neuronserve.backends import BackendKind
 CONTAINER_WORKDIR = "/workspace"
 CONTAINER_OUTPUT = "/workspace/trace-models"
 CONTAINER_MODEL = "/workspace/model"
+CONTAINER_HUB_CACHE = "/tmp/hf-hub"  # noqa: S108 - read-only mounts of the host's Hugging Face cache
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def trace_container_spec(
     uid: int,
     gid: int,
     model_dirs: Mapping[str, tuple[str, Path]] | None = None,
+    hub_repos: Sequence[Path] = (),
     force: bool = False,
     environment: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -109,6 +111,11 @@ def trace_container_spec(
             f"{prefix}.source={bind}",
             *(["--set", f"model.name={name}"] if prefix == "model" else []),
         ]
+    # Hub models keep their id and revision (the manifest records them): the container resolves
+    # them offline from their cache directories (models--org--name), mounted whole, as a
+    # snapshot's files are links into the directory's blobs.
+    for hub_repo in hub_repos:
+        volumes[str(hub_repo.resolve())] = {"bind": f"{CONTAINER_HUB_CACHE}/{hub_repo.name}", "mode": "ro"}
     if force:
         command.append("--force")
     spec: dict[str, Any] = {
@@ -117,7 +124,12 @@ def trace_container_spec(
         "user": f"{uid}:{gid}",
         "working_dir": CONTAINER_WORKDIR,
         # The caller's effective settings (environment and --set included) beside the mounted file.
-        "environment": {**(environment or {}), "HF_HUB_OFFLINE": "1", "HOME": "/tmp"},  # noqa: S108 - a writable HOME for a non-root uid
+        "environment": {
+            **(environment or {}),
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_CACHE": CONTAINER_HUB_CACHE,
+            "HOME": "/tmp",  # noqa: S108 - a writable HOME for a non-root uid
+        },
         "volumes": volumes,
         "labels": {"neuronserve.stage": "trace", "neuronserve.repo": str(repo.resolve())},
         "remove": True,

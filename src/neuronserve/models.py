@@ -90,6 +90,11 @@ def is_local_source(source: str) -> bool:
     return Path(source).expanduser().is_absolute() or Path(source).exists()
 
 
+def is_hub_source(source: str) -> bool:
+    """``model.source`` is a Hugging Face hub id (``org/name``), resolved through the cache."""
+    return not source.startswith(BUNDLED_PREFIX) and not is_local_source(source)
+
+
 def _hub_snapshot(repo: str, revision: str, *, offline: bool) -> Path:
     """The cached snapshot of ``repo`` at ``revision`` (downloaded first unless ``offline``).
 

@@ -49,6 +49,7 @@ from neuronserve.models import (
     EagerModel,
     ModelSourceError,
     default_name,
+    is_hub_source,
     load_eager,
     model_max_length,
     model_sha256,
@@ -184,12 +185,17 @@ def _copy_serving_files(model_dir: Path, out_dir: Path) -> None:
             shutil.copyfile(src, dest)
 
 
-def _model_info(source: str, name: str, model_sha: str, task: TaskKind, model_dir: Path) -> dict[str, Any]:
+def _model_info(job: _Job) -> dict[str, Any]:
+    """The model's facts in the manifest: where it came from (a hub id's revision and the commit
+    of its cached snapshot, which names the snapshot's directory), its task and sizes."""
+    source, model_dir, task = job.settings.model.source, job.model_dir, job.task
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     info: dict[str, Any] = {
         "source": source,
-        "name": name,
-        "sha256": model_sha,
+        "revision": job.settings.model.revision,
+        "commit": model_dir.name if is_hub_source(source) else "",
+        "name": job.name,
+        "sha256": job.model_sha,
         "task": task.value,
         "model_type": config.get("model_type", ""),
         "hidden_size": config.get("hidden_size"),
@@ -388,7 +394,7 @@ def _manifest_of(
     staging = job.staging
     ordered = tuple(done[shape] for shape in job.shapes if shape in done)
     return Manifest(
-        model=_model_info(job.settings.model.source, job.name, job.model_sha, job.task, job.model_dir),
+        model=_model_info(job),
         backend=job.kind,
         versions=job.versions,
         compiler_args=job.compiler_args,

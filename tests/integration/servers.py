@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -81,3 +82,18 @@ def start_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def tei_client(url: str, api_key: str | None = None) -> Iterator[Any]:
+    """huggingface_hub's InferenceClient for ``url``. While the hub is offline (HF_HUB_OFFLINE,
+    which the tests set) the client refuses every request, a loopback one too: lifted for the
+    block's calls only."""
+    from huggingface_hub import InferenceClient, constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False
+    try:
+        yield InferenceClient(base_url=url, api_key=api_key)
+    finally:
+        constants.HF_HUB_OFFLINE = saved

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.servers import RunningServer, start_server
+from tests.integration.servers import RunningServer, start_server, tei_client
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +57,26 @@ def test_embeddings_match_sentence_transformers(server: RunningServer) -> None:
     for ref, got in zip(reference, served, strict=True):
         assert _cos(ref, got) >= 0.9999
     assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)  # the model's Normalize module
+
+
+def test_tei_client_embeds_as_sentence_transformers(server: RunningServer) -> None:
+    """huggingface_hub's InferenceClient against the server's TEI routes (POST /, /info)."""
+    from sentence_transformers import SentenceTransformer
+
+    from neuronserve.models import resolve_source
+
+    reference = SentenceTransformer(str(resolve_source("bundled:all-MiniLM-L6-v2")), device="cpu").encode(
+        TEXTS
+    )
+    with tei_client(server.url) as client:
+        served = client.feature_extraction(TEXTS)
+    assert served.shape == (4, 384)
+    for ref, got in zip(reference, served, strict=True):
+        assert _cos(ref, got) >= 0.9999
+    info = httpx.get(f"{server.url}/info").json()  # TEI's fields, as its clients read them
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 128 and info["served_model_name"] == "all-MiniLM-L6-v2"
+    assert info["model_id"] == "bundled:all-MiniLM-L6-v2" and info["max_client_batch_size"] == 16
 
 
 def test_batch_invariance(server: RunningServer) -> None:

@@ -160,13 +160,14 @@ def test_api_key(bundled_artifacts: Path, tmp_path: Path) -> None:
             ).status_code
             == 200
         )
-        assert httpx.get(f"{srv.url}/info").status_code == 401
+        bare = httpx.get(f"{srv.url}/info")  # open, as TEI's clients read it, without the settings
+        assert bare.status_code == 200 and "settings" not in bare.json()
         info = httpx.get(f"{srv.url}/info", headers={"x-api-key": "s3cret"}).json()
         assert info["settings"]["serve"]["api_key"] == "***"
         assert httpx.get(f"{srv.url}/ready").status_code == 200  # probes stay open
         # Every documented operation that is not a probe, the schema or metrics needs the key.
         spec = httpx.get(f"{srv.url}/openapi.json").json()
-        open_paths = {"/health", "/ready", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
+        open_paths = {"/health", "/ready", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", "/info"}
         for path, operations in spec["paths"].items():
             if path in open_paths:
                 continue

@@ -118,3 +118,39 @@ def test_serve_images_run_as_a_user_and_probe_readiness() -> None:
         assert "ARG EXTRAS=serve,trace\n" in text and '".[${EXTRAS}]"' in text
         if backend != "cpu":  # the DLC's entrypoint script must not stand between server and SIGTERM
             assert "ENTRYPOINT []" in text and "pip install -c /tmp/keep.txt" in text
+
+
+def test_a_hub_model_is_traced_from_its_cache_directory_mounted_whole(tmp_path: Path) -> None:
+    """A hub id keeps its id and revision in the container (the manifest records them): its
+    cache directory is mounted whole, so the snapshot's links into blobs/ resolve there."""
+    import os
+
+    from neuronserve.containers import CONTAINER_HUB_CACHE
+    from tests.conftest import build_tiny_model, hub_cache
+
+    snapshot = hub_cache(
+        tmp_path / "hub", "acme/tiny", build_tiny_model(tmp_path / "tiny", "feature-extraction")
+    )
+    repo_dir = snapshot.parent.parent
+    (tmp_path / "config.properties").write_text("")
+    (tmp_path / "out").mkdir()
+    spec = trace_container_spec(
+        backend=BackendKind("cpu"),
+        repo=tmp_path,
+        config_path=tmp_path / "config.properties",
+        output_dir=tmp_path / "out",
+        devices=[],
+        uid=1000,
+        gid=1000,
+        hub_repos=[repo_dir],
+    )
+    mount = spec["volumes"][str(repo_dir)]
+    assert mount == {"bind": f"{CONTAINER_HUB_CACHE}/models--acme--tiny", "mode": "ro"}
+    assert spec["environment"]["HF_HUB_CACHE"] == CONTAINER_HUB_CACHE
+    assert spec["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert not any(".source=" in part for part in spec["command"])  # the id stays as configured
+    # every link of the snapshot stays inside the mounted directory
+    for link in snapshot.rglob("*"):
+        if link.is_symlink():
+            target = (link.parent / os.readlink(link)).resolve()
+            assert target.is_relative_to(repo_dir.resolve()) and target.is_file()

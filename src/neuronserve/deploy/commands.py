@@ -29,6 +29,7 @@ def plan_for(
     mismatched artifacts before anything starts); a dry run plans from the manifests alone.
     """
     from neuronserve.artifacts import artifacts_directory
+    from neuronserve.models import is_hub_source
 
     manifests: dict[str, Manifest] = {}
     for name, model in settings.per_model().items():
@@ -44,6 +45,15 @@ def plan_for(
                 f"model {name}: the artifacts in {artifacts} are a {manifest.task} model but its task "
                 f"is {model.model.task}; trace again (./trace-model/run.sh)"
             )
+        # A hub model is its id at a revision: a changed one needs a new trace. (A directory's
+        # path may differ between the trace's container and this host; its task is checked above.)
+        traced = (str(manifest.model.get("source", "")), str(manifest.model.get("revision", "")))
+        wanted = (model.model.source, model.model.revision)
+        if not given and traced != wanted and (is_hub_source(traced[0]) or is_hub_source(wanted[0])):
+            raise DeployError(
+                f"model {name}: the artifacts in {artifacts} were traced from {_at(*traced)} but "
+                f"model.source/model.revision say {_at(*wanted)}; trace again (./trace-model/run.sh)"
+            )
         manifests[name] = manifest
     backends = {m.backend for m in manifests.values()}
     if len(backends) > 1:
@@ -57,6 +67,10 @@ def plan_for(
     shared = settings.serve.neuron_shared_weights
     memory = estimate(plan, list(manifests.values()), inventory, shared_weights=shared)
     return plan, manifests, memory
+
+
+def _at(source: str, revision: str) -> str:
+    return source + (f"@{revision}" if revision else "")
 
 
 def verified(settings: Settings, manifests: dict[str, Manifest]) -> Settings:

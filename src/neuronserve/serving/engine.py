@@ -509,6 +509,14 @@ class Engine:
             size, lambda: self.encoder.tokens(texts, add_special_tokens=add_special_tokens)
         )
 
+    async def decode(self, ids: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        """Each list of token ids as text (``/decode``)."""
+        self.check_count(len(ids), "ids")
+        size = sum(len(row) for row in ids) * 4  # ~characters of text out
+        return await self._tokenizer_work(
+            size, lambda: self.encoder.decode(ids, skip_special_tokens=skip_special_tokens)
+        )
+
     async def _tokenizer_work(self, chars: int, work: Callable[[], T]) -> T:
         """Small requests inline (microseconds); larger ones on the tokenizer thread."""
         if chars <= INLINE_TOKENIZE_CHARS:

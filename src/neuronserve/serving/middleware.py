@@ -128,7 +128,7 @@ class ServingMiddleware:
                     error or ServeError("internal_error", "this is a bug: no handler"), send_with_headers
                 )
             else:
-                call = Call(body, receive, params, headers)
+                call = Call(body, receive, params, headers, keyed=self._keyed(headers))
                 await self._serve(route.handler, call, send_with_headers, request_id, head=method == "HEAD")
         finally:
             elapsed = time.perf_counter() - started
@@ -190,17 +190,23 @@ class ServingMiddleware:
             return None
         if route is None and others and not any(r.needs_key for r in others):
             return None
-        given = headers.get(b"x-api-key", b"")
-        auth = headers.get(b"authorization", b"")
-        if auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
-        if given and hmac.compare_digest(given, self.api_key):
+        if self._keyed(headers):
             return None
         return ServeError(
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <key> or x-api-key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+    def _keyed(self, headers: dict[bytes, bytes]) -> bool:
+        """The request carries the API key (either header), or none is set."""
+        if not self.api_key:
+            return True
+        given = headers.get(b"x-api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        return bool(given) and hmac.compare_digest(given, self.api_key)
 
     @staticmethod
     def _check_route(route: Route | None, method: str, path: str, others: list[Route]) -> ServeError | None:

@@ -23,7 +23,7 @@ from pydantic.json_schema import JsonSchemaMode
 from neuronserve import __version__
 from neuronserve.config import Settings
 from neuronserve.serving.metrics import ServerMetrics
-from neuronserve.serving.protocols import kserve, native, openai, rerank
+from neuronserve.serving.protocols import kserve, native, openai, rerank, tei
 from neuronserve.serving.protocols.common import JSON, Call, ErrorBody, Handler, Probe, Reply, dumps
 from neuronserve.serving.registry import ModelRegistry, describe, is_cross_encoder, is_embedder
 
@@ -83,8 +83,8 @@ def route_table(
     async def prometheus(_call: Call) -> Reply:
         return Reply(200, generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def info(_call: Call) -> Reply:
-        return await native.info(r, settings, server_name)
+    async def info(call: Call) -> Reply:
+        return await native.info(r, settings, server_name, keyed=call.keyed, head=tei.info_fields(r))
 
     return [
         # probes: no body, no key, nothing to wait for but the loop's turn
@@ -117,6 +117,14 @@ def route_table(
               narrow=partial(kserve.narrow_infer, r)),
         Route("POST", "/v2/models/{model}/versions/{version}/infer", "v2_infer", "v2 inference of a model version.",
               partial(kserve.infer, r), binary_body=True, documented=False),
+        Route("POST", "/embed", "embed", "TEI embed: one embedding per input, as a list of lists.",
+              partial(tei.embed, r), body=tei.EmbedRequest, response=list[list[float]], documented=embeds,
+              narrow=partial(tei.narrow_embed, r)),
+        Route("POST", "/", "tei_root",
+              "TEI's root: embed, classify (TEI's predict) or rerank, as the model is (InferenceClient's "
+              "feature_extraction and text_classification call it).", partial(tei.root, r)),
+        Route("POST", "/decode", "decode", "TEI decode: token ids back to text.", partial(tei.decode, r),
+              body=tei.DecodeRequest, response=list[str], narrow=partial(tei.narrow_decode, r)),
         Route("POST", "/tokenize", "tokenize", "Tokens of each input (TEI's shape): id, text, special, character span.",
               partial(native.tokenize, r), body=native.TokenizeRequest, response=list[list[native.Token]],
               narrow=partial(native.narrow_tokenize, r)),
@@ -135,7 +143,9 @@ def route_table(
               "v2 repository index: every model with its state (tritonclient's model list).",
               partial(kserve.repository_index, r), body=kserve.RepositoryIndexRequest, body_required=False,
               response=list[kserve.RepositoryModel]),
-        Route("GET", "/info", "info", "Effective settings (secrets redacted), models, shapes and copies.", info),
+        Route("GET", "/info", "info",
+              "TEI's model facts (open, no key), the models, shapes and copies; with the key (or with "
+              "none set) also the effective settings, secrets redacted.", info, needs_key=False),
         Route("GET", "/metrics", "prometheus_metrics",
               "Prometheus metrics" + ("." if open_metrics else " (with the API key)."),
               prometheus, media_type="text/plain", needs_key=not open_metrics, errors=False),

@@ -28,6 +28,7 @@ class ItemOptions:
     top_k: int | None = None
     context: str | None = None  # question-answering: the text answers are cut from
     rerank: bool = False  # text-classification: (sigmoid score, logit) of the single output
+    raw_scores: bool = False  # text-classification: logits instead of softmax/sigmoid scores
 
 
 class Task(Protocol):
@@ -102,8 +103,9 @@ class TextClassification:
             if opt.rerank:
                 out.append((float(row[0]), float(raw[0])))
                 continue
-            order = np.argsort(-row, kind="stable")[: opt.top_k or 1]
-            out.append([{"label": self.labels[i], "score": float(row[i])} for i in order])
+            values = raw if opt.raw_scores else row
+            order = np.argsort(-values, kind="stable")[: opt.top_k or 1]
+            out.append([{"label": self.labels[i], "score": float(values[i])} for i in order])
         return out
 
 

@@ -123,6 +123,17 @@ class TextEncoder:
             out.append(tokens)
         return out
 
+    def decode(self, ids: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        """Each id list as text (TEI's ``/decode``); an id outside the vocabulary is a 422."""
+        size = self._plain.get_vocab_size(with_added_tokens=True)
+        for i, row in enumerate(ids):
+            for j, token_id in enumerate(row):
+                if not 0 <= token_id < size:
+                    raise validation(
+                        f"ids[{i}][{j}]", f"{token_id} is not a token id of this model (0 to {size - 1})"
+                    )
+        return list(self._plain.decode_batch(ids, skip_special_tokens=skip_special_tokens))
+
     def bounded(self, text: str) -> str:
         """A prefix of ``text`` whose tokens begin like the whole text's and already number more
         than ``max_length``; ``text`` itself when it is short.

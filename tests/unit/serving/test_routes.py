@@ -74,7 +74,7 @@ def test_metrics_is_open_or_closed_by_the_setting(tmp_path: Path, artifacts: Pat
         assert client.get("/health").status_code == 200  # probes stay open
         wrong = client.post("/health")  # an open path under another method: 405 saying which
         assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
-        assert client.post("/info").status_code == 401  # a closed one: the key first
+        assert client.post("/v1/models").status_code == 401  # a closed one: the key first
         security = spec["paths"]["/predict"]["post"]["security"]  # the document says how to send it
         assert (
             security == [{"bearer": []}, {"apiKey": []}] and "bearer" in spec["components"]["securitySchemes"]

@@ -38,6 +38,7 @@ class Call:
     receive: Receive | None = None
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    keyed: bool = True  # it carried the API key, or none is set (an open route may say more then)
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,12 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path or "body"
 
 
-def parse_body(model: type[M], body: bytes) -> M:
-    """Validate a JSON body; the 422 names the most specific field at fault."""
+UNION_ADVICE = "a non-empty string, a list of them, or {question, context} objects"
+
+
+def parse_body(model: type[M], body: bytes, *, expected: str = UNION_ADVICE) -> M:
+    """Validate a JSON body; the 422 names the most specific field at fault (``expected``: what
+    an input that fits no branch of a union should be)."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -101,9 +106,7 @@ def parse_body(model: type[M], body: bytes) -> M:
         if len(errors) > 1 and len(deepest["loc"]) <= 2:  # the value fits no branch of a union
             if any(e["type"] == "too_short" for e in errors):
                 raise validation(where, "must not be an empty list") from None
-            raise validation(
-                where, "must be a non-empty string, a list of them, or {question, context} objects"
-            ) from None
+            raise validation(where, f"must be {expected}") from None
         if deepest["type"] == "string_pattern_mismatch":
             raise validation(where, "must not be blank (whitespace only)") from None
         raise validation(where, deepest["msg"]) from None

@@ -239,11 +239,16 @@ def readiness(registry: ModelRegistry) -> Reply:
     return Reply(503, orjson.dumps({"error": message, "type": "unavailable", **body}))
 
 
-async def info(registry: ModelRegistry, settings: Settings, server_name: str) -> Reply:
-    """``/info``: effective settings (secrets redacted), models, shapes and copies."""
-    models = [_model_info(e) for e in registry.engines.values()]
+async def info(
+    registry: ModelRegistry, settings: Settings, server_name: str, *, keyed: bool, head: dict[str, Any]
+) -> Reply:
+    """``/info``: ``head`` (TEI's fields), models, shapes and copies, open as TEI's clients
+    expect; the effective settings (secrets redacted) and the artifacts' directory only to a
+    caller with the key (or when none is set)."""
+    models = [_model_info(e, keyed=keyed) for e in registry.engines.values()]
     return json_reply(
         {
+            **head,
             "server": server_name,
             "state": registry.state,
             "backend": registry.kind.value,
@@ -252,14 +257,14 @@ async def info(registry: ModelRegistry, settings: Settings, server_name: str) ->
             # model.*'s fields at the top, as before several models (each is also in "models")
             **{k: v for k, v in models[0].items() if k not in ("name", "task", "kind", "state")},
             "models": models,
-            "settings": settings.as_dict(redact=True),
+            **({"settings": settings.as_dict(redact=True)} if keyed else {}),
         }
     )
 
 
-def _model_info(engine: Engine) -> dict[str, Any]:
+def _model_info(engine: Engine, *, keyed: bool) -> dict[str, Any]:
     m = engine.manifest
-    return {
+    info = {
         "name": engine.model_name,
         "task": engine.task_kind.value,
         "kind": describe(engine),
@@ -272,3 +277,6 @@ def _model_info(engine: Engine) -> dict[str, Any]:
         "copies": engine.copies,
         "measured_ms": {f"b{b}-s{s}": round(c * 1000, 3) for (b, s), c in sorted(engine.costs.items())},
     }
+    if not keyed:  # where this host keeps things is for its operators
+        del info["artifacts"]
+    return info
