@@ -101,6 +101,8 @@ def test_a_longer_input_is_refused_on_every_route_with_advice_that_works_there(
         "/v1/embeddings": ({"input": [text]}, "input[0]", 'send "truncate": true', {"input": [text], "truncate": True}),
         "/predict": ({"inputs": [text]}, "inputs[0]", '"parameters": {"truncate": true}',
                      {"inputs": [text], "parameters": {"truncate": True}}),
+        "/embed": ({"inputs": [text]}, "inputs[0]", 'send "truncate": true', {"inputs": [text], "truncate": True}),
+        "/": ({"inputs": text}, "inputs[0]", 'send "truncate": true', {"inputs": text, "truncate": True}),
     }  # fmt: skip
     for route, (body, field, advice, followed) in routes.items():
         refused = httpx.post(f"{server.url}{route}", json=body, timeout=60)
@@ -133,6 +135,8 @@ def test_auto_truncate_cuts_long_inputs_on_every_route_and_says_so(
         assert embedded.json()["usage"]["truncated_inputs"] == 1
         predicted = httpx.post(f"{server.url}/predict", json={"inputs": [text]}, timeout=60)
         assert predicted.status_code == 200 and predicted.headers["x-truncated-inputs"] == "1"
+        tei = httpx.post(f"{server.url}/embed", json={"inputs": [text, "short"]}, timeout=60)
+        assert tei.status_code == 200 and tei.headers["x-truncated-inputs"] == "1" and len(tei.json()) == 2
     # a reranker (pairs): cut on /rerank too
     model = build_tiny_model(tmp_path / "reranker", "text-classification", num_labels=1)
     from neuronserve.trace import run_trace

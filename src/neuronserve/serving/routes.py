@@ -79,6 +79,7 @@ def route_table(
     reranks = any(is_cross_encoder(e) for e in engines)
     open_metrics = not settings.serve.metrics_need_key
     narrow_rerank = partial(rerank.narrow, r)  # one narrowing for both rerank bodies
+    root_body, root_answer, root_narrow = tei.root_schema(r)  # POST / is as its one model is
 
     async def prometheus(_call: Call) -> Reply:
         return Reply(200, generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -122,7 +123,8 @@ def route_table(
               narrow=partial(tei.narrow_embed, r)),
         Route("POST", "/", "tei_root",
               "TEI's root: embed, classify (TEI's predict) or rerank, as the model is (InferenceClient's "
-              "feature_extraction and text_classification call it).", partial(tei.root, r)),
+              "feature_extraction and text_classification call it).", partial(tei.root, r),
+              body=root_body, response=root_answer, documented=root_body is not None, narrow=root_narrow),
         Route("POST", "/decode", "decode", "TEI decode: token ids back to text.", partial(tei.decode, r),
               body=tei.DecodeRequest, response=list[str], narrow=partial(tei.narrow_decode, r)),
         Route("POST", "/tokenize", "tokenize", "Tokens of each input (TEI's shape): id, text, special, character span.",

@@ -123,9 +123,14 @@ class TextEncoder:
             out.append(tokens)
         return out
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this, exclusive (added tokens included)."""
+        return int(self._plain.get_vocab_size(with_added_tokens=True))
+
     def decode(self, ids: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
         """Each id list as text (TEI's ``/decode``); an id outside the vocabulary is a 422."""
-        size = self._plain.get_vocab_size(with_added_tokens=True)
+        size = self.vocab_size
         for i, row in enumerate(ids):
             for j, token_id in enumerate(row):
                 if not 0 <= token_id < size:

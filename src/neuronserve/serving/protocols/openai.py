@@ -131,11 +131,16 @@ def narrow_embeddings(registry: ModelRegistry, components: dict[str, Any]) -> No
     the embedding models' prompt names."""
     properties = components["EmbeddingsRequest"]["properties"]
     array_limit(properties["input"], registry.settings.serve.max_inputs_per_request)
+    limit_dimensions(properties["dimensions"], registry)
+    one_of_names(properties["prompt_name"], prompt_names(registry))
+
+
+def limit_dimensions(schema: dict[str, Any], registry: ModelRegistry) -> None:
+    """A ``dimensions`` field's maximum: the largest embedding size, when every embedder has one."""
     hidden = [e.manifest.model.get("hidden_size") for e in registry.engines.values() if e.task_kind.embeds]
     sizes = [h for h in hidden if isinstance(h, int)]
     if sizes and len(sizes) == len(hidden):
-        properties["dimensions"]["anyOf"][0]["maximum"] = max(sizes)
-    one_of_names(properties["prompt_name"], prompt_names(registry))
+        schema["anyOf"][0]["maximum"] = max(sizes)
 
 
 # --- models --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ classification is served at ``POST /``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -26,9 +28,11 @@ from neuronserve.serving.protocols.common import (
     dumps,
     json_reply,
     labelled,
+    one_of_names,
     parse_body,
 )
-from neuronserve.serving.protocols.openai import shortened
+from neuronserve.serving.protocols.native import prompt_names
+from neuronserve.serving.protocols.openai import limit_dimensions, shortened
 from neuronserve.serving.registry import ModelRegistry, is_cross_encoder, is_embedder
 from neuronserve.serving.tasks import FeatureExtraction, ItemOptions
 from neuronserve.serving.work import InferRequest, InferResult
@@ -36,15 +40,9 @@ from neuronserve.serving.work import InferRequest, InferResult
 TRUNCATE_HINT = 'send "truncate": true to cut it to {n} tokens, or shorten it'
 EMBEDDER = "a feature-extraction model (POST /predict serves any)"
 CLASSIFY_INPUTS = "a text, a [text, text_pair] list, or a batch of them: [[text], [text, text_pair], ...]"
-# TEI spells its direction "Right"/"Left" and accepts lowercase; only the right end is cut here.
-Direction = Literal["right", "Right", "left", "Left"]
-
-
-def _right_only(direction: str | None) -> None:
-    if direction is not None and direction.lower() == "left":
-        raise validation(
-            "truncation_direction", 'only "right" is served: inputs are cut at their end; omit the field'
-        )
+# TEI spells its direction "Right"/"Left" and accepts lowercase; only the right end is cut here, so
+# the schema names only it (a "left" is a 422 naming the field, before any work).
+Direction = Literal["right", "Right"]
 
 
 class EmbedRequest(BaseModel):
@@ -87,13 +85,25 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     inputs: (
-        Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[list[Text]], Field(min_length=1)]
+        Annotated[Text, Field(description="One text.")]
+        | Annotated[list[Text], Field(min_length=1, max_length=2, description="[text] or [text, text_pair].")]
+        | Annotated[
+            list[Annotated[list[Text], Field(min_length=1, max_length=2)]],
+            Field(min_length=1, description="A batch: every item [text], or every item [text, text_pair]."),
+        ]
     )
     truncate: StrictBool | None = None
     truncation_direction: Direction | None = None
     raw_scores: StrictBool = Field(False, description="Logits instead of softmax (or sigmoid) scores.")
     parameters: ClassifyParameters | None = None
     model: str | None = None
+
+
+class ClassScore(BaseModel):
+    """One label's score (TEI's predict answer)."""
+
+    label: str
+    score: float
 
 
 class DecodeRequest(BaseModel):
@@ -121,7 +131,6 @@ async def embed(registry: ModelRegistry, call: Call) -> Reply:
 
 
 async def _embed(engine: Engine, request: EmbedRequest, call: Call) -> Reply:
-    _right_only(request.truncation_direction)
     dim = engine.manifest.model.get("hidden_size")
     if request.dimensions is not None and dim and request.dimensions > dim:
         raise validation("dimensions", f"{request.dimensions} exceeds this model's {dim}; send at most {dim}")
@@ -169,7 +178,6 @@ async def root(registry: ModelRegistry, call: Call) -> Reply:
 
 
 async def _classify(engine: Engine, request: ClassifyRequest, call: Call) -> Reply:
-    _right_only(request.truncation_direction)
     labels = len(getattr(engine.task, "labels", ())) or 1
     params = request.parameters or ClassifyParameters()
     raw = request.raw_scores or params.function_to_apply == "none"
@@ -265,12 +273,41 @@ def info_fields(registry: ModelRegistry) -> dict[str, Any]:
 
 
 def narrow_embed(registry: ModelRegistry, components: dict[str, Any]) -> None:
-    array_limit(
-        components["EmbedRequest"]["properties"]["inputs"], registry.settings.serve.max_inputs_per_request
-    )
+    """As /v1/embeddings: the input limit, dimensions up to the embedding size, the prompt names."""
+    properties = components["EmbedRequest"]["properties"]
+    array_limit(properties["inputs"], registry.settings.serve.max_inputs_per_request)
+    limit_dimensions(properties["dimensions"], registry)
+    one_of_names(properties["prompt_name"], prompt_names(registry))
+
+
+def root_schema(registry: ModelRegistry) -> tuple[Any, Any, Callable[[dict[str, Any]], None] | None]:
+    """``POST /``'s body, answer and narrowing, as the model it serves without a name is (none
+    when the server's several models need one: the route then stays out of the document)."""
+    engines = list(registry.engines.values())
+    if len(engines) != 1:
+        return None, None, None
+    engine = engines[0]
+    if is_embedder(engine):
+        return EmbedRequest, list[list[float]], partial(narrow_embed, registry)
+    if is_cross_encoder(engine):
+        return rerank.RerankRequest, list[rerank.RerankResult], partial(rerank.narrow, registry)
+    if engine.task_kind.classifies:
+        return ClassifyRequest, list[ClassScore] | list[list[ClassScore]], partial(narrow_classify, registry)
+    return None, None, None
+
+
+def narrow_classify(registry: ModelRegistry, components: dict[str, Any]) -> None:
+    """A batch holds at most serve.max_inputs_per_request items."""
+    inputs = components["ClassifyRequest"]["properties"]["inputs"]
+    batch = [b for b in inputs["anyOf"] if b.get("items", {}).get("type") == "array"]
+    for branch in batch:
+        branch["maxItems"] = registry.settings.serve.max_inputs_per_request
 
 
 def narrow_decode(registry: ModelRegistry, components: dict[str, Any]) -> None:
-    array_limit(
-        components["DecodeRequest"]["properties"]["ids"], registry.settings.serve.max_inputs_per_request
-    )
+    """At most serve.max_inputs_per_request lists of ids; ids within every model's vocabulary."""
+    flat, nested = components["DecodeRequest"]["properties"]["ids"]["anyOf"]
+    nested["maxItems"] = registry.settings.serve.max_inputs_per_request
+    highest = min(e.encoder.vocab_size for e in registry.engines.values()) - 1
+    flat["items"]["maximum"] = highest
+    nested["items"]["items"]["maximum"] = highest
