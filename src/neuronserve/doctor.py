@@ -214,7 +214,7 @@ def _packages(backend: BackendKind, h: Host) -> list[Check]:
             "torch",
             FAIL,
             "not installed",
-            "pip install -c constraints/cpu.txt torch (cpu), or the Neuron SDK's",
+            "pip install -c constraints/cpu.txt torch --index-url https://download.pytorch.org/whl/cpu (cpu), or the Neuron SDK's",
         )
     ]
     if not backend.neuron_cores:

@@ -181,10 +181,18 @@ def test_each_job_runs_on_its_own_extra(tmp_path: Path) -> None:
         exporter.communicate(timeout=30)
 
 
-def test_the_cpu_install_pins_the_local_cpu_wheel() -> None:
+def test_the_cpu_install_takes_torch_from_the_cpu_index() -> None:
+    """PyPI's torch on Linux is the CUDA build: the Makefile, the docs and the images take the
+    pinned version from PyTorch's CPU index."""
     constraints = (REPO / "constraints" / "cpu.txt").read_text().split("\n")
     assert "torch==2.13.0" in constraints
     makefile = (REPO / "Makefile").read_text()
-    assert "-c constraints/cpu.txt torch" in makefile and "-c constraints/cpu.txt -e '.[$*]'" in makefile
+    assert "TORCH_INDEX ?= https://download.pytorch.org/whl/cpu" in makefile
+    assert "-c constraints/cpu.txt torch --index-url $(TORCH_INDEX)" in makefile
+    assert "-c constraints/cpu.txt -e '.[$*]'" in makefile
+    for doc in [REPO / "README.md", *sorted((REPO / "docker").glob("serve-cpu*"))]:
+        for line in doc.read_text().splitlines():
+            if "pip install" in line and "cpu.txt torch" in line:
+                assert "--index-url https://download.pytorch.org/whl/cpu" in line, (doc.name, line)
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"torch>=1.13",' in pyproject and "torch==" not in pyproject

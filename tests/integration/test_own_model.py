@@ -53,6 +53,7 @@ def test_a_cached_hub_id_is_traced_and_served_with_one_command_offline(tmp_path:
         assert tei.shape == (1, 32) and _cos(tei[0], served) >= 0.9999
         info = httpx.get(f"http://127.0.0.1:{port}/info").json()  # open: TEI's fields, no settings
         assert info["model_id"] == "acme/tiny-embedder" and "settings" not in info
+        assert info["model_sha"] == HUB_COMMIT  # the snapshot it was traced from
         # traced from the cached snapshot, under the id's name
         assert (tmp_path / "trace-models" / "tiny-embedder" / "cpu" / "manifest.json").is_file()
     finally:

@@ -255,7 +255,7 @@ def info_fields(registry: ModelRegistry) -> dict[str, Any]:
     m = engine.manifest
     return {
         "model_id": str(m.model.get("source") or engine.model_name),
-        "model_sha": registry.settings.model.revision or None,
+        "model_sha": m.model.get("commit") or m.model.get("revision") or None,  # the snapshot traced
         "model_dtype": m.model.get("dtype", "float32"),
         "served_model_name": engine.model_name,
         "model_type": model_type(engine),
