@@ -115,7 +115,9 @@ def test_root_classifies_as_tei_and_as_the_inference_api(tmp_path: Path, classif
         assert client.post("/embed", json={"inputs": "x"}).status_code == 404  # not an embedding model
         # the document says what POST / takes from this server: a classifier's body, not embed's
         root = client.get("/openapi.json").json()["paths"]["/"]["post"]
-        assert root["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ClassifyRequest")
+        assert root["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ClassifyRequest"
+        )
 
 
 def test_decode_inverts_tokenize(tmp_path: Path, embedder: Path) -> None:
