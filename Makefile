@@ -61,8 +61,10 @@ dockerfiles: venv $(TOOLS)/.installed
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# The real_docker tests get an engine of their own for the run (scripts/with-docker-engine.sh);
+# where none can run, they are skipped with the reason.
 unit: venv system-deps
-	$(VENV)/bin/pytest -q
+	./scripts/with-docker-engine.sh $(VENV)/bin/pytest -q
 
 # The Kubernetes base, emitted for cpu and neuronx from the committed config: rendered with
 # kubectl kustomize, every object validated strictly (kubernetes-validate; the CRDs against their

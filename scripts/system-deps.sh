@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages of the named tools when they are missing (default: nginx and
 # prometheus). nginx fronts every local deployment; prometheus runs in the monitoring tests and
-# with monitor.prometheus=true; hey loads the tests' open-loop burst and the benches.
+# with monitor.prometheus=true; hey loads the tests' open-loop burst and the benches; dockerd
+# (Debian's docker.io) is the tests' own Docker engine and mmdebstrap builds its base image when
+# no image registry is reachable (scripts/docker-engine.sh, scripts/docker-base.sh).
 #   scripts/system-deps.sh nginx            what fast-api/deploy.sh needs
 #   scripts/system-deps.sh nginx prometheus hey
 set -euo pipefail
@@ -12,7 +14,9 @@ for tool in "$@"; do
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light) ;;
     prometheus) command -v prometheus >/dev/null 2>&1 || missing+=(prometheus) ;;
     hey) command -v hey >/dev/null 2>&1 || missing+=(hey) ;;
-    *) echo "system-deps.sh: unknown tool '$tool' (nginx, prometheus or hey)" >&2; exit 2 ;;
+    dockerd) command -v dockerd >/dev/null 2>&1 || missing+=(docker.io) ;;
+    mmdebstrap) command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap) ;;
+    *) echo "system-deps.sh: unknown tool '$tool' (nginx, prometheus, hey, dockerd or mmdebstrap)" >&2; exit 2 ;;
   esac
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
@@ -29,4 +33,6 @@ if command -v service >/dev/null 2>&1; then
   service nginx stop >/dev/null 2>&1 || true
   service prometheus stop >/dev/null 2>&1 || true
   service prometheus-node-exporter stop >/dev/null 2>&1 || true
+  service docker stop >/dev/null 2>&1 || true  # the tests start their own dockerd
+  service containerd stop >/dev/null 2>&1 || true
 fi

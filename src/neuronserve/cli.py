@@ -139,12 +139,14 @@ def _trace_in_docker(settings: Settings, args: argparse.Namespace) -> bool:
         },
         force=args.force,
     )
-    print(f"{engine.reason}: tracing in container image {tag}")
-    print(containers.run_trace_container(engine, spec))
+    print(f"{engine.reason}: tracing in container image {tag}", flush=True)
+    code = containers.run_trace_container(engine, spec, emit=lambda line: print(line, flush=True))
+    if code != 0:
+        raise BackendError(f"the trace container exited with status {code}; its output is above")
     return True
 
 
-STAGES = ("trace", "serve", "engine")
+STAGES = ("trace", "serve", "engine", "nginx")
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -163,7 +165,18 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if engine.client is None:
         print(f"{engine.reason}: using the local environment (.venv) for backend {backend} ({why})")
         return 0
-    tag = containers.build_image(engine, Path.cwd(), stage, backend)
+    try:
+        tag = containers.build_image(
+            engine,
+            Path.cwd(),
+            stage,
+            backend,
+            base_image=settings.deploy.docker_base_image,
+            emit=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except containers.ImageBuildError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), stage, backend)}")
     return 0
 
@@ -458,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaratio
 
     p = sub.add_parser(
         "image",
-        help="build a container image: trace, serve (what deploy.launcher=docker runs) or engine "
-        "(a text-generation model's on cpu)",
+        help="build a container image: trace, serve (what deploy.launcher=docker runs), engine "
+        "(a text-generation model's on cpu) or nginx (deploy.docker_nginx_image, without a registry); "
+        "FROM deploy.docker_base_image when set",
     )
     p.add_argument("action", choices=("build",))
     p.add_argument("stage", nargs="?", choices=STAGES, help="default: trace")

@@ -407,6 +407,17 @@ class DeploySettings:
         "Serving image; empty means neuronserve-serve-<backend>:latest (k8s: :<neuronserve version>, "
         "which the base's kustomization images: entry lets an overlay pin to a digest).",
     )
+    docker_base_image: str = setting(
+        "",
+        "The base image neuronserve image build gives the cpu Dockerfiles (BASE_IMAGE); empty means "
+        "each Dockerfile's own (python:3.11-slim). Where no registry is reachable, "
+        "scripts/docker-base.sh builds one from Debian packages.",
+    )
+    docker_nginx_image: str = setting(
+        "nginx:1.27-alpine",
+        "deploy.launcher=docker: the nginx in front of the servers (neuronserve image build nginx "
+        "makes neuronserve-nginx:latest from the base image, for hosts without a registry).",
+    )
     k8s_namespace: str = setting("neuronserve", "k8s: the namespace of every object.")
     k8s_replicas: int = setting(
         2,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +52,12 @@ def docker_engine(timeout_s: float = 3.0) -> Engine:
 
 
 def image_tag(stage: str, backend: BackendKind) -> str:
-    return f"neuronserve-{stage}-{backend}:latest"
+    """``neuronserve-<stage>-<backend>:latest``; nginx is one image for every backend."""
+    return "neuronserve-nginx:latest" if stage == "nginx" else f"neuronserve-{stage}-{backend}:latest"
 
 
 def dockerfile(repo: Path, stage: str, backend: BackendKind) -> Path:
-    return repo / "docker" / f"{stage}-{backend}.Dockerfile"
+    return repo / "docker" / ("nginx.Dockerfile" if stage == "nginx" else f"{stage}-{backend}.Dockerfile")
 
 
 def neuron_devices() -> list[str]:
@@ -144,24 +145,118 @@ def trace_container_spec(
     return spec
 
 
-def build_image(engine: Engine, repo: Path, stage: str, backend: BackendKind) -> str:
-    """Build the ``stage`` (trace, serve or engine) image for ``backend``; returns its tag."""
+def find_links() -> list[Path]:
+    """The local directories pip's configuration and environment name as ``find-links``."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    values = [
+        line.split("=", 1)[1].strip("'\"") for line in listed if line.split("=", 1)[0].endswith("find-links")
+    ]
+    values.append(os.environ.get("PIP_FIND_LINKS", ""))
+    found = [Path(v.removeprefix("file://")) for value in values for v in value.split()]
+    return list(dict.fromkeys(p for p in found if p.is_dir()))
+
+
+def stage_wheels(repo: Path, sources: Sequence[Path]) -> list[Path]:
+    """Put the CPU torch wheels of ``sources`` at the version constraints/cpu.txt pins into the
+    build context's docker/wheels (hard links where they can be), for a build whose CPU index is
+    unreachable; returns what is there."""
+    pins = [
+        line
+        for line in (repo / "constraints" / "cpu.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    ]
+    if not pins:
+        return []
+    version = pins[0].removeprefix("torch==").strip()
+    target = repo / "docker" / "wheels"
+    target.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for source in sources:
+        for wheel in sorted(source.glob(f"torch-{version}+cpu-*.whl")):
+            placed = target / wheel.name
+            if not placed.exists() or placed.stat().st_size != wheel.stat().st_size:
+                placed.unlink(missing_ok=True)
+                try:
+                    os.link(wheel, placed)
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(wheel, placed)
+            staged.append(placed)
+    return staged
+
+
+class ImageBuildError(RuntimeError):
+    """An image build failed: the step's error and the end of the build's output."""
+
+
+def build_image(
+    engine: Engine,
+    repo: Path,
+    stage: str,
+    backend: BackendKind,
+    *,
+    base_image: str = "",
+    emit: Callable[[str], None] | None = None,
+    build_args: Mapping[str, str] | None = None,
+    tag: str = "",
+    no_cache: bool = False,
+) -> str:
+    """Build the ``stage`` (trace, serve, engine or nginx) image for ``backend``; returns its
+    tag. ``base_image``: the Dockerfile's BASE_IMAGE (empty: its own default). A cpu image's
+    build context gets this host's CPU torch wheels (pip's find-links), if it has any. Each
+    step's line goes to ``emit`` as the build reaches it. ``build_args`` (e.g. EXTRAS), ``tag``
+    (default :func:`image_tag`) and ``no_cache`` are the build's own."""
     assert engine.client is not None, "this is a bug: build_image needs an engine"
-    tag = image_tag(stage, backend)
-    engine.client.images.build(
+    tag = tag or image_tag(stage, backend)
+    args = {**({"BASE_IMAGE": base_image} if base_image else {}), **(build_args or {})}
+    if not backend.neuron_cores and stage in ("trace", "serve"):
+        stage_wheels(repo, find_links())
+    recent: list[str] = []
+    chunks = engine.client.api.build(
         path=str(repo),
         dockerfile=str(dockerfile(repo, stage, backend).relative_to(repo)),
         tag=tag,
         rm=True,
+        buildargs=args or None,
+        nocache=no_cache,
+        decode=True,
     )
+    for chunk in chunks:
+        if "error" in chunk:
+            tail = "\n".join(recent[-15:])
+            raise ImageBuildError(f"building {tag} failed: {str(chunk['error']).strip()}\n{tail}")
+        for line in str(chunk.get("stream", "")).splitlines():
+            recent = [*recent[-40:], line]
+            if emit is not None and line.startswith("Step "):
+                emit(f"{tag}: {line}")
     return tag
 
 
-def run_trace_container(engine: Engine, spec: dict[str, Any]) -> str:
-    """Run the trace container to completion; returns its output."""
+def run_trace_container(engine: Engine, spec: dict[str, Any], emit: Callable[[str], None]) -> int:
+    """Run the trace container to completion, each line of its output to ``emit`` as it comes
+    (a long trace shows its shapes one by one); returns its exit status. The container is
+    removed whatever happens, an interrupt included."""
     assert engine.client is not None, "this is a bug: run_trace_container needs an engine"
-    output = engine.client.containers.run(**spec)
-    return output.decode(errors="replace") if isinstance(output, bytes) else str(output)
+    create = {k: v for k, v in spec.items() if k not in ("remove", "detach", "stdout", "stderr")}
+    container = engine.client.containers.run(**create, detach=True)
+    try:
+        pending = b""
+        for chunk in container.logs(stream=True, follow=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                emit(line.decode(errors="replace"))
+        if pending:
+            emit(pending.decode(errors="replace"))
+        return int(container.wait().get("StatusCode", 1))
+    finally:
+        container.remove(force=True)
 
 
 def current_ids() -> tuple[int, int]:

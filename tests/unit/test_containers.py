@@ -78,28 +78,6 @@ def test_no_engine_here_is_reported_not_raised() -> None:
     assert engine.reason.startswith("no Docker engine reachable")
 
 
-@pytest.mark.parametrize(("stage", "backend"), [("serve", "cpu"), ("serve", "neuronx"), ("trace", "neuron")])
-def test_images_build_from_their_stage_dockerfile(stage: str, backend: str) -> None:
-    from neuronserve.containers import Engine, build_image
-    from tests.conftest import REPO
-
-    builds: list[dict[str, Any]] = []
-
-    class Images:  # the docker SDK's images API, recording what it is asked to build
-        def build(self, **kwargs: Any) -> None:
-            builds.append(kwargs)
-
-    class Client:
-        images = Images()
-
-    tag = build_image(Engine(Client(), "test engine"), REPO, stage, BackendKind(backend))
-    assert tag == f"neuronserve-{stage}-{backend}:latest"
-    assert builds == [
-        {"path": str(REPO), "dockerfile": f"docker/{stage}-{backend}.Dockerfile", "tag": tag, "rm": True}
-    ]
-    assert (REPO / builds[0]["dockerfile"]).is_file()
-
-
 def test_serve_images_run_as_a_user_and_probe_readiness() -> None:
     import re
 

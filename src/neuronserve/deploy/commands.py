@@ -107,7 +107,7 @@ def deploy(
     if emit_compose:  # run elsewhere or later: its servers hash the artifacts themselves
         from neuronserve.deploy import docker
 
-        specs = docker.container_specs(settings, plan, _directories(manifests))
+        specs = docker.container_specs(settings, plan, _directories(manifests), memory)
         docker.write_compose(Path(emit_compose), specs, plan)
         print(f"wrote {emit_compose}")
         return 0
@@ -117,7 +117,7 @@ def deploy(
     config_path = find_config(config, os.environ)
     config_abs = config_path.resolve() if config_path is not None else None
     if settings.deploy.launcher == "docker":
-        return _deploy_docker(settings, plan, _directories(manifests))
+        return _deploy_docker(settings, plan, _directories(manifests), memory)
     rd = local.start(settings, plan, next(iter(manifests.values())).directory, config_abs)
     try:
         local.wait_ready(settings, plan, rd)
@@ -210,14 +210,14 @@ def _directories(manifests: dict[str, Manifest]) -> dict[str, Path]:
     return {name: m.directory for name, m in manifests.items()}
 
 
-def _deploy_docker(settings: Settings, plan: Plan, artifacts: dict[str, Path]) -> int:
+def _deploy_docker(settings: Settings, plan: Plan, artifacts: dict[str, Path], memory: MemoryPlan) -> int:
     from neuronserve import containers
     from neuronserve.deploy import docker
 
     engine = containers.docker_engine()
     if engine.client is None:
         raise DeployError(f"{engine.reason}; start Docker, or use deploy.launcher=local")
-    specs = docker.container_specs(settings, plan, artifacts)
+    specs = docker.container_specs(settings, plan, artifacts, memory)
     docker.deploy(engine.client, settings, plan, specs)
     print(
         f"ready: http://{plan.host}:{plan.port} ({len(plan.servers)} server containers; docker logs <name>)"
@@ -284,12 +284,10 @@ def _docker_status(settings: Settings) -> int:
     if not rows:
         print(f"deployment {name!r} is not running in Docker")
         return 3
-    ready = {"healthy": "yes", "starting": "no", "unhealthy": "no", "": ""}
-    print(f"{'container':<28}{'state':<12}{'ready':<8}{'cores':<8}restarts")
+    # health: the engine's own verdict from the health check (a server's /ready), "-" where there is none
+    print(f"{'container':<28}{'state':<12}{'health':<11}{'cores':<8}restarts")
     for row in rows:
-        print(
-            f"{row.name:<28}{row.state:<12}{ready.get(row.health, row.health):<8}{row.cores:<8}{row.restarts}"
-        )
+        print(f"{row.name:<28}{row.state:<12}{row.health or '-':<11}{row.cores:<8}{row.restarts}")
     d = settings.deploy
     endpoint = f"http://{'127.0.0.1' if d.host in {'0.0.0.0', '::'} else d.host}:{d.port}"  # noqa: S104
     try:

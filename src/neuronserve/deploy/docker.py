@@ -23,6 +23,7 @@ import httpx
 
 from neuronserve.config import Settings, section_environment, settings_environment
 from neuronserve.deploy.local import CRASH_LOOP_RESTARTS, DeployError, all_cores
+from neuronserve.deploy.memory import MemoryPlan
 from neuronserve.deploy.nginx import render_nginx_conf, server_access_log
 from neuronserve.deploy.plan import PROBE_TIMEOUT_S, Plan, ServerPlan
 
@@ -43,10 +44,10 @@ READY_PROBE = (
     "print(r.read(2000).decode(errors='replace'))\n"
     "sys.exit(r.status != 200)\n"
 )
+MEMORY_HEADROOM = 1.5  # a server container's memory limit over its memory plan estimate
 HEALTHCHECK_TIMEOUT_S = PROBE_TIMEOUT_S + 2  # also the serve images' HEALTHCHECK --timeout
 ARTIFACTS_MOUNT = "/artifacts"
 API_KEY_MOUNT = "/run/secrets/neuronserve-api-key"
-NGINX_IMAGE = "nginx:1.27-alpine"
 NOT_SERVERS = frozenset({"nginx", "exporter"})  # roles (neuronserve.server labels) that serve no model
 # On an engine deployment's nginx: its endpoint's probe is /health (the engines' own).
 ENGINE_LABEL = "neuronserve.engine"
@@ -145,7 +146,7 @@ def nginx_spec(
         read_timeout_s = settings.serve.max_request_timeout_ms / 1000 + 5
     return {
         "name": f"{plan.deployment}-nginx",
-        "image": NGINX_IMAGE,
+        "image": settings.deploy.docker_nginx_image,
         "labels": {LABEL: plan.deployment, "neuronserve.server": "nginx"},
         "network": f"{plan.deployment}-net",
         "ports": {f"{CONTAINER_PORT}/tcp": (plan.host, plan.port)},
@@ -202,20 +203,34 @@ def exporter_spec(settings: Settings, plan: Plan, image: str) -> dict[str, Any]:
     return spec
 
 
+def memory_limit(estimate: int) -> int:
+    """A server container's memory limit: its memory plan estimate with half again as headroom
+    (load adds working sets the estimate counts once), in whole 256 MiB."""
+    step = 256 << 20
+    return -(-int(estimate * MEMORY_HEADROOM) // step) * step
+
+
 def container_specs(
-    settings: Settings, plan: Plan, artifacts: Path | dict[str, Path]
+    settings: Settings,
+    plan: Plan,
+    artifacts: Path | dict[str, Path],
+    memory: MemoryPlan | None = None,
 ) -> list[dict[str, Any]]:
     """Servers, then the exporter (when ``monitor.enabled``), then nginx. ``artifacts``: the
-    directory of model.*'s artifacts, or every model's by name (model.*'s first)."""
+    directory of model.*'s artifacts, or every model's by name (model.*'s first). With the
+    ``memory`` plan, each server container is limited to :func:`memory_limit` of its estimate."""
     if isinstance(artifacts, Path):
         artifacts = {settings.model_name: artifacts}
     image = settings.deploy.docker_image or f"neuronserve-serve-{plan.backend}:latest"
     exporter = [exporter_spec(settings, plan, image)] if settings.monitor.enabled else []
-    return [
-        *(server_spec(settings, plan, s, artifacts, image) for s in plan.servers),
-        *exporter,
-        nginx_spec(settings, plan),
-    ]
+    servers = [server_spec(settings, plan, s, artifacts, image) for s in plan.servers]
+    if memory is not None:
+        estimates = {m.name: m.host for m in memory.servers}
+        for spec, server in zip(servers, plan.servers, strict=True):
+            if server.name in estimates:
+                spec["mem_limit"] = memory_limit(estimates[server.name])
+                spec["memswap_limit"] = spec["mem_limit"]  # no swap beyond it: a limit, not a slowdown
+    return [*servers, *exporter, nginx_spec(settings, plan)]
 
 
 def _duration(ns: int) -> str:
@@ -242,6 +257,9 @@ def compose_document(specs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
             service["stop_grace_period"] = f"{spec['stop_grace_period_s']}s"
         if "cpuset_cpus" in spec:
             service["cpuset"] = spec["cpuset_cpus"]
+        if "mem_limit" in spec:
+            service["mem_limit"] = spec["mem_limit"]
+            service["memswap_limit"] = spec["memswap_limit"]
         if spec.get("healthcheck", {}).get("test") == ["NONE"]:
             service["healthcheck"] = {"disable": True}
         elif "healthcheck" in spec:
