@@ -7,7 +7,7 @@ FROM ${BASE_IMAGE}
 # The base image's Debian release fixes nginx's version.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nginx-light \
+ && apt-get install -y --no-install-recommends nginx \
  && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/* \
  && useradd --no-create-home --uid 10001 neuronserve \
  && chown -R 10001:10001 /var/lib/nginx /var/log/nginx

@@ -16,14 +16,28 @@ SOCKET="$RUN_DIR/docker.sock"
 PIDFILE="$RUN_DIR/dockerd.pid"
 LOG="$RUN_DIR/dockerd.log"
 
+ours() { [ -f "$PIDFILE" ] && cat "$PIDFILE" 2>/dev/null; }
+
 why_not() {
   if [ "$(id -u)" -ne 0 ]; then echo "dockerd needs root (run as root, or give DOCKER_HOST an engine of yours)"; return 0; fi
   if [ "$(uname -s)" != Linux ]; then echo "dockerd runs on Linux only"; return 0; fi
   if [ ! -d /sys/fs/cgroup ]; then echo "no cgroup filesystem at /sys/fs/cgroup"; return 0; fi
+  # Another engine would share its containerd, docker0 and iptables chains with ours: leave it be.
+  for pid in $(pgrep -x dockerd || true); do
+    if [ "$pid" != "$(ours)" ]; then echo "another dockerd (pid $pid) runs on this host; the tests start theirs only where none does"; return 0; fi
+  done
+  if [ -S /run/containerd/containerd.sock ] && pgrep -x containerd >/dev/null && ! pgrep -f "containerd.*$RUN_DIR" >/dev/null; then
+    echo "a system containerd runs on this host (dockerd would use it); stop it to run the tests' engine"; return 0
+  fi
   return 1
 }
 
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+# Our dockerd: the pid file's process, if it is a dockerd (a stale file's pid may be anyone's).
+running() {
+  local pid
+  pid=$(ours) || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]
+}
 
 answers() { DOCKER_HOST="unix://$SOCKET" docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
@@ -31,14 +45,17 @@ start() {
   if reason=$(why_not); then echo "no Docker engine can run here: $reason" >&2; exit 3; fi
   ./scripts/system-deps.sh dockerd >&2
   mkdir -p "$DATA_ROOT" "$RUN_DIR"
+  child=""
   if ! running; then
+    rm -f "$PIDFILE"
     # setsid: the engine outlives this script, in a session of its own; its log is in $LOG.
     setsid dockerd --data-root "$DATA_ROOT" --exec-root "$RUN_DIR/exec" --pidfile "$PIDFILE" \
       --host "unix://$SOCKET" >"$LOG" 2>&1 </dev/null &
+    child=$!
   fi
   for _ in $(seq 1 300); do  # poll until it answers (about a second on a warm host)
     if answers; then echo "DOCKER_HOST=unix://$SOCKET"; return 0; fi
-    if ! running && [ -f "$PIDFILE" ]; then break; fi
+    if [ -n "$child" ] && ! kill -0 "$child" 2>/dev/null; then break; fi  # it died: say so at once
     sleep 0.2
   done
   echo "dockerd did not answer on $SOCKET; its log ($LOG) ends with:" >&2
@@ -48,22 +65,22 @@ start() {
 }
 
 stop() {
-  if [ -f "$PIDFILE" ]; then
-    pid=$(cat "$PIDFILE")
-    if kill -0 "$pid" 2>/dev/null; then
-      # Containers first (their shims would outlive a dead engine), then the engine.
-      DOCKER_HOST="unix://$SOCKET" docker ps -q 2>/dev/null | xargs -r env DOCKER_HOST="unix://$SOCKET" docker kill >/dev/null 2>&1 || true
-      kill -TERM "$pid"
-      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-    fi
-    rm -f "$PIDFILE"
+  if running; then
+    pid=$(ours)
+    # Every container of this private engine goes (a run that died early leaves its own, which
+    # would refuse the next run's names), and its unused networks; then the engine. Images stay.
+    DOCKER_HOST="unix://$SOCKET" docker ps -aq 2>/dev/null | xargs -r env DOCKER_HOST="unix://$SOCKET" docker rm -f >/dev/null 2>&1 || true
+    DOCKER_HOST="unix://$SOCKET" docker network prune -f >/dev/null 2>&1 || true
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
   fi
+  rm -f "$PIDFILE"
   # What an engine killed hard may leave: its containerd and shims, mounts under its roots.
   pkill -f "containerd.*$RUN_DIR" 2>/dev/null || true
   for _ in $(seq 1 50); do pgrep -f "containerd.*$RUN_DIR" >/dev/null || break; sleep 0.2; done
   pkill -KILL -f "containerd.*$RUN_DIR" 2>/dev/null || true
-  awk -v a="$DATA_ROOT" -v b="$RUN_DIR" 'index($2, a) == 1 || index($2, b) == 1 {print $2}' /proc/self/mounts \
+  awk -v a="$DATA_ROOT" -v b="$RUN_DIR" '$2 == a || $2 == b || index($2, a "/") == 1 || index($2, b "/") == 1 {print $2}' /proc/self/mounts \
     | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -f "$SOCKET"
 }

@@ -33,6 +33,9 @@ if command -v service >/dev/null 2>&1; then
   service nginx stop >/dev/null 2>&1 || true
   service prometheus stop >/dev/null 2>&1 || true
   service prometheus-node-exporter stop >/dev/null 2>&1 || true
-  service docker stop >/dev/null 2>&1 || true  # the tests start their own dockerd
-  service containerd stop >/dev/null 2>&1 || true
+  case " ${missing[*]} " in
+    *" docker.io "*)  # just installed: the tests start their own dockerd
+      service docker stop >/dev/null 2>&1 || true
+      service containerd stop >/dev/null 2>&1 || true ;;
+  esac
 fi

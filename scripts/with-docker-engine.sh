@@ -8,10 +8,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 engine=scripts/docker-engine.sh
+# Stopped however this ends, an interrupt while it starts included (stop is harmless when none runs).
+trap '"$engine" stop' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 if started=$("$engine" start 2>/tmp/neuronserve-docker-start.$$); then
   export NEURONSERVE_TEST_DOCKER_HOST="${started#DOCKER_HOST=}"
-  trap '"$engine" stop' EXIT
-  trap 'exit 130' INT TERM
   echo "Docker engine for the tests: $NEURONSERVE_TEST_DOCKER_HOST (stopped when they end)"
 else
   export NEURONSERVE_TEST_DOCKER_WHY="no Docker engine could start here: $(tail -n 3 /tmp/neuronserve-docker-start.$$ | tr '\n' ' ')"

@@ -177,6 +177,11 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     except containers.ImageBuildError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except Exception as exc:  # the engine's own refusal (docker.errors.APIError): one line, no traceback
+        if type(exc).__module__.startswith("docker."):
+            print(f"building the {stage} image failed: {exc}", file=sys.stderr)
+            return 1
+        raise
     print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), stage, backend)}")
     return 0
 

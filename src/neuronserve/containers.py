@@ -208,13 +208,15 @@ def build_image(
     no_cache: bool = False,
 ) -> str:
     """Build the ``stage`` (trace, serve, engine or nginx) image for ``backend``; returns its
-    tag. ``base_image``: the Dockerfile's BASE_IMAGE (empty: its own default). A cpu image's
+    tag. ``base_image``: a cpu Dockerfile's BASE_IMAGE (empty: its own default). A cpu image's
     build context gets this host's CPU torch wheels (pip's find-links), if it has any. Each
     step's line goes to ``emit`` as the build reaches it. ``build_args`` (e.g. EXTRAS), ``tag``
     (default :func:`image_tag`) and ``no_cache`` are the build's own."""
     assert engine.client is not None, "this is a bug: build_image needs an engine"
     tag = tag or image_tag(stage, backend)
-    args = {**({"BASE_IMAGE": base_image} if base_image else {}), **(build_args or {})}
+    # deploy.docker_base_image is the cpu images' base: a Neuron image keeps its DLC
+    own_base = base_image and not backend.neuron_cores
+    args = {**({"BASE_IMAGE": base_image} if own_base else {}), **(build_args or {})}
     if not backend.neuron_cores and stage in ("trace", "serve"):
         stage_wheels(repo, find_links())
     recent: list[str] = []
@@ -244,8 +246,9 @@ def run_trace_container(engine: Engine, spec: dict[str, Any], emit: Callable[[st
     removed whatever happens, an interrupt included."""
     assert engine.client is not None, "this is a bug: run_trace_container needs an engine"
     create = {k: v for k, v in spec.items() if k not in ("remove", "detach", "stdout", "stderr")}
-    container = engine.client.containers.run(**create, detach=True)
+    container = engine.client.containers.create(**create)
     try:
+        container.start()
         pending = b""
         for chunk in container.logs(stream=True, follow=True):
             pending += chunk

@@ -190,9 +190,12 @@ def test_the_cpu_install_takes_torch_from_the_cpu_index() -> None:
     assert "TORCH_INDEX ?= https://download.pytorch.org/whl/cpu" in makefile
     assert "-c constraints/cpu.txt torch --index-url $(TORCH_INDEX)" in makefile
     assert "-c constraints/cpu.txt -e '.[$*]'" in makefile
-    for doc in [REPO / "README.md", *sorted((REPO / "docker").glob("serve-cpu*"))]:
-        for line in doc.read_text().splitlines():
-            if "pip install" in line and "cpu.txt torch" in line:
-                assert "--index-url https://download.pytorch.org/whl/cpu" in line, (doc.name, line)
+    for line in (REPO / "README.md").read_text().splitlines():
+        if "pip install" in line and "cpu.txt torch" in line:
+            assert "--index-url https://download.pytorch.org/whl/cpu" in line, line
+    for name in ("serve-cpu", "trace-cpu"):  # torch alone first, from the CPU index (or given wheels)
+        text = (REPO / "docker" / f"{name}.Dockerfile").read_text()
+        assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text, name
+        assert '--no-deps --retries 1 --find-links wheels --index-url "${TORCH_INDEX}"' in text, name
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"torch>=1.13",' in pyproject and "torch==" not in pyproject

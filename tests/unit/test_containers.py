@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,44 @@ def test_no_engine_here_is_reported_not_raised() -> None:
     engine = docker_engine(timeout_s=1)
     assert engine.client is None
     assert engine.reason.startswith("no Docker engine reachable")
+
+
+@pytest.mark.parametrize(
+    ("stage", "backend"), [("serve", "cpu"), ("trace", "cpu"), ("serve", "neuronx"), ("nginx", "cpu")]
+)
+def test_image_builds_take_their_dockerfile_and_only_cpu_images_the_base(stage: str, backend: str) -> None:
+    """deploy.docker_base_image is the cpu images' base (and nginx's): a Neuron image keeps its
+    DLC. A build's error is raised with the end of its output; every step is said."""
+    from neuronserve.containers import Engine, ImageBuildError, build_image
+    from tests.conftest import REPO
+
+    builds: list[dict[str, Any]] = []
+    said: list[str] = []
+
+    class Api:  # the docker SDK's low-level build: recorded, and a stream of its chunks
+        def build(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+            builds.append(kwargs)
+            yield {"stream": "Step 1/2 : FROM base\n"}
+            if kwargs["tag"].endswith(":broken"):
+                yield {"error": "The command returned a non-zero code: 1"}
+            yield {"stream": "Step 2/2 : CMD x\n"}
+
+    class Client:
+        api = Api()
+
+    engine = Engine(Client(), "test engine")
+    tag = build_image(
+        engine, REPO, stage, BackendKind(backend), base_image="neuronserve-base:bookworm", emit=said.append
+    )
+    assert (REPO / builds[0]["dockerfile"]).is_file()
+    assert builds[0]["dockerfile"] == (
+        "docker/nginx.Dockerfile" if stage == "nginx" else f"docker/{stage}-{backend}.Dockerfile"
+    )
+    expected = None if backend == "neuronx" else {"BASE_IMAGE": "neuronserve-base:bookworm"}
+    assert builds[0]["buildargs"] == expected and builds[0]["tag"] == tag
+    assert said == [f"{tag}: Step 1/2 : FROM base", f"{tag}: Step 2/2 : CMD x"]
+    with pytest.raises(ImageBuildError, match="non-zero code: 1\nStep 1/2 : FROM base"):
+        build_image(engine, REPO, stage, BackendKind(backend), tag="x:broken")
 
 
 def test_serve_images_run_as_a_user_and_probe_readiness() -> None:

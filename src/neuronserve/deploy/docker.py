@@ -331,8 +331,8 @@ def _check_images(engine_client: Any, specs: list[dict[str, Any]]) -> None:
         try:
             engine_client.images.get(image)
         except ImageNotFound:
-            if image.startswith(("neuronserve-serve-", "neuronserve-engine-")):
-                stage = image.split("-")[1]
+            if image.startswith(("neuronserve-serve-", "neuronserve-engine-", "neuronserve-nginx:")):
+                stage = image.split("-")[1].split(":")[0]
                 hint = f"build it with: neuronserve image build {stage}"
             else:
                 hint = f"pull it with: docker pull {image}"
