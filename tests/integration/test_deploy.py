@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from neuronserve.backends import BackendKind
@@ -22,7 +23,7 @@ from neuronserve.deploy import local
 from neuronserve.deploy.inventory import cpu_inventory
 from neuronserve.deploy.plan import Plan, make_plan
 from tests.conftest import REPO, make_settings
-from tests.integration.servers import free_port
+from tests.integration.servers import free_port, tei_client
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +66,11 @@ def test_endpoint_serves_and_spreads_over_servers(deployment: tuple[Settings, Pl
             seen[r.headers["x-server"]] += 1
         e = client.post("/v1/embeddings", json={"input": ["a", "b"]})
         assert e.status_code == 200 and len(e.json()["data"]) == 2
+    # TEI's client through nginx: POST / embeds as /v1/embeddings does
+    with tei_client(url) as tei:
+        vectors = tei.feature_extraction(["a", "b"])
+    assert np.allclose(vectors, [d["embedding"] for d in e.json()["data"]], atol=1e-5)
+    with httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/ready").status_code == 200
         assert client.get("/metrics").status_code == 404  # scraped per server, not public
     assert set(seen) == {f"itest-server-{i}" for i in range(len(plan.servers))}
