@@ -165,6 +165,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if engine.client is None:
         print(f"{engine.reason}: using the local environment (.venv) for backend {backend} ({why})")
         return 0
+    from docker.errors import DockerException  # the engine answered: its SDK is here
+
     try:
         tag = containers.build_image(
             engine,
@@ -177,11 +179,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     except containers.ImageBuildError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    except Exception as exc:  # the engine's own refusal (docker.errors.APIError): one line, no traceback
-        if type(exc).__module__.startswith("docker."):
-            print(f"building the {stage} image failed: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except DockerException as exc:  # the engine's own refusal: one line, no traceback
+        print(f"building the {stage} image failed: {exc}", file=sys.stderr)
+        return 1
     print(f"{engine.reason}: built {tag} from {containers.dockerfile(Path.cwd(), stage, backend)}")
     return 0
 

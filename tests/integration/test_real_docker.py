@@ -9,6 +9,7 @@ a registry gives it, else scripts/docker-base.sh's, built from Debian packages.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -139,8 +140,6 @@ def deployed(setup: Setup, traced: tuple[Path, str]) -> Iterator[Setup]:
 
 
 def _inspect(name: str) -> dict[str, Any]:
-    import json
-
     inspected: list[dict[str, Any]] = json.loads(_docker("inspect", name).stdout)
     return inspected[0]
 
@@ -165,10 +164,36 @@ def test_the_trace_image_writes_verified_artifacts_on_the_host(traced: tuple[Pat
 
 
 def _manifest(directory: Path) -> dict[str, Any]:
-    import json
-
     loaded: dict[str, Any] = json.loads((directory / "manifest.json").read_text())
     return loaded
+
+
+def test_a_failed_trace_container_and_a_failed_build_say_so_and_leave_nothing(
+    setup: Setup, traced: tuple[Path, str]
+) -> None:
+    """A trace that fails inside its container fails run.sh with the container's status (its
+    output streamed above) and leaves no container; a build whose base cannot be had fails
+    ``image build`` in one message naming the image."""
+    not_a_model = setup.tmp / "not-a-model"
+    not_a_model.mkdir(exist_ok=True)
+    (not_a_model / "config.json").write_text("{}")  # a directory the host takes; no model inside
+    env = {**setup.env, "NEURONSERVE_MODEL__SOURCE": str(not_a_model), "NEURONSERVE_MODEL__NAME": "broken"}
+    failed = subprocess.run(
+        ["./trace-model/run.sh"], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "tracing in container image" in said, said[-3000:]
+    assert "the trace container exited with status" in said, said[-3000:]
+    assert _docker("ps", "-aq", "--filter", "label=neuronserve.stage=trace").stdout.strip() == ""
+    cli = str(REPO / ".venv" / "bin" / "neuronserve")
+    no_base = {**setup.env, "NEURONSERVE_DEPLOY__DOCKER_BASE_IMAGE": "neuronserve-no-such-base:1"}
+    build = subprocess.run(
+        [cli, "image", "build", "nginx"], cwd=REPO, env=no_base, capture_output=True, text=True, check=False
+    )
+    assert build.returncode == 1 and "building neuronserve-nginx:latest failed" in build.stderr, build.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in build.stderr
 
 
 def test_each_server_is_a_pinned_unprivileged_container_behind_nginx(deployed: Setup) -> None:
