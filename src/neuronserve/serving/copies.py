@@ -204,6 +204,7 @@ class Copies:
         for slot in slots:
             locks.setdefault(slot, threading.Lock())
         files = self.manifest.artifact_files
+        warmed: dict[tuple[int, tuple[int, int]], float] = {}  # shared by this model's copies
         for index, slot in enumerate(slots):
             worker = CopyWorker(
                 set_threads=self.kind.call_threads_setter(files) if self.lend_cores else None,
@@ -219,6 +220,7 @@ class Copies:
                 on_outcome=self._observe,
                 on_health=lambda i, problem: self._to_loop(self._set_health, i, problem),
                 measure_lock=locks[slot],
+                warmed=warmed,
                 max_failures=self.settings.serve.max_failed_batches,
                 stop=self._stop,
             )
@@ -298,6 +300,7 @@ class CopyWorker(threading.Thread):
         max_failures: int,
         stop: threading.Event,
         set_threads: Callable[[int], None] | None = None,
+        warmed: dict[tuple[int, tuple[int, int]], float] | None = None,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
         # Lent cores (see the Batcher's CoreLedger): the intra-op threads of this thread's next call.
@@ -307,6 +310,9 @@ class CopyWorker(threading.Thread):
         self._max_failures = max_failures
         self._stopping = stop
         self._measure_lock = measure_lock
+        # Warm-up figures by loaded model and shape, shared by the model's copies: a copy that
+        # shares its load with one that warmed it (cpu: every copy of a server) runs it no more.
+        self._warmed = {} if warmed is None else warmed
         self.index = index
         self._start_nc = start_nc
         self._backend = backend
@@ -351,14 +357,19 @@ class CopyWorker(threading.Thread):
         warm: dict[tuple[int, int], float] = {}
         names = self._manifest.input_names
         # Copies that share a core warm one at a time, so a warm-up figure is never the sum of
-        # two copies' work; copies on other cores (Neuron) warm in parallel.
+        # two copies' work; copies on other cores (Neuron) warm in parallel. A load another copy
+        # has warmed is warm: its figures are taken, not measured again (on cpu a server's copies
+        # share one load, and warming it once per copy doubled the time to ready).
         with self._measure_lock:
             for entry in self._manifest.shapes:
                 shape = (entry.batch_size, entry.sequence_length)
-                inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in names)
-                started = time.perf_counter()
-                self._models[shape].run(inputs)
-                warm[shape] = time.perf_counter() - started
+                key = (id(self._models[shape]), shape)
+                if key not in self._warmed:
+                    inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in names)
+                    started = time.perf_counter()
+                    self._models[shape].run(inputs)
+                    self._warmed[key] = time.perf_counter() - started
+                warm[shape] = self._warmed[key]
         traced = {(e.batch_size, e.sequence_length): e.cost_s for e in self._manifest.shapes}
         costs = calibrated_costs(traced, warm)
         log.info(

@@ -274,3 +274,52 @@ def test_a_lone_request_runs_on_every_core_and_concurrent_ones_on_one_each(
         assert torch.allclose(torch.tensor(pair.outputs[0]), torch.tensor(alone.outputs[0]), atol=1e-5)
 
     _run(engine, scenario)
+
+
+class _Counting:
+    """A loaded model that counts its calls by shape."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.calls: dict[tuple[int, int], int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        shape = (inputs[0].shape[0], inputs[0].shape[1])
+        self.calls[shape] = self.calls.get(shape, 0) + 1
+        out: tuple[torch.Tensor, ...] = self.model.run(inputs)
+        return out
+
+
+@pytest.mark.parametrize("engine_name", ["torchscript", "onnxruntime"])
+def test_copies_that_share_a_load_warm_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_name: str
+) -> None:
+    """On cpu a server's copies share one load: it is warmed once, not once per copy (which
+    doubled a default server's time to ready), and every copy still reports every shape's cost."""
+    artifacts = trace_tiny(tmp_path, trace__batch_sizes="1,2", trace__cpu_engine=engine_name).directory
+    settings = make_settings(
+        tmp_path, serve__artifacts=str(artifacts), serve__cores="0", serve__models_per_server="3"
+    )
+    loads: list[_Counting] = []
+    for loader in ("_load_file", "_load_onnx"):
+        real = getattr(cpu, loader)
+
+        def counting(*args: Any, _real: Any = real, **kwargs: Any) -> _Counting:
+            loads.append(_Counting(_real(*args, **kwargs)))
+            return loads[-1]
+
+        monkeypatch.setattr(cpu, loader, counting)
+    engine = Engine(settings, ServerMetrics("test"))
+    assert engine.copies == 3
+
+    async def scenario(engine: Engine, _fatal: list[str]) -> None:
+        await _until(lambda: engine.ready)
+        (loaded,) = loads  # one load for the three copies
+        shapes = {(e.batch_size, e.sequence_length) for e in engine.manifest.shapes}
+        assert loaded.calls == dict.fromkeys(shapes, 1)
+        assert set(engine.copy_set.costs) == shapes
+
+    _run(engine, scenario)
