@@ -3,9 +3,10 @@
 :class:`Copies` places a model's copies on the server's cores and keeps their state (ready,
 out of rotation, dead) and their measured costs; :class:`CopyWorker` is one copy's thread. The
 event loop never runs model code. A copy loads each artifact of the manifest on its core
-(the backend shares one load between copies where it can), runs every compiled shape once, and
-reports per-shape costs: the trace-time figure from the manifest, or the warm-up call if that
-was faster (interference only adds time). A copy is ready only after every shape answered.
+(the backend shares one load between copies where it can), runs every compiled shape once (a
+load another copy already warmed is not run again), and reports per-shape costs: the trace-time
+figure from the manifest, or the warm-up call if that was faster (interference only adds time).
+A copy is ready only after every shape of its load answered.
 """
 
 from __future__ import annotations
