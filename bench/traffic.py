@@ -24,6 +24,8 @@ Variants (--variants):
   int8          the defaults with trace.cpu_quantize=int8
   unlent        the defaults with deploy.lend_cores=false (each server on its own cores)
   onecopy       the defaults with one copy per server (serve.models_per_server=1), lending
+  widecopies    the defaults with a copy per CPU of the deployment in every server (the copy
+                count before a server's own CPUs set it)
   oneserver     the default engine in the previous layout (one server of every CPU up to 8)
   baseline      --baseline REF's code at its own defaults (a git worktree and a virtual
                 environment its servers run too, see bench.common.checkout)
@@ -75,6 +77,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "int8": ("trace.cpu_quantize=int8",),
     "unlent": ("deploy.lend_cores=false",),
     "onecopy": ("serve.models_per_server=1",),
+    "widecopies": (f"serve.models_per_server={min(64, len(os.sched_getaffinity(0)))}",),
     "oneserver": (f"deploy.cores_per_server={TODAY_CORES}",),
     "baseline": (),
 }

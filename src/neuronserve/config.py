@@ -234,9 +234,9 @@ class ServeSettings:
     models_per_server: int = setting(
         0,
         "Model copies in each server, each driven by its own thread; 0 picks by backend: one per usable "
-        "CPU on cpu (servers that lend each other CPUs: one per CPU of the deployment), at most 64 "
+        "CPU of the server's own on cpu, at most 64 "
         "(the container's CPU limit counts; one intra-op thread each, and a batch running alone gets "
-        "the idle CPUs), 2 on Neuron (one copy keeps a NeuronCore busy while the host prepares the "
+        "the idle CPUs, other servers' included where they lend them), 2 on Neuron (one copy keeps a NeuronCore busy while the host prepares the "
         "next batch).",
         minimum=0,
         maximum=64,

@@ -133,9 +133,6 @@ def make_plan(settings: Settings, inventory: Inventory, backend: BackendKind) ->
     chosen = chosen_cores(settings, inventory)
     per_server, count = _layout(settings, len(chosen), backend)
     lend = backend.lends_cores and d.lend_cores and d.launcher == "local" and count > 1
-    # Lending servers hold a copy per CPU they may run on (copies share one load): a request
-    # alone on the host is split over every CPU's copy, as one server of all of them would.
-    reach = count * per_server if lend else per_server
     servers = []
     for i in range(count):
         ids = tuple(chosen[i * per_server : (i + 1) * per_server])
@@ -153,11 +150,11 @@ def make_plan(settings: Settings, inventory: Inventory, backend: BackendKind) ->
                 cores=CoreSet(ids),
                 devices=inventory.devices_for(ids),
                 port=port,
-                copies=backend.copies_per_server(settings.serve.models_per_server, reach),
+                copies=backend.copies_per_server(settings.serve.models_per_server, per_server),
             )
         )
     model_copies = tuple(
-        (name, backend.copies_per_server(model.serve.models_per_server, reach))
+        (name, backend.copies_per_server(model.serve.models_per_server, per_server))
         for name, model in settings.per_model().items()
     )
     used = {c for s in servers for c in s.cores.ids}

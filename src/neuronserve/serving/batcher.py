@@ -314,6 +314,7 @@ class Batcher(Generic[P]):
         self._idle = 0  # copies waiting in next_batch for work
         self._core_waits = 0  # copies waiting in next_batch for a core (with a ledger)
         self.ledger = ledger
+        self.copies = max(1, copies)
         # The thread counts a call can use (None: any); a batch is lent the most of them that fit
         # what is free, and the rest are never taken from the ledger.
         self.thread_counts = tuple(sorted({1, *thread_counts})) if thread_counts else None
@@ -500,12 +501,14 @@ class Batcher(Generic[P]):
             return None, oldest_at + self.max_delay_s
         threads = 1
         if self.ledger is not None:
-            # This batch, the shares of what still waits and other models' copies waiting for a
-            # core split the free cores: all of them for a batch that runs alone, one each when
-            # there is work for every copy.
+            # This batch, the shares of what still waits (as many as this model has other copies
+            # to run them) and other models' copies waiting for a core split the free cores: all
+            # of them for a batch that runs alone or a lone copy's, one each when there is work
+            # for every copy.
             own_taken = min(size, share)
             count = own_taken + min(size - own_taken, available - own)
-            later = -(-(self._size - count) // max(1, share)) + self.ledger.others_waiting(turn)
+            shares_left = min(self.copies - 1, -(-(self._size - count) // max(1, share)))
+            later = shares_left + self.ledger.others_waiting(turn)
             batches = max(1, min(free_cores, 1 + later))
             threads = self.ledger.take(
                 max(self.base_threads, free_cores // batches), turn, self._usable_threads

@@ -73,8 +73,9 @@ class Engine:
         # cpu: the CPUs shared with the deployment's other servers (None: its own only)
         self.shared_cores = shared_cores(settings, self.kind, self.cores)
         span = len(self.shared_cores) if self.shared_cores is not None else usable
-        # by default a copy per CPU it may run on (they share one load)
-        self.copies = self.kind.copies_per_server(settings.serve.models_per_server, span)
+        # by default a copy per CPU of its own (they share one load); a lone copy's batch takes
+        # the CPUs other servers lend as intra-op threads
+        self.copies = self.kind.copies_per_server(settings.serve.models_per_server, usable)
         self.batch_sizes = self._allowed_batch_sizes()
         self.max_sequence_length = max(self.manifest.sequence_lengths)
         self.encoder = TextEncoder(directory, self.max_sequence_length)

@@ -128,7 +128,7 @@ def test_cpu_plan_on_a_subset_of_cpus(tmp_path: Path) -> None:
     plan = make_plan(
         make_settings(tmp_path, deploy__cores="2-3", deploy__cores_per_server="1"), cpus, BackendKind.CPU
     )
-    assert [(str(s.cores), s.devices, s.copies) for s in plan.servers] == [("2", (), 2), ("3", (), 2)]
+    assert [(str(s.cores), s.devices, s.copies) for s in plan.servers] == [("2", (), 1), ("3", (), 1)]
     assert str(plan.shared_cores) == "2-3"  # they lend each other those two only
 
 
@@ -143,8 +143,8 @@ def test_a_cpu_host_gets_at_least_two_servers_of_up_to_eight_cpus_that_lend_each
     lone request still runs on all of them (one event loop feeds 8)."""
     plan = make_plan(make_settings(tmp_path), Inventory("cpu", tuple(range(cpus)), {}), BackendKind.CPU)
     assert [len(s.cores) for s in plan.servers] == layout
-    # a copy per CPU a server may run on: its own, and the others' it borrows when they idle
-    copies = [cpus] * len(layout) if len(layout) > 1 else layout
+    # a copy per CPU of its own; the others' idle CPUs are lent to its batches as threads
+    copies = layout
     assert [s.copies for s in plan.servers] == copies and plan.model_copies[0][1] == copies[0]
     assert not plan.idle_cores
     if len(layout) > 1:

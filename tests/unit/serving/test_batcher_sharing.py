@@ -117,6 +117,21 @@ def test_a_lone_copy_of_several_cores_always_runs_on_all_of_them() -> None:
     assert batch is not None and batch.threads == 2
 
 
+def test_a_servers_one_copy_borrows_every_idle_core_though_more_work_waits() -> None:
+    """One copy on its server's one CPU, lent the other server's while that one idles: with more
+    waiting it still runs on both, since no other copy of this model could take a core left
+    free (two copies split them, as the test above shows)."""
+    clock = Clock()
+    batcher = make(clock, ledger=CoreLedger(2, own=1), copies=1)
+    assert batcher.base_threads == 1
+    batcher.submit([item(clock, 20), item(clock, 100)])  # two buckets: two batches in turn
+    first = batcher.next_batch()
+    assert first is not None and first.threads == 2
+    batcher.finished(first)
+    second = batcher.next_batch()
+    assert second is not None and second.threads == 2
+
+
 def test_without_lending_threads_stay_one_and_copies_never_wait_for_cores() -> None:
     clock = Clock()
     batcher = make(clock)
