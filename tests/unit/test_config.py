@@ -50,7 +50,8 @@ def test_grid_and_copies_default_by_backend(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     cpu = make_plan(settings, Inventory("cpu", (0, 1), {}), BackendKind.CPU)
     neuron = make_plan(settings, Inventory("neuron", (0, 1), {0: 0, 1: 0}, 2), BackendKind.NEURONX)
-    assert [(len(s.cores), s.copies) for s in cpu.servers] == [(1, 2), (1, 2)]  # two, lending cores
+    # two servers lending each other cores, a copy per CPU of its own
+    assert [(len(s.cores), s.copies) for s in cpu.servers] == [(1, 1), (1, 1)]
     assert [s.copies for s in neuron.servers] == [2, 2]
 
 
