@@ -320,7 +320,7 @@ class Batcher(Generic[P]):
         self.thread_counts = tuple(sorted({1, *thread_counts})) if thread_counts else None
         # Each copy's own share of the cores (what warm-up measures); idle ones are lent on top.
         self.base_threads = (
-            self._usable_threads(max(1, ledger.own // max(1, copies))) if ledger is not None else 1
+            self._usable_threads(max(1, ledger.own // self.copies)) if ledger is not None else 1
         )
         # Artifacts that run every multiple of trim_step tokens (Manifest.trim_step): a batch is
         # padded to its longest input rounded up to it (TRIM_SHORTEST at least), not to its

@@ -205,7 +205,7 @@ class Copies:
         for slot in slots:
             locks.setdefault(slot, threading.Lock())
         files = self.manifest.artifact_files
-        warmed: dict[tuple[int, tuple[int, int]], float] = {}  # shared by this model's copies
+        warmed: dict[tuple[int, int, tuple[int, int]], float] = {}  # shared by this model's copies
         for index, slot in enumerate(slots):
             worker = CopyWorker(
                 set_threads=self.kind.call_threads_setter(files) if self.lend_cores else None,
@@ -298,10 +298,10 @@ class CopyWorker(threading.Thread):
         on_outcome: Callable[[BatchOutcome], None],
         on_health: Callable[[int, str | None], None],
         measure_lock: threading.Lock,
+        warmed: dict[tuple[int, int, tuple[int, int]], float],
         max_failures: int,
         stop: threading.Event,
         set_threads: Callable[[int], None] | None = None,
-        warmed: dict[tuple[int, tuple[int, int]], float] | None = None,
     ) -> None:
         super().__init__(name=f"copy-{index}", daemon=True)
         # Lent cores (see the Batcher's CoreLedger): the intra-op threads of this thread's next call.
@@ -311,9 +311,10 @@ class CopyWorker(threading.Thread):
         self._max_failures = max_failures
         self._stopping = stop
         self._measure_lock = measure_lock
-        # Warm-up figures by loaded model and shape, shared by the model's copies: a copy that
-        # shares its load with one that warmed it (cpu: every copy of a server) runs it no more.
-        self._warmed = {} if warmed is None else warmed
+        # Warm-up figures by loaded model, core and shape, shared by the model's copies: a copy
+        # that shares its load and core with one that warmed it (cpu: every copy of a server)
+        # runs it no more.
+        self._warmed = warmed
         self.index = index
         self._start_nc = start_nc
         self._backend = backend
@@ -359,12 +360,12 @@ class CopyWorker(threading.Thread):
         names = self._manifest.input_names
         # Copies that share a core warm one at a time, so a warm-up figure is never the sum of
         # two copies' work; copies on other cores (Neuron) warm in parallel. A load another copy
-        # has warmed is warm: its figures are taken, not measured again (on cpu a server's copies
-        # share one load, and warming it once per copy doubled the time to ready).
+        # has warmed on this core is warm: its figures are taken, not measured again (on cpu a
+        # server's copies share one load, and warming it once per copy doubled the time to ready).
         with self._measure_lock:
             for entry in self._manifest.shapes:
                 shape = (entry.batch_size, entry.sequence_length)
-                key = (id(self._models[shape]), shape)
+                key = (id(self._models[shape]), self._start_nc, shape)
                 if key not in self._warmed:
                     inputs = tuple(torch.ones(shape, dtype=torch.int64) for _ in names)
                     started = time.perf_counter()
