@@ -359,8 +359,12 @@ def _load_onnx(artifact: Path, *, threads: tuple[int, ...]) -> OnnxModel:
         # default grid at 256 tokens that held 1.95 GB for two servers against 1.12 GB without it,
         # measured by bench/traffic.py, at the same texts/s within the host's noise).
         options.enable_cpu_mem_arena = False
-        # Sessions share the server's CPUs: a spinning pool would burn the cores another call needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # A pool's threads spin between the parallel steps of a call (a wake-up per step made a
+        # lone text on two threads 1.07x slower, measured in-process on all-MiniLM-L6-v2) and
+        # sleep the moment it returns: its cores are lent on to the next call, often another
+        # server's, that a spinning pool would take them from. (One thread: no pool at all.)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.log_severity_level = 3  # errors only: its warnings are about optimisations it skipped
         try:
             return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])

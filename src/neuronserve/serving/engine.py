@@ -401,24 +401,29 @@ class Engine:
         items = self._work_items(encoded, request, expires, answer)
         if watch is not None:
             watch.add(items)
-        self._enqueue(items)
         tokens = sum(enc.length for enc in encoded)
-        self.metrics.input_tokens.inc(tokens)
+        # In flight before a copy can take the work: the other servers stop borrowing this one's
+        # cores before its batch looks for them, and a woken copy does not wait on the ledger
+        # while this marks the server busy.
         self._inflight += 1
         if self._inflight == 1 and self.ledger is not None:
             self.ledger.work_begins()
         self._idle.clear()
         self.metrics.inflight.inc()
         answered = False
-        timer = loop.call_later(max(0.0, expires - time.monotonic()), answer.expire)
+        timer: asyncio.TimerHandle | None = None
         try:
+            self._enqueue(items)
+            self.metrics.input_tokens.inc(tokens)
+            timer = loop.call_later(max(0.0, expires - time.monotonic()), answer.expire)
             await answer.future
             answered = True
         except ExpiredError:
             self.metrics.rejected("deadline")
             raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not answered:  # timed out, failed or the client left: never run what nobody awaits
                 for item in items:
                     item.cancelled = True

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from neuronserve.models import pool_hidden, pooling_mode
+from neuronserve.models import pooling_mode
 from neuronserve.serving.errors import validation
 from neuronserve.serving.tokenization import Encoded
 from neuronserve.tasks import TaskKind
@@ -57,22 +57,39 @@ class FeatureExtraction:
             normalize = any(t.endswith("Normalize") for t in types)
         return cls(pooling_mode(directory), normalize)
 
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(rows, hidden) from (rows, sequence, hidden) states and their (rows, sequence) mask."""
-        return pool_hidden(hidden, mask, self.mode)
+        return pool_rows(hidden, mask, self.mode)
 
     def results(
         self, outputs: tuple[torch.Tensor, ...], mask: torch.Tensor, items: list[tuple[Encoded, ItemOptions]]
     ) -> list[Any]:
         n = len(items)
-        pooled = self.pool(outputs[0][:n].float(), mask[:n])
+        # In numpy: a dozen torch calls on a (1, 40, 384) batch cost 0.1-0.2 ms of the copy's
+        # time per request at one client (profiled), several times numpy's for the same sums.
+        pooled = self.pool(outputs[0][:n].float().numpy(), mask[:n].numpy())
         wants = [self.normalize if opt.normalize is None else opt.normalize for _, opt in items]
         if any(wants):
-            normed = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-            flags = torch.tensor(wants).unsqueeze(1)
-            pooled = torch.where(flags, normed, pooled)
-        array = pooled.numpy().astype(np.float32, copy=False)
+            # torch.nn.functional.normalize's: each row over max(its L2 norm, 1e-12)
+            norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), np.float32(1e-12))
+            pooled = np.where(np.array(wants)[:, None], pooled / norms, pooled)
+        array = pooled.astype(np.float32, copy=False)
         return [array[i] for i in range(n)]
+
+
+def pool_rows(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """:func:`neuronserve.models.pool_hidden` in numpy (serving's; the tracer verifies with
+    torch's): (rows, hidden) float32 from (rows, sequence, hidden) states and their mask."""
+    if mode == "cls":
+        return hidden[:, 0]
+    real = mask.astype(hidden.dtype)
+    if mode == "max":
+        return np.asarray(np.where(real[:, :, None] > 0, hidden, -np.inf).max(axis=1))
+    if mode != "mean":
+        raise ValueError(f"this is a bug: unknown pooling mode {mode!r}")
+    counts = np.maximum(real.sum(axis=1, keepdims=True), 1e-9)
+    # Each row's real tokens weighted 1 and its padding 0, summed in one matrix product.
+    return np.asarray(np.matmul(real[:, None, :], hidden)[:, 0] / counts)
 
 
 class TextClassification:

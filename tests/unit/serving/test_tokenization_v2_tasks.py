@@ -208,3 +208,26 @@ def test_qa_span_is_inside_the_context() -> None:
         (start, end), torch.ones(1, 8), [(enc, ItemOptions(context=context))]
     )
     assert answer["answer"] == "Paris" and (answer["start"], answer["end"]) == (0, 5)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+def test_serving_pools_as_the_tracer_verified(mode: str) -> None:
+    """Serving pools in numpy; the tracer verified the model with torch's pooling: the same rows."""
+    from neuronserve.models import pool_hidden
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 9, 16, generator=generator)
+    lengths = [9, 1, 4, 7, 2]
+    mask = torch.zeros(5, 9, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    items = [(_enc(length), ItemOptions(normalize=row % 2 == 0)) for row, length in enumerate(lengths)]
+    got = np.stack(FeatureExtraction(mode, normalize=False).results((hidden,), mask, items))
+    expected = pool_hidden(hidden, mask, mode)
+    expected = torch.where(
+        torch.tensor([row % 2 == 0 for row in range(5)]).unsqueeze(1),
+        torch.nn.functional.normalize(expected, p=2.0, dim=1),
+        expected,
+    )
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
