@@ -55,6 +55,8 @@ def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(tmp_path:
     for entry in manifest.shapes:
         assert entry.verification["max_abs_diff"] < 1e-4
         assert entry.verification["min_cosine"] > 0.9999
+    # its attention runs as ONNX Runtime's fused operator, one per layer (the file verified above)
+    assert _ops(onnx.directory / "model-b4-s64.onnx").count("Attention") == 2
     got, expected = _embeddings(tmp_path, onnx.directory), _embeddings(tmp_path, torchscript.directory)
     cosine = (got * expected).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() >= 0.9999
@@ -213,3 +215,63 @@ def test_sessions_are_made_for_one_thread_a_copys_share_and_every_cpu() -> None:
     assert onnx_thread_counts(2, 2) == (1, 2)  # the default, a copy per CPU: two
     assert onnx_thread_counts(8, 1) == (1, 8)
     assert onnx_thread_counts(8, 2) == (1, 4, 8)  # fewer copies than CPUs: their share, too
+
+
+class _Wide(torch.nn.Module):
+    """Matrix products large enough for ONNX Runtime to split across its pool's threads."""
+
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+    output_names = ("last_hidden_state",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 256)
+        self.layers = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(4)))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, _types: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.layers(self.embed(ids)) * mask.unsqueeze(-1),)
+
+
+def test_a_pool_stops_spinning_when_its_call_returns(tmp_path: Path) -> None:
+    """A session of two threads spins between the steps of a call, never after it: the cores it
+    ran on are lent on to the next call, often another server's. (ONNX Runtime's pool otherwise
+    spins on through the whole gap between calls.)"""
+    import time
+
+    ids = torch.randint(1, 50, (8, 64))
+    inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    dest = tmp_path / "model.onnx"
+    export_onnx(_Wide(), inputs, dest, int8=False)
+    session = _load_onnx(dest, threads=(1, 2))._sessions[2]
+    feed = {name: tensor.numpy() for name, tensor in zip(_Wide.input_names, inputs, strict=True)}
+    session.run(None, feed)  # type: ignore[attr-defined]
+    idle = []
+    for _ in range(5):
+        session.run(None, feed)  # type: ignore[attr-defined]
+        started = time.process_time()  # every thread of this process
+        time.sleep(0.1)  # the gap measured, not a wait for anything
+        idle.append(time.process_time() - started)
+    assert sorted(idle)[2] < 0.02, f"CPU seconds used during 0.1 s gaps between calls: {idle}"
+
+
+def _ops(path: Path) -> list[str]:
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_a_fused_graph_that_answers_otherwise_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused graph replaces the export only when it answers alike on a padded sample;
+    otherwise the export stays as it was, and nothing is left beside it."""
+    from neuronserve.backends import cpu
+
+    def differs(*_args: object) -> None:
+        raise ValueError("an output differs by up to 1.00e+00")
+
+    monkeypatch.setattr(cpu, "_check_alike", differs)
+    report = _trace(tmp_path, "kept")
+    (file,) = report.manifest.artifact_files
+    assert "Attention" not in _ops(report.directory / file)
+    assert sorted(p.name for p in report.directory.glob("*.onnx*")) == [file]
