@@ -50,7 +50,7 @@ def test_onnx_artifacts_are_verified_and_serve_what_torchscript_serves(tmp_path:
     # multiple of 8 tokens)
     assert manifest.artifact_files == ("model-b4-s64.onnx",)
     assert (manifest.trim_step, torchscript.manifest.trim_step) == (1, 8)
-    assert "engine=onnxruntime" in manifest.compiler_args
+    assert manifest.compiler_args == "engine=onnxruntime attention=fused"
     assert "onnxruntime" in manifest.versions
     for entry in manifest.shapes:
         assert entry.verification["max_abs_diff"] < 1e-4

@@ -114,6 +114,9 @@ class BackendKind(str, enum.Enum):
             f"auto-cast={trace.cpu_auto_cast}" if trace.cpu_auto_cast != "none" else "",
             f"engine={trace.cpu_engine}" if trace.cpu_engine != "torchscript" else "",
             f"quantize={trace.cpu_quantize}" if trace.cpu_quantize != "none" else "",
+            # fp32 ONNX: attention rewritten into ONNX Runtime's fused operator where it applies
+            # (cpu.export_onnx); artifacts traced before it was are traced again
+            "attention=fused" if trace.cpu_engine == "onnxruntime" and trace.cpu_quantize == "none" else "",
         ]
         return " ".join(p for p in parts if p)
 
