@@ -240,8 +240,8 @@ def export_onnx(
             _keep_every_input(fp32, input_names)
             _quantize(fp32, dest)
         else:
-            _fuse_attention(module, dest, input_names, example_inputs)
             _keep_every_input(dest, input_names)
+            _fuse_attention(module, dest, input_names, example_inputs)
     except BaseException:
         dest.unlink(missing_ok=True)  # nothing half-written is left beside the artifacts
         raise
@@ -282,41 +282,55 @@ def _fuse_attention(
     config = getattr(getattr(module, "model", None), "config", None)
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
-    # What it could not fuse is not the tracer's user's business (its modules log as top-level
-    # names: fusion_attention, onnx_model, ...): nothing below an error while it works.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        fused = optimizer.optimize_model(
-            str(path),
-            model_type="bert",
-            num_heads=heads,
-            hidden_size=hidden,
-            optimization_options=options,
-            opt_level=0,
+    # What it could not fuse is not the tracer's user's business: its modules' loggers (top-level
+    # names: fusion_attention, onnx_model, ...) say nothing below an error while it works.
+    quiet = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(
+            ("fusion_", "onnx_model", "onnxruntime.transformers", "shape_infer", "symbolic_shape")
         )
-        count = int(fused.get_fused_operator_statistics().get("Attention", 0))
+    ]
+    levels = [(logger, logger.level) for logger in quiet]
+    candidate = path.with_name(path.name + ".fused.tmp")
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        try:
+            fused = optimizer.optimize_model(
+                str(path),
+                model_type="bert",
+                num_heads=heads,
+                hidden_size=hidden,
+                optimization_options=options,
+                opt_level=0,
+            )
+            count = int(fused.get_fused_operator_statistics().get("Attention", 0))
+            if count:
+                fused.save_model_to_file(str(candidate))
+        except Exception as exc:  # the optimizer's failures are plain Exceptions: keep the export
+            log.info(
+                "ONNX Runtime's attention fusion does not apply to this model (%s); kept as exported", exc
+            )
+            return 0
+        finally:
+            for logger, level in levels:
+                logger.setLevel(level)
         if not count:
             return 0
-        candidate = path.with_name(path.name + ".fused.tmp")
-        fused.save_model_to_file(str(candidate))
-    except Exception as exc:  # the optimizer's failures are plain Exceptions: keep the export
-        log.info("ONNX Runtime's attention fusion does not apply to this model (%s); kept as exported", exc)
-        return 0
-    finally:
-        logging.disable(previous)
-    try:
-        _check_alike(path, candidate, input_names, example_inputs)
-    except Exception as exc:
-        log.info(
-            "ONNX Runtime's fused attention does not answer as the export does (%s); kept as exported", exc
-        )
-        return 0
-    else:
+        _keep_every_input(candidate, input_names)  # the optimizer prunes inputs the graph never reads
+        try:
+            _check_alike(path, candidate, input_names, example_inputs)
+        except Exception as exc:
+            log.info(
+                "ONNX Runtime's fused attention does not answer as the export does (%s); kept as exported",
+                exc,
+            )
+            return 0
         os.replace(candidate, path)
         return count
     finally:
-        candidate.unlink(missing_ok=True)
+        candidate.unlink(missing_ok=True)  # whatever was left of it
 
 
 def _check_alike(
