@@ -70,11 +70,13 @@ class FeatureExtraction:
         pooled = self.pool(outputs[0][:n].float().numpy(), mask[:n].numpy())
         wants = [self.normalize if opt.normalize is None else opt.normalize for _, opt in items]
         if any(wants):
-            # torch.nn.functional.normalize's: each row over max(its L2 norm, 1e-12)
-            norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), np.float32(1e-12))
-            pooled = np.where(np.array(wants)[:, None], pooled / norms, pooled)
-        array = pooled.astype(np.float32, copy=False)
-        return [array[i] for i in range(n)]
+            pooled = np.where(np.array(wants)[:, None], unit_rows(pooled), pooled)
+        return list(pooled)  # float32 rows: pooling keeps the model's float32
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row over max(its L2 norm, 1e-12), as torch.nn.functional.normalize divides."""
+    return np.asarray(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.float32(1e-12)))
 
 
 def pool_rows(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from neuronserve.serving.protocols.common import (
 )
 from neuronserve.serving.protocols.native import prompt_names
 from neuronserve.serving.registry import ModelRegistry, is_embedder
+from neuronserve.serving.tasks import unit_rows
 from neuronserve.serving.work import InferRequest, InferResult
 
 
@@ -120,10 +121,7 @@ def shortened(outputs: list[Any], dimensions: int, normalize: bool) -> list[Any]
     """Matryoshka-style: the first ``dimensions`` values of each embedding, re-normalised to unit
     length when the model's embeddings are normalised (a prefix of a unit vector is not)."""
     vectors = np.asarray(outputs, dtype=np.float32)[:, :dimensions]
-    if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, 1e-12)
-    return list(vectors)
+    return list(unit_rows(vectors) if normalize else vectors)
 
 
 def narrow_embeddings(registry: ModelRegistry, components: dict[str, Any]) -> None:
