@@ -275,3 +275,22 @@ def test_a_fused_graph_that_answers_otherwise_is_not_kept(
     (file,) = report.manifest.artifact_files
     assert "Attention" not in _ops(report.directory / file)
     assert sorted(p.name for p in report.directory.glob("*.onnx*")) == [file]
+
+
+def test_an_optimizer_that_fails_leaves_the_export_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime's optimizer raising (a graph it does not know) is not the trace's failure:
+    the export is kept unfused, verified as any artifact, the reason logged, nothing left beside."""
+    from onnxruntime.transformers import optimizer
+
+    def fails(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("unsupported graph")
+
+    monkeypatch.setattr(optimizer, "optimize_model", fails)
+    with caplog.at_level("INFO", logger="neuronserve.backends.cpu"):
+        report = _trace(tmp_path, "unfused")
+    (file,) = report.manifest.artifact_files
+    assert "Attention" not in _ops(report.directory / file)
+    assert sorted(p.name for p in report.directory.glob("*.onnx*")) == [file]
+    assert any("unsupported graph" in r.getMessage() for r in caplog.records)
