@@ -486,6 +486,7 @@ def floor_ms(directory: Path, texts: list[str], tokenizer: Any, sample: int = 20
     from neuronserve.backends.base import CoreSet
     from neuronserve.backends.cpu import CpuBackend, set_onnx_call_threads
 
+    names = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))["input_names"]
     cpus = len(os.sched_getaffinity(0))
     backend = CpuBackend(engine="onnxruntime", call_threads=(cpus,))
     model = backend.load(sorted(directory.glob("*.onnx"))[-1], CoreSet(tuple(range(cpus))), 0)  # cores unread
@@ -494,7 +495,12 @@ def floor_ms(directory: Path, texts: list[str], tokenizer: Any, sample: int = 20
     hot, idle = [], []
     for text in random.sample(texts, min(sample, len(texts))):
         ids = torch.tensor([tokenizer.encode(text).ids[:MAX_TOKENS]], dtype=torch.int64)
-        inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        by_name = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+        }
+        inputs = tuple(by_name[name] for name in names)  # in the manifest's order, as servers feed them
         model.run(inputs)  # its first call at this length
         started = time.perf_counter()
         model.run(inputs)
