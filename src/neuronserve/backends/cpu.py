@@ -236,11 +236,10 @@ def export_onnx(
                 opset_version=17,
                 dynamo=False,
             )
+        _keep_every_input(fp32, input_names)  # fp32 is dest itself without int8
         if int8:
-            _keep_every_input(fp32, input_names)
             _quantize(fp32, dest)
         else:
-            _keep_every_input(dest, input_names)
             _fuse_attention(module, dest, input_names, example_inputs)
     except BaseException:
         dest.unlink(missing_ok=True)  # nothing half-written is left beside the artifacts
