@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
+import pytest
 
-from neuronserve.deploy.local import free_ports
+from neuronserve.deploy.local import _nginx_user, free_ports
+from neuronserve.deploy.nginx import render_nginx_conf
 
 READY_TIMEOUT_S = 180.0
 
@@ -97,3 +102,49 @@ def tei_client(url: str, api_key: str | None = None) -> Iterator[Any]:
         yield InferenceClient(base_url=url, api_key=api_key)
     finally:
         constants.HF_HUB_OFFLINE = saved
+
+
+@contextmanager
+def nginx_endpoint(tmp_path: Path, upstreams: list[str], *, max_body_bytes: int = 1048576) -> Iterator[str]:
+    """A real nginx on a free port with the endpoint configuration deploy writes, in front of
+    ``upstreams``; its URL. Stopped afterwards, workers included (skips without nginx)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (scripts/system-deps.sh nginx): the endpoint cannot run")
+    (tmp_path / "logs").mkdir()
+    user = _nginx_user()
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / "nginx" / kind).mkdir(parents=True)
+        if user:
+            shutil.chown(tmp_path / "nginx" / kind, "nobody", "nogroup")
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        render_nginx_conf(
+            listen_host="127.0.0.1",
+            listen_port=port,
+            upstreams=upstreams,
+            run_dir=tmp_path,
+            max_body_bytes=max_body_bytes,
+            read_timeout_s=10,
+            user=user,
+        )
+    )
+    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path / "nginx"), "-g", "daemon off;"])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, "nginx exited; see its error log in the run directory"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx did not listen in time"
+                time.sleep(0.05)  # poll until it listens
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        workers = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
+        process.terminate()
+        process.wait(timeout=20)
+        _gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert alive == [], f"nginx workers left behind: {alive}"

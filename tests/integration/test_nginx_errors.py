@@ -3,20 +3,14 @@ servers' error shape, from the endpoint configuration deploy writes, on a real n
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from neuronserve.deploy.local import _nginx_user
-from neuronserve.deploy.nginx import render_nginx_conf
-from tests.integration.servers import free_port
+from tests.integration.servers import free_port, nginx_endpoint
 
 pytestmark = pytest.mark.integration
 LIMIT = 4096
@@ -24,46 +18,9 @@ LIMIT = 4096
 
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[str]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.skip("nginx is not installed (scripts/system-deps.sh nginx): the endpoint cannot run")
-    (tmp_path / "logs").mkdir()
-    user = _nginx_user()
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / "nginx" / kind).mkdir(parents=True)
-        if user:
-            shutil.chown(tmp_path / "nginx" / kind, "nobody", "nogroup")
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        render_nginx_conf(
-            listen_host="127.0.0.1",
-            listen_port=port,
-            upstreams=[f"127.0.0.1:{free_port()}"],  # nothing listens there: no server
-            run_dir=tmp_path,
-            max_body_bytes=LIMIT,
-            read_timeout_s=10,
-            user=user,
-        )
-    )
-    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path / "nginx"), "-g", "daemon off;"])
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, "nginx exited; see its error log in the run directory"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not listen in time"
-                time.sleep(0.05)  # poll until it listens
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        workers = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
-        process.terminate()
-        process.wait(timeout=20)
-        _gone, alive = psutil.wait_procs(workers, timeout=20)
-        assert alive == [], f"nginx workers left behind: {alive}"
+    # nothing listens at the upstream: no server
+    with nginx_endpoint(tmp_path, [f"127.0.0.1:{free_port()}"], max_body_bytes=LIMIT) as url:
+        yield url
 
 
 def _raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -6,8 +6,15 @@ keep-alive connections onto one worker in measured runs). Each server takes at m
 answered by nginx itself (503 with Retry-After, our JSON error shape), never by a reset; every
 other answer nginx gives itself (413, 400, 414, ...) is in that shape too. A
 failed attempt, POSTs included (inference has no side effects), and a 503 from a draining or
-unhealthy server are retried once on another server; a timeout never is (under overload a
+unhealthy server are retried on another server; a timeout never is (under overload a
 retry only doubles the work).
+
+With two servers or more (not LLM engine copies), each server is listed twice: first for one
+request at a time, the first server with the most weight, then as a backup for the rest. An
+idle endpoint so sends a lone client's requests to one server, whose threads and caches stay
+warm (plain ``least_conn`` alternates idle servers, and each request then finds its server's
+caches cold from the other's), the next request in flight to the next idle server, and the rest
+by ``least_conn`` among the backups: the split under load is as even as before.
 """
 
 from __future__ import annotations
@@ -98,8 +105,8 @@ def render_nginx_conf(
     Prometheus cannot reach on its loopback), behind ``api_key`` too with ``metrics_key``."""
     if not upstreams:
         raise ValueError("this is a bug: nginx needs at least one upstream")
-    servers = "\n".join(
-        f"        server {u} max_fails=1 fail_timeout=2s max_conns={max_conns};" for u in upstreams
+    servers, tries = _upstream_servers(
+        upstreams, max_conns, first_idle=not streams and len(upstreams) > 1 and max_conns > 1
     )
     if run_dir is not None:
         files = (
@@ -189,7 +196,7 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header X-Request-ID $neuronserve_request_id;
             proxy_next_upstream {retry};
-            proxy_next_upstream_tries 2;
+            proxy_next_upstream_tries {tries};
             proxy_connect_timeout 2s;
             proxy_send_timeout {int(read_timeout_s)}s;
             proxy_read_timeout {int(read_timeout_s)}s;
@@ -206,6 +213,28 @@ http {{
 {error_locations}    }}
 {_metrics_server(metrics_listen, key_check if metrics_key else "")}}}
 """
+
+
+# The first server's weight among the one-request entries: nginx breaks ties between idle servers
+# by weighted round robin, so the first takes 100 of every 101 (with two servers).
+FIRST_WEIGHT = 100
+
+
+def _upstream_servers(upstreams: Sequence[str], max_conns: int, *, first_idle: bool) -> tuple[str, int]:
+    """The upstream block's server lines and the attempts a request may make (see the module
+    docstring). A failed attempt marks only the entry it used as failed, so with each server
+    listed twice a request may meet a dead server twice before a live one: three attempts."""
+    if not first_idle:
+        lines = [f"server {u} max_fails=1 fail_timeout=2s max_conns={max_conns};" for u in upstreams]
+        return "\n".join(f"        {line}" for line in lines), 2
+    one = [
+        f"server {u}{f' weight={FIRST_WEIGHT}' if i == 0 else ''} max_fails=1 fail_timeout=2s max_conns=1;"
+        for i, u in enumerate(upstreams)
+    ]
+    rest = [
+        f"server {u} backup max_fails=1 fail_timeout=2s max_conns={max(1, max_conns - 1)};" for u in upstreams
+    ]
+    return "\n".join(f"        {line}" for line in one + rest), 3
 
 
 def _metrics_server(listen: str, key_check: str) -> str:

@@ -106,11 +106,16 @@ def test_nginx_conf(tmp_path: Path) -> None:
     )
     for directive in (
         "least_conn;",
-        "server 127.0.0.1:8081 max_fails=1 fail_timeout=2s max_conns=50;",
+        # each server once for one request at a time (ties to the first), then as a backup
+        "server 127.0.0.1:8081 weight=100 max_fails=1 fail_timeout=2s max_conns=1;",
+        "server 127.0.0.1:8082 max_fails=1 fail_timeout=2s max_conns=1;",
+        "server 127.0.0.1:8081 backup max_fails=1 fail_timeout=2s max_conns=49;",
+        "server 127.0.0.1:8082 backup max_fails=1 fail_timeout=2s max_conns=49;",
         "keepalive 64;",
-        # one retry on another server, never after a timeout (under overload it doubles the work)
+        # retried on another server past both entries of a dead one, never after a timeout
+        # (under overload it doubles the work)
         "proxy_next_upstream error http_502 http_503 non_idempotent;",
-        "proxy_next_upstream_tries 2;",
+        "proxy_next_upstream_tries 3;",
         "worker_connections 16384;",
         "client_max_body_size 1048576;",
         "proxy_read_timeout 125s;",
