@@ -72,10 +72,13 @@ def two(tmp_path: Path) -> Iterator[tuple[str, Upstream, Upstream]]:
     a, b = Upstream("a"), Upstream("b")
     try:
         with nginx_endpoint(tmp_path, [a.address, b.address]) as url:
-            yield url, a, b
+            try:
+                yield url, a, b
+            finally:  # held requests are answered before nginx stops, whatever the test did
+                a.release.set()
+                b.release.set()
     finally:
         for upstream in (a, b):
-            upstream.release.set()
             if upstream.server.socket.fileno() != -1:
                 upstream.stop()
 

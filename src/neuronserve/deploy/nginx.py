@@ -6,8 +6,8 @@ keep-alive connections onto one worker in measured runs). Each server takes at m
 answered by nginx itself (503 with Retry-After, our JSON error shape), never by a reset; every
 other answer nginx gives itself (413, 400, 414, ...) is in that shape too. A
 failed attempt, POSTs included (inference has no side effects), and a 503 from a draining or
-unhealthy server are retried on another server; a timeout never is (under overload a
-retry only doubles the work).
+unhealthy server are retried, up to twice, until another server takes them; a timeout never is
+(under overload a retry only doubles the work).
 
 With two servers or more (not LLM engine copies), each server is listed twice: first for one
 request at a time, the first server with the most weight, then as a backup for the rest. An
@@ -215,20 +215,23 @@ http {{
 """
 
 
-# The first server's weight among the one-request entries: nginx breaks ties between idle servers
-# by weighted round robin, so the first takes 100 of every 101 (with two servers).
+# nginx breaks ties between idle servers' one-request entries by weighted round robin: the first
+# server's entry weighs this much per other server, so it takes 100 of every 101 ties.
 FIRST_WEIGHT = 100
 
 
 def _upstream_servers(upstreams: Sequence[str], max_conns: int, *, first_idle: bool) -> tuple[str, int]:
     """The upstream block's server lines and the attempts a request may make (see the module
     docstring). A failed attempt marks only the entry it used as failed, so with each server
-    listed twice a request may meet a dead server twice before a live one: three attempts."""
+    listed twice a request may meet a dead server twice before a live one: three attempts (so a
+    request that crashes a server may be tried on it twice, then on another; before, once on
+    each of two)."""
     if not first_idle:
         lines = [f"server {u} max_fails=1 fail_timeout=2s max_conns={max_conns};" for u in upstreams]
         return "\n".join(f"        {line}" for line in lines), 2
+    first = FIRST_WEIGHT * (len(upstreams) - 1)
     one = [
-        f"server {u}{f' weight={FIRST_WEIGHT}' if i == 0 else ''} max_fails=1 fail_timeout=2s max_conns=1;"
+        f"server {u}{f' weight={first}' if i == 0 else ''} max_fails=1 fail_timeout=2s max_conns=1;"
         for i, u in enumerate(upstreams)
     ]
     rest = [

@@ -126,6 +126,30 @@ def test_nginx_conf(tmp_path: Path) -> None:
         assert directive in conf, directive
 
 
+def test_nginx_conf_lists_each_server_once_where_affinity_does_not_apply(tmp_path: Path) -> None:
+    """One server, LLM engine copies (streams) or one request per server: each server once, as
+    plain least_conn, and one retry; with three servers the first's weight keeps idle ties."""
+
+    def conf(upstreams: list[str], **kwargs: Any) -> str:
+        return render_nginx_conf(
+            listen_host="127.0.0.1",
+            listen_port=8080,
+            upstreams=upstreams,
+            run_dir=tmp_path,
+            max_body_bytes=1048576,
+            read_timeout_s=125,
+            **kwargs,
+        )
+
+    two = ["127.0.0.1:8081", "127.0.0.1:8082"]
+    for text in (conf(two[:1]), conf(two, streams=True), conf(two, max_conns=1)):
+        assert "backup" not in text and "weight=" not in text and "proxy_next_upstream_tries 2;" in text
+        assert text.count("server 127.0.0.1:8081 max_fails=1") == 1
+    three = conf([*two, "127.0.0.1:8083"])
+    assert "server 127.0.0.1:8081 weight=200 max_fails=1 fail_timeout=2s max_conns=1;" in three
+    assert three.count(" backup ") == 3 and "proxy_next_upstream_tries 3;" in three
+
+
 def _supervisord_conf(tmp_path: Path, settings: Any, plan: Any, passthrough_env: dict[str, str]) -> str:
     return render_supervisord_conf(
         settings=settings,
