@@ -234,9 +234,7 @@ def _upstream_servers(upstreams: Sequence[str], max_conns: int, *, first_idle: b
         f"server {u}{f' weight={first}' if i == 0 else ''} max_fails=1 fail_timeout=2s max_conns=1;"
         for i, u in enumerate(upstreams)
     ]
-    rest = [
-        f"server {u} backup max_fails=1 fail_timeout=2s max_conns={max(1, max_conns - 1)};" for u in upstreams
-    ]
+    rest = [f"server {u} backup max_fails=1 fail_timeout=2s max_conns={max_conns - 1};" for u in upstreams]
     return "\n".join(f"        {line}" for line in one + rest), 3
 
 

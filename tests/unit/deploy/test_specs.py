@@ -93,17 +93,20 @@ def test_compose_file_mirrors_the_specs(tmp_path: Path) -> None:
     assert "least_conn" in doc["configs"]["nginx_conf"]["content"]
 
 
-def test_nginx_conf(tmp_path: Path) -> None:
-    conf = render_nginx_conf(
+def _nginx_conf(tmp_path: Path, upstreams: list[str], **kwargs: Any) -> str:
+    return render_nginx_conf(
         listen_host="127.0.0.1",
         listen_port=8080,
-        upstreams=["127.0.0.1:8081", "127.0.0.1:8082"],
+        upstreams=upstreams,
         run_dir=tmp_path,
         max_body_bytes=1048576,
         read_timeout_s=125,
-        max_conns=50,
-        user=None,
+        **kwargs,
     )
+
+
+def test_nginx_conf(tmp_path: Path) -> None:
+    conf = _nginx_conf(tmp_path, ["127.0.0.1:8081", "127.0.0.1:8082"], max_conns=50, user=None)
     for directive in (
         "least_conn;",
         # each server once for one request at a time (ties to the first), then as a backup
@@ -129,23 +132,15 @@ def test_nginx_conf(tmp_path: Path) -> None:
 def test_nginx_conf_lists_each_server_once_where_affinity_does_not_apply(tmp_path: Path) -> None:
     """One server, LLM engine copies (streams) or one request per server: each server once, as
     plain least_conn, and one retry; with three servers the first's weight keeps idle ties."""
-
-    def conf(upstreams: list[str], **kwargs: Any) -> str:
-        return render_nginx_conf(
-            listen_host="127.0.0.1",
-            listen_port=8080,
-            upstreams=upstreams,
-            run_dir=tmp_path,
-            max_body_bytes=1048576,
-            read_timeout_s=125,
-            **kwargs,
-        )
-
     two = ["127.0.0.1:8081", "127.0.0.1:8082"]
-    for text in (conf(two[:1]), conf(two, streams=True), conf(two, max_conns=1)):
+    for text in (
+        _nginx_conf(tmp_path, two[:1]),
+        _nginx_conf(tmp_path, two, streams=True),
+        _nginx_conf(tmp_path, two, max_conns=1),
+    ):
         assert "backup" not in text and "weight=" not in text and "proxy_next_upstream_tries 2;" in text
         assert text.count("server 127.0.0.1:8081 max_fails=1") == 1
-    three = conf([*two, "127.0.0.1:8083"])
+    three = _nginx_conf(tmp_path, [*two, "127.0.0.1:8083"])
     assert "server 127.0.0.1:8081 weight=200 max_fails=1 fail_timeout=2s max_conns=1;" in three
     assert three.count(" backup ") == 3 and "proxy_next_upstream_tries 3;" in three
 
