@@ -152,8 +152,10 @@ def padded_inputs(artifacts: Path, texts: list[str], seq: int, batch_size: int) 
     encoded = TextEncoder(artifacts, seq).encode(texts, truncate=False)
     rows = (encoded * batch_size)[:batch_size]
     items = tuple(WorkItem(e.length, 0.0, _Row(e)) for e in rows)
+    import torch
+
     inputs, _ = build_inputs(Batch(seq, batch_size, items), manifest_of(artifacts).input_names)
-    return inputs
+    return tuple(torch.from_numpy(array) for array in inputs)
 
 
 def warm_model(artifacts: Path, batch_size: int, seq: int, inputs: tuple[Any, ...]) -> Any:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuronserve.backends.base import BackendError
+from neuronserve.backends.base import ArrayModel, BackendError
 from neuronserve.backends.cpu import _load_onnx, export_onnx, onnx_thread_counts, set_call_threads
 from neuronserve.config import ConfigError
 from neuronserve.trace import TraceReport, VerificationError, served_cosine
@@ -137,6 +137,10 @@ def test_an_input_the_graph_never_reads_is_still_fed_in_order(tmp_path: Path, in
     expected = module(longer, torch.ones_like(longer), torch.zeros_like(longer))[0]
     assert got.shape == (3, 16, 4)
     assert torch.allclose(got, expected, atol=0.05 if int8 else 1e-6)
+    # serving runs it on numpy arrays, without a tensor on either side: the same answer
+    assert isinstance(model, ArrayModel)
+    (arrays,) = model.run_arrays((longer.numpy(), np.ones((3, 16), np.int64), np.zeros((3, 16), np.int64)))
+    assert isinstance(arrays, np.ndarray) and np.array_equal(arrays, got.numpy())
 
 
 def test_int8_is_judged_on_embeddings_pooled_as_the_model_pools() -> None:

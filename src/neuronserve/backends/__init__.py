@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from neuronserve.backends.base import Backend, BackendError, CoreSet, LoadedModel
+from neuronserve.backends.base import ArrayModel, Backend, BackendError, CoreSet, LoadedModel
 from neuronserve.backends.kinds import BACKENDS, MAX_COPIES, BackendKind, choose_backend, parse_kind
 
 __all__ = [
     "BACKENDS",
     "MAX_COPIES",
+    "ArrayModel",
     "Backend",
     "BackendError",
     "BackendKind",

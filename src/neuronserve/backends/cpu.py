@@ -42,6 +42,7 @@ from neuronserve.backends.base import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -445,13 +446,14 @@ class OnnxModel:
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         import torch
 
+        return tuple(torch.from_numpy(out) for out in self.run_arrays(tuple(t.numpy() for t in inputs)))
+
+    def run_arrays(self, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         session = self._sessions[self.session_threads()]
         try:
-            feed = {name: tensor.numpy() for name, tensor in zip(self._names, inputs, strict=True)}
-            outputs = session.run(None, feed)  # type: ignore[attr-defined]
+            return tuple(session.run(None, dict(zip(self._names, inputs, strict=True))))  # type: ignore[attr-defined]
         except Exception as exc:  # ONNX Runtime's errors are plain Exceptions: as torch's are
             raise RuntimeError(f"ONNX Runtime: {exc}") from exc
-        return tuple(torch.from_numpy(out) for out in outputs)
 
 
 def _load_onnx(artifact: Path, *, threads: tuple[int, ...]) -> OnnxModel:

@@ -410,31 +410,27 @@ class Engine:
             self.ledger.work_begins()
         self._idle.clear()
         self.metrics.inflight.inc()
-        answered = False
-        timer: asyncio.TimerHandle | None = None
+        answered = queued = False
+        # Everything but the queueing itself before it: the woken copy needs this thread's GIL.
+        timer = loop.call_later(max(0.0, expires - time.monotonic()), answer.expire)
         try:
             self._enqueue(items)
-            self.metrics.input_tokens.inc(tokens)
-            timer = loop.call_later(max(0.0, expires - time.monotonic()), answer.expire)
+            queued = True
             await answer.future
             answered = True
         except ExpiredError:
             self.metrics.rejected("deadline")
             raise deadline(f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms") from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             if not answered:  # timed out, failed or the client left: never run what nobody awaits
                 for item in items:
                     item.cancelled = True
                 answer.cancel()
-            self._inflight -= 1
-            self.metrics.inflight.dec()
-            if self._inflight == 0:
-                if self.ledger is not None:
-                    self.ledger.work_ends()
-                self._idle.set()
-                self._schedule_trim()
+            if answered:  # the bookkeeping waits until the response is out (this step sends it)
+                loop.call_soon(self._request_done, tokens)
+            else:
+                self._request_done(tokens if queued else 0)
         return InferResult(
             outputs=answer.values,
             queue_ms=answer.queue_s * 1000.0,
@@ -443,6 +439,17 @@ class Engine:
             tokens=tokens,
             truncated=sum(1 for enc in encoded if enc.truncated),
         )
+
+    def _request_done(self, tokens: int) -> None:
+        """A request is no longer in flight; ``tokens``: those it queued."""
+        self.metrics.input_tokens.inc(tokens)
+        self._inflight -= 1
+        self.metrics.inflight.dec()
+        if self._inflight == 0:
+            if self.ledger is not None:
+                self.ledger.work_ends()
+            self._idle.set()
+            self._schedule_trim()
 
     async def _admit(self, request: InferRequest) -> list[Encoded]:
         """Refuse at once when the queue plus what is being tokenized is full; else tokenize.

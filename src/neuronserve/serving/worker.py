@@ -80,6 +80,14 @@ def whole_responses(protocol: type[Any]) -> type[asyncio.Protocol]:
             loop = asyncio.get_running_loop()
             super().connection_made(_WholeWrites(transport, loop))  # type: ignore[arg-type]
 
+        def on_response_complete(self) -> None:
+            # The response is whole: it goes out now, not after the app's bookkeeping that
+            # follows its last send (metrics, the access log) and the loop's other callbacks.
+            transport = getattr(self, "transport", None)
+            if isinstance(transport, _WholeWrites):
+                transport.flush()
+            super().on_response_complete()
+
     WholeResponses.__name__ = WholeResponses.__qualname__ = f"WholeResponses{protocol.__name__}"
     return WholeResponses
 

@@ -299,9 +299,9 @@ def test_build_inputs_pads_each_row_like_row_by_row_copying(seed: int) -> None:
         want_mask[row, : e.length] = 1
         if e.type_ids is not None:
             want_types[row, : e.length] = e.type_ids
-    assert np.array_equal(ids.numpy(), want_ids)
-    assert np.array_equal(mask.numpy(), want_mask) and np.array_equal(mask_again.numpy(), want_mask)
-    assert np.array_equal(types_out.numpy(), want_types)
+    assert np.array_equal(ids, want_ids)
+    assert np.array_equal(mask, want_mask) and np.array_equal(mask_again, want_mask)
+    assert np.array_equal(types_out, want_types)
     assert ids.dtype == mask.dtype == types_out.dtype == mask_again.dtype  # int64, as traced
 
 

@@ -196,9 +196,29 @@ def test_a_client_that_leaves_while_its_inputs_are_tokenized_is_not_served(
         assert await task is None  # answered as "client closed", not run
         await engine.infer(_texts(["after"]))  # the copy moves on
         sample = engine.metrics.server.registry.get_sample_value
-        assert sample("neuronserve_copy_items_total", {"model": "tiny", "copy": "0"}) == 1
+        # A batch's metrics are recorded once its answers are out, a turn of the loop after them.
+        await _until(lambda: sample("neuronserve_copy_items_total", {"model": "tiny", "copy": "0"}) == 1)
         assert sample("neuronserve_inputs_dropped_total", {"model": "tiny", "reason": "cancelled"}) == 8
         assert fatal == []
+
+    _run(_engine(tmp_path), scenario)
+
+
+def test_the_awaiting_handler_runs_before_the_batch_and_request_bookkeeping(tmp_path: Path) -> None:
+    """What follows a request's answer (its batch's metrics and costs, the request's own
+    bookkeeping) waits for the handler's step that sends its response, and then comes."""
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        await _until(lambda: engine.ready)
+        sample = engine.metrics.server.registry.get_sample_value
+        items = {"model": "tiny", "copy": "0"}
+        result = await engine.infer(_texts(["one"]))
+        assert len(result.outputs) == 1  # a handler would build and send its response here
+        assert sample("neuronserve_copy_items_total", items) is None and not engine.idle
+        await asyncio.sleep(0)  # one turn of the loop
+        assert sample("neuronserve_copy_items_total", items) == 1
+        assert sample("neuronserve_input_tokens_total", {"model": "tiny"}) == result.tokens
+        assert engine.idle and fatal == []
 
     _run(_engine(tmp_path), scenario)
 

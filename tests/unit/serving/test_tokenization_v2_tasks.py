@@ -165,12 +165,14 @@ def test_mean_pooling_ignores_padding_tokens_and_rows() -> None:
     mask = torch.zeros(4, 6, dtype=torch.long)
     mask[0, :2] = 1
     mask[1, :5] = 1
-    out = task.results((hidden,), mask, [(_enc(2), ItemOptions()), (_enc(5), ItemOptions(normalize=True))])
+    out = task.results(
+        (hidden,), mask.numpy(), [(_enc(2), ItemOptions()), (_enc(5), ItemOptions(normalize=True))]
+    )
     assert len(out) == 2  # padding rows 2 and 3 produce nothing
     assert np.allclose(out[0], hidden[0, :2].mean(0).numpy(), atol=1e-6)
     assert np.isclose(np.linalg.norm(out[1]), 1.0)
     hidden[0, 2:] = 1e6  # garbage in padding positions must not matter
-    again = task.results((hidden,), mask, [(_enc(2), ItemOptions())])
+    again = task.results((hidden,), mask.numpy(), [(_enc(2), ItemOptions())])
     assert np.allclose(again[0], out[0], atol=1e-6)
 
 
@@ -186,7 +188,7 @@ def test_pooling_config_is_read_from_the_sentence_transformers_files(tmp_path: P
 def test_classification_top_k() -> None:
     task = TextClassification({0: "neg", 1: "pos", 2: "neutral"}, multi_label=False)
     logits = torch.tensor([[0.0, 2.0, 1.0]])
-    (labels,) = task.results((logits,), torch.ones(1, 1), [(_enc(1), ItemOptions(top_k=2))])
+    (labels,) = task.results((logits,), np.ones((1, 1), np.int64), [(_enc(1), ItemOptions(top_k=2))])
     assert [x["label"] for x in labels] == ["pos", "neutral"]
     assert labels[0]["score"] == pytest.approx(float(torch.softmax(logits, -1)[0, 1]))
 
@@ -205,7 +207,7 @@ def test_qa_span_is_inside_the_context() -> None:
     start[0, 3] = 5.0
     end[0, 3] = 5.0
     (answer,) = QuestionAnswering().results(
-        (start, end), torch.ones(1, 8), [(enc, ItemOptions(context=context))]
+        (start, end), np.ones((1, 8), np.int64), [(enc, ItemOptions(context=context))]
     )
     assert answer["answer"] == "Paris" and (answer["start"], answer["end"]) == (0, 5)
 
@@ -222,7 +224,7 @@ def test_serving_pools_as_the_tracer_verified(mode: str) -> None:
     for row, length in enumerate(lengths):
         mask[row, :length] = 1
     items = [(_enc(length), ItemOptions(normalize=row % 2 == 0)) for row, length in enumerate(lengths)]
-    got = np.stack(FeatureExtraction(mode, normalize=False).results((hidden,), mask, items))
+    got = np.stack(FeatureExtraction(mode, normalize=False).results((hidden,), mask.numpy(), items))
     expected = pool_hidden(hidden, mask, mode)
     expected = torch.where(
         torch.tensor([row % 2 == 0 for row in range(5)]).unsqueeze(1),

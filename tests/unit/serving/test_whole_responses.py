@@ -48,9 +48,9 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _connect(protocol_class: type[asyncio.Protocol], sock: _Socket) -> Any:
+def _connect(protocol_class: type[asyncio.Protocol], sock: _Socket, app: Any = _app) -> Any:
     """A connection as uvicorn's server makes one (must run inside the event loop)."""
-    config = Config(app=_app, http=protocol_class, lifespan="off", log_config=None, access_log=False)
+    config = Config(app=app, http=protocol_class, lifespan="off", log_config=None, access_log=False)
     config.load()
     factory: Any = config.http_protocol_class
     protocol = factory(config=config, server_state=ServerState(), app_state={})
@@ -58,11 +58,13 @@ def _connect(protocol_class: type[asyncio.Protocol], sock: _Socket) -> Any:
     return protocol
 
 
-def _serve_one(protocol_class: type[asyncio.Protocol], request: bytes) -> _Socket:
-    sock = _Socket()
+def _serve_one(
+    protocol_class: type[asyncio.Protocol], request: bytes, app: Any = _app, sock: _Socket | None = None
+) -> _Socket:
+    sock = sock or _Socket()
 
     async def main() -> None:
-        protocol = _connect(protocol_class, sock)
+        protocol = _connect(protocol_class, sock, app)
         protocol.data_received(request)
         for _ in range(100):  # poll: the app runs as a task of the loop
             if b"".join(sock.writes).endswith(b'{"ok":true}'):
@@ -91,6 +93,25 @@ def test_status_line_headers_and_body_go_out_in_one_write(name: str) -> None:
     assert len(whole.writes) == 1
     assert whole.writes[0].startswith(b"HTTP/1.1 200") and whole.writes[0].endswith(b'{"ok":true}')
     assert b"".join(plain.writes).split(b"\r\n")[0] == whole.writes[0].split(b"\r\n")[0]
+
+
+@pytest.mark.parametrize("name", ["h11", "httptools"])
+def test_a_response_goes_out_with_its_last_send_before_the_apps_work_after_it(name: str) -> None:
+    """The write is not left for a later turn of the loop: what the app does after its last send
+    (metrics, logs) and the loop's other callbacks do not delay the response."""
+    try:
+        base = import_from_string(HTTP_PROTOCOLS[name])
+    except ImportError:  # httptools is optional
+        pytest.skip(f"uvicorn's {name} protocol is not installed")
+    written_by_then: list[int] = []
+    sock = _Socket()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await _app(scope, receive, send)
+        written_by_then.append(len(sock.writes))  # the app's own work after its last send
+
+    _serve_one(whole_responses(base), REQUEST, app, sock)
+    assert written_by_then == [1] and sock.writes[0].endswith(b'{"ok":true}')
 
 
 def test_closing_writes_what_is_pending_first() -> None:
