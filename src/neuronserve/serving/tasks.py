@@ -70,7 +70,7 @@ class FeatureExtraction:
         # In numpy, in as few calls as it takes: right after the model every call costs several
         # times its usual time (its code and data are out of the caches), 0.15-0.19 ms in all at
         # one client with torch's and numpy's general-purpose functions against 0.05-0.06 ms.
-        pooled = self.pool(floats(outputs[0])[:n], mask[:n])
+        pooled = self.pool(floats(outputs[0][:n]), mask[:n])
         wants = [self.normalize if opt.normalize is None else opt.normalize for _, opt in items]
         if all(wants):
             pooled = unit_rows(pooled)
@@ -129,7 +129,7 @@ class TextClassification:
         self, outputs: Sequence[Any], mask: np.ndarray, items: list[tuple[Encoded, ItemOptions]]
     ) -> list[Any]:
         del mask
-        logits = torch.from_numpy(floats(outputs[0])[: len(items)])
+        logits = torch.from_numpy(floats(outputs[0][: len(items)]))
         # One output (a cross-encoder or a regression head): a sigmoid, as sentence-transformers'
         # CrossEncoder and transformers' pipeline do; a softmax over one logit is always 1.
         sigmoid = self.multi_label or logits.shape[-1] == 1
@@ -156,7 +156,7 @@ class QuestionAnswering:
     ) -> list[Any]:
         del mask
         n = len(items)
-        starts, ends = floats(outputs[0])[:n], floats(outputs[1])[:n]
+        starts, ends = floats(outputs[0][:n]), floats(outputs[1][:n])
         return [self._best(starts[i], ends[i], enc, opt.context or "") for i, (enc, opt) in enumerate(items)]
 
     def _best(self, start: np.ndarray, end: np.ndarray, enc: Encoded, context: str) -> dict[str, Any]:
