@@ -481,33 +481,34 @@ def floor_ms(directory: Path, texts: list[str], tokenizer: Any, sample: int = 20
     pool's threads sleep and the caches go cold, and the call pays for it."""
     import time
 
-    import torch
+    import numpy as np
 
-    from neuronserve.backends.base import CoreSet
+    from neuronserve.backends.base import ArrayModel, CoreSet
     from neuronserve.backends.cpu import CpuBackend, set_onnx_call_threads
 
     names = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))["input_names"]
     cpus = len(os.sched_getaffinity(0))
     backend = CpuBackend(engine="onnxruntime", call_threads=(cpus,))
     model = backend.load(sorted(directory.glob("*.onnx"))[-1], CoreSet(tuple(range(cpus))), 0)  # cores unread
+    assert isinstance(model, ArrayModel), "this is a bug: servers call ONNX Runtime on numpy arrays"
     set_onnx_call_threads(cpus)
     random.seed(1)
     hot, idle = [], []
     for text in random.sample(texts, min(sample, len(texts))):
-        ids = torch.tensor([tokenizer.encode(text).ids[:MAX_TOKENS]], dtype=torch.int64)
+        ids = np.array([tokenizer.encode(text).ids[:MAX_TOKENS]], dtype=np.int64)
         by_name = {
             "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "token_type_ids": torch.zeros_like(ids),
+            "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids),
         }
         inputs = tuple(by_name[name] for name in names)  # in the manifest's order, as servers feed them
-        model.run(inputs)  # its first call at this length
+        model.run_arrays(inputs)  # its first call at this length
         started = time.perf_counter()
-        model.run(inputs)
+        model.run_arrays(inputs)
         hot.append((time.perf_counter() - started) * 1000)
         time.sleep(IDLE_S)
         started = time.perf_counter()
-        model.run(inputs)
+        model.run_arrays(inputs)
         idle.append((time.perf_counter() - started) * 1000)
     return statistics.median(hot), statistics.median(idle)
 

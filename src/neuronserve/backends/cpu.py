@@ -11,7 +11,8 @@ axes, so it too runs any shape) run by ONNX Runtime, optionally with int8 weight
 (``trace.cpu_quantize=int8``, dynamic quantisation per channel). A server loads it as one
 session per thread count its calls may be lent (see :func:`onnx_thread_counts`): one thread, a
 copy's own share of the CPUs, and every usable CPU, for a batch that runs alone. Copies share
-them (a session's ``run`` is thread-safe), and each call takes the session of the thread count
+them (a session's ``run`` is thread-safe; serving calls it on numpy arrays, see
+:class:`~neuronserve.backends.base.ArrayModel`), and each call takes the session of the thread count
 its copy was lent: ONNX Runtime fixes a session's threads when it is made, and two calls on one
 session of two threads contend for its pool (measured: 15-20% fewer texts/s than two sessions
 of one thread each, when every copy is busy). The price is the weights held once per session.
@@ -429,8 +430,9 @@ def onnx_thread_counts(usable: int, copies: int, span: int = 0) -> tuple[int, ..
 
 
 class OnnxModel:
-    """ONNX Runtime sessions of one artifact, one per thread count; ``run`` is thread-safe, so
-    every copy of a server calls it, on the session of the most threads its call was given."""
+    """ONNX Runtime sessions of one artifact, one per thread count; ``run_arrays`` (and ``run``,
+    on tensors) is thread-safe, so every copy of a server calls it, on the session of the most
+    threads its call was given."""
 
     def __init__(self, sessions: dict[int, object]) -> None:
         self._sessions = dict(sorted(sessions.items()))

@@ -66,10 +66,23 @@ def build_inputs(batch: Batch[E], input_names: tuple[str, ...]) -> tuple[tuple[n
     manifest order, attention mask), int64 arrays.
 
     Vectorised: each row's tokens go to its first ``length`` columns, which is where a boolean
-    mask of the real tokens puts a concatenation of the rows (in row-major order).
+    mask of the real tokens puts a concatenation of the rows (in row-major order). A lone input
+    at its exact length (one client, artifacts that run any length) is its own arrays: half the
+    numpy calls, each several times its usual cost between two model calls.
     """
     b, s = batch.batch_size, batch.padded_length
     encoded = [item.payload.encoded for item in batch.items]
+    if b == 1 and len(encoded) == 1 and encoded[0].length == s:
+        lone = encoded[0]
+        ids = np.asarray(lone.ids, dtype=np.int64).reshape(1, s)
+        mask = np.ones((1, s), dtype=np.int64)
+        types = (
+            np.zeros((1, s), dtype=np.int64)
+            if lone.type_ids is None
+            else np.asarray(lone.type_ids, dtype=np.int64).reshape(1, s)
+        )
+        by_lone = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return tuple(by_lone[name] for name in input_names), mask
     lengths = np.fromiter((enc.length for enc in encoded), dtype=np.int64, count=len(encoded))
     real = np.zeros((b, s), dtype=bool)
     real[: len(encoded)] = np.arange(s) < lengths[:, None]
@@ -277,9 +290,11 @@ class Copies:
         """On the loop: the batch's answers, then (once their responses are out) its cost and
         metrics. Every Python step between the model and the response is latency, several times
         its usual cost right after a call: at one client these took 0.04 ms of a request."""
-        self.on_outcome(outcome)  # resolving a request's answer queues its handler's next step
         assert self._loop is not None, "this is a bug: a copy started before its engine"
-        self._loop.call_soon(self._record, outcome)
+        try:
+            self.on_outcome(outcome)  # resolving a request's answer queues its handler's next step
+        finally:
+            self._loop.call_soon(self._record, outcome)
 
     def _record(self, outcome: BatchOutcome) -> None:
         batch = outcome.batch

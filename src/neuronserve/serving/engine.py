@@ -128,6 +128,7 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._trim_timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._malloc_trim = libc.find_malloc_trim()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_pool = ThreadPoolExecutor(
@@ -242,6 +243,7 @@ class Engine:
         return True
 
     def close(self) -> None:
+        self._closed = True  # a request's bookkeeping may still come (see _run): no new trim
         self.copy_set.stop()
         self.batcher.close()
         if self._trim_timer is not None:
@@ -302,7 +304,7 @@ class Engine:
                 item.payload.answer.cancel()
 
     def _schedule_trim(self) -> None:
-        if self._trim_timer is None and self._loop is not None:
+        if self._trim_timer is None and self._loop is not None and not self._closed:
             self._trim_timer = self._loop.call_later(IDLE_TRIM_S, self._trim_if_idle)
 
     def _trim_if_idle(self) -> None:
@@ -427,7 +429,9 @@ class Engine:
                 for item in items:
                     item.cancelled = True
                 answer.cancel()
-            if answered:  # the bookkeeping waits until the response is out (this step sends it)
+            # Answered: the bookkeeping waits for the rest of this step, which sends the response
+            # (unless the socket's buffer is full).
+            if answered:
                 loop.call_soon(self._request_done, tokens)
             else:
                 self._request_done(tokens if queued else 0)

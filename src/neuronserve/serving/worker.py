@@ -27,7 +27,7 @@ from neuronserve.serving import libc
 
 class _WholeWrites:
     """A transport that hands everything written in one turn of the event loop to the socket in
-    one write.
+    one write (a response's at the latest when it is complete: see ``on_response_complete``).
 
     uvicorn writes a response's status line and headers, then its body, in two writes. A worker
     killed between them (the OOM killer, an operator) leaves nginx holding headers it has

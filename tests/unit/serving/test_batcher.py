@@ -273,21 +273,23 @@ def test_the_queue_is_bounded_in_tokens_too() -> None:
     assert batcher.depth_tokens == 0 and [item for item, _ in dropped] == [expired]
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(8))
 def test_build_inputs_pads_each_row_like_row_by_row_copying(seed: int) -> None:
-    """The vectorised padding equals the obvious loop, segment ids and padding rows included."""
+    """The vectorised padding equals the obvious loop, segment ids and padding rows included
+    (seeds from 5 on: a lone input, at its exact length or padded)."""
     import numpy as np
 
     from neuronserve.serving.batcher import Batch
     from neuronserve.serving.copies import build_inputs
 
     rng = np.random.default_rng(seed)
-    size, seq = 8, 16
+    size, seq = (8, 16) if seed < 5 else (1, 11 if seed == 7 else 9)
     rows = int(rng.integers(1, size + 1))
     encoded = []
     for _ in range(rows):
-        n = int(rng.integers(1, seq + 1))
-        types = rng.integers(0, 2, n) if rng.random() < 0.5 else None
+        n = int(rng.integers(1, seq + 1)) if seed < 5 else 9
+        segments = rng.random() < 0.5 if seed < 5 else seed == 6  # the lone input: without, with
+        types = rng.integers(0, 2, n) if segments else None
         encoded.append(Encoded(ids=rng.integers(1, 1000, n), type_ids=types))
     batch = Batch(seq, size, tuple(WorkItem(length=e.length, deadline=1.0, payload=_Row(e)) for e in encoded))
     (ids, mask, types_out), mask_again = build_inputs(

@@ -223,6 +223,20 @@ def test_the_awaiting_handler_runs_before_the_batch_and_request_bookkeeping(tmp_
     _run(_engine(tmp_path), scenario)
 
 
+def test_a_request_answered_as_the_engine_closes_leaves_no_timer_behind(tmp_path: Path) -> None:
+    """Its bookkeeping comes after the close: it must not arm the idle memory trim (which would
+    run on the closed tokenizer pool)."""
+
+    async def scenario(engine: Engine, fatal: list[str]) -> None:
+        await _until(lambda: engine.ready)
+        await engine.infer(_texts(["one"]))
+        engine.close()  # the request's bookkeeping is a turn of the loop later
+        await asyncio.sleep(0)
+        assert engine.idle and engine._trim_timer is None and fatal == []
+
+    _run(_engine(tmp_path), scenario)
+
+
 def test_a_token_bound_that_cannot_hold_one_request_is_refused(tmp_path: Path) -> None:
     from neuronserve.config import ConfigError
 
